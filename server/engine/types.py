@@ -1,0 +1,58 @@
+"""The engine's public request/response types: what the gRPC layer hands in and gets back.
+
+Pure dataclasses (no torch) so that the API layer and tests can build them cheaply.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class FinishReason(enum.StrEnum):
+    LENGTH = "length"  # max_new_tokens reached
+    STOP = "stop"  # a stop sequence matched (the stop text is not part of the output)
+    EOS = "eos"  # the model produced an end-of-sequence token
+    CANCELLED = "cancelled"  # the caller cancelled (disconnect, deadline, explicit cancel)
+    ERROR = "error"  # the request failed inside the engine (see TokenEvent.error)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request decoding settings. temperature == 0 means greedy."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1.0 = off
+    repetition_penalty: float = 1.0  # 1.0 = off
+    seed: int | None = None  # same seed + same request = same tokens
+    stop: tuple[str, ...] = ()  # stop sequences, matched on the decoded text
+    ignore_eos: bool = False
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One request. `prompt_ids` are already tokenized (chat template applied if it was a chat)."""
+
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    adapter: str | None = None  # None or "" = the base model
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """One step of a request's output stream.
+
+    Every event but the last carries `finish_reason=None`; the last one carries the reason (and
+    may carry the final tokens too). `text` is the newly decoded text since the previous event
+    (it can be empty while a multi-byte character or a possible stop sequence is held back).
+    """
+
+    token_ids: tuple[int, ...]
+    text: str
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    error: BaseException | None = None  # set when finish_reason is ERROR; a ServeError for users

@@ -1,0 +1,115 @@
+"""One settings object for the server: limits, engine sizes, cache sizes, network.
+
+Built from CLI flags and environment variables (prefix ADAPTERSERVE_, e.g. ADAPTERSERVE_MAX_QUEUE=64).
+Every component takes the part it needs instead of long argument lists.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Quantize = Literal["nf4", "int8", "none"]
+
+ENV_PREFIX = "ADAPTERSERVE_"
+
+
+class EngineSettings(BaseModel):
+    """Sizes of the continuous-batching engine."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_batch_size: int = Field(32, ge=1, le=1024, description="running rows (requests) at most")
+    max_seq_len: int = Field(1024, ge=16, description="prompt + virtual tokens + generated, per row")
+    max_prefill_tokens: int = Field(2048, ge=16, description="token budget for prefill per engine step")
+    max_queue: int = Field(256, ge=1, description="waiting requests; past it RESOURCE_EXHAUSTED")
+    adapter_slots: int = Field(32, ge=1, description="adapters resident in device slot tensors")
+    max_lora_rank: int = Field(64, ge=1, description="LoRA ranks above this are refused")
+    max_virtual_tokens: int = Field(128, ge=1, description="prompt/prefix virtual tokens cap")
+
+
+class CacheSettings(BaseModel):
+    """Tiered adapter cache sizes (device slots are counted in EngineSettings.adapter_slots)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host_cache_bytes: int = Field(1 << 30, ge=0, description="parsed adapters kept in host RAM")
+    max_adapter_bytes: int = Field(512 << 20, ge=1, description="one adapter's files, in bytes, at most")
+
+
+class LimitSettings(BaseModel):
+    """Per-request and per-connection limits enforced by the API layer."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_prompt_tokens: int = Field(768, ge=1)
+    max_new_tokens: int = Field(256, ge=1)
+    max_stop_sequences: int = Field(8, ge=0)
+    max_concurrent_streams: int = Field(256, ge=1)
+    max_upload_bytes: int = Field(512 << 20, ge=1)
+    max_message_bytes: int = Field(8 << 20, ge=1024)
+    upload_chunk_bytes: int = Field(1 << 20, ge=1, description="largest chunk an upload message may carry")
+
+
+class ServerSettings(BaseModel):
+    """Everything `adapterserve serve` needs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base_model: str | None = Field(None, description="path or name; None = the embedded default model")
+    quantize: Quantize | None = Field(None, description="None = nf4 on CUDA, none on CPU")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str | None = Field(None, description="None = cuda if available else cpu")
+    store: Path = Field(Path("adapters-store"), description="adapter store directory")
+    host: str = "127.0.0.1"
+    port: int = Field(50051, ge=0, le=65535)
+    metrics_port: int = Field(9090, ge=0, le=65535)
+    admin_token: str | None = Field(None, repr=False)
+    generate_token: str | None = Field(None, repr=False)
+    insecure_admin: bool = False
+    grace_seconds: float = Field(10.0, ge=0)
+    demo_adapters: bool = False
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+
+    @model_validator(mode="after")
+    def _prompt_fits(self) -> ServerSettings:
+        if self.limits.max_prompt_tokens + self.limits.max_new_tokens > self.engine.max_seq_len:
+            raise ValueError(
+                "limits.max_prompt_tokens + limits.max_new_tokens must fit engine.max_seq_len "
+                f"({self.limits.max_prompt_tokens} + {self.limits.max_new_tokens} > {self.engine.max_seq_len})"
+            )
+        return self
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> ServerSettings:
+        """Settings from ADAPTERSERVE_* environment variables, then explicit overrides (flags) on top.
+
+        Nested fields use a double underscore: ADAPTERSERVE_ENGINE__MAX_BATCH_SIZE=64.
+        The admin token comes from ADAPTERSERVE_ADMIN_TOKEN, the generation token from
+        ADAPTERSERVE_GENERATE_TOKEN.
+        """
+        env = os.environ if environ is None else environ
+        data: dict[str, Any] = {}
+        for key, value in env.items():
+            if not key.startswith(ENV_PREFIX):
+                continue
+            path = key[len(ENV_PREFIX) :].lower().split("__")
+            if path[0] not in cls.model_fields or path[0] in {"target"}:
+                continue
+            node = data
+            for part in path[:-1]:
+                node = node.setdefault(part, {})
+            node[path[-1]] = value
+        for key, value in overrides.items():
+            if value is None:
+                continue
+            if isinstance(value, dict):
+                data.setdefault(key, {}).update(value)
+            else:
+                data[key] = value
+        return cls.model_validate(data)

@@ -1,0 +1,47 @@
+"""Shared fixtures: the tiny random-weight model (seconds), markers for SmolLM2 and CUDA tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.tiny_model import make_tiny_model_dir
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords and not has_cuda:
+            item.add_marker(skip_cuda)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A directory with a tiny random Llama (2 layers, hidden 64, GQA 4/2 heads) and its tokenizer."""
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tiny_model_dir):
+    """The tiny model loaded through the project's one loading function (fp32, CPU)."""
+    from adapterserve.server.model.loading import load_base_model
+
+    return load_base_model(tiny_model_dir, quantize="none", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The embedded default model as a cached safetensors dir (converted once, ~20 s the first time)."""
+    from adapterserve.server.model.default_model import default_model_dir
+
+    return default_model_dir()
