@@ -1,0 +1,373 @@
+"""The engine core: continuous batching over one base model with per-row adapters (synchronous).
+
+One `step()`:
+  1. reap cancelled requests (waiting ones leave the queue; running ones free their row and slot);
+  2. admit waiting requests into free rows, bounded by the batch size, a prefill token budget and the
+     adapter slots, and prefill them together (each gets its first token);
+  3. decode one token for every running row;
+  4. retire finished rows (the last row moves into the hole: one row copied, never the whole cache).
+Every step does both prefill and decode work, so neither starves the other. The async `Engine` runs
+steps on a worker thread; `OfflineEngine` runs them in the caller's thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from adapterserve.server.adapters.layers import AdapterBatch, AdapterContext, wrap_model
+from adapterserve.server.adapters.slots import NO_ADAPTER, AdapterBank
+from adapterserve.server.adapters.types import AdapterKind
+from adapterserve.server.engine.kv_cache import KVCache
+from adapterserve.server.engine.provider import ResolvedAdapter
+from adapterserve.server.engine.runner import ModelRunner, PrefillRow
+from adapterserve.server.engine.sampling import RowSampler, sample_rows
+from adapterserve.server.engine.text import TextTracker
+from adapterserve.server.engine.types import FinishReason, GenerationRequest, TokenEvent
+from adapterserve.server.errors import (
+    InvalidArgumentError,
+    QueueFullError,
+    ResourceExhaustedError,
+    ServeError,
+)
+from adapterserve.server.model.loading import LoadedBase
+from adapterserve.server.settings import EngineSettings
+
+log = logging.getLogger(__name__)
+
+EventSink = Callable[[TokenEvent], None]
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request inside the engine."""
+
+    request: GenerationRequest
+    resolved: ResolvedAdapter | None
+    emit: EventSink
+    sampler: RowSampler
+    text: TextTracker
+    arrival: float = field(default_factory=time.monotonic)
+    slot: int = NO_ADAPTER
+    length: int = 0  # cache positions filled (virtual prefix + prompt + generated so far)
+    output: list[int] = field(default_factory=list)
+    finished: bool = False
+    first_token_at: float | None = None
+    logits: list[torch.Tensor] | None = None  # per generated token, when capture is on (tests)
+
+    @property
+    def kind(self) -> AdapterKind | None:
+        return None if self.resolved is None else self.resolved.adapter.kind
+
+    @property
+    def virtual_tokens(self) -> int:
+        if self.resolved is None:
+            return 0
+        return self.resolved.adapter.info.num_virtual_tokens or 0
+
+    @property
+    def slot_key(self) -> tuple[str, int] | None:
+        return None if self.resolved is None else (self.resolved.name, self.resolved.version)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    waiting: int
+    running: int
+    slots_in_use: int
+    slots_total: int
+    slot_loads: int
+    slot_hits: int
+    slot_evictions: int
+    kv_cache_bytes: int
+    adapter_device_bytes: int
+    steps: int
+
+
+class EngineCore:
+    def __init__(self, base: LoadedBase, settings: EngineSettings, *, capture_logits: bool = False):
+        self.base, self.settings = base, settings
+        self.capture_logits = capture_logits
+        spec = base.spec
+        self.device, self.dtype = base.device, base.dtype
+        self.bank = AdapterBank(spec, settings.adapter_slots, self.dtype, self.device)
+        self.context = AdapterContext()
+        wrap_model(base.model, self.bank, self.context)
+        self.cache = KVCache(
+            spec.num_layers,
+            settings.max_batch_size,
+            spec.num_key_value_heads,
+            settings.max_seq_len,
+            spec.head_dim,
+            self.dtype,
+            self.device,
+        )
+        self.runner = ModelRunner(base.model, self.cache, self.context)
+        self.eos_ids = _eos_ids(base)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # index == cache row
+        self._lock = threading.Lock()  # guards `waiting` and `_cancel` (touched by other threads)
+        self._cancel: set[str] = set()
+        self._slot_kinds: dict[int, AdapterKind] = {}
+        self.steps = 0
+
+    # ----- called from any thread -------------------------------------------------------------------
+    def new_sequence(
+        self, request: GenerationRequest, resolved: ResolvedAdapter | None, emit: EventSink
+    ) -> Sequence:
+        """Validate a request against the engine's limits and wrap it (does not queue it)."""
+        if not request.prompt_ids:
+            raise InvalidArgumentError("prompt: the prompt is empty")
+        vocab = self.base.spec.vocab_size
+        if any(t < 0 or t >= vocab for t in request.prompt_ids):
+            raise InvalidArgumentError(f"prompt_ids: token ids must be in [0, {vocab})")
+        p = request.sampling
+        if p.max_new_tokens < 1:
+            raise InvalidArgumentError("max_new_tokens: must be at least 1")
+        if p.temperature < 0 or p.top_k < 0 or not (0 < p.top_p <= 1) or p.repetition_penalty <= 0:
+            raise InvalidArgumentError(
+                "sampling: temperature >= 0, top_k >= 0, 0 < top_p <= 1, repetition_penalty > 0"
+            )
+        seq = Sequence(
+            request=request,
+            resolved=resolved,
+            emit=emit,
+            sampler=RowSampler.create(p, request.prompt_ids, self.device),
+            text=TextTracker(self.base.tokenizer, p.stop, frozenset() if p.ignore_eos else self.eos_ids),
+            logits=[] if self.capture_logits else None,
+        )
+        need = seq.virtual_tokens + len(request.prompt_ids) + p.max_new_tokens
+        if need > self.settings.max_seq_len:
+            raise InvalidArgumentError(
+                f"max_new_tokens: prompt ({len(request.prompt_ids)} tokens"
+                + (f" + {seq.virtual_tokens} virtual" if seq.virtual_tokens else "")
+                + f") + max_new_tokens ({p.max_new_tokens}) exceeds the engine's max_seq_len "
+                f"({self.settings.max_seq_len})"
+            )
+        return seq
+
+    def add(self, seq: Sequence) -> None:
+        with self._lock:
+            if len(self.waiting) >= self.settings.max_queue:
+                raise QueueFullError(
+                    f"the waiting queue is full ({self.settings.max_queue} requests); retry later"
+                )
+            self.waiting.append(seq)
+
+    def cancel(self, request_id: str) -> None:
+        with self._lock:
+            self._cancel.add(request_id)
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return bool(self.running or self.waiting or self._cancel)
+
+    def stats(self) -> EngineStats:
+        table = self.bank.table
+        return EngineStats(
+            waiting=len(self.waiting),
+            running=len(self.running),
+            slots_in_use=sum(1 for e in table.entries.values() if e.refs > 0),
+            slots_total=table.num_slots,
+            slot_loads=table.stats.loads,
+            slot_hits=table.stats.hits,
+            slot_evictions=table.stats.evictions,
+            kv_cache_bytes=self.cache.nbytes(),
+            adapter_device_bytes=self.bank.device_bytes(),
+            steps=self.steps,
+        )
+
+    # ----- the engine thread ------------------------------------------------------------------------
+    def step(self) -> None:
+        self.steps += 1
+        self._reap_cancelled()
+        admitted = self._admit()
+        if admitted:
+            self._run_guarded(admitted, lambda: self._prefill(admitted))
+            self._retire_finished()
+        if self.running:
+            rows = list(self.running)
+            self._run_guarded(rows, self._decode)
+            self._retire_finished()
+
+    def fail_all(self, error: ServeError) -> None:
+        """Finish every waiting and running request with an error (engine shutdown)."""
+        with self._lock:
+            waiting, self.waiting = list(self.waiting), deque()
+        for seq in waiting + self.running:
+            if not seq.finished:
+                self._finish(seq, FinishReason.ERROR, error=error)
+        self._retire_finished()
+
+    def _run_guarded(self, seqs: list[Sequence], work: Callable[[], None]) -> None:
+        """Run a forward; if it fails, fail only the requests it was for and keep serving."""
+        try:
+            work()
+        except Exception as exc:  # one bad batch must not take the server down
+            oom = isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+            if oom:
+                error: ServeError = ResourceExhaustedError("the device ran out of memory for this request")
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+            else:
+                log.exception("engine step failed")
+                error = ServeError("internal engine error")
+            for seq in seqs:
+                if not seq.finished:
+                    self._finish(seq, FinishReason.ERROR, error=error)
+
+    def _reap_cancelled(self) -> None:
+        with self._lock:
+            cancel, self._cancel = self._cancel, set()
+            if not cancel:
+                return
+            kept: deque[Sequence] = deque()
+            dropped = []
+            for seq in self.waiting:
+                (dropped if seq.request.request_id in cancel else kept).append(seq)
+            self.waiting = kept
+        for seq in dropped:
+            self._finish(seq, FinishReason.CANCELLED)
+        for seq in self.running:
+            if seq.request.request_id in cancel and not seq.finished:
+                self._finish(seq, FinishReason.CANCELLED)
+        self._retire_finished()
+
+    def _admit(self) -> list[Sequence]:
+        free_rows = self.settings.max_batch_size - len(self.running)
+        budget = self.settings.max_prefill_tokens
+        admitted: list[Sequence] = []
+        with self._lock:
+            skipped: deque[Sequence] = deque()
+            while self.waiting and len(admitted) < free_rows:
+                seq = self.waiting.popleft()
+                cost = seq.virtual_tokens + len(seq.request.prompt_ids)
+                if admitted and cost > budget:  # the first is always admitted: big prompts don't starve
+                    self.waiting.appendleft(seq)
+                    break
+                if seq.resolved is not None:
+                    slot = self.bank.acquire(seq.slot_key, seq.resolved.adapter)  # type: ignore[arg-type]
+                    if slot is None:  # every slot busy: wait, but let requests behind it use resident ones
+                        skipped.append(seq)
+                        continue
+                    seq.slot = slot
+                    self._slot_kinds[slot] = seq.resolved.adapter.kind
+                admitted.append(seq)
+                budget -= cost
+            self.waiting.extendleft(reversed(skipped))
+        return admitted
+
+    def _batch(self, seqs: list[Sequence]) -> AdapterBatch:
+        lora = {s for s, k in self._slot_kinds.items() if k == AdapterKind.LORA}
+        ia3 = {s for s, k in self._slot_kinds.items() if k == AdapterKind.IA3}
+        return AdapterBatch.build([s.slot for s in seqs], lora, ia3, self.device)
+
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        row_start = len(self.running)
+        self.running.extend(seqs)  # rows row_start.. (on failure, _run_guarded finishes them)
+        rows: list[PrefillRow] = []
+        for offset, seq in enumerate(seqs):
+            ids = torch.tensor(seq.request.prompt_ids, dtype=torch.long, device=self.device)
+            embeds = self.runner.embed(ids)  # [n, H]
+            start = 0
+            if seq.kind == AdapterKind.PROMPT:
+                embeds = torch.cat([self.bank.prompts[seq.slot].to(embeds.dtype), embeds], dim=0)
+            elif seq.kind == AdapterKind.PREFIX:
+                keys, values = self.bank.prefixes[seq.slot]
+                self.cache.write_prefix(row_start + offset, keys, values)
+                start = keys.shape[2]
+            rows.append(PrefillRow(embeds=embeds, start=start))
+            seq.length = start + embeds.shape[0]
+        logits = self.runner.prefill(rows, row_start, self._batch(seqs))  # [B, V]
+        self._accept(seqs, logits)
+
+    def _decode(self) -> None:
+        seqs = self.running
+        tokens = torch.tensor([s.output[-1] for s in seqs], dtype=torch.long, device=self.device)
+        positions = torch.tensor([s.length for s in seqs], dtype=torch.long, device=self.device)
+        logits = self.runner.decode(tokens, positions, self._batch(seqs))  # [B, V]
+        for seq in seqs:
+            seq.length += 1
+        self._accept(seqs, logits)
+
+    def _accept(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        tokens = sample_rows(logits, [s.sampler for s in seqs])
+        now = time.monotonic()
+        for i, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
+            if seq.finished:
+                continue
+            if seq.logits is not None:
+                seq.logits.append(logits[i].detach().cpu())
+            if seq.first_token_at is None:
+                seq.first_token_at = now
+            seq.output.append(token)
+            delta = seq.text.push(token)
+            params = seq.request.sampling
+            reason = None
+            if token in self.eos_ids and not params.ignore_eos:
+                reason = FinishReason.EOS
+            elif seq.text.stopped:
+                reason = FinishReason.STOP
+            elif len(seq.output) >= params.max_new_tokens:
+                reason = FinishReason.LENGTH
+            if reason is None:
+                seq.emit(self._event(seq, (token,), delta))
+            else:
+                self._finish(seq, reason, token_ids=(token,), text=delta + seq.text.flush())
+
+    def _event(self, seq: Sequence, token_ids: tuple[int, ...], text: str, **kw) -> TokenEvent:
+        return TokenEvent(
+            token_ids=token_ids,
+            text=text,
+            prompt_tokens=len(seq.request.prompt_ids),
+            generated_tokens=len(seq.output),
+            **kw,
+        )
+
+    def _finish(
+        self,
+        seq: Sequence,
+        reason: FinishReason,
+        *,
+        token_ids: tuple[int, ...] = (),
+        text: str = "",
+        error: BaseException | None = None,
+    ) -> None:
+        seq.finished = True
+        seq.emit(self._event(seq, token_ids, text, finish_reason=reason, error=error))
+
+    def _retire_finished(self) -> None:
+        i = 0
+        while i < len(self.running):
+            seq = self.running[i]
+            if not seq.finished:
+                i += 1
+                continue
+            last = len(self.running) - 1
+            if i != last:
+                moved = self.running[last]
+                self.cache.move_row(last, i, moved.length)
+                self.running[i] = moved
+            self.running.pop()
+            if seq.slot_key is not None:
+                self.bank.release(seq.slot_key)
+
+
+def _eos_ids(base: LoadedBase) -> frozenset[int]:
+    ids: set[int] = set()
+    tok_eos = getattr(base.tokenizer, "eos_token_id", None)
+    if tok_eos is not None:
+        ids.add(int(tok_eos))
+    gen = getattr(base.model, "generation_config", None)
+    gen_eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+    if isinstance(gen_eos, int):
+        ids.add(gen_eos)
+    elif isinstance(gen_eos, list | tuple):
+        ids.update(int(t) for t in gen_eos)
+    return frozenset(ids)

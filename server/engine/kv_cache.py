@@ -1,0 +1,55 @@
+"""A preallocated per-row key/value cache (as gpt-fast's KVCache, with per-row positions).
+
+Rows are kept compact: running requests occupy rows 0..n-1, so a decode step reads plain slices (no
+gather). A request joining takes row n (nothing else moves); a request leaving row i has the last row
+moved into i (one row copied, never the whole batch).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(
+        self,
+        num_layers: int,
+        max_rows: int,
+        kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
+        self.max_rows, self.max_len = max_rows, max_len
+        shape = (num_layers, max_rows, kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, rows, kvH, max_len, D]
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def write(
+        self, layer: int, row_start: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> None:
+        """Write k, v [B, kvH, S, D] of rows row_start..row_start+B-1 at positions [B, S]."""
+        b, heads, _, dim = k.shape
+        index = positions[:, None, :, None].expand(b, heads, -1, dim)  # [B, kvH, S, D]
+        self.k[layer, row_start : row_start + b].scatter_(2, index, k)
+        self.v[layer, row_start : row_start + b].scatter_(2, index, v)
+
+    def read(self, layer: int, row_start: int, rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of keys and values [rows, kvH, length, D]."""
+        end = row_start + rows
+        return self.k[layer, row_start:end, :, :length], self.v[layer, row_start:end, :, :length]
+
+    def write_prefix(self, row: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Prefix tuning: keys/values [L, kvH, n, D] at positions 0..n-1 of `row` in every layer."""
+        n = keys.shape[2]
+        self.k[:, row, :, :n] = keys
+        self.v[:, row, :, :n] = values
+
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` positions of row src into row dst (compaction when a row leaves)."""
+        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
+        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()

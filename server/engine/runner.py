@@ -1,0 +1,113 @@
+"""The batched forward over a Llama-family base: our own attention over the compact KV cache, the
+base model's own modules for everything else (embeddings, norms, rotary, MLP, wrapped linears).
+
+Two stages, as in gpt-fast: `prefill` (new rows, whole prompts, right-padded) and `decode` (one token
+for every running row). Both return the logits of each row's last position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from adapterserve.server.adapters.layers import AdapterBatch, AdapterContext
+from adapterserve.server.engine.kv_cache import KVCache
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, heads, S, D]; cos, sin: [B, S, D] (from the model's rotary embedding)."""
+    return x * cos.unsqueeze(1) + _rotate_half(x) * sin.unsqueeze(1)
+
+
+@dataclass
+class PrefillRow:
+    """One new request's prefill input."""
+
+    embeds: torch.Tensor  # [n, H]: virtual prompt embeddings (prompt tuning) + token embeddings
+    start: int  # cache position of the first input (prefix tuning: its virtual token count)
+
+
+class ModelRunner:
+    def __init__(self, model, cache: KVCache, context: AdapterContext):
+        self.model = model
+        self.inner = model.model  # LlamaModel-like: embed_tokens, layers, norm, rotary_emb
+        self.cache = cache
+        self.context = context
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.num_heads = int(config.num_attention_heads)
+        self.kv_heads = int(getattr(config, "num_key_value_heads", None) or self.num_heads)
+        self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.num_heads)
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.inner.embed_tokens(token_ids)
+
+    @torch.inference_mode()
+    def prefill(self, rows: list[PrefillRow], row_start: int, batch: AdapterBatch) -> torch.Tensor:
+        """Run new rows row_start.. through the model, filling their cache. Returns logits [B, V]."""
+        b = len(rows)
+        longest = max(r.embeds.shape[0] for r in rows)
+        hidden = rows[0].embeds.shape[1]
+        device = rows[0].embeds.device
+        embeds = torch.zeros(b, longest, hidden, dtype=rows[0].embeds.dtype, device=device)  # [B, S, H]
+        positions = torch.empty(b, longest, dtype=torch.long, device=device)  # [B, S]
+        last = torch.empty(b, dtype=torch.long, device=device)
+        steps = torch.arange(longest, device=device)
+        for i, row in enumerate(rows):
+            n = row.embeds.shape[0]
+            embeds[i, :n] = row.embeds
+            # Padded positions continue past the row's end (clamped); they are masked for the row's own
+            # real tokens and overwritten by its decode steps before they are ever read.
+            positions[i] = (row.start + steps).clamp(max=self.cache.max_len - 1)
+            last[i] = n - 1
+        return self._forward(embeds, positions, row_start, last, batch)
+
+    @torch.inference_mode()
+    def decode(self, token_ids: torch.Tensor, positions: torch.Tensor, batch: AdapterBatch) -> torch.Tensor:
+        """token_ids, positions: [B] for rows 0..B-1. Returns logits [B, V]."""
+        embeds = self.embed(token_ids[:, None])  # [B, 1, H]
+        last = torch.zeros(token_ids.shape[0], dtype=torch.long, device=token_ids.device)
+        return self._forward(embeds, positions[:, None], 0, last, batch)
+
+    def _forward(
+        self,
+        x: torch.Tensor,  # [B, S, H]
+        positions: torch.Tensor,  # [B, S] cache positions = rotary positions
+        row_start: int,
+        last: torch.Tensor,  # [B] index of each row's last real input
+        batch: AdapterBatch,
+    ) -> torch.Tensor:
+        b, s, _ = x.shape
+        length = int(positions.max()) + 1
+        cos, sin = self.inner.rotary_emb(x, positions)  # [B, S, D]
+        keys = torch.arange(length, device=x.device)
+        mask = (keys[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # [B, 1, S, length]
+        self.context.batch = batch
+        try:
+            for layer_idx, layer in enumerate(self.inner.layers):
+                attn = layer.self_attn
+                h = layer.input_layernorm(x)
+                q = attn.q_proj(h).view(b, s, self.num_heads, self.head_dim)
+                k = attn.k_proj(h).view(b, s, self.kv_heads, self.head_dim)
+                v = attn.v_proj(h).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+                if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms
+                    q, k = attn.q_norm(q), attn.k_norm(k)
+                q = apply_rotary(q.transpose(1, 2), cos, sin)  # [B, H, S, D]
+                k = apply_rotary(k.transpose(1, 2), cos, sin)  # [B, kvH, S, D]
+                self.cache.write(layer_idx, row_start, positions, k, v)
+                k_all, v_all = self.cache.read(layer_idx, row_start, b, length)  # [B, kvH, length, D]
+                out = F.scaled_dot_product_attention(
+                    q, k_all, v_all, attn_mask=mask, scale=getattr(attn, "scaling", None), enable_gqa=True
+                )  # [B, H, S, D]
+                x = x + attn.o_proj(out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
+                x = x + layer.mlp(layer.post_attention_layernorm(x))
+        finally:
+            self.context.batch = None
+        x = self.inner.norm(x[torch.arange(b, device=x.device), last])  # [B, H]
+        return self.model.lm_head(x).float()  # [B, V]

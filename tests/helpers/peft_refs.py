@@ -1,0 +1,150 @@
+"""PEFT adapters with non-trivial random weights, and PEFT's own greedy output as the reference.
+
+References are computed with full forward passes (no cache) through `PeftModel`: with transformers
+5.24 + peft 0.21.2, `PeftModel.generate` silently drops prefix tuning's key/value prefix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ADAPTER_KINDS: dict[str, Callable[[], object]] = {}
+
+
+def _register(name: str):
+    def wrap(fn):
+        ADAPTER_KINDS[name] = fn
+        return fn
+
+    return wrap
+
+
+@_register("lora_qv_r4")
+def _lora_small():
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM"
+    )
+
+
+@_register("lora_all_r8_rs")
+def _lora_big():
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=8,
+        lora_alpha=16,
+        use_rslora=True,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        rank_pattern={"down_proj": 2},
+        alpha_pattern={"o_proj": 4},
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )
+
+
+@_register("adalora_pruned")
+def _adalora():
+    from peft import AdaLoraConfig
+
+    return AdaLoraConfig(
+        init_r=6,
+        target_r=4,
+        total_step=10,
+        lora_alpha=12,
+        target_modules=["q_proj", "v_proj"],
+        task_type="CAUSAL_LM",
+    )
+
+
+@_register("ia3")
+def _ia3():
+    from peft import IA3Config
+
+    return IA3Config(
+        target_modules=["k_proj", "v_proj", "down_proj"],
+        feedforward_modules=["down_proj"],
+        init_ia3_weights=False,
+        task_type="CAUSAL_LM",
+    )
+
+
+@_register("prompt")
+def _prompt():
+    from peft import PromptTuningConfig
+
+    return PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM")
+
+
+@_register("ptuning")
+def _ptuning():
+    from peft import PromptEncoderConfig
+
+    return PromptEncoderConfig(num_virtual_tokens=3, encoder_hidden_size=32, task_type="CAUSAL_LM")
+
+
+@_register("prefix")
+def _prefix():
+    from peft import PrefixTuningConfig
+
+    return PrefixTuningConfig(num_virtual_tokens=5, task_type="CAUSAL_LM")
+
+
+def make_adapter(base_dir: Path, kind: str, out_dir: Path, seed: int = 0) -> Path:
+    """Create adapter `kind` on the model in base_dir with random (non-identity) weights; save it."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    peft_model = get_peft_model(model, ADAPTER_KINDS[kind]())
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "ia3_l" in name:  # make IA3 clearly non-identity
+                p.uniform_(0.2, 2.0)
+            if "lora_E" in name or (
+                "lora_B" in name and kind.startswith("adalora")
+            ):  # AdaLoRA inits E, B to 0
+                p.normal_(0.0, 1.0)
+    if kind.startswith("adalora"):
+        # As AdaLoRA's rank allocator leaves it: some ranks pruned per module (one module to rank 0).
+        config = peft_model.peft_config["default"]
+        config.rank_pattern = {}
+        for layer in range(model.config.num_hidden_layers):
+            for proj in ("q_proj", "v_proj"):
+                keep = [True, False, True, True, False, True] if proj == "q_proj" else [layer == 0] * 6
+                config.rank_pattern[f"model.layers.{layer}.self_attn.{proj}.lora_E"] = keep
+    peft_model.save_pretrained(out_dir)
+    return out_dir
+
+
+def peft_reference_model(base_dir: Path, adapter_dir: Path | None, quantize: str = "none"):
+    """A fresh base (not shared with the engine) with the adapter loaded by PEFT, or the plain base."""
+    from peft import PeftModel
+
+    from adapterserve.server.model.loading import load_base_model
+
+    model = load_base_model(base_dir, quantize=quantize, device="cpu").model
+    if adapter_dir is None:
+        return model
+    return PeftModel.from_pretrained(model, adapter_dir).eval()
+
+
+@torch.inference_mode()
+def peft_greedy(model, prompt: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy tokens and last-position logits [V] per step, by full forward passes (no cache)."""
+    ids = list(prompt)
+    tokens, logits = [], []
+    for _ in range(steps):
+        input_ids = torch.tensor([ids])
+        out = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
+        last = out.logits[0, -1].float()
+        token = int(last.argmax())
+        tokens.append(token)
+        logits.append(last)
+        ids.append(token)
+    return tokens, logits
