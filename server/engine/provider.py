@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -11,16 +10,9 @@ from adapterserve.server.adapters.loader import LoadedAdapter, load_adapter_dir
 from adapterserve.server.errors import NotFoundError
 from adapterserve.server.model.spec import BaseModelSpec
 from adapterserve.server.settings import EngineSettings
+from adapterserve.server.store.registry import ResolvedAdapter
 
-
-@dataclass(frozen=True)
-class ResolvedAdapter:
-    """One version of a named adapter in host memory. A running request keeps the object it got, so a
-    replace or delete never changes the weights under it."""
-
-    name: str
-    version: int
-    adapter: LoadedAdapter
+__all__ = ["AdapterProvider", "ResolvedAdapter", "StaticAdapterProvider"]
 
 
 class AdapterProvider(Protocol):
@@ -43,7 +35,15 @@ class StaticAdapterProvider:
             if isinstance(source, LoadedAdapter)
             else load_adapter_dir(source, self.spec, self.settings)
         )
-        resolved = ResolvedAdapter(name=name, version=next(self._versions), adapter=adapter)
+        version = next(self._versions)
+        resolved = ResolvedAdapter(
+            name=name,
+            version=version,
+            uid=f"{name}@{version}",
+            info=adapter.info,
+            adapter=adapter,
+            nbytes=adapter.nbytes,
+        )
         self._adapters[name] = resolved
         return resolved
 

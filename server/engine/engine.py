@@ -1,0 +1,116 @@
+"""The async engine API the gRPC layer calls: submit, stream tokens, cancel.
+
+Steps run on one worker thread (torch releases the GIL in its kernels, so the event loop stays
+responsive); events cross back to the loop with `call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import threading
+import uuid
+from collections.abc import AsyncIterator
+
+from adapterserve.server.engine.core import EngineCore, EngineStats
+from adapterserve.server.engine.provider import AdapterProvider
+from adapterserve.server.engine.types import GenerationRequest, TokenEvent
+from adapterserve.server.errors import UnavailableError
+from adapterserve.server.model.loading import LoadedBase
+from adapterserve.server.settings import EngineSettings
+
+log = logging.getLogger(__name__)
+
+
+class RequestHandle:
+    """One submitted request: `async for event in handle` until the event with a finish_reason."""
+
+    def __init__(self, engine: Engine, request_id: str):
+        self.request_id = request_id
+        self._engine = engine
+        self._queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        self._done = False
+
+    def _put(self, event: TokenEvent) -> None:
+        self._queue.put_nowait(event)
+
+    def __aiter__(self) -> AsyncIterator[TokenEvent]:
+        return self
+
+    async def __anext__(self) -> TokenEvent:
+        if self._done:
+            raise StopAsyncIteration
+        event = await self._queue.get()
+        if event.finish_reason is not None:
+            self._done = True
+        return event
+
+    def cancel(self) -> None:
+        """Stop generating: the row and the adapter slot are freed at the next step boundary."""
+        if not self._done:
+            self._engine._cancel(self.request_id)
+
+
+class Engine:
+    def __init__(self, base: LoadedBase, adapters: AdapterProvider, settings: EngineSettings):
+        self.base, self.adapters, self.settings = base, adapters, settings
+        self.core = EngineCore(base, settings)
+        self._wake = threading.Event()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="adapterserve-engine", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        """Stop the worker; requests still running finish with an ERROR event (UNAVAILABLE)."""
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+        self.core.fail_all(UnavailableError("the server is shutting down"))
+
+    async def submit(self, request: GenerationRequest) -> RequestHandle:
+        """Queue a request. Raises NotFoundError (unknown adapter), InvalidArgumentError, QueueFullError."""
+        if self._stopping or self._loop is None:
+            raise UnavailableError("the engine is not running")
+        if not request.request_id:
+            request = dataclasses.replace(request, request_id=uuid.uuid4().hex)
+        resolved = await self.adapters.get(request.adapter) if request.adapter else None
+        handle = RequestHandle(self, request.request_id)
+        loop = self._loop
+
+        def emit(event: TokenEvent) -> None:
+            loop.call_soon_threadsafe(handle._put, event)
+
+        seq = self.core.new_sequence(request, resolved, emit)
+        self.core.add(seq)
+        self._wake.set()
+        return handle
+
+    def stats(self) -> EngineStats:
+        return self.core.stats()
+
+    def set_pinned(self, name: str, version: int, pinned: bool) -> None:
+        """Pin (or unpin) a resident adapter's device slot so that it is never evicted."""
+        self.core.bank.table.set_pinned((name, version), pinned)
+
+    def _cancel(self, request_id: str) -> None:
+        self.core.cancel(request_id)
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stopping:
+            if not self.core.has_work():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            try:
+                self.core.step()
+            except Exception:  # a bug in the step itself: log it, keep the loop alive
+                log.exception("engine step crashed")

@@ -1,0 +1,138 @@
+"""The small manifest stored next to each adapter's PEFT files: what it is and the hash of every file.
+
+`manifest.json` is written by the store after validation; on start it is read back and every file is
+re-hashed against it, so a truncated or tampered adapter is reported and not served.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import os
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from adapterserve.server.adapters.types import AdapterInfo, AdapterKind
+from adapterserve.server.errors import AdapterValidationError
+
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT = 1
+MAX_MANIFEST_BYTES = 256 << 10
+_HASH_CHUNK = 1 << 20
+
+
+class FileEntry(BaseModel):
+    """One stored file: its size and sha256 (hex)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    size: Annotated[int, Field(ge=0)]
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class Manifest(BaseModel):
+    """What the store knows about one adapter. `version` strictly increases each time a name is replaced."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: int = MANIFEST_FORMAT
+    name: str
+    version: Annotated[int, Field(ge=1)]
+    uid: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]  # unique per stored upload
+    kind: AdapterKind
+    peft_type: str
+    rank: int | None = None
+    num_virtual_tokens: int | None = None
+    target_modules: tuple[str, ...] = ()
+    num_parameters: int = 0
+    nbytes: int = 0  # bytes of the served tensors (a host-cache entry's cost)
+    base_fingerprint: str | None = None
+    files: dict[str, FileEntry]
+    created_at: dt.datetime
+    description: Annotated[str, Field(max_length=1024)] = ""
+
+    @property
+    def size(self) -> int:
+        """Bytes of the adapter's files on disk (manifest excluded)."""
+        return sum(f.size for f in self.files.values())
+
+    @property
+    def digest(self) -> str:
+        """sha256 over the sorted (file name, file sha256) pairs: one hash for the whole adapter."""
+        h = hashlib.sha256()
+        for name in sorted(self.files):
+            h.update(f"{name}\0{self.files[name].sha256}\n".encode())
+        return h.hexdigest()
+
+    @property
+    def info(self) -> AdapterInfo:
+        """The AdapterInfo recorded at upload time."""
+        return AdapterInfo(
+            kind=self.kind,
+            peft_type=self.peft_type,
+            rank=self.rank,
+            num_virtual_tokens=self.num_virtual_tokens,
+            target_modules=tuple(self.target_modules),
+            num_parameters=self.num_parameters,
+            nbytes=self.nbytes,
+        )
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        name: str,
+        version: int,
+        uid: str,
+        info: AdapterInfo,
+        files: dict[str, FileEntry],
+        base_fingerprint: str | None,
+        description: str,
+        created_at: dt.datetime | None = None,
+    ) -> Manifest:
+        return cls(
+            name=name,
+            version=version,
+            uid=uid,
+            kind=info.kind,
+            peft_type=info.peft_type,
+            rank=info.rank,
+            num_virtual_tokens=info.num_virtual_tokens,
+            target_modules=tuple(info.target_modules),
+            num_parameters=info.num_parameters,
+            nbytes=info.nbytes,
+            base_fingerprint=base_fingerprint,
+            files=files,
+            created_at=created_at or dt.datetime.now(dt.timezone.utc),  # noqa: UP017 (py3.10)
+            description=description,
+        )
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json(indent=1).encode() + b"\n"
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Manifest:
+        if len(data) > MAX_MANIFEST_BYTES:
+            raise AdapterValidationError(f"{MANIFEST_FILE} is larger than {MAX_MANIFEST_BYTES} bytes")
+        try:
+            return cls.model_validate_json(data)
+        except ValidationError as err:
+            first = err.errors(include_url=False)[0]
+            where = ".".join(str(p) for p in first.get("loc", ())) or "(root)"
+            raise AdapterValidationError(f"{MANIFEST_FILE} is invalid: {where}: {first.get('msg')}") from None
+
+
+def sha256_file(path: Path) -> FileEntry:
+    """Size and sha256 of a regular file, read without following a symlink."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        h = hashlib.sha256()
+        size = 0
+        while chunk := os.read(fd, _HASH_CHUNK):
+            h.update(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    return FileEntry(size=size, sha256=h.hexdigest())

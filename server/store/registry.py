@@ -1,0 +1,269 @@
+"""The host-RAM tier of the adapter cache: loaded adapters, LRU by bytes, pinning, single-flight loads.
+
+Tiers: device slots (the engine's slot table) <- host memory (this registry) <- disk (AdapterStore).
+`get(name)` is the engine's AdapterProvider: a hit returns the cached ResolvedAdapter; a miss loads the
+adapter from the store in a worker thread, once, however many requests ask for it at the same time.
+
+A ResolvedAdapter is immutable and keyed by (name, version). Replacing or deleting an adapter drops
+the cache entry and bumps the version, but never touches an object a running request already holds:
+that request finishes on the old weights, and the next `get` sees the new state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from collections.abc import AsyncIterable, Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from adapterserve.server.adapters.types import AdapterInfo
+from adapterserve.server.settings import CacheSettings
+from adapterserve.server.store.manifest import Manifest
+from adapterserve.server.store.names import validate_name
+from adapterserve.server.store.store import AdapterStore, CommitResult
+
+EventKind = Literal["hit", "miss", "load", "load_failed", "evict", "invalidate"]
+
+
+@dataclass(frozen=True)
+class ResolvedAdapter:
+    """An adapter ready for the engine: identity, what it is, and its host-memory weights."""
+
+    name: str
+    version: int
+    uid: str  # unique per stored upload (a name re-created after a delete gets a new uid)
+    info: AdapterInfo
+    adapter: Any  # what the store's validator returned (the loader's LoadedAdapter: .info, .weights)
+    nbytes: int
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """(name, version): the device slot table's key."""
+        return (self.name, self.version)
+
+    @property
+    def weights(self) -> Any:
+        """The served tensors (the LoadedAdapter's `weights`, when it has them)."""
+        return getattr(self.adapter, "weights", self.adapter)
+
+
+@dataclass(frozen=True)
+class CacheEvent:
+    """One cache event, for metrics. `nbytes` is the adapter's host size (0 when unknown)."""
+
+    kind: EventKind
+    name: str
+    version: int = 0
+    nbytes: int = 0
+
+
+@dataclass
+class CacheStats:
+    """Counters of the host tier and sizes of the host and disk tiers."""
+
+    hits: int = 0
+    misses: int = 0
+    loads: int = 0
+    load_failures: int = 0
+    evictions: int = 0
+    host_bytes: int = 0
+    host_entries: int = 0
+    host_capacity_bytes: int = 0
+    pinned: int = 0
+    disk_adapters: int = 0
+    disk_bytes: int = 0
+    load_seconds_total: float = 0.0
+
+
+class AdapterRegistry:
+    """Host-memory LRU over the store, sized in bytes, with pinning and single-flight loads.
+
+    Call from one event loop. Loads run in worker threads (`asyncio.to_thread`).
+    """
+
+    def __init__(
+        self,
+        store: AdapterStore,
+        settings: CacheSettings | None = None,
+        *,
+        listener: Callable[[CacheEvent], None] | None = None,
+        verify_on_load: bool = True,
+    ) -> None:
+        self.store = store
+        self.capacity = (settings or CacheSettings()).host_cache_bytes
+        self.listener = listener
+        self.verify_on_load = verify_on_load
+        self._entries: OrderedDict[str, ResolvedAdapter] = OrderedDict()  # LRU first, MRU last
+        self._bytes = 0
+        self._pinned: set[str] = set()
+        self._inflight: dict[tuple[str, str], asyncio.Task[ResolvedAdapter]] = {}
+        self._stats = CacheStats()
+
+    # ------------------------------------------------------------------ AdapterProvider
+    async def get(self, name: str) -> ResolvedAdapter:
+        """The adapter `name` in host memory, loading it from disk if needed.
+
+        Raises InvalidArgumentError (malformed name), NotFoundError (not in the store or not served),
+        or the validator's AdapterValidationError if the stored adapter no longer loads.
+        """
+        validate_name(name)
+        manifest = self.store.manifest(name)  # NotFoundError
+        entry = self._entries.get(name)
+        if entry is not None and entry.uid == manifest.uid:
+            self._entries.move_to_end(name)
+            self._stats.hits += 1
+            self._emit("hit", name, entry.version, entry.nbytes)
+            return entry
+        if entry is not None:  # stale: the store changed behind the registry
+            self._drop(name, "invalidate")
+        self._stats.misses += 1
+        self._emit("miss", name, manifest.version, manifest.nbytes)
+        key = (name, manifest.uid)
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._load(name, manifest))
+            self._inflight[key] = task
+            task.add_done_callback(lambda _t, k=key: self._inflight.pop(k, None))
+        # shield: a cancelled caller must not cancel the load other callers wait for
+        return await asyncio.shield(task)
+
+    async def _load(self, name: str, manifest: Manifest) -> ResolvedAdapter:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            stored, loaded = await asyncio.to_thread(self.store.load, name, verify=self.verify_on_load)
+        except BaseException:
+            self._stats.load_failures += 1
+            self._emit("load_failed", name, manifest.version, 0)
+            raise
+        self._stats.loads += 1
+        self._stats.load_seconds_total += loop.time() - started
+        resolved = ResolvedAdapter(
+            name=name,
+            version=stored.version,
+            uid=stored.uid,
+            info=loaded.info,
+            adapter=loaded,
+            nbytes=int(loaded.nbytes),
+        )
+        self._emit("load", name, resolved.version, resolved.nbytes)
+        current = self.store.current(name)
+        if current is not None and current.uid == resolved.uid:  # still the served version: cache it
+            self._insert(resolved)
+        return resolved
+
+    # ------------------------------------------------------------------ LRU
+    def _insert(self, resolved: ResolvedAdapter) -> None:
+        name = resolved.name
+        if name in self._entries:
+            self._drop(name, "invalidate")
+        if resolved.nbytes > self.capacity and name not in self._pinned:
+            return  # larger than the whole tier: served to its caller, not kept
+        self._entries[name] = resolved
+        self._bytes += resolved.nbytes
+        self._evict_to_fit()
+
+    def _evict_to_fit(self) -> None:
+        for victim in list(self._entries):
+            if self._bytes <= self.capacity:
+                return
+            if victim in self._pinned:
+                continue
+            self._drop(victim, "evict")
+
+    def _drop(self, name: str, kind: EventKind) -> None:
+        entry = self._entries.pop(name, None)
+        if entry is None:
+            return
+        self._bytes -= entry.nbytes
+        if kind == "evict":
+            self._stats.evictions += 1
+        self._emit(kind, name, entry.version, entry.nbytes)
+
+    # ------------------------------------------------------------------ pinning
+    async def pin(self, name: str) -> ResolvedAdapter:
+        """Pin `name` in host memory (never evicted while pinned) and load it now if needed."""
+        validate_name(name)
+        self.store.manifest(name)  # NotFoundError before the pin is recorded
+        self._pinned.add(name)
+        try:
+            resolved = await self.get(name)
+        except BaseException:
+            self._pinned.discard(name)
+            raise
+        return resolved
+
+    def unpin(self, name: str) -> None:
+        """Unpin `name`; it becomes evictable (and is evicted now if the tier is over its budget)."""
+        validate_name(name)
+        self.store.manifest(name)
+        self._pinned.discard(name)
+        self._evict_to_fit()
+
+    def is_pinned(self, name: str) -> bool:
+        return name in self._pinned
+
+    def tier(self, name: str) -> Literal["host", "disk"]:
+        """Where the current version of `name` lives in this registry's view (the engine knows "device")."""
+        entry = self._entries.get(name)
+        manifest = self.store.current(name)
+        return "host" if entry is not None and manifest is not None and entry.uid == manifest.uid else "disk"
+
+    def cached_names(self) -> list[str]:
+        """Names in host memory, least recently used first."""
+        return list(self._entries)
+
+    # ------------------------------------------------------------------ changes through the registry
+    async def upload(
+        self,
+        name: str,
+        files: AsyncIterable[tuple[str, bytes]],
+        *,
+        overwrite: bool = False,
+        description: str = "",
+        base_fingerprint: str | None = None,
+        max_bytes: int | None = None,
+    ) -> CommitResult:
+        """Store an upload (see AdapterStore.upload_async) and drop any cached older version."""
+        result = await self.store.upload_async(
+            name,
+            files,
+            overwrite=overwrite,
+            description=description,
+            base_fingerprint=base_fingerprint,
+            max_bytes=max_bytes,
+        )
+        self._drop(name, "invalidate")
+        return result
+
+    async def delete(self, name: str) -> Manifest | None:
+        """Delete from the store and from host memory; running requests keep the object they hold."""
+        old = await asyncio.to_thread(self.store.delete, name)
+        self._drop(name, "invalidate")
+        self._pinned.discard(name)
+        return old
+
+    # ------------------------------------------------------------------ metrics
+    def stats(self) -> CacheStats:
+        """A snapshot of the counters and tier sizes."""
+        manifests = self.store.list()
+        s = self._stats
+        return CacheStats(
+            hits=s.hits,
+            misses=s.misses,
+            loads=s.loads,
+            load_failures=s.load_failures,
+            evictions=s.evictions,
+            host_bytes=self._bytes,
+            host_entries=len(self._entries),
+            host_capacity_bytes=self.capacity,
+            pinned=len(self._pinned),
+            disk_adapters=len(manifests),
+            disk_bytes=sum(m.size for m in manifests),
+            load_seconds_total=s.load_seconds_total,
+        )
+
+    def _emit(self, kind: EventKind, name: str, version: int, nbytes: int) -> None:
+        if self.listener is not None:
+            self.listener(CacheEvent(kind, name, version, nbytes))

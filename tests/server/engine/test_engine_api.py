@@ -1,0 +1,108 @@
+"""The async engine API and per-request behaviour: streaming, cancel, limits, sampling, stops."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from adapterserve.server.engine.engine import Engine
+from adapterserve.server.engine.offline import OfflineEngine
+from adapterserve.server.engine.provider import StaticAdapterProvider
+from adapterserve.server.engine.types import FinishReason, GenerationRequest, SamplingParams
+from adapterserve.server.errors import InvalidArgumentError, NotFoundError, QueueFullError
+from adapterserve.server.model.loading import load_base_model
+from adapterserve.server.settings import EngineSettings
+from tests.helpers.peft_refs import make_adapter
+
+SETTINGS = EngineSettings(max_batch_size=4, max_seq_len=64, max_queue=3, adapter_slots=2)
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tiny_model_dir, tmp_path_factory):
+    return make_adapter(tiny_model_dir, "lora_qv_r4", tmp_path_factory.mktemp("a") / "lora")
+
+
+@pytest.fixture()
+def offline(tiny_model_dir, lora_dir):
+    engine = OfflineEngine(load_base_model(tiny_model_dir, quantize="none", device="cpu"), SETTINGS)
+    engine.add_adapter("lora", lora_dir)
+    return engine
+
+
+def _req(i: int, adapter=None, **sampling) -> GenerationRequest:
+    sampling.setdefault("max_new_tokens", 8)
+    sampling.setdefault("ignore_eos", True)
+    return GenerationRequest(f"r{i}", (5 + i, 6, 7, 8), adapter, SamplingParams(**sampling))
+
+
+async def test_stream_cancel_and_slot_release(tiny_model_dir, lora_dir):
+    base = load_base_model(tiny_model_dir, quantize="none", device="cpu")
+    provider = StaticAdapterProvider(base.spec, SETTINGS)
+    provider.add("lora", lora_dir)
+    engine = Engine(base, provider, SETTINGS)
+    await engine.start()
+    try:
+        full = [ev async for ev in await engine.submit(_req(0, "lora", max_new_tokens=6))]
+        assert [ev.finish_reason for ev in full] == [None] * 5 + [FinishReason.LENGTH]
+        assert sum(len(ev.token_ids) for ev in full) == 6 and full[-1].generated_tokens == 6
+
+        handle = await engine.submit(_req(1, "lora", max_new_tokens=50))
+        first = await handle.__anext__()
+        assert first.finish_reason is None and engine.stats().slots_in_use == 1
+        handle.cancel()
+        rest = [ev async for ev in handle]
+        assert rest[-1].finish_reason == FinishReason.CANCELLED
+        assert rest[-1].generated_tokens < 50
+        stats = engine.stats()
+        assert (stats.running, stats.waiting, stats.slots_in_use) == (0, 0, 0)
+
+        with pytest.raises(NotFoundError):
+            await engine.submit(_req(2, "nope"))
+
+        # Concurrent streams from several tasks all complete, in order.
+        async def consume(i):
+            return [ev async for ev in await engine.submit(_req(i, "lora" if i % 2 else None))]
+
+        outs = await asyncio.gather(*(consume(i) for i in range(3)))
+        assert all(o[-1].finish_reason == FinishReason.LENGTH for o in outs)
+    finally:
+        await engine.stop()
+
+
+def test_queue_bound_and_request_validation(offline):
+    sink: list = []
+    for i in range(SETTINGS.max_queue):
+        offline.submit(_req(i), sink)
+    with pytest.raises(QueueFullError):
+        offline.submit(_req(99), sink)
+    with pytest.raises(InvalidArgumentError, match="max_seq_len"):
+        offline.core.new_sequence(_req(1, max_new_tokens=100), None, sink.append)
+    with pytest.raises(InvalidArgumentError, match="empty"):
+        offline.core.new_sequence(GenerationRequest("x", ()), None, sink.append)
+    with pytest.raises(InvalidArgumentError, match="token ids"):
+        offline.core.new_sequence(GenerationRequest("x", (10**6,)), None, sink.append)
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(offline):
+    params = dict(temperature=0.9, top_k=50, top_p=0.9, repetition_penalty=1.2, seed=1234)
+    alone = offline.generate([_req(0, "lora", **params)])[0].token_ids
+    mixed = offline.generate([_req(1), _req(0, "lora", **params), _req(2, "lora", temperature=1.0)])
+    assert mixed[1].token_ids == alone
+    other_seed = offline.generate([_req(0, "lora", **{**params, "seed": 4321})])[0].token_ids
+    assert other_seed != alone
+
+
+def test_stop_sequence_and_eos(offline):
+    greedy = offline.generate([_req(0, max_new_tokens=10)])[0]
+    assert greedy.finish_reason == FinishReason.LENGTH and len(greedy.token_ids) == 10
+    stop = greedy.text[len(greedy.text) // 2 :][:2]
+    assert stop
+    stopped = offline.generate([_req(0, max_new_tokens=10, stop=(stop,))])[0]
+    assert stopped.finish_reason == FinishReason.STOP
+    assert stopped.text == greedy.text[: greedy.text.find(stop)]
+    # EOS: make the third greedy token the end-of-sequence token.
+    offline.core.eos_ids = frozenset({greedy.token_ids[2]})
+    ended = offline.generate([_req(0, max_new_tokens=10, ignore_eos=False)])[0]
+    assert ended.finish_reason == FinishReason.EOS
+    assert ended.token_ids == greedy.token_ids[:3]
