@@ -115,6 +115,7 @@ class EngineCore:
         self._lock = threading.Lock()  # guards `waiting` and `_cancel` (touched by other threads)
         self._cancel: set[str] = set()
         self._slot_kinds: dict[int, AdapterKind] = {}
+        self._final_events: list[tuple[Sequence, TokenEvent]] = []  # sent once their rows are retired
         self.steps = 0
 
     # ----- called from any thread -------------------------------------------------------------------
@@ -340,7 +341,9 @@ class EngineCore:
         error: BaseException | None = None,
     ) -> None:
         seq.finished = True
-        seq.emit(self._event(seq, token_ids, text, finish_reason=reason, error=error))
+        # Held back until the row and slot are released, so a caller that sees its last event also
+        # sees the engine's stats without it.
+        self._final_events.append((seq, self._event(seq, token_ids, text, finish_reason=reason, error=error)))
 
     def _retire_finished(self) -> None:
         i = 0
@@ -357,6 +360,9 @@ class EngineCore:
             self.running.pop()
             if seq.slot_key is not None:
                 self.bank.release(seq.slot_key)
+        events, self._final_events = self._final_events, []
+        for seq, event in events:
+            seq.emit(event)
 
 
 def _eos_ids(base: LoadedBase) -> frozenset[int]:

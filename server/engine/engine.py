@@ -96,6 +96,10 @@ class Engine:
     def stats(self) -> EngineStats:
         return self.core.stats()
 
+    def is_resident(self, name: str, version: int) -> bool:
+        """Whether this adapter version currently holds a device slot."""
+        return self.core.bank.table.lookup((name, version)) is not None
+
     def set_pinned(self, name: str, version: int, pinned: bool) -> None:
         """Pin (or unpin) a resident adapter's device slot so that it is never evicted."""
         self.core.bank.table.set_pinned((name, version), pinned)

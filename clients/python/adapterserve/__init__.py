@@ -1,0 +1,94 @@
+"""adapterserve: one quantized base model, many PEFT adapters, one batch.
+
+This top-level package is the client SDK and needs only grpcio, protobuf and pydantic (no torch):
+
+    from adapterserve import Client
+    with Client("127.0.0.1:50051") as client:
+        print(client.generate("Hello", max_new_tokens=16).text)
+
+The server, training and benchmark live in `adapterserve.server`, `adapterserve.training` and
+`adapterserve.bench` (the `[server]` extra) and are never imported from here.
+"""
+
+from __future__ import annotations
+
+from adapterserve.aio import AsyncClient
+from adapterserve.client import Client
+from adapterserve.errors import (
+    Aborted,
+    AdapterRefused,
+    AdapterServeError,
+    AlreadyExists,
+    Cancelled,
+    DataLoss,
+    DeadlineExceeded,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+    Unimplemented,
+    UnknownError,
+)
+from adapterserve.models import (
+    AdapterFile,
+    AdapterInfo,
+    AdapterKind,
+    CacheTier,
+    ChatMessage,
+    FinishReason,
+    GenerateResult,
+    HealthStatus,
+    Limits,
+    ServerInfo,
+    StreamChunk,
+    Timings,
+    UploadResult,
+)
+from adapterserve.retry import RetryPolicy
+from adapterserve.upload import UploadProgress
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Aborted",
+    "AdapterFile",
+    "AdapterInfo",
+    "AdapterKind",
+    "AdapterRefused",
+    "AdapterServeError",
+    "AlreadyExists",
+    "AsyncClient",
+    "CacheTier",
+    "Cancelled",
+    "ChatMessage",
+    "Client",
+    "DataLoss",
+    "DeadlineExceeded",
+    "FailedPrecondition",
+    "FinishReason",
+    "GenerateResult",
+    "HealthStatus",
+    "Internal",
+    "InvalidArgument",
+    "Limits",
+    "NotFound",
+    "OutOfRange",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "RetryPolicy",
+    "ServerInfo",
+    "StreamChunk",
+    "Timings",
+    "Unauthenticated",
+    "Unavailable",
+    "Unimplemented",
+    "UnknownError",
+    "UploadProgress",
+    "UploadResult",
+    "__version__",
+]

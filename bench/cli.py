@@ -1,0 +1,55 @@
+"""`adapterserve bench`: the engine against its baselines, in one process, printed as ratios."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--base-model", default=None, help="path or name (default: the embedded SmolLM2)")
+    parser.add_argument("--quantize", choices=["nf4", "int8", "none"], default="none")
+    parser.add_argument("--requests", type=int, default=64, help="concurrent requests (default 64)")
+    parser.add_argument("--adapters", type=int, default=32, help="distinct adapters the requests spread over")
+    parser.add_argument(
+        "--kinds",
+        choices=["lora", "mixed"],
+        default="lora",
+        help="LoRA only, or LoRA/IA3/prompt/prefix in turn",
+    )
+    parser.add_argument("--targets", default="q_proj,v_proj", help="LoRA target modules (comma separated)")
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument(
+        "--naive-requests", type=int, default=4, help="requests for the one-at-a-time baseline"
+    )
+    parser.add_argument(
+        "--workdir", type=Path, default=Path("/tmp/adapterserve-bench"), help="adapter cache dir"
+    )
+    parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from adapterserve.bench.throughput import BenchSettings, print_report, run
+
+    if args.requests < 1 or args.adapters < 1 or args.max_new_tokens < 1:
+        print("adapterserve bench: --requests, --adapters and --max-new-tokens must be at least 1")
+        return 2
+    settings = BenchSettings(
+        base_model=args.base_model,
+        quantize=args.quantize,
+        requests=args.requests,
+        adapters=args.adapters,
+        kinds=args.kinds,
+        max_new_tokens=args.max_new_tokens,
+        naive_requests=args.naive_requests,
+        lora_targets=tuple(t for t in args.targets.split(",") if t),
+        rank=args.rank,
+        workdir=args.workdir,
+    )
+    report = run(settings)
+    print_report(report)
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+    return 0

@@ -1,0 +1,207 @@
+"""Pure conversions between SDK arguments/results and the wire messages of adapterserve.v1.
+
+Shared by `Client` and `AsyncClient`, so both build exactly the same requests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import UTC
+
+from adapterserve.errors import InvalidArgument
+from adapterserve.models import (
+    AdapterFile,
+    AdapterInfo,
+    AdapterKind,
+    CacheTier,
+    ChatMessage,
+    FinishReason,
+    GenerateResult,
+    Limits,
+    ServerInfo,
+    StreamChunk,
+    Timings,
+    UploadResult,
+)
+from adapterserve.upload import ProgressTracker, UploadFile, iter_file_chunks
+from adapterserve.v1 import admin_pb2, generation_pb2, types_pb2
+
+MessageLike = ChatMessage | Mapping[str, str]
+
+_FINISH: dict[int, FinishReason] = {
+    generation_pb2.FINISH_REASON_LENGTH: FinishReason.LENGTH,
+    generation_pb2.FINISH_REASON_STOP: FinishReason.STOP,
+    generation_pb2.FINISH_REASON_EOS: FinishReason.EOS,
+}
+_KINDS: dict[int, AdapterKind] = {
+    types_pb2.ADAPTER_KIND_LORA: AdapterKind.LORA,
+    types_pb2.ADAPTER_KIND_IA3: AdapterKind.IA3,
+    types_pb2.ADAPTER_KIND_PROMPT: AdapterKind.PROMPT,
+    types_pb2.ADAPTER_KIND_PREFIX: AdapterKind.PREFIX,
+}
+_TIERS: dict[int, CacheTier] = {
+    types_pb2.CACHE_TIER_DISK: CacheTier.DISK,
+    types_pb2.CACHE_TIER_HOST: CacheTier.HOST,
+    types_pb2.CACHE_TIER_DEVICE: CacheTier.DEVICE,
+}
+
+
+def _chat_message(m: MessageLike) -> generation_pb2.ChatMessage:
+    if isinstance(m, ChatMessage):
+        return generation_pb2.ChatMessage(role=m.role, content=m.content)
+    if isinstance(m, Mapping) and "role" in m:
+        return generation_pb2.ChatMessage(role=str(m["role"]), content=str(m.get("content", "")))
+    raise InvalidArgument(f"messages: each message needs a 'role' and a 'content', got {m!r}")
+
+
+def build_generate_request(
+    prompt: str | Sequence[MessageLike] | None,
+    messages: Sequence[MessageLike] | None,
+    adapter: str | None,
+    *,
+    max_new_tokens: int | None = None,
+    temperature: float = 0.0,
+    top_p: float | None = None,
+    top_k: int = 0,
+    repetition_penalty: float | None = None,
+    seed: int | None = None,
+    stop: Sequence[str] | None = None,
+    ignore_eos: bool = False,
+    request_id: str | None = None,
+) -> generation_pb2.GenerateRequest:
+    """The GenerateRequest for a prompt or a chat (a list passed as `prompt` is taken as messages).
+
+    Raises InvalidArgument (locally) unless exactly one of prompt and messages is given.
+    """
+    if prompt is not None and not isinstance(prompt, str):
+        if messages is not None:
+            raise InvalidArgument("give either a prompt or messages, not both")
+        prompt, messages = None, prompt
+    if (prompt is None) == (messages is None):
+        raise InvalidArgument("give exactly one of prompt and messages")
+    if isinstance(stop, str):
+        stop = [stop]
+    sampling = generation_pb2.SamplingParams(
+        temperature=temperature, top_k=top_k, stop=list(stop or ()), ignore_eos=ignore_eos
+    )
+    if max_new_tokens is not None:
+        sampling.max_new_tokens = max_new_tokens
+    if top_p is not None:
+        sampling.top_p = top_p
+    if repetition_penalty is not None:
+        sampling.repetition_penalty = repetition_penalty
+    if seed is not None:
+        sampling.seed = seed
+    request = generation_pb2.GenerateRequest(
+        adapter=adapter or "", sampling=sampling, request_id=request_id or ""
+    )
+    if prompt is not None:
+        request.prompt = prompt
+    else:
+        assert messages is not None
+        request.messages.CopyFrom(generation_pb2.ChatMessages(messages=[_chat_message(m) for m in messages]))
+    return request
+
+
+def _timings(message: generation_pb2.Timing) -> Timings:
+    return Timings(time_to_first_token_s=message.time_to_first_token_s, total_s=message.total_s)
+
+
+def result_from_proto(message: generation_pb2.GenerateResponse) -> GenerateResult:
+    return GenerateResult(
+        request_id=message.request_id,
+        text=message.text,
+        token_ids=list(message.token_ids),
+        finish_reason=_FINISH.get(message.finish_reason, FinishReason.LENGTH),
+        prompt_tokens=message.prompt_tokens,
+        generated_tokens=message.generated_tokens,
+        timings=_timings(message.timing),
+        adapter=message.adapter,
+    )
+
+
+def chunk_from_proto(message: generation_pb2.GenerateStreamResponse, index: int) -> StreamChunk:
+    reason = _FINISH.get(message.finish_reason)
+    return StreamChunk(
+        request_id=message.request_id,
+        index=index,
+        text=message.text,
+        token_ids=list(message.token_ids),
+        finish_reason=reason,
+        prompt_tokens=message.prompt_tokens,
+        generated_tokens=message.generated_tokens,
+        timings=_timings(message.timing) if reason is not None else None,
+    )
+
+
+def adapter_from_proto(message: types_pb2.AdapterInfo) -> AdapterInfo:
+    return AdapterInfo(
+        name=message.name,
+        kind=_KINDS.get(message.kind, AdapterKind.UNSPECIFIED),
+        peft_type=message.peft_type,
+        rank=message.rank if message.HasField("rank") else None,
+        num_virtual_tokens=message.num_virtual_tokens if message.HasField("num_virtual_tokens") else None,
+        target_modules=list(message.target_modules),
+        num_parameters=message.num_parameters,
+        weight_bytes=message.weight_bytes,
+        size_bytes=message.size_bytes,
+        files=[AdapterFile(name=f.name, size_bytes=f.size_bytes, sha256=f.sha256) for f in message.files],
+        digest=message.digest,
+        base_fingerprint=message.base_fingerprint,
+        created_at=message.created_at.ToDatetime(tzinfo=UTC) if message.HasField("created_at") else None,
+        description=message.description,
+        pinned=message.pinned,
+        version=message.version,
+        cache_tier=_TIERS.get(message.cache_tier, CacheTier.UNSPECIFIED),
+    )
+
+
+def upload_result_from_proto(message: admin_pb2.UploadAdapterResponse) -> UploadResult:
+    return UploadResult(
+        adapter=adapter_from_proto(message.adapter),
+        replaced=message.replaced,
+        received_bytes=message.received_bytes,
+    )
+
+
+def server_info_from_proto(message: generation_pb2.ServerInfo) -> ServerInfo:
+    lim = message.limits
+    return ServerInfo(
+        server_version=message.server_version,
+        base_model=message.base_model,
+        base_fingerprint=message.base_fingerprint,
+        model_type=message.model_type,
+        quantize=message.quantize,
+        adapter_kinds=[_KINDS.get(k, AdapterKind.UNSPECIFIED) for k in message.adapter_kinds],
+        limits=Limits(
+            max_prompt_tokens=lim.max_prompt_tokens,
+            max_new_tokens=lim.max_new_tokens,
+            max_stop_sequences=lim.max_stop_sequences,
+            max_upload_bytes=lim.max_upload_bytes,
+            max_message_bytes=lim.max_message_bytes,
+            upload_chunk_bytes=lim.upload_chunk_bytes,
+            max_concurrent_streams=lim.max_concurrent_streams,
+        ),
+        chat_template=message.chat_template,
+    )
+
+
+def upload_messages(
+    files: list[UploadFile],
+    name: str,
+    overwrite: bool,
+    description: str | None,
+    chunk_bytes: int,
+    tracker: ProgressTracker,
+) -> Iterator[admin_pb2.UploadAdapterRequest]:
+    """The UploadAdapter stream: a header, then each file's chunks in order.
+
+    `tracker` advances as each chunk is handed to gRPC (so `tracker.sent_bytes > 0` means file bytes
+    have left the client and the upload must not be retried).
+    """
+    header = admin_pb2.UploadHeader(name=name, overwrite=overwrite, description=description or "")
+    yield admin_pb2.UploadAdapterRequest(header=header)
+    for f, _offset, data in iter_file_chunks(files, chunk_bytes):
+        message = admin_pb2.UploadAdapterRequest(chunk=admin_pb2.FileChunk(filename=f.name, data=data))
+        tracker.advance(f.name, len(data))
+        yield message

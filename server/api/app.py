@@ -1,0 +1,154 @@
+"""`adapterserve serve`: flags, settings, logging, and the event loop around ServeApp.
+
+The CLI (`adapterserve.cli`) imports `add_serve_arguments` and `run_serve` lazily; this module also runs
+on its own: `python -m adapterserve.server.api.app --base-model DIR --port 0`.
+Flags left unset fall back to ADAPTERSERVE_* environment variables, then to the settings' defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from adapterserve.server.settings import ServerSettings
+
+# flag dest -> (settings section, field) for the nested settings.
+_SECTION_FLAGS: dict[str, tuple[str, str]] = {
+    "max_batch_size": ("engine", "max_batch_size"),
+    "max_seq_len": ("engine", "max_seq_len"),
+    "max_prefill_tokens": ("engine", "max_prefill_tokens"),
+    "max_queue": ("engine", "max_queue"),
+    "adapter_slots": ("engine", "adapter_slots"),
+    "max_lora_rank": ("engine", "max_lora_rank"),
+    "max_virtual_tokens": ("engine", "max_virtual_tokens"),
+    "host_cache_bytes": ("cache", "host_cache_bytes"),
+    "max_adapter_bytes": ("cache", "max_adapter_bytes"),
+    "max_prompt_tokens": ("limits", "max_prompt_tokens"),
+    "max_new_tokens": ("limits", "max_new_tokens"),
+    "max_stop_sequences": ("limits", "max_stop_sequences"),
+    "max_concurrent_streams": ("limits", "max_concurrent_streams"),
+    "max_upload_bytes": ("limits", "max_upload_bytes"),
+    "max_message_bytes": ("limits", "max_message_bytes"),
+    "upload_chunk_bytes": ("limits", "upload_chunk_bytes"),
+}
+_TOP_FLAGS = (
+    "base_model",
+    "quantize",
+    "dtype",
+    "device",
+    "store",
+    "host",
+    "port",
+    "metrics_port",
+    "insecure_admin",
+    "grace_seconds",
+    "demo_adapters",
+)
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the `serve` flags to `parser` (every default is None: unset flags defer to the environment)."""
+    net = parser.add_argument_group("model and network")
+    net.add_argument(
+        "--base-model", help="model directory, .gguf file or name (default: the embedded SmolLM2)"
+    )
+    net.add_argument("--quantize", choices=["nf4", "int8", "none"], help="default: nf4 on CUDA, none on CPU")
+    net.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    net.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    net.add_argument("--store", type=Path, help="adapter store directory (default: ./adapters-store)")
+    net.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    net.add_argument("--port", type=int, help="gRPC port (default 50051; 0 picks a free one)")
+    net.add_argument("--metrics-port", type=int, help="Prometheus port (default 9090; 0 picks a free one)")
+    net.add_argument(
+        "--insecure-admin",
+        action="store_true",
+        default=None,
+        help="allow admin calls without ADAPTERSERVE_ADMIN_TOKEN (anyone who can connect may upload)",
+    )
+    net.add_argument(
+        "--grace", dest="grace_seconds", type=float, help="seconds running calls get on SIGTERM (default 10)"
+    )
+    net.add_argument(
+        "--demo-adapters",
+        action="store_true",
+        default=None,
+        help="add demo adapters of every kind (lora, ia3, prompt, prefix) to the store at startup",
+    )
+    net.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    eng = parser.add_argument_group("engine and cache sizes")
+    for dest in (
+        "max_batch_size",
+        "max_seq_len",
+        "max_prefill_tokens",
+        "max_queue",
+        "adapter_slots",
+        "max_lora_rank",
+        "max_virtual_tokens",
+        "host_cache_bytes",
+        "max_adapter_bytes",
+    ):
+        eng.add_argument("--" + dest.replace("_", "-"), dest=dest, type=int)
+    lim = parser.add_argument_group("request limits")
+    for dest in (
+        "max_prompt_tokens",
+        "max_new_tokens",
+        "max_stop_sequences",
+        "max_concurrent_streams",
+        "max_upload_bytes",
+        "max_message_bytes",
+        "upload_chunk_bytes",
+    ):
+        lim.add_argument("--" + dest.replace("_", "-"), dest=dest, type=int)
+
+
+def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -> ServerSettings:
+    """ServerSettings from parsed flags over ADAPTERSERVE_* environment variables."""
+    overrides: dict[str, Any] = {}
+    for name in _TOP_FLAGS:
+        value = getattr(args, name, None)
+        if value is not None:
+            overrides[name] = value
+    for dest, (section, field) in _SECTION_FLAGS.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            overrides.setdefault(section, {})[field] = value
+    return ServerSettings.from_env(environ, **overrides)
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Run the server until SIGTERM/SIGINT; returns the exit code (0 after a clean drain)."""
+    configure_logging(getattr(args, "log_level", "INFO") or "INFO")
+    try:
+        settings = settings_from_args(args)
+    except ValidationError as exc:
+        print(f"adapterserve serve: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    from adapterserve.server.api.serve import ServeApp
+
+    return asyncio.run(ServeApp(settings).run())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="adapterserve serve", description="Serve the base model and its adapters."
+    )
+    add_serve_arguments(parser)
+    return run_serve(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""The AdapterCatalog the Admin servicer uses, backed by the store's AdapterRegistry (host cache + disk).
+
+Pins live in the registry (host tier) and, when the adapter is resident in a device slot, in the
+engine's slot table too; the device tier is reported when the engine says an adapter version sits in a
+device slot (`device_resident`, optional).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+
+from adapterserve.server.api.contracts import AdapterRecord, StoredFile, UploadResult
+from adapterserve.server.store.manifest import Manifest
+from adapterserve.server.store.registry import AdapterRegistry
+
+# (name, version) -> True when that adapter version is resident in a device slot.
+DeviceResident = Callable[[str, int], bool]
+# (name, version, pinned): pin or unpin a resident device slot (the engine's set_pinned).
+SetDevicePinned = Callable[[str, int, bool], None]
+
+
+class StoreCatalog:
+    """AdapterCatalog over an AdapterRegistry (and its AdapterStore)."""
+
+    def __init__(
+        self,
+        registry: AdapterRegistry,
+        device_resident: DeviceResident | None = None,
+        set_device_pinned: SetDevicePinned | None = None,
+    ) -> None:
+        self.registry = registry
+        self.store = registry.store
+        self._device_resident = device_resident
+        self._set_device_pinned = set_device_pinned
+
+    def record(self, manifest: Manifest) -> AdapterRecord:
+        """The API view of a stored adapter, with its pin and cache tier now."""
+        tier: str = self.registry.tier(manifest.name)
+        if self._device_resident is not None and self._device_resident(manifest.name, manifest.version):
+            tier = "device"
+        return AdapterRecord(
+            name=manifest.name,
+            info=manifest.info,
+            files=tuple(
+                StoredFile(name=fname, size_bytes=entry.size, sha256=entry.sha256)
+                for fname, entry in sorted(manifest.files.items())
+            ),
+            digest="sha256:" + manifest.digest,
+            base_fingerprint=manifest.base_fingerprint or "",
+            created_at=manifest.created_at,
+            description=manifest.description,
+            pinned=self.registry.is_pinned(manifest.name),
+            version=manifest.version,
+            cache_tier=tier,
+        )
+
+    async def upload(
+        self,
+        name: str,
+        files: AsyncIterator[tuple[str, bytes]],
+        *,
+        overwrite: bool,
+        description: str,
+        max_bytes: int,
+    ) -> UploadResult:
+        result = await self.registry.upload(
+            name, files, overwrite=overwrite, description=description, max_bytes=max_bytes
+        )
+        return UploadResult(
+            record=self.record(result.manifest),
+            replaced=result.replaced is not None,
+            received_bytes=result.received_bytes,
+        )
+
+    async def delete(self, name: str) -> AdapterRecord | None:
+        before = self.store.current(name)
+        record = self.record(before) if before is not None else None
+        await self.registry.delete(name)
+        return record
+
+    async def list(self) -> list[AdapterRecord]:
+        return [self.record(m) for m in self.store.list()]
+
+    async def get(self, name: str) -> AdapterRecord:
+        return self.record(self.store.manifest(name))
+
+    async def pin(self, name: str) -> AdapterRecord:
+        resolved = await self.registry.pin(name)
+        if self._set_device_pinned is not None:
+            self._set_device_pinned(resolved.name, resolved.version, True)
+        return self.record(self.store.manifest(name))
+
+    async def unpin(self, name: str) -> AdapterRecord:
+        self.registry.unpin(name)
+        manifest = self.store.manifest(name)
+        if self._set_device_pinned is not None:
+            self._set_device_pinned(manifest.name, manifest.version, False)
+        return self.record(manifest)

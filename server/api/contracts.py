@@ -1,0 +1,95 @@
+"""What the API layer needs from the engine and from the adapter store, as small Protocols.
+
+The servicers depend on these, not on concrete classes: the real Engine and the store-backed catalog
+(`catalog.py`) satisfy them, and tests can pass small doubles that honor the same contract.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from adapterserve.server.adapters.types import AdapterInfo
+from adapterserve.server.engine.types import GenerationRequest, TokenEvent
+
+
+class GenerationHandle(Protocol):
+    """One submitted request: iterate its TokenEvents; cancel() frees its engine work at once."""
+
+    def __aiter__(self) -> AsyncIterator[TokenEvent]: ...
+
+    def cancel(self) -> None: ...
+
+
+class GenerationEngine(Protocol):
+    """The engine as the Generation servicer sees it."""
+
+    async def submit(self, request: GenerationRequest) -> GenerationHandle:
+        """Queue a request; raises NotFoundError, InvalidArgumentError or QueueFullError."""
+        ...
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """One file of a stored adapter."""
+
+    name: str
+    size_bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    """A stored adapter as the Admin API reports it (mirrors the store's manifest plus cache state)."""
+
+    name: str
+    info: AdapterInfo
+    files: tuple[StoredFile, ...]
+    digest: str
+    base_fingerprint: str
+    created_at: dt.datetime
+    description: str
+    pinned: bool
+    version: int
+    cache_tier: str  # "disk", "host" or "device"
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    """The outcome of a successful upload."""
+
+    record: AdapterRecord
+    replaced: bool
+    received_bytes: int
+
+
+class AdapterCatalog(Protocol):
+    """The adapter store as the Admin servicer sees it. Every method raises ServeError subclasses."""
+
+    async def upload(
+        self,
+        name: str,
+        files: AsyncIterator[tuple[str, bytes]],
+        *,
+        overwrite: bool,
+        description: str,
+        max_bytes: int,
+    ) -> UploadResult:
+        """Store an adapter from (file name, chunk) pairs, atomically; validates against the base."""
+        ...
+
+    async def delete(self, name: str) -> AdapterRecord | None:
+        """Delete; returns the adapter as it was (None for a stored entry that was never served)."""
+        ...
+
+    async def list(self) -> list[AdapterRecord]:
+        """Every stored adapter, in name order."""
+        ...
+
+    async def get(self, name: str) -> AdapterRecord: ...
+
+    async def pin(self, name: str) -> AdapterRecord: ...
+
+    async def unpin(self, name: str) -> AdapterRecord: ...

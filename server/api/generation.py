@@ -1,0 +1,170 @@
+"""The Generation service: Generate (unary), GenerateStream (server streaming), GetServerInfo.
+
+Each call is validated and tokenized (requests.py), submitted to the engine, and its TokenEvents are
+relayed. A call that ends early for any reason (client cancel or disconnect, deadline, error) cancels
+its engine handle at once, so the row's cache and adapter slot are free for the next request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+
+from adapterserve.server.api.contracts import GenerationHandle
+from adapterserve.server.api.convert import finish_reason_to_proto
+from adapterserve.server.api.errors import map_errors, status_of
+from adapterserve.server.api.lifecycle import Lifecycle
+from adapterserve.server.api.metrics import ServerMetrics
+from adapterserve.server.api.requests import to_engine_request
+from adapterserve.server.api.runtime import RuntimeRef
+from adapterserve.server.engine.types import FinishReason, GenerationRequest, TokenEvent
+from adapterserve.server.errors import ServeError, UnavailableError
+from adapterserve.server.settings import LimitSettings
+from adapterserve.v1 import generation_pb2, generation_pb2_grpc
+
+
+@dataclass
+class _Progress:
+    """What one call has produced so far, and its timings (monotonic seconds)."""
+
+    request: GenerationRequest
+    started: float
+    first_token_at: float | None = None
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+
+    def timing(self, now: float) -> generation_pb2.Timing:
+        first = self.first_token_at if self.first_token_at is not None else now
+        return generation_pb2.Timing(time_to_first_token_s=first - self.started, total_s=now - self.started)
+
+
+def _final_error(event: TokenEvent) -> BaseException:
+    """The exception to fail a call with, for a final event that is not a normal finish."""
+    if event.finish_reason is FinishReason.ERROR:
+        return (
+            event.error
+            if event.error is not None
+            else RuntimeError("engine reported an error without details")
+        )
+    return UnavailableError("generation was cancelled by the server (shutting down); retry")
+
+
+class GenerationServicer(generation_pb2_grpc.GenerationServicer):
+    """grpc.aio servicer of adapterserve.v1.Generation."""
+
+    def __init__(
+        self,
+        runtime: RuntimeRef,
+        limits: LimitSettings,
+        metrics: ServerMetrics,
+        lifecycle: Lifecycle,
+    ) -> None:
+        self._runtime = runtime
+        self._limits = limits
+        self._metrics = metrics
+        self._lifecycle = lifecycle
+
+    async def _events(
+        self, request: generation_pb2.GenerateRequest, method: str, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[tuple[TokenEvent, _Progress]]:
+        """Submit the request and yield (event, progress) until the final event; records metrics.
+
+        Raises the engine's error for a failed request. Whatever ends the iteration early cancels the
+        engine handle.
+        """
+        started = time.monotonic()
+        label = self._metrics.labels.known(request.adapter)
+        status = "OK"
+        handle: GenerationHandle | None = None
+        progress: _Progress | None = None
+        try:
+            runtime = self._runtime.get()
+            engine_request = to_engine_request(request, runtime.tokenizer, self._limits)
+            progress = _Progress(engine_request, started, prompt_tokens=len(engine_request.prompt_ids))
+            handle = await runtime.engine.submit(engine_request)
+            label = self._metrics.labels.grant(request.adapter)
+            async for event in handle:
+                if event.finish_reason in (FinishReason.ERROR, FinishReason.CANCELLED):
+                    raise _final_error(event)
+                if event.token_ids and progress.first_token_at is None:
+                    progress.first_token_at = time.monotonic()
+                progress.token_ids.extend(event.token_ids)
+                if event.finish_reason is not None:
+                    progress.finish_reason = event.finish_reason
+                    progress.prompt_tokens = event.prompt_tokens or progress.prompt_tokens
+                yield event, progress
+                if event.finish_reason is not None:
+                    return
+            raise RuntimeError("engine stream ended without a finish reason")
+        except (asyncio.CancelledError, GeneratorExit):
+            remaining = context.time_remaining()
+            status = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+            raise
+        except BaseException as exc:
+            status = status_of(exc)[0].name
+            raise
+        finally:
+            if handle is not None and (progress is None or progress.finish_reason is None):
+                handle.cancel()
+            self._metrics.record_request(method, label, status)
+            if status == "OK" and progress is not None:
+                now = time.monotonic()
+                ttft = None if progress.first_token_at is None else progress.first_token_at - started
+                self._metrics.record_generation(
+                    label, progress.prompt_tokens, len(progress.token_ids), ttft, now - started
+                )
+
+    @map_errors
+    async def Generate(
+        self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> generation_pb2.GenerateResponse:
+        async with self._lifecycle.call(generation=True):
+            texts: list[str] = []
+            last: _Progress | None = None
+            async with contextlib.aclosing(self._events(request, "Generate", context)) as events:
+                async for event, progress in events:
+                    texts.append(event.text)
+                    last = progress
+            if last is None or last.finish_reason is None:  # _events raises before this can happen
+                raise ServeError("generation ended without a result")
+            return generation_pb2.GenerateResponse(
+                request_id=last.request.request_id,
+                text="".join(texts),
+                token_ids=last.token_ids,
+                finish_reason=finish_reason_to_proto(last.finish_reason),
+                prompt_tokens=last.prompt_tokens,
+                generated_tokens=len(last.token_ids),
+                timing=last.timing(time.monotonic()),
+                adapter=request.adapter,
+            )
+
+    @map_errors
+    async def GenerateStream(
+        self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[generation_pb2.GenerateStreamResponse]:
+        async with self._lifecycle.call(generation=True):
+            async with contextlib.aclosing(self._events(request, "GenerateStream", context)) as events:
+                async for event, progress in events:
+                    message = generation_pb2.GenerateStreamResponse(
+                        request_id=progress.request.request_id, text=event.text, token_ids=event.token_ids
+                    )
+                    if event.finish_reason is not None:
+                        message.finish_reason = finish_reason_to_proto(event.finish_reason)
+                        message.prompt_tokens = progress.prompt_tokens
+                        message.generated_tokens = len(progress.token_ids)
+                        message.timing.CopyFrom(progress.timing(time.monotonic()))
+                    elif not event.text and not event.token_ids:
+                        continue
+                    yield message
+
+    @map_errors
+    async def GetServerInfo(
+        self, request: generation_pb2.GetServerInfoRequest, context: grpc.aio.ServicerContext
+    ) -> generation_pb2.ServerInfo:
+        return self._runtime.get().server_info

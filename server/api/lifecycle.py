@@ -1,0 +1,72 @@
+"""Server phases (starting, serving, draining) and the count of calls in flight, for graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+from collections.abc import AsyncIterator
+
+from adapterserve.server.errors import ResourceExhaustedError, UnavailableError
+
+
+class Phase(enum.Enum):
+    STARTING = "starting"  # listening, model not loaded/warmed yet: API calls get UNAVAILABLE
+    SERVING = "serving"
+    DRAINING = "draining"  # shutting down: new calls get UNAVAILABLE, running ones finish
+
+
+class Lifecycle:
+    """Tracks the phase and the API calls in flight; `wait_idle` lets shutdown wait for them."""
+
+    def __init__(self, max_generations: int) -> None:
+        self.phase = Phase.STARTING
+        self._max_generations = max_generations
+        self._generations = 0
+        self._calls = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def generations_in_flight(self) -> int:
+        return self._generations
+
+    @property
+    def calls_in_flight(self) -> int:
+        return self._calls
+
+    def refusal(self) -> str | None:
+        """Why a new API call is refused now, or None when it may run."""
+        if self.phase is Phase.STARTING:
+            return "server is starting (loading and warming the model); retry shortly"
+        if self.phase is Phase.DRAINING:
+            return "server is shutting down; retry on another replica or later"
+        return None
+
+    @contextlib.asynccontextmanager
+    async def call(self, *, generation: bool = False) -> AsyncIterator[None]:
+        """Count one API call while it runs; generation calls are bounded by max_concurrent_streams."""
+        reason = self.refusal()
+        if reason is not None:
+            raise UnavailableError(reason)
+        if generation and self._generations >= self._max_generations:
+            raise ResourceExhaustedError(
+                f"too many concurrent generation calls (limit max_concurrent_streams={self._max_generations})"
+            )
+        self._calls += 1
+        self._generations += int(generation)
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._calls -= 1
+            self._generations -= int(generation)
+            if self._calls == 0:
+                self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no call is in flight, at most `timeout` seconds; True if idle."""
+        waiter = asyncio.ensure_future(self._idle.wait())
+        await asyncio.wait({waiter}, timeout=max(timeout, 0.0))
+        waiter.cancel()
+        return self._calls == 0

@@ -1,0 +1,143 @@
+"""Turn a wire `GenerateRequest` into the engine's `GenerationRequest`: validate, tokenize, apply limits.
+
+Pure functions (no grpc, no engine): every refusal is an InvalidArgumentError whose message names the
+field, as the proto documents it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import uuid
+from typing import Any
+
+from adapterserve.server.engine.types import GenerationRequest, SamplingParams
+from adapterserve.server.errors import InvalidArgumentError
+from adapterserve.server.settings import LimitSettings
+from adapterserve.v1 import generation_pb2
+
+DEFAULT_MAX_NEW_TOKENS = 64
+MAX_TEMPERATURE = 100.0
+MAX_TOP_K = 100_000
+MAX_REPETITION_PENALTY = 10.0
+MAX_STOP_CHARS = 256
+MAX_ROLE_CHARS = 64
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def request_id_of(request: generation_pb2.GenerateRequest) -> str:
+    """The client's request id (validated) or a fresh one."""
+    if not request.request_id:
+        return uuid.uuid4().hex
+    if not _REQUEST_ID.match(request.request_id):
+        raise InvalidArgumentError("request_id: at most 128 characters of [A-Za-z0-9._:-]")
+    return request.request_id
+
+
+def sampling_from_proto(params: generation_pb2.SamplingParams, limits: LimitSettings) -> SamplingParams:
+    """Validate the wire sampling parameters against the limits; unset fields take their defaults."""
+    if params.HasField("max_new_tokens"):
+        max_new = params.max_new_tokens
+        if not 1 <= max_new <= limits.max_new_tokens:
+            raise InvalidArgumentError(
+                f"sampling.max_new_tokens: {max_new} is outside 1..{limits.max_new_tokens} "
+                f"(limit max_new_tokens={limits.max_new_tokens})"
+            )
+    else:
+        max_new = min(DEFAULT_MAX_NEW_TOKENS, limits.max_new_tokens)
+    temperature = params.temperature
+    if not (math.isfinite(temperature) and 0.0 <= temperature <= MAX_TEMPERATURE):
+        raise InvalidArgumentError(f"sampling.temperature: {temperature} is outside 0..{MAX_TEMPERATURE:g}")
+    if params.top_k > MAX_TOP_K:
+        raise InvalidArgumentError(f"sampling.top_k: {params.top_k} is above {MAX_TOP_K}")
+    top_p = params.top_p if params.HasField("top_p") else 1.0
+    if not (math.isfinite(top_p) and 0.0 < top_p <= 1.0):
+        raise InvalidArgumentError(f"sampling.top_p: {top_p} must be greater than 0 and at most 1")
+    penalty = params.repetition_penalty if params.HasField("repetition_penalty") else 1.0
+    if not (math.isfinite(penalty) and 0.0 < penalty <= MAX_REPETITION_PENALTY):
+        raise InvalidArgumentError(
+            f"sampling.repetition_penalty: {penalty} must be greater than 0 and at most {MAX_REPETITION_PENALTY:g}"
+        )
+    if len(params.stop) > limits.max_stop_sequences:
+        raise InvalidArgumentError(
+            f"sampling.stop: {len(params.stop)} sequences, at most {limits.max_stop_sequences} "
+            f"(limit max_stop_sequences)"
+        )
+    for i, stop in enumerate(params.stop):
+        if not 1 <= len(stop) <= MAX_STOP_CHARS:
+            raise InvalidArgumentError(f"sampling.stop[{i}]: must be 1..{MAX_STOP_CHARS} characters")
+    return SamplingParams(
+        max_new_tokens=max_new,
+        temperature=float(temperature),
+        top_k=int(params.top_k),
+        top_p=float(top_p),
+        repetition_penalty=float(penalty),
+        seed=int(params.seed) if params.HasField("seed") else None,
+        stop=tuple(params.stop),
+        ignore_eos=bool(params.ignore_eos),
+    )
+
+
+def _as_ids(encoded: Any) -> list[int]:
+    """Token ids from what a tokenizer returns (a list, a BatchEncoding or a dict with input_ids)."""
+    if isinstance(encoded, dict) or hasattr(encoded, "input_ids"):
+        encoded = encoded["input_ids"]
+    if hasattr(encoded, "tolist"):
+        encoded = encoded.tolist()
+    if encoded and isinstance(encoded[0], list):  # a batch of one
+        encoded = encoded[0]
+    return [int(t) for t in encoded]
+
+
+def prompt_ids_from_proto(request: generation_pb2.GenerateRequest, tokenizer: Any) -> tuple[int, ...]:
+    """Tokenize the prompt, or render the chat with the model's chat template and tokenize it."""
+    kind = request.WhichOneof("input")
+    if kind is None:
+        raise InvalidArgumentError("prompt: one of prompt or messages is required")
+    if kind == "prompt":
+        if not request.prompt:
+            raise InvalidArgumentError("prompt: must not be empty")
+        ids = _as_ids(tokenizer(request.prompt, add_special_tokens=True))
+    else:
+        messages = request.messages.messages
+        if not messages:
+            raise InvalidArgumentError("messages: at least one message is required")
+        for i, message in enumerate(messages):
+            if not message.role or len(message.role) > MAX_ROLE_CHARS:
+                raise InvalidArgumentError(f"messages[{i}].role: must be 1..{MAX_ROLE_CHARS} characters")
+        if not getattr(tokenizer, "chat_template", None):
+            raise InvalidArgumentError("messages: the base model has no chat template; send a plain prompt")
+        chat = [{"role": m.role, "content": m.content} for m in messages]
+        try:
+            ids = _as_ids(
+                tokenizer.apply_chat_template(
+                    chat, add_generation_prompt=True, tokenize=True, return_dict=False
+                )
+            )
+        except Exception as exc:  # jinja raises TemplateError for roles/orders the template refuses
+            raise InvalidArgumentError(
+                f"messages: the chat template refused the conversation: {exc}"
+            ) from exc
+    if not ids:
+        raise InvalidArgumentError(f"{kind}: tokenizes to no tokens")
+    return tuple(ids)
+
+
+def to_engine_request(
+    request: generation_pb2.GenerateRequest, tokenizer: Any, limits: LimitSettings
+) -> GenerationRequest:
+    """The engine request for a wire request, with every limit enforced."""
+    request_id = request_id_of(request)
+    sampling = sampling_from_proto(request.sampling, limits)
+    prompt_ids = prompt_ids_from_proto(request, tokenizer)
+    if len(prompt_ids) > limits.max_prompt_tokens:
+        field = request.WhichOneof("input")
+        raise InvalidArgumentError(
+            f"{field}: {len(prompt_ids)} tokens, more than the limit max_prompt_tokens={limits.max_prompt_tokens}"
+        )
+    return GenerationRequest(
+        request_id=request_id,
+        prompt_ids=prompt_ids,
+        adapter=request.adapter or None,
+        sampling=sampling,
+    )

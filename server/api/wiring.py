@@ -1,0 +1,154 @@
+"""Build the real runtime for `adapterserve serve`: base model, store, host cache, engine, warm-up.
+
+This is the default RuntimeFactory of ServeApp. Heavy imports (torch, transformers) happen here, after
+the gRPC port is already listening with health NOT_SERVING.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from importlib import metadata
+from typing import Any
+
+from adapterserve.server.adapters.types import AdapterKind
+from adapterserve.server.api.catalog import StoreCatalog
+from adapterserve.server.api.convert import ADAPTER_KINDS
+from adapterserve.server.api.metrics import RuntimeSnapshot, TierStats
+from adapterserve.server.api.runtime import Runtime, StartedRuntime
+from adapterserve.server.engine.types import GenerationRequest, SamplingParams
+from adapterserve.server.settings import LimitSettings, ServerSettings
+from adapterserve.v1 import generation_pb2
+
+log = logging.getLogger(__name__)
+
+WARMUP_PROMPT = "Hello"
+
+
+def server_version() -> str:
+    try:
+        return metadata.version("adapterserve")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def server_info(base: Any, limits: LimitSettings) -> generation_pb2.ServerInfo:
+    """What GetServerInfo answers for this base and these limits."""
+    return generation_pb2.ServerInfo(
+        server_version=server_version(),
+        base_model=str(base.source),
+        base_fingerprint=base.fingerprint,
+        model_type=base.spec.model_type,
+        quantize=str(base.quantize),
+        adapter_kinds=[ADAPTER_KINDS[k] for k in AdapterKind],
+        limits=generation_pb2.Limits(
+            max_prompt_tokens=limits.max_prompt_tokens,
+            max_new_tokens=limits.max_new_tokens,
+            max_stop_sequences=limits.max_stop_sequences,
+            max_upload_bytes=limits.max_upload_bytes,
+            max_message_bytes=limits.max_message_bytes,
+            upload_chunk_bytes=limits.upload_chunk_bytes,
+            max_concurrent_streams=limits.max_concurrent_streams,
+        ),
+        chat_template=bool(getattr(base.tokenizer, "chat_template", None)),
+    )
+
+
+async def warm_up(engine: Any, tokenizer: Any) -> None:
+    """One tiny greedy generation through the whole path (prefill and decode) before serving."""
+    ids = tuple(tokenizer(WARMUP_PROMPT, add_special_tokens=True)["input_ids"]) or (0,)
+    handle = await engine.submit(
+        GenerationRequest(request_id="warmup", prompt_ids=ids, sampling=SamplingParams(max_new_tokens=2))
+    )
+    async for event in handle:
+        if event.finish_reason is not None:
+            if event.error is not None:
+                raise event.error
+            break
+
+
+def snapshot_of(engine: Any, registry: Any) -> RuntimeSnapshot:
+    """Engine gauges and the host/device cache tiers, for the metrics endpoint."""
+    stats = engine.stats()
+    cache = registry.stats()
+    return RuntimeSnapshot(
+        queue_depth=stats.waiting,
+        running_requests=stats.running,
+        slots_in_use=stats.slots_in_use,
+        slots_total=stats.slots_total,
+        tiers={
+            "device": TierStats(
+                hits=stats.slot_hits,
+                misses=stats.slot_loads,
+                evictions=stats.slot_evictions,
+                bytes=stats.adapter_device_bytes,
+                entries=stats.slots_in_use,
+            ),
+            "host": TierStats(
+                hits=cache.hits,
+                misses=cache.misses,
+                evictions=cache.evictions,
+                bytes=cache.host_bytes,
+                entries=cache.host_entries,
+                capacity_bytes=cache.host_capacity_bytes,
+            ),
+            "disk": TierStats(bytes=cache.disk_bytes, entries=cache.disk_adapters),
+        },
+    )
+
+
+async def start_runtime(settings: ServerSettings) -> StartedRuntime:
+    """Load the base, open the store, add demo adapters if asked, start and warm the engine."""
+    from adapterserve.server.adapters.loader import load_adapter_dir
+    from adapterserve.server.engine.engine import Engine
+    from adapterserve.server.model.loading import load_base_model
+    from adapterserve.server.store.registry import AdapterRegistry
+    from adapterserve.server.store.store import AdapterStore
+
+    base = await asyncio.to_thread(
+        load_base_model,
+        settings.base_model,
+        quantize=settings.quantize,
+        dtype=settings.dtype,
+        device=settings.device,
+    )
+    validate = functools.partial(
+        load_adapter_dir, spec=base.spec, settings=settings.engine, max_bytes=settings.cache.max_adapter_bytes
+    )
+    store = await asyncio.to_thread(
+        AdapterStore,
+        settings.store,
+        validate,
+        base_fingerprint=base.fingerprint,
+        max_adapter_bytes=settings.cache.max_adapter_bytes,
+    )
+    for name, why in store.scan_report.failed.items():
+        log.warning("store entry %r is not served: %s", name, why)
+    if settings.demo_adapters:
+        from adapterserve.server.api.demo import ensure_demo_adapters
+
+        def put(src: Any, name: str) -> Any:
+            return store.put_dir(
+                src, name, description="demo adapter (random init, adapterserve --demo-adapters)"
+            )
+
+        await asyncio.to_thread(ensure_demo_adapters, base, put, set(store.names()))
+    registry = AdapterRegistry(store, settings.cache)
+    engine = Engine(base, registry, settings.engine)
+    await engine.start()
+    try:
+        await warm_up(engine, base.tokenizer)
+    except BaseException:
+        await engine.stop()
+        raise
+
+    catalog = StoreCatalog(registry, device_resident=engine.is_resident, set_device_pinned=engine.set_pinned)
+    runtime = Runtime(
+        engine=engine,
+        tokenizer=base.tokenizer,
+        catalog=catalog,
+        server_info=server_info(base, settings.limits),
+    )
+    log.info("store %s: %d adapter(s) served", store.root, len(store))
+    return StartedRuntime(runtime=runtime, snapshot=lambda: snapshot_of(engine, registry), stop=engine.stop)
