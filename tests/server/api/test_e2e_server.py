@@ -37,7 +37,7 @@ SERVER_FLAGS = (
     "--max-batch-size",
     "8",
     "--max-queue",
-    "8",
+    "16",  # the 12-client burst below must fit; the 40-request flood must not
     "--max-upload-bytes",
     str(MAX_UPLOAD),
     "--upload-chunk-bytes",
@@ -274,7 +274,7 @@ def test_cancel_and_deadline_free_the_engine_row(server, channel):
     assert metric(scrape(server), "adapterserve_running_requests") >= 1
     call.cancel()
     wait_running_zero(server)
-    err = rpc_error(gen.Generate, gen_request("e2e-prefix", n=250, ignore_eos=True), timeout=0.3)
+    err = rpc_error(gen.Generate, gen_request("e2e-prefix", n=250, ignore_eos=True), timeout=0.05)
     assert err.code() is grpc.StatusCode.DEADLINE_EXCEEDED
     wait_running_zero(server)
     assert gen.Generate(gen_request(n=2)).generated_tokens == 2  # and the server serves on
