@@ -122,13 +122,15 @@ def make_adapter(base_dir: Path, kind: str, out_dir: Path, seed: int = 0) -> Pat
     return out_dir
 
 
-def peft_reference_model(base_dir: Path, adapter_dir: Path | None, quantize: str = "none"):
+def peft_reference_model(
+    base_dir: Path, adapter_dir: Path | None, quantize: str = "none", device: str = "cpu", dtype: str = "auto"
+):
     """A fresh base (not shared with the engine) with the adapter loaded by PEFT, or the plain base."""
     from peft import PeftModel
 
     from adapterserve.server.model.loading import load_base_model
 
-    model = load_base_model(base_dir, quantize=quantize, device="cpu").model
+    model = load_base_model(base_dir, quantize=quantize, device=device, dtype=dtype).model
     if adapter_dir is None:
         return model
     return PeftModel.from_pretrained(model, adapter_dir).eval()
@@ -139,10 +141,11 @@ def peft_greedy(model, prompt: list[int], steps: int) -> tuple[list[int], list[t
     """Greedy tokens and last-position logits [V] per step, by full forward passes (no cache)."""
     ids = list(prompt)
     tokens, logits = [], []
+    device = next(model.parameters()).device
     for _ in range(steps):
-        input_ids = torch.tensor([ids])
+        input_ids = torch.tensor([ids], device=device)
         out = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
-        last = out.logits[0, -1].float()
+        last = out.logits[0, -1].float().cpu()
         token = int(last.argmax())
         tokens.append(token)
         logits.append(last)
