@@ -10,6 +10,7 @@ from pathlib import Path
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-model", default=None, help="path or name (default: the embedded SmolLM2)")
     parser.add_argument("--quantize", choices=["nf4", "int8", "none"], default="none")
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     parser.add_argument("--requests", type=int, default=64, help="concurrent requests (default 64)")
     parser.add_argument("--adapters", type=int, default=32, help="distinct adapters the requests spread over")
     parser.add_argument(
@@ -39,6 +40,7 @@ def run_bench(args: argparse.Namespace) -> int:
     settings = BenchSettings(
         base_model=args.base_model,
         quantize=args.quantize,
+        device=args.device,
         requests=args.requests,
         adapters=args.adapters,
         kinds=args.kinds,

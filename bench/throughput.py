@@ -37,6 +37,7 @@ QUESTIONS = [
 class BenchSettings:
     base_model: str | None = None  # None = embedded default (SmolLM2-135M-Instruct)
     quantize: str = "none"
+    device: str | None = None  # None = cuda if available, else cpu
     requests: int = 64
     adapters: int = 32
     kinds: str = "lora"  # "lora" or "mixed" (LoRA, IA3, prompt, prefix in turn)
@@ -131,7 +132,7 @@ def _run_naive_peft(model_dir: str, adapter_dirs: dict[str, Path], prompts, name
     """One request at a time through PeftModel with set_adapter per request (LoRA adapters only)."""
     from peft import PeftModel
 
-    base = load_base_model(model_dir, quantize=settings.quantize, device="cpu")
+    base = load_base_model(model_dir, quantize=settings.quantize, device=settings.device)
     loras = [n for n in names if n.startswith("lora")][: settings.naive_requests]
     model = PeftModel.from_pretrained(base.model, adapter_dirs[loras[0]], adapter_name=loras[0])
     for n in loras[1:]:
@@ -141,7 +142,7 @@ def _run_naive_peft(model_dir: str, adapter_dirs: dict[str, Path], prompts, name
     start = time.perf_counter()
     for i, n in enumerate(loras):
         model.set_adapter(n)
-        ids = torch.tensor([prompts[i]])
+        ids = torch.tensor([prompts[i]], device=base.device)
         out = model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
@@ -160,7 +161,7 @@ def _run_peft_static_batch(
     """PEFT's own mixed-LoRA batch: one static `generate(adapter_names=[...])` over all requests."""
     from peft import PeftModel
 
-    base = load_base_model(model_dir, quantize=settings.quantize, device="cpu")
+    base = load_base_model(model_dir, quantize=settings.quantize, device=settings.device)
     loras = [n for n in names if n.startswith("lora")]
     model = PeftModel.from_pretrained(base.model, adapter_dirs[loras[0]], adapter_name=loras[0])
     for n in loras[1:]:
@@ -168,8 +169,8 @@ def _run_peft_static_batch(
     model.eval()
     pad = base.tokenizer.pad_token_id
     width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts])  # left padding
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], device=base.device)  # left pad
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=base.device)
     adapter_names = [loras[i % len(loras)] for i in range(len(prompts))]
     start = time.perf_counter()
     out = model.generate(
@@ -200,7 +201,7 @@ def run(settings: BenchSettings) -> dict:
     _log(f"preparing {settings.adapters} {settings.kinds} adapters in {settings.workdir}")
     adapter_dirs = make_adapters(model_dir, settings)
     names = list(adapter_dirs)
-    base = load_base_model(model_dir, quantize=settings.quantize, device="cpu")
+    base = load_base_model(model_dir, quantize=settings.quantize, device=settings.device)
     prompts = _prompts(base.tokenizer, settings.requests)
     engine = OfflineEngine(
         base,

@@ -1,6 +1,11 @@
-"""`--demo-adapters`: one adapter of every kind for the served base, so a fresh server shows the mix.
+"""`--demo-adapters`: trained task adapters plus one adapter of every kind, so a fresh server shows the mix.
 
-The adapters are randomly initialised PEFT adapters (not trained): they exist to show that LoRA, IA3,
+Trained demo adapters are the ones `demo/train_demo_adapters.sh` trained with `adapterserve train` on
+the embedded default model (json-extract: LoRA, sentiment: prompt tuning, pirate: prefix tuning); they
+are committed under `demo/adapters/` with a manifest naming the base fingerprint, and are stored only
+when the served base has that fingerprint. The kind adapters (`demo-*`) work on any base.
+
+The kind adapters are randomly initialised PEFT adapters (not trained): they exist to show that LoRA, IA3,
 prompt tuning and prefix tuning serve side by side, and each one visibly changes the output. They are
 built by PEFT itself on a weightless ("meta") copy of the base architecture, so only the adapter
 tensors are ever materialised (milliseconds, no second copy of the base), and saved in PEFT's own
@@ -11,7 +16,9 @@ are uploaded the same way as any other.
 from __future__ import annotations
 
 import copy
+import json
 import logging
+import os
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -92,11 +99,49 @@ def write_demo_adapter(model_config: Any, peft_config: Any, out: Path, seed: int
     return out
 
 
+DEMO_DIR_ENV = "ADAPTERSERVE_DEMO_DIR"
+
+
+def demo_dir() -> Path | None:
+    """The repository's demo/ folder: $ADAPTERSERVE_DEMO_DIR, the checkout this code runs from, or ./demo."""
+    env = os.environ.get(DEMO_DIR_ENV)
+    candidates = [Path(env)] if env else []
+    candidates += [Path(__file__).resolve().parents[2] / "demo", Path.cwd() / "demo"]
+    return next((c for c in candidates if (c / "adapters").is_dir()), None)
+
+
+def trained_demo_adapters(fingerprint: str, root: Path | None = None) -> dict[str, Path]:
+    """name -> directory of every trained demo adapter whose manifest names this base fingerprint."""
+    root = demo_dir() if root is None else root
+    if root is None:
+        return {}
+    found: dict[str, Path] = {}
+    for manifest_path in sorted((root / "adapters").glob("*.manifest.json")):
+        name = manifest_path.name.removesuffix(".manifest.json")
+        adapter = manifest_path.parent / name
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, ValueError) as err:
+            log.warning("demo adapter %s: unreadable manifest (%s)", name, err)
+            continue
+        if not (adapter / "adapter_config.json").is_file():
+            continue
+        if manifest.get("base_fingerprint") != fingerprint:
+            log.info("demo adapter %s was trained on another base; not stored", name)
+            continue
+        found[name] = adapter
+    return found
+
+
 def ensure_demo_adapters(base: Any, put_dir: Callable[[Path, str], Any], existing: set[str]) -> list[str]:
     """Store every demo adapter that is not in the store yet (via `put_dir(src, name)`); returns the added names."""
+    added: list[str] = []
+    for name, src in trained_demo_adapters(base.fingerprint).items():
+        if name not in existing:
+            put_dir(src, name)
+            added.append(name)
     embedding = base.model.get_input_embeddings().weight
     embed_std = float(embedding.float().std()) if embedding.numel() else 0.02
-    added: list[str] = []
     with tempfile.TemporaryDirectory(prefix="adapterserve-demo-") as tmp:
         for i, (name, peft_config) in enumerate(_demo_configs().items()):
             if name in existing:

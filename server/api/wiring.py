@@ -129,9 +129,8 @@ async def start_runtime(settings: ServerSettings) -> StartedRuntime:
         from adapterserve.server.api.demo import ensure_demo_adapters
 
         def put(src: Any, name: str) -> Any:
-            return store.put_dir(
-                src, name, description="demo adapter (random init, adapterserve --demo-adapters)"
-            )
+            kind = "random init" if name.startswith("demo-") else "trained by demo/train_demo_adapters.sh"
+            return store.put_dir(src, name, description=f"demo adapter ({kind}; adapterserve --demo-adapters)")
 
         await asyncio.to_thread(ensure_demo_adapters, base, put, set(store.names()))
     registry = AdapterRegistry(store, settings.cache)

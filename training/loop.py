@@ -1,0 +1,140 @@
+"""The training loop: transformers' Trainer (progress bar, schedules, accumulation) over our dataset.
+
+AdaLoRA's rank reallocation runs in a Trainer callback after every optimizer step (PEFT's
+`update_and_allocate`, which reads the gradients before they are zeroed).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from adapterserve.training.data import PadCollator, SupervisedDataset
+from adapterserve.training.settings import TrainSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoopResult:
+    steps: int
+    epochs: float
+    seconds: float
+    losses: list[tuple[int, float]] = field(default_factory=list)  # (step, logged mean loss)
+
+    @property
+    def final_loss(self) -> float | None:
+        return self.losses[-1][1] if self.losses else None
+
+
+def planned_steps(settings: TrainSettings, num_examples: int) -> int:
+    """Optimizer steps the run will take (the Trainer gets this number as max_steps)."""
+    if settings.max_steps is not None:
+        return settings.max_steps
+    batches_per_epoch = math.ceil(num_examples / settings.batch_size)
+    updates_per_epoch = max(1, batches_per_epoch // settings.grad_accum)
+    return max(1, math.ceil(settings.epochs * updates_per_epoch))
+
+
+def use_bf16(settings: TrainSettings, device: torch.device) -> bool:
+    if settings.bf16 is not None:
+        return settings.bf16
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def optimizer_name(settings: TrainSettings, device: torch.device) -> str:
+    """QLoRA's paged 8-bit AdamW needs CUDA; everything else (and QLoRA on CPU) uses torch AdamW."""
+    if settings.method == "qlora":
+        if device.type == "cuda":
+            return "paged_adamw_8bit"
+        log.warning("qlora on %s: no paged 8-bit optimizer without CUDA; using torch AdamW", device.type)
+    return "adamw_torch"
+
+
+def _callbacks(settings: TrainSettings, result: LoopResult) -> list[Any]:
+    from transformers import TrainerCallback
+
+    class LossHistory(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
+            if logs and "loss" in logs:
+                result.losses.append((int(state.global_step), float(logs["loss"])))
+
+    class AdaLoraAllocation(TrainerCallback):
+        def on_optimizer_step(self, args, state, control, **kwargs):  # noqa: ANN001
+            kwargs["model"].base_model.update_and_allocate(state.global_step)
+
+    callbacks: list[Any] = [LossHistory()]
+    if settings.method == "adalora":
+        callbacks.append(AdaLoraAllocation())
+    return callbacks
+
+
+def run_training(
+    model: Any, dataset: SupervisedDataset, settings: TrainSettings, *, pad_id: int, device: torch.device
+) -> LoopResult:
+    """Train `model` in place on `dataset` for planned_steps(settings, len(dataset)) optimizer steps."""
+    from transformers import Trainer, TrainingArguments
+
+    steps = planned_steps(settings, len(dataset))
+    result = LoopResult(steps=0, epochs=0.0, seconds=0.0)
+    with tempfile.TemporaryDirectory(prefix="adapterserve-train-") as scratch:
+        args = TrainingArguments(
+            output_dir=scratch,
+            max_steps=steps,
+            per_device_train_batch_size=settings.batch_size,
+            gradient_accumulation_steps=settings.grad_accum,
+            learning_rate=settings.resolved_learning_rate(),
+            lr_scheduler_type=settings.lr_schedule,
+            warmup_steps=settings.warmup_steps,
+            weight_decay=settings.weight_decay,
+            optim=optimizer_name(settings, device),
+            bf16=use_bf16(settings, device),
+            seed=settings.seed,
+            data_seed=settings.seed,
+            logging_steps=settings.logging_steps,
+            logging_first_step=True,
+            save_strategy="no",
+            report_to="none",
+            use_cpu=device.type == "cpu",
+            remove_unused_columns=False,
+            label_names=["labels"],
+            dataloader_num_workers=0,
+            disable_tqdm=False,
+        )
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            data_collator=PadCollator(pad_id),
+            callbacks=_callbacks(settings, result),
+        )
+        start = time.perf_counter()
+        output = trainer.train()
+        result.seconds = time.perf_counter() - start
+        result.steps = int(trainer.state.global_step)
+        result.epochs = float(trainer.state.epoch or 0.0)
+        log.info(
+            "trained %d steps in %.1f s (train loss %.4f)", result.steps, result.seconds, output.training_loss
+        )
+    model.eval()
+    return result
+
+
+@torch.no_grad()
+def batch_loss(model: Any, batch: dict[str, torch.Tensor]) -> float:
+    """Mean loss of `model` on one collated batch, in eval mode (no dropout)."""
+    was_training = bool(getattr(model, "training", False))
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        out = model(**{k: v.to(device) for k, v in batch.items()})
+        return float(out.loss)
+    finally:
+        if was_training:
+            model.train()

@@ -1,0 +1,129 @@
+"""One settings object for a training run: the method, its options and the training loop's options.
+
+Every field maps to one CLI flag (`--field-name`, see training/cli.py). Fields left at None take a
+per-method default (see `resolved_*` helpers), chosen so that the embedded default model
+(SmolLM2-135M-Instruct) trains on a CPU in minutes.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Method = Literal["sft", "lora", "qlora", "adalora", "ia3", "prompt-tuning", "p-tuning", "prefix-tuning"]
+METHODS: tuple[Method, ...] = (
+    "sft",
+    "lora",
+    "qlora",
+    "adalora",
+    "ia3",
+    "prompt-tuning",
+    "p-tuning",
+    "prefix-tuning",
+)
+PROMPT_LEARNING_METHODS: frozenset[str] = frozenset({"prompt-tuning", "p-tuning", "prefix-tuning"})
+LORA_METHODS: frozenset[str] = frozenset({"lora", "qlora", "adalora"})
+
+# Learning rates that move each method within a few hundred steps on a small model. Soft prompts and
+# IA3 scaling vectors need much larger steps than LoRA; full fine-tuning much smaller ones.
+DEFAULT_LEARNING_RATES: dict[str, float] = {
+    "sft": 5e-5,
+    "lora": 1e-3,
+    "qlora": 1e-3,
+    "adalora": 2e-3,
+    "ia3": 1e-2,
+    "prompt-tuning": 3e-2,
+    "p-tuning": 3e-3,
+    "prefix-tuning": 1e-2,
+}
+DEFAULT_LORA_TARGETS: tuple[str, ...] = ("q_proj", "v_proj")
+
+
+class TrainSettings(BaseModel):
+    """Everything `adapterserve train` needs besides the file paths."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # --- what to train -------------------------------------------------------------------------
+    method: Method = Field("lora", description="training method")
+    base_model: str | None = Field(None, description="base model path or name; None = embedded SmolLM2")
+    device: str | None = Field(None, description="None = cuda if available else cpu")
+
+    # --- method options ------------------------------------------------------------------------
+    rank: int = Field(8, ge=1, description="LoRA/QLoRA rank; AdaLoRA target (average) rank")
+    alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (scale = alpha / rank)")
+    dropout: float = Field(0.05, ge=0, lt=1, description="LoRA/AdaLoRA dropout")
+    target_modules: tuple[str, ...] | None = Field(
+        None,
+        description="linear layers to adapt; None = q_proj,v_proj for LoRA kinds, PEFT's default for IA3",
+    )
+    feedforward_modules: tuple[str, ...] | None = Field(
+        None, description="IA3: which target modules scale their input (feed-forward); None = PEFT default"
+    )
+    num_virtual_tokens: int = Field(16, ge=1, description="prompt/p-tuning/prefix virtual tokens")
+    init_text: str | None = Field(
+        None, description="prompt tuning: initialise the soft prompt from this text"
+    )
+    encoder_type: Literal["mlp", "lstm"] = Field("mlp", description="p-tuning prompt encoder")
+    encoder_hidden_size: int | None = Field(
+        None, ge=1, description="p-tuning encoder width; None = hidden size"
+    )
+    prefix_projection: bool = Field(
+        False, description="prefix tuning: train through an MLP reparameterisation (dropped when saved)"
+    )
+    adalora_init_r: int = Field(12, ge=1, description="AdaLoRA: rank every module starts with")
+    adalora_tinit: int | None = Field(
+        None, ge=0, description="AdaLoRA: warm-up steps; None = a tenth of the steps"
+    )
+    adalora_tfinal: int | None = Field(
+        None, ge=0, description="AdaLoRA: final fixed-rank steps; None = a fifth of the steps"
+    )
+    adalora_delta_t: int = Field(1, ge=1, description="AdaLoRA: steps between two rank reallocations")
+    adalora_beta1: float = Field(0.85, gt=0, lt=1, description="AdaLoRA: sensitivity smoothing")
+    adalora_beta2: float = Field(0.85, gt=0, lt=1, description="AdaLoRA: uncertainty smoothing")
+    adalora_orth_reg_weight: float = Field(0.5, ge=0, description="AdaLoRA: orthogonality regulariser")
+
+    # --- training loop -------------------------------------------------------------------------
+    epochs: float = Field(1.0, gt=0, description="passes over the training data (ignored with max_steps)")
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides epochs")
+    batch_size: int = Field(8, ge=1, description="examples per forward pass")
+    grad_accum: int = Field(1, ge=1, description="forward passes per optimizer step")
+    learning_rate: float | None = Field(None, gt=0, description="None = a per-method default")
+    lr_schedule: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "linear", description="learning-rate schedule"
+    )
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    max_length: int = Field(256, ge=8, description="tokens per example at most (prompt is cut from the left)")
+    seed: int = Field(0, description="seed for initialisation and data order")
+    bf16: bool | None = Field(None, description="bf16 autocast; None = on where the device supports it")
+    logging_steps: int = Field(10, ge=1, description="log the loss every this many steps")
+
+    # --- evaluation ----------------------------------------------------------------------------
+    eval_max_new_tokens: int = Field(48, ge=1, description="greedy tokens generated per eval example at most")
+    eval_limit: int | None = Field(None, ge=1, description="evaluate on the first N eval records only")
+    eval_backend: Literal["auto", "engine", "peft"] = Field(
+        "auto",
+        description="generation for eval: the server's engine (auto: when installed) or PEFT full-forward greedy",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainSettings:
+        if self.method == "adalora" and self.adalora_init_r < self.rank:
+            raise ValueError(f"adalora_init_r ({self.adalora_init_r}) must be >= rank ({self.rank})")
+        if self.init_text is not None and self.method != "prompt-tuning":
+            raise ValueError("init_text applies to --method prompt-tuning only")
+        return self
+
+    def resolved_learning_rate(self) -> float:
+        return self.learning_rate if self.learning_rate is not None else DEFAULT_LEARNING_RATES[self.method]
+
+    def resolved_lora_targets(self) -> list[str]:
+        return list(self.target_modules or DEFAULT_LORA_TARGETS)
+
+    def resolved_adalora_schedule(self, total_steps: int) -> tuple[int, int]:
+        """(tinit, tfinal) for a run of `total_steps` optimizer steps, leaving a budgeting phase."""
+        tinit = self.adalora_tinit if self.adalora_tinit is not None else max(0, total_steps // 10)
+        tfinal = self.adalora_tfinal if self.adalora_tfinal is not None else max(0, total_steps // 5)
+        return tinit, tfinal
