@@ -102,13 +102,36 @@ def _quantization_config(quantize: Quantize, dtype: torch.dtype) -> Any:
     raise ModelLoadError(f"unknown quantization {quantize!r}; use nf4, int8 or none")
 
 
-def fingerprint_of(model_dir: str, config: Any) -> str:
-    """A stable id of the base weights: sha256 over the architecture config and the weight files' headers.
+FINGERPRINT_SAMPLES = 256  # blocks sampled across each weight file
+FINGERPRINT_BLOCK = 4096
 
-    Safetensors headers hold every tensor's name, dtype, shape and byte offsets, so two checkpoints
-    that differ in any tensor layout differ here; the first MiB of each weight file adds the values.
-    Cheap (reads a few MiB) and independent of quantization, so an adapter trained on the fp32 base
-    serves on its nf4 form and vice versa.
+
+def _hash_weight_file(h: Any, path: Path) -> None:
+    """The whole safetensors header (every tensor's name, dtype, shape, offsets) plus blocks sampled
+    evenly over the data, so a checkpoint that differs in any tensor larger than 1/256 of the file
+    differs here; small files are read whole. About 1 MiB read per file, whatever its size."""
+    size = path.stat().st_size
+    h.update(f"{path.name}:{size}".encode())
+    with path.open("rb") as f:
+        if size <= FINGERPRINT_SAMPLES * FINGERPRINT_BLOCK:
+            h.update(f.read())
+            return
+        prefix = f.read(8)
+        header_len = int.from_bytes(prefix, "little") if len(prefix) == 8 else 0
+        header_len = min(header_len, size - 8)
+        h.update(prefix + f.read(header_len))
+        data_start, data_len = 8 + header_len, size - 8 - header_len
+        stride = max(data_len // FINGERPRINT_SAMPLES, 1)
+        for i in range(FINGERPRINT_SAMPLES):
+            f.seek(data_start + min(i * stride, max(data_len - FINGERPRINT_BLOCK, 0)))
+            h.update(f.read(FINGERPRINT_BLOCK))
+
+
+def fingerprint_of(model_dir: str, config: Any) -> str:
+    """A stable id of the base weights: sha256 over the architecture config and the weight files.
+
+    Independent of quantization (it reads the checkpoint on disk, not the loaded model), so an adapter
+    trained on the fp32 base serves on its nf4 form and vice versa.
     """
     h = hashlib.sha256()
     arch = {
@@ -131,9 +154,7 @@ def fingerprint_of(model_dir: str, config: Any) -> str:
     directory = Path(model_dir)
     if directory.is_dir():
         for weight_file in sorted(directory.glob("*.safetensors")):
-            with weight_file.open("rb") as f:
-                h.update(weight_file.name.encode())
-                h.update(f.read(1 << 20))
+            _hash_weight_file(h, weight_file)
     else:
         h.update(model_dir.encode())
     return "sha256:" + h.hexdigest()[:32]

@@ -105,3 +105,30 @@ def test_gguf_source_and_nf4_footprint(smollm2_dir):
     ratio = nf4.model.get_memory_footprint() / base.model.get_memory_footprint()
     assert ratio < 0.4, ratio
     assert nf4.fingerprint == base.fingerprint
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_fingerprint_sees_a_change_deep_in_the_weights(
+    tmp_path, tiny_model_dir, tiny_base, monkeypatch, sampled
+):
+    """A base that differs only in its last layer (e.g. a partial fine-tune) is another base, whether
+    the weight file is hashed whole (small) or by blocks sampled across it (large)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from adapterserve.server.model import loading
+
+    if sampled:  # make the tiny file "large": 64 blocks of 256 bytes, a stride below one layer's weights
+        monkeypatch.setattr(loading, "FINGERPRINT_SAMPLES", 64)
+        monkeypatch.setattr(loading, "FINGERPRINT_BLOCK", 256)
+        tiny_fp = load_base_model(tiny_model_dir, quantize="none", device="cpu").fingerprint
+    else:
+        tiny_fp = tiny_base.fingerprint
+    other = shutil.copytree(tiny_model_dir, tmp_path / "tuned")
+    weights = load_file(other / "model.safetensors")
+    key = "model.layers.1.mlp.down_proj.weight"
+    weights[key] = weights[key] + 0.01
+    save_file(weights, other / "model.safetensors", metadata={"format": "pt"})
+    tuned = load_base_model(other, quantize="none", device="cpu")
+    assert tuned.fingerprint != tiny_fp
