@@ -206,6 +206,25 @@ class AdapterBank:
     def release(self, key: SlotKey) -> None:
         self.table.release(key)
 
+    def pin(self, key: SlotKey, adapter: LoadedAdapter) -> int | None:
+        """Make `adapter` resident and pinned (never evicted). At least one slot always stays
+        unpinned so other adapters can still be served; returns None when pinning is not possible."""
+        entry = self.table.lookup(key)
+        if entry is not None and entry.pinned:
+            return entry.slot
+        pinned = sum(1 for e in self.table.entries.values() if e.pinned)
+        if pinned + 1 >= self.table.num_slots:
+            return None
+        slot = self.acquire(key, adapter)
+        if slot is None:
+            return None
+        self.table.set_pinned(key, True)
+        self.table.release(key)
+        return slot
+
+    def unpin(self, key: SlotKey) -> None:
+        self.table.set_pinned(key, False)
+
     def _write(self, slot: int, adapter: LoadedAdapter) -> None:
         w = adapter.weights
         touched: list[tuple[int, str]] = []

@@ -1,13 +1,14 @@
 """The AdapterCatalog the Admin servicer uses, backed by the store's AdapterRegistry (host cache + disk).
 
-Pins live in the registry (host tier) and, when the adapter is resident in a device slot, in the
-engine's slot table too; the device tier is reported when the engine says an adapter version sits in a
+Pins live in the registry (host tier) and in the engine's slot table (the adapter is loaded into a
+device slot and pinned there); the device tier is reported when the engine says an adapter version sits in a
 device slot (`device_resident`, optional).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from adapterserve.server.api.contracts import AdapterRecord, StoredFile, UploadResult
 from adapterserve.server.store.manifest import Manifest
@@ -15,8 +16,9 @@ from adapterserve.server.store.registry import AdapterRegistry
 
 # (name, version) -> True when that adapter version is resident in a device slot.
 DeviceResident = Callable[[str, int], bool]
-# (name, version, pinned): pin or unpin a resident device slot (the engine's set_pinned).
-SetDevicePinned = Callable[[str, int, bool], None]
+# Pin a resolved adapter in a device slot (the engine's pin) / unpin (name, version).
+PinDevice = Callable[[Any], Awaitable[None]]
+UnpinDevice = Callable[[str, int], Awaitable[None]]
 
 
 class StoreCatalog:
@@ -26,12 +28,14 @@ class StoreCatalog:
         self,
         registry: AdapterRegistry,
         device_resident: DeviceResident | None = None,
-        set_device_pinned: SetDevicePinned | None = None,
+        pin_device: PinDevice | None = None,
+        unpin_device: UnpinDevice | None = None,
     ) -> None:
         self.registry = registry
         self.store = registry.store
         self._device_resident = device_resident
-        self._set_device_pinned = set_device_pinned
+        self._pin_device = pin_device
+        self._unpin_device = unpin_device
 
     def record(self, manifest: Manifest) -> AdapterRecord:
         """The API view of a stored adapter, with its pin and cache tier now."""
@@ -86,13 +90,17 @@ class StoreCatalog:
 
     async def pin(self, name: str) -> AdapterRecord:
         resolved = await self.registry.pin(name)
-        if self._set_device_pinned is not None:
-            self._set_device_pinned(resolved.name, resolved.version, True)
+        if self._pin_device is not None:
+            try:
+                await self._pin_device(resolved)
+            except BaseException:
+                self.registry.unpin(name)  # all or nothing
+                raise
         return self.record(self.store.manifest(name))
 
     async def unpin(self, name: str) -> AdapterRecord:
         self.registry.unpin(name)
         manifest = self.store.manifest(name)
-        if self._set_device_pinned is not None:
-            self._set_device_pinned(manifest.name, manifest.version, False)
+        if self._unpin_device is not None:
+            await self._unpin_device(manifest.name, manifest.version)
         return self.record(manifest)

@@ -130,7 +130,9 @@ async def start_runtime(settings: ServerSettings) -> StartedRuntime:
 
         def put(src: Any, name: str) -> Any:
             kind = "random init" if name.startswith("demo-") else "trained by demo/train_demo_adapters.sh"
-            return store.put_dir(src, name, description=f"demo adapter ({kind}; adapterserve --demo-adapters)")
+            return store.put_dir(
+                src, name, description=f"demo adapter ({kind}; adapterserve --demo-adapters)"
+            )
 
         await asyncio.to_thread(ensure_demo_adapters, base, put, set(store.names()))
     registry = AdapterRegistry(store, settings.cache)
@@ -142,7 +144,9 @@ async def start_runtime(settings: ServerSettings) -> StartedRuntime:
         await engine.stop()
         raise
 
-    catalog = StoreCatalog(registry, device_resident=engine.is_resident, set_device_pinned=engine.set_pinned)
+    catalog = StoreCatalog(
+        registry, device_resident=engine.is_resident, pin_device=engine.pin, unpin_device=engine.unpin
+    )
     runtime = Runtime(
         engine=engine,
         tokenizer=base.tokenizer,

@@ -17,6 +17,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -114,6 +115,7 @@ class EngineCore:
         self.running: list[Sequence] = []  # index == cache row
         self._lock = threading.Lock()  # guards `waiting` and `_cancel` (touched by other threads)
         self._cancel: set[str] = set()
+        self._controls: deque[tuple[Callable[[], object], Future]] = deque()  # run on the engine thread
         self._slot_kinds: dict[int, AdapterKind] = {}
         self._final_events: list[tuple[Sequence, TokenEvent]] = []  # sent once their rows are retired
         self.steps = 0
@@ -165,9 +167,17 @@ class EngineCore:
         with self._lock:
             self._cancel.add(request_id)
 
+    def call_on_engine_thread(self, fn: Callable[[], object]) -> Future:
+        """Run `fn` between two steps (device-slot changes must not race a forward); its result or
+        exception arrives on the returned future."""
+        future: Future = Future()
+        with self._lock:
+            self._controls.append((fn, future))
+        return future
+
     def has_work(self) -> bool:
         with self._lock:
-            return bool(self.running or self.waiting or self._cancel)
+            return bool(self.running or self.waiting or self._cancel or self._controls)
 
     def stats(self) -> EngineStats:
         table = self.bank.table
@@ -187,6 +197,7 @@ class EngineCore:
     # ----- the engine thread ------------------------------------------------------------------------
     def step(self) -> None:
         self.steps += 1
+        self._run_controls()
         self._reap_cancelled()
         admitted = self._admit()
         if admitted:
@@ -222,6 +233,26 @@ class EngineCore:
             for seq in seqs:
                 if not seq.finished:
                     self._finish(seq, FinishReason.ERROR, error=error)
+
+    def _run_controls(self) -> None:
+        with self._lock:
+            controls, self._controls = list(self._controls), deque()
+        for fn, future in controls:
+            try:
+                future.set_result(fn())
+            except Exception as exc:  # handed to the caller
+                future.set_exception(exc)
+
+    def pin_adapter(self, resolved: ResolvedAdapter) -> int:
+        """(Engine thread) load `resolved` into a device slot and pin it there."""
+        slot = self.bank.pin((resolved.name, resolved.version), resolved.adapter)
+        if slot is None:
+            raise ResourceExhaustedError(
+                f"cannot pin {resolved.name!r} in a device slot: at most {self.bank.table.num_slots - 1} "
+                "adapters can be pinned, and slots used by running requests are not taken"
+            )
+        self._slot_kinds[slot] = resolved.adapter.kind
+        return slot
 
     def _reap_cancelled(self) -> None:
         with self._lock:

@@ -14,7 +14,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 from adapterserve.server.engine.core import EngineCore, EngineStats
-from adapterserve.server.engine.provider import AdapterProvider
+from adapterserve.server.engine.provider import AdapterProvider, ResolvedAdapter
 from adapterserve.server.engine.types import GenerationRequest, TokenEvent
 from adapterserve.server.errors import UnavailableError
 from adapterserve.server.model.loading import LoadedBase
@@ -100,9 +100,17 @@ class Engine:
         """Whether this adapter version currently holds a device slot."""
         return self.core.bank.table.lookup((name, version)) is not None
 
-    def set_pinned(self, name: str, version: int, pinned: bool) -> None:
-        """Pin (or unpin) a resident adapter's device slot so that it is never evicted."""
-        self.core.bank.table.set_pinned((name, version), pinned)
+    async def pin(self, resolved: ResolvedAdapter) -> None:
+        """Load an adapter version into a device slot and pin it (never evicted). Raises
+        ResourceExhaustedError when no slot can be pinned."""
+        future = self.core.call_on_engine_thread(lambda: self.core.pin_adapter(resolved))
+        self._wake.set()
+        await asyncio.wrap_future(future)
+
+    async def unpin(self, name: str, version: int) -> None:
+        future = self.core.call_on_engine_thread(lambda: self.core.bank.unpin((name, version)))
+        self._wake.set()
+        await asyncio.wrap_future(future)
 
     def _cancel(self, request_id: str) -> None:
         self.core.cancel(request_id)

@@ -106,3 +106,34 @@ def test_stop_sequence_and_eos(offline):
     ended = offline.generate([_req(0, max_new_tokens=10, ignore_eos=False)])[0]
     assert ended.finish_reason == FinishReason.EOS
     assert ended.token_ids == greedy.token_ids[:3]
+
+
+async def test_pin_makes_an_adapter_resident_and_keeps_it(tiny_model_dir, lora_dir, tmp_path):
+    """Pinning loads an adapter that is not resident into a device slot and keeps it there while
+    other adapters come and go; at least one slot always stays unpinned."""
+    from adapterserve.server.errors import ResourceExhaustedError
+
+    base = load_base_model(tiny_model_dir, quantize="none", device="cpu")
+    settings = EngineSettings(max_batch_size=4, max_seq_len=64, max_queue=8, adapter_slots=2)
+    provider = StaticAdapterProvider(base.spec, settings)
+    names = ["a", "b", "c"]
+    for i, name in enumerate(names):
+        provider.add(name, make_adapter(tiny_model_dir, "lora_qv_r4", tmp_path / name, seed=i))
+    engine = Engine(base, provider, settings)
+    await engine.start()
+    try:
+        a = provider.resolve("a")
+        assert not engine.is_resident("a", a.version)
+        await engine.pin(a)
+        assert engine.is_resident("a", a.version)
+        with pytest.raises(ResourceExhaustedError, match="pinned"):
+            await engine.pin(provider.resolve("b"))  # the last unpinned slot stays free
+        for name in ("b", "c", "b", "c"):  # only one slot left for these two: they evict each other
+            [ev async for ev in await engine.submit(_req(0, name, max_new_tokens=2))]
+        assert engine.is_resident("a", a.version) and engine.stats().slot_evictions >= 3
+        await engine.unpin("a", a.version)
+        [ev async for ev in await engine.submit(_req(0, "b", max_new_tokens=2))]
+        [ev async for ev in await engine.submit(_req(0, "c", max_new_tokens=2))]
+        assert not engine.is_resident("a", a.version)  # unpinned: evicted like any other
+    finally:
+        await engine.stop()
