@@ -66,23 +66,56 @@ def tiny_llama_config(vocab_size: int, **overrides):
     return LlamaConfig(**values)
 
 
-def make_tiny_model_dir(path: Path, seed: int = 0, **config_overrides) -> Path:
-    """Save a tiny random Llama (fp32 safetensors) and its tokenizer to `path`; returns `path`."""
+ARCHITECTURES = ("llama", "qwen2", "mistral", "qwen3")
+
+
+def _tiny_config(arch: str, vocab_size: int, **overrides):
+    """A tiny config of a Llama-family architecture (same sizes as the Llama fixture)."""
+    if arch == "llama":
+        return tiny_llama_config(vocab_size, **overrides)
+    from transformers import AutoConfig
+
+    base = tiny_llama_config(vocab_size).to_dict()
+    keep = {
+        k: base[k]
+        for k in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "max_position_embeddings",
+            "rms_norm_eps",
+            "tie_word_embeddings",
+        )
+    }
+    if arch == "qwen3":
+        keep["head_dim"] = 16
+    keep.update(overrides)
+    return AutoConfig.for_model(arch, **keep)
+
+
+def make_tiny_model_dir(path: Path, seed: int = 0, arch: str = "llama", **config_overrides) -> Path:
+    """Save a tiny random model of a Llama-family architecture (fp32 safetensors) and its tokenizer
+    to `path`; returns `path`. qwen2 has biased q/k/v projections, qwen3 per-head q/k norms."""
     import torch
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     tokenizer = build_tiny_tokenizer()
-    config = tiny_llama_config(len(tokenizer), **config_overrides)
+    config = _tiny_config(arch, len(tokenizer), **config_overrides)
     config.bos_token_id = tokenizer.bos_token_id
     config.eos_token_id = tokenizer.eos_token_id
     config.pad_token_id = tokenizer.pad_token_id
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(config)
     # Larger-than-default init so that different inputs give clearly different greedy tokens.
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 2:
                 p.normal_(0.0, 0.08 if "embed" not in name else 1.0)
+            elif name.endswith(".bias"):
+                p.normal_(0.0, 0.1)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path)
