@@ -15,6 +15,7 @@ from tests.clients.server_proc import ServerProcess, start_server
 ADMIN_TOKEN = "client-tests-admin-token"
 MAX_UPLOAD_BYTES = 65536
 MAX_NEW_TOKENS = 48
+UPLOAD_CHUNK_BYTES = 4096  # below the SDK's 256 KiB default: uploads must follow the server's limit
 
 _names = itertools.count()
 
@@ -33,7 +34,14 @@ def server(tiny_model_dir, tmp_path_factory) -> Iterator[ServerProcess]:
         tiny_model_dir,
         tmp_path_factory.mktemp("client-server"),
         admin_token=ADMIN_TOKEN,
-        extra_args=("--max-upload-bytes", str(MAX_UPLOAD_BYTES), "--max-new-tokens", str(MAX_NEW_TOKENS)),
+        extra_args=(
+            "--max-upload-bytes",
+            str(MAX_UPLOAD_BYTES),
+            "--max-new-tokens",
+            str(MAX_NEW_TOKENS),
+            "--upload-chunk-bytes",
+            str(UPLOAD_CHUNK_BYTES),
+        ),
     )
     yield proc
     proc.stop()

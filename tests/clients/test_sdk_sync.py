@@ -200,3 +200,17 @@ def test_admin_token_from_client_and_errors_carry_codes(server):
         with pytest.raises(adapterserve.AdapterServeError) as info:
             c.get_adapter("missing-adapter")
     assert info.value.code == "NOT_FOUND" and "missing-adapter" in info.value.message
+
+
+def test_default_upload_chunks_follow_the_server_limit(client, lora_dir, name):
+    """Without chunk_bytes, the SDK asks the server's upload_chunk_bytes once and stays under it."""
+    from tests.clients.conftest import UPLOAD_CHUNK_BYTES
+
+    assert client.server_info().limits.upload_chunk_bytes == UPLOAD_CHUNK_BYTES
+    seen: list[UploadProgress] = []
+    result = client.upload_adapter(lora_dir, name, progress=seen.append)
+    sent = [0] + [p.sent_bytes for p in seen]
+    sizes = [b - a for a, b in zip(sent, sent[1:], strict=False)]
+    assert max(sizes) <= UPLOAD_CHUNK_BYTES and len(seen) > 2
+    assert result.received_bytes == seen[-1].total_bytes
+    client.delete_adapter(name)

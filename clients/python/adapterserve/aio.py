@@ -31,7 +31,7 @@ from adapterserve.models import (
     UploadResult,
 )
 from adapterserve.retry import GENERATION_CODES, READ_CODES, Attempts, RetryPolicy, acall_with_retry
-from adapterserve.upload import DEFAULT_CHUNK_BYTES, ProgressCallback, ProgressTracker, collect_adapter_files
+from adapterserve.upload import ProgressCallback, ProgressTracker, choose_chunk_bytes, collect_adapter_files
 from adapterserve.v1 import admin_pb2, admin_pb2_grpc, generation_pb2, generation_pb2_grpc
 
 T = TypeVar("T")
@@ -82,6 +82,7 @@ class AsyncClient:
         )
         self._generation = generation_pb2_grpc.GenerationStub(self._channel)
         self._admin = admin_pb2_grpc.AdminStub(self._channel)
+        self._chunk_limit: int | None = None  # the server's upload_chunk_bytes, asked on first upload
         self._health = self._channel.unary_unary(
             health.CHECK_METHOD,
             request_serializer=lambda b: b,
@@ -235,6 +236,22 @@ class AsyncClient:
             codes,
         )
 
+    async def _server_chunk_limit(self) -> int | None:
+        """The server's upload chunk limit, asked once; None when it cannot be asked."""
+        if self._chunk_limit is None:
+            try:  # one attempt, no retries: the upload's own retry policy covers an unreachable server
+                reply = await _rpc(
+                    lambda: self._generation.GetServerInfo(
+                        generation_pb2.GetServerInfoRequest(),
+                        timeout=self._timeout(None),
+                        metadata=self.connection.generation_metadata(),
+                    )
+                )
+            except AdapterServeError:
+                return None
+            self._chunk_limit = convert.server_info_from_proto(reply).limits.upload_chunk_bytes
+        return self._chunk_limit
+
     async def upload_adapter(
         self,
         path: str | Path,
@@ -243,11 +260,13 @@ class AsyncClient:
         overwrite: bool = False,
         description: str | None = None,
         progress: ProgressCallback | None = None,
-        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        chunk_bytes: int | None = None,
         timeout: float | None = None,
     ) -> UploadResult:
         """See `Client.upload_adapter`."""
         files = collect_adapter_files(path)
+        if chunk_bytes is None:  # the default, capped by the server's own chunk limit
+            chunk_bytes = choose_chunk_bytes(None, await self._server_chunk_limit())
         total = sum(f.size for f in files)
         meta = self.connection.admin_metadata()
         deadline = self._timeout(timeout)
@@ -351,5 +370,3 @@ class AsyncClient:
             if time.monotonic() >= deadline:
                 raise Unavailable(f"{self.target} not serving after {timeout:.0f} s (last: {last})")
             await asyncio.sleep(interval)
-
-

@@ -163,7 +163,10 @@ def add_upload_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an adapter of the same name")
     p.add_argument("--description", help="free text stored with the adapter")
     p.add_argument(
-        "--chunk-bytes", type=int, default=256 * 1024, help="bytes per upload message (default 256 KiB)"
+        "--chunk-bytes",
+        type=int,
+        default=None,
+        help="bytes per upload message (default 256 KiB, or the server's limit if smaller)",
     )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the stored adapter as JSON")

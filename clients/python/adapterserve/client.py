@@ -32,7 +32,7 @@ from adapterserve.models import (
     UploadResult,
 )
 from adapterserve.retry import GENERATION_CODES, READ_CODES, Attempts, RetryPolicy, call_with_retry
-from adapterserve.upload import DEFAULT_CHUNK_BYTES, ProgressCallback, ProgressTracker, collect_adapter_files
+from adapterserve.upload import ProgressCallback, ProgressTracker, choose_chunk_bytes, collect_adapter_files
 from adapterserve.v1 import admin_pb2, admin_pb2_grpc, generation_pb2, generation_pb2_grpc
 
 T = TypeVar("T")
@@ -89,6 +89,7 @@ class Client:
         )
         self._generation = generation_pb2_grpc.GenerationStub(self._channel)
         self._admin = admin_pb2_grpc.AdminStub(self._channel)
+        self._chunk_limit: int | None = None  # the server's upload_chunk_bytes, asked on first upload
         self._health = self._channel.unary_unary(
             health.CHECK_METHOD,
             request_serializer=lambda b: b,
@@ -249,6 +250,22 @@ class Client:
             codes,
         )
 
+    def _server_chunk_limit(self) -> int | None:
+        """The server's upload chunk limit, asked once; None when it cannot be asked."""
+        if self._chunk_limit is None:
+            try:  # one attempt, no retries: the upload's own retry policy covers an unreachable server
+                reply = _rpc(
+                    lambda: self._generation.GetServerInfo(
+                        generation_pb2.GetServerInfoRequest(),
+                        timeout=self._timeout(None),
+                        metadata=self.connection.generation_metadata(),
+                    )
+                )
+            except AdapterServeError:
+                return None
+            self._chunk_limit = convert.server_info_from_proto(reply).limits.upload_chunk_bytes
+        return self._chunk_limit
+
     def upload_adapter(
         self,
         path: str | Path,
@@ -257,17 +274,20 @@ class Client:
         overwrite: bool = False,
         description: str | None = None,
         progress: ProgressCallback | None = None,
-        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        chunk_bytes: int | None = None,
         timeout: float | None = None,
     ) -> UploadResult:
         """Upload the PEFT adapter directory at `path` as `name`.
 
-        Sends adapter_config.json and the *.safetensors files in chunks of `chunk_bytes`, calling
+        Sends adapter_config.json and the *.safetensors files in chunks of `chunk_bytes` (default: 256 KiB,
+        or the server's chunk limit if smaller, asked once), calling
         `progress(UploadProgress)` after each chunk. Raises AdapterRefused before sending anything if the
         directory holds pickle files or lacks the config or weights. Retried on UNAVAILABLE only while
         no file byte has left the client.
         """
         files = collect_adapter_files(path)
+        if chunk_bytes is None:  # the default, capped by the server's own chunk limit
+            chunk_bytes = choose_chunk_bytes(None, self._server_chunk_limit())
         total = sum(f.size for f in files)
         meta = self.connection.admin_metadata()
         deadline = self._timeout(timeout)

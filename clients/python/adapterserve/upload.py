@@ -22,6 +22,15 @@ PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"})
 DEFAULT_CHUNK_BYTES = 256 * 1024
 
 
+def choose_chunk_bytes(requested: int | None, server_limit: int | None) -> int:
+    """The chunk size of an upload: the caller's, else the default capped by the server's limit."""
+    if requested is not None:
+        return requested
+    if server_limit:
+        return min(DEFAULT_CHUNK_BYTES, server_limit)
+    return DEFAULT_CHUNK_BYTES
+
+
 @dataclass(frozen=True)
 class UploadFile:
     """One file to send: its name inside the adapter directory, its path and size in bytes."""
