@@ -93,9 +93,20 @@ def _deny(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -
 class GateInterceptor(grpc.aio.ServerInterceptor):
     """Refuses API calls while starting/draining (UNAVAILABLE) and without the right token."""
 
-    def __init__(self, policy: AuthPolicy, lifecycle: Lifecycle) -> None:
+    def __init__(
+        self,
+        policy: AuthPolicy,
+        lifecycle: Lifecycle,
+        on_refused: Callable[[str, grpc.StatusCode], None] | None = None,
+    ) -> None:
         self._policy = policy
         self._lifecycle = lifecycle
+        self._on_refused = on_refused  # (full method name, code): counted in metrics
+
+    def _refuse(self, handler: grpc.RpcMethodHandler, method: str, code: grpc.StatusCode, message: str):
+        if self._on_refused is not None:
+            self._on_refused(method, code)
+        return _deny(handler, code, message)
 
     async def intercept_service(
         self,
@@ -108,9 +119,9 @@ class GateInterceptor(grpc.aio.ServerInterceptor):
             return handler
         reason = self._lifecycle.refusal()
         if reason is not None:
-            return _deny(handler, grpc.StatusCode.UNAVAILABLE, reason)
+            return self._refuse(handler, method, grpc.StatusCode.UNAVAILABLE, reason)
         refusal = decide(self._policy, method, handler_call_details.invocation_metadata)
         if refusal is not None:
             log.info("refused %s: %s", method, refusal[0].name)
-            return _deny(handler, *refusal)
+            return self._refuse(handler, method, *refusal)
         return handler

@@ -60,7 +60,10 @@ def build_grpc_server(
     lifecycle: Lifecycle,
 ) -> GrpcServer:
     """A grpc.aio server with Generation, Admin, Health and reflection; not bound or started yet."""
-    server = grpc.aio.server(interceptors=[GateInterceptor(policy, lifecycle)], options=grpc_options(limits))
+    gate = GateInterceptor(
+        policy, lifecycle, on_refused=lambda method, code: metrics.record_refused(method, code.name)
+    )
+    server = grpc.aio.server(interceptors=[gate], options=grpc_options(limits))
     generation_pb2_grpc.add_GenerationServicer_to_server(
         GenerationServicer(runtime, limits, metrics, lifecycle), server
     )

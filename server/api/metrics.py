@@ -183,6 +183,11 @@ class ServerMetrics:
         """Read engine and cache gauges from `snapshot()` at every scrape."""
         self.registry.register(_RuntimeCollector(snapshot))
 
+    def record_refused(self, full_method: str, status: str) -> None:
+        """A generation call refused before it was read (auth, starting, draining): adapter unknown."""
+        if "/adapterserve.v1.Generation/" in full_method:
+            self.record_request(full_method.rsplit("/", 1)[-1], OTHER_LABEL, status)
+
     def record_request(self, method: str, adapter_label: str, status: str) -> None:
         self.requests.labels(method=method, adapter=adapter_label, status=status).inc()
 

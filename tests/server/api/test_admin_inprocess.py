@@ -208,6 +208,16 @@ async def test_generation_token(tiny_tokenizer):
         # the admin token does not open generation, and vice versa
         err = await rpc_error(gen.Generate(request, metadata=(("authorization", f"Bearer {ADMIN_TOKEN}"),)))
         assert err.code() is grpc.StatusCode.PERMISSION_DENIED
+        # refused calls are counted too (adapter unknown before the request is read: "other")
+        metrics = server.app.metrics.registry
+
+        def count(status: str) -> float:
+            value = metrics.get_sample_value(
+                "adapterserve_requests_total", {"method": "Generate", "adapter": "other", "status": status}
+            )
+            return value or 0.0
+
+        assert count("UNAUTHENTICATED") == 1 and count("PERMISSION_DENIED") == 2
     finally:
         await server.channel.close()
         await server.stop()
