@@ -7,12 +7,16 @@ device slot (`device_resident`, optional).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from adapterserve.server.api.contracts import AdapterRecord, StoredFile, UploadResult
+from adapterserve.server.errors import ServeError
 from adapterserve.server.store.manifest import Manifest
 from adapterserve.server.store.registry import AdapterRegistry
+
+log = logging.getLogger(__name__)
 
 # (name, version) -> True when that adapter version is resident in a device slot.
 DeviceResident = Callable[[str, int], bool]
@@ -30,12 +34,14 @@ class StoreCatalog:
         device_resident: DeviceResident | None = None,
         pin_device: PinDevice | None = None,
         unpin_device: UnpinDevice | None = None,
+        forget_device: UnpinDevice | None = None,
     ) -> None:
         self.registry = registry
         self.store = registry.store
         self._device_resident = device_resident
         self._pin_device = pin_device
         self._unpin_device = unpin_device
+        self._forget_device = forget_device
 
     def record(self, manifest: Manifest) -> AdapterRecord:
         """The API view of a stored adapter, with its pin and cache tier now."""
@@ -70,6 +76,10 @@ class StoreCatalog:
         result = await self.registry.upload(
             name, files, overwrite=overwrite, description=description, max_bytes=max_bytes
         )
+        if result.replaced is not None:
+            await self._forget(result.replaced)
+            if self.registry.is_pinned(name):  # the pin follows the name to its new version
+                await self.pin(name)
         return UploadResult(
             record=self.record(result.manifest),
             replaced=result.replaced is not None,
@@ -80,7 +90,24 @@ class StoreCatalog:
         before = self.store.current(name)
         record = self.record(before) if before is not None else None
         await self.registry.delete(name)
+        if before is not None:
+            await self._forget(before)
         return record
+
+    async def _forget(self, manifest: Manifest) -> None:
+        if self._forget_device is not None:
+            await self._forget_device(manifest.name, manifest.version)
+
+    async def restore_pins(self) -> list[str]:
+        """At start: load every adapter pinned before the restart into host memory and a device slot."""
+        restored = []
+        for name in self.registry.pinned():
+            try:
+                await self.pin(name)
+                restored.append(name)
+            except ServeError as err:
+                log.warning("pinned adapter %r not restored: %s", name, err)
+        return restored
 
     async def list(self) -> list[AdapterRecord]:
         return [self.record(m) for m in self.store.list()]

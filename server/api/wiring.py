@@ -145,8 +145,15 @@ async def start_runtime(settings: ServerSettings) -> StartedRuntime:
         raise
 
     catalog = StoreCatalog(
-        registry, device_resident=engine.is_resident, pin_device=engine.pin, unpin_device=engine.unpin
+        registry,
+        device_resident=engine.is_resident,
+        pin_device=engine.pin,
+        unpin_device=engine.unpin,
+        forget_device=engine.forget,
     )
+    restored = await catalog.restore_pins()
+    if restored:
+        log.info("pinned adapters restored: %s", ", ".join(restored))
     runtime = Runtime(
         engine=engine,
         tokenizer=base.tokenizer,

@@ -107,6 +107,18 @@ class Engine:
         self._wake.set()
         await asyncio.wrap_future(future)
 
+    async def forget(self, name: str, version: int) -> None:
+        """An adapter version was replaced or deleted: unpin its device slot and free it now unless a
+        running request still uses it (then LRU frees it after that request)."""
+
+        def drop() -> None:
+            self.core.bank.unpin((name, version))
+            self.core.bank.drop((name, version))
+
+        future = self.core.call_on_engine_thread(drop)
+        self._wake.set()
+        await asyncio.wrap_future(future)
+
     async def unpin(self, name: str, version: int) -> None:
         future = self.core.call_on_engine_thread(lambda: self.core.bank.unpin((name, version)))
         self._wake.set()

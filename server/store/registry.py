@@ -96,7 +96,7 @@ class AdapterRegistry:
         self.verify_on_load = verify_on_load
         self._entries: OrderedDict[str, ResolvedAdapter] = OrderedDict()  # LRU first, MRU last
         self._bytes = 0
-        self._pinned: set[str] = set()
+        self._pinned: set[str] = set(store.pinned_names())  # pins survive restarts (store's pins file)
         self._inflight: dict[tuple[str, str], asyncio.Task[ResolvedAdapter]] = {}
         self._stats = CacheStats()
 
@@ -186,19 +186,29 @@ class AdapterRegistry:
         """Pin `name` in host memory (never evicted while pinned) and load it now if needed."""
         validate_name(name)
         self.store.manifest(name)  # NotFoundError before the pin is recorded
+        was_pinned = name in self._pinned
         self._pinned.add(name)
         try:
             resolved = await self.get(name)
+            if not was_pinned:
+                await asyncio.to_thread(self.store.save_pins, set(self._pinned))
         except BaseException:
-            self._pinned.discard(name)
+            if not was_pinned:
+                self._pinned.discard(name)
             raise
         return resolved
+
+    def pinned(self) -> list[str]:
+        """Pinned names, sorted (restored from the store at start)."""
+        return sorted(self._pinned)
 
     def unpin(self, name: str) -> None:
         """Unpin `name`; it becomes evictable (and is evicted now if the tier is over its budget)."""
         validate_name(name)
         self.store.manifest(name)
-        self._pinned.discard(name)
+        if name in self._pinned:
+            self._pinned.discard(name)
+            self.store.save_pins(set(self._pinned))
         self._evict_to_fit()
 
     def is_pinned(self, name: str) -> bool:
@@ -241,7 +251,9 @@ class AdapterRegistry:
         """Delete from the store and from host memory; running requests keep the object they hold."""
         old = await asyncio.to_thread(self.store.delete, name)
         self._drop(name, "invalidate")
-        self._pinned.discard(name)
+        if name in self._pinned:
+            self._pinned.discard(name)
+            await asyncio.to_thread(self.store.save_pins, set(self._pinned))
         return old
 
     # ------------------------------------------------------------------ metrics

@@ -19,6 +19,8 @@ removed, and a .replaced-*-<name> folder is renamed back to <name> if the new on
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import os
 import shutil
 import stat
@@ -44,9 +46,12 @@ from adapterserve.server.store.manifest import MANIFEST_FILE, MAX_MANIFEST_BYTES
 from adapterserve.server.store.names import is_valid_name, validate_name
 from adapterserve.server.store.upload import ACCEPTED_FILES, UploadSession
 
+log = logging.getLogger(__name__)
+
 UPLOAD_PREFIX = ".upload-"
 REPLACED_PREFIX = ".replaced-"
 DELETED_PREFIX = ".deleted-"
+PINS_FILE = ".pins.json"  # names pinned through the admin API, kept across restarts
 MAX_DESCRIPTION_CHARS = 1024
 
 
@@ -141,6 +146,11 @@ class AdapterStore:
             n = entry.name
             if n.startswith((UPLOAD_PREFIX, DELETED_PREFIX)):
                 self._remove_tree(self.root / n)
+                cleaned.append(n)
+            elif (
+                n.startswith(PINS_FILE + ".") and n.endswith(".tmp") and entry.is_file(follow_symlinks=False)
+            ):
+                os.unlink(self.root / n)  # a pins write that never got renamed into place
                 cleaned.append(n)
             elif n.startswith(REPLACED_PREFIX):
                 name = n[len(REPLACED_PREFIX) + 33 :]
@@ -244,6 +254,33 @@ class AdapterStore:
                 raise NotFoundError(f"adapter {name!r} is in the store but not served: {reason}")
             raise NotFoundError(f"adapter {name!r} not found")
         return manifest
+
+    # ------------------------------------------------------------------ pins
+    def pinned_names(self) -> list[str]:
+        """Names pinned by the admin API (persisted in PINS_FILE), that are still stored."""
+        path = self.root / PINS_FILE
+        try:
+            raw = json.loads(_read_small_file(path, MAX_MANIFEST_BYTES))
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError, ServeError) as err:
+            log.warning("ignoring unreadable %s: %s", PINS_FILE, err)
+            return []
+        names = raw.get("pinned", []) if isinstance(raw, dict) else []
+        return sorted(n for n in names if isinstance(n, str) and is_valid_name(n) and n in self._manifests)
+
+    def save_pins(self, names: set[str]) -> None:
+        """Persist the pinned names atomically (temp file, fsync, rename, fsync of the folder)."""
+        tmp = self.root / f"{PINS_FILE}.{uuid.uuid4().hex}.tmp"
+        data = json.dumps({"pinned": sorted(names)}, indent=1).encode()
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.root / PINS_FILE)
+        _fsync_dir(self.root)
 
     def current(self, name: str) -> Manifest | None:
         """The served manifest of `name`, or None (no name check, no error: for cache bookkeeping)."""

@@ -266,3 +266,29 @@ def test_thousand_adapters_listed_and_served_without_holding_them_all(spec, tmp_
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+async def test_pins_are_persisted_and_stale_pin_writes_cleaned(make_store, lora_dirs, tmp_path):
+    """The registry's pins are written to the store's pins file atomically and read back on open;
+    a pins write that never got renamed is removed at open; an unreadable pins file is ignored."""
+    from adapterserve.server.settings import CacheSettings
+    from adapterserve.server.store.registry import AdapterRegistry
+    from adapterserve.server.store.store import PINS_FILE
+
+    root = tmp_path / "store"
+    store = make_store()
+    for i, d in enumerate(lora_dirs[:2]):
+        store.put_dir(d, f"a{i}")
+    registry = AdapterRegistry(store, CacheSettings())
+    await registry.pin("a0")
+    await registry.pin("a1")
+    registry.unpin("a1")
+    (root / f"{PINS_FILE}.deadbeef.tmp").write_text("{}")
+    reopened = make_store()
+    assert not (root / f"{PINS_FILE}.deadbeef.tmp").exists()
+    assert reopened.pinned_names() == ["a0"]
+    assert AdapterRegistry(reopened, CacheSettings()).is_pinned("a0")
+    await AdapterRegistry(reopened, CacheSettings()).delete("a0")
+    assert make_store().pinned_names() == []
+    (root / PINS_FILE).write_text("{not json")
+    assert make_store().pinned_names() == []
