@@ -24,7 +24,9 @@ class EngineSettings(BaseModel):
 
     max_batch_size: int = Field(32, ge=1, le=1024, description="running rows (requests) at most")
     max_seq_len: int = Field(1024, ge=16, description="prompt + virtual tokens + generated, per row")
-    max_prefill_tokens: int = Field(2048, ge=16, description="token budget for prefill per engine step")
+    max_prefill_tokens: int = Field(
+        512, ge=1, description="prompt tokens prefilled per engine step (long prompts are chunked)"
+    )
     max_queue: int = Field(256, ge=1, description="waiting requests; past it RESOURCE_EXHAUSTED")
     adapter_slots: int = Field(32, ge=1, description="adapters resident in device slot tensors")
     max_lora_rank: int = Field(64, ge=1, description="LoRA ranks above this are refused")

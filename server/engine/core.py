@@ -1,11 +1,14 @@
 """The engine core: continuous batching over one base model with per-row adapters (synchronous).
 
-One `step()`:
-  1. reap cancelled requests (waiting ones leave the queue; running ones free their row and slot);
-  2. admit waiting requests into free rows, bounded by the batch size, a prefill token budget and the
-     adapter slots, and prefill them together (each gets its first token);
-  3. decode one token for every running row;
-  4. retire finished rows (the last row moves into the hole: one row copied, never the whole cache).
+Rows: decoding rows first (0..num_decoding-1), then rows still prefilling. One `step()`:
+  1. run control calls (pins) and reap cancelled requests (their rows and slots are freed);
+  2. admit waiting requests into free rows (bounded by the batch size and the adapter slots);
+  3. prefill: up to `max_prefill_tokens` prompt tokens, in chunks, over the prefilling rows in order
+     (a long prompt is spread over several steps: it never stalls decoding for long); a row whose
+     prompt is complete samples its first token and joins the decoding rows;
+  4. decode one token for every decoding row;
+  5. retire finished rows (holes are filled from the end of each region: a row or two copied, never
+     the whole cache).
 Every step does both prefill and decode work, so neither starves the other. The async `Engine` runs
 steps on a worker thread; `OfflineEngine` runs them in the caller's thread.
 """
@@ -61,6 +64,13 @@ class Sequence:
     finished: bool = False
     first_token_at: float | None = None
     logits: list[torch.Tensor] | None = None  # per generated token, when capture is on (tests)
+    prefill_inputs: torch.Tensor | None = None  # [n, H] virtual + prompt embeddings; None once prefilled
+    prefill_start: int = 0  # cache position of the first prefill input (prefix tuning: after the prefix)
+    prefill_done: int = 0  # prefill inputs already in the cache
+
+    @property
+    def prefill_remaining(self) -> int:
+        return 0 if self.prefill_inputs is None else self.prefill_inputs.shape[0] - self.prefill_done
 
     @property
     def kind(self) -> AdapterKind | None:
@@ -112,7 +122,8 @@ class EngineCore:
         self.runner = ModelRunner(base.model, self.cache, self.context)
         self.eos_ids = _eos_ids(base)
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []  # index == cache row
+        self.running: list[Sequence] = []  # index == cache row: decoding rows, then prefilling rows
+        self.num_decoding = 0
         self._lock = threading.Lock()  # guards `waiting` and `_cancel` (touched by other threads)
         self._cancel: set[str] = set()
         self._controls: deque[tuple[Callable[[], object], Future]] = deque()  # run on the engine thread
@@ -201,10 +212,14 @@ class EngineCore:
         self._reap_cancelled()
         admitted = self._admit()
         if admitted:
-            self._run_guarded(admitted, lambda: self._prefill(admitted))
+            self._run_guarded(admitted, lambda: self._start_prefill(admitted))
             self._retire_finished()
-        if self.running:
-            rows = list(self.running)
+        chunk = self._prefill_chunk()
+        if chunk:
+            self._run_guarded([seq for seq, _ in chunk], lambda: self._prefill(chunk))
+            self._retire_finished()
+        if self.num_decoding:
+            rows = self.running[: self.num_decoding]
             self._run_guarded(rows, self._decode)
             self._retire_finished()
 
@@ -273,16 +288,11 @@ class EngineCore:
 
     def _admit(self) -> list[Sequence]:
         free_rows = self.settings.max_batch_size - len(self.running)
-        budget = self.settings.max_prefill_tokens
         admitted: list[Sequence] = []
         with self._lock:
             skipped: deque[Sequence] = deque()
             while self.waiting and len(admitted) < free_rows:
                 seq = self.waiting.popleft()
-                cost = seq.virtual_tokens + len(seq.request.prompt_ids)
-                if admitted and cost > budget:  # the first is always admitted: big prompts don't starve
-                    self.waiting.appendleft(seq)
-                    break
                 if seq.resolved is not None:
                     slot = self.bank.acquire(seq.slot_key, seq.resolved.adapter)  # type: ignore[arg-type]
                     if slot is None:  # every slot busy: wait, but let requests behind it use resident ones
@@ -291,7 +301,6 @@ class EngineCore:
                     seq.slot = slot
                     self._slot_kinds[slot] = seq.resolved.adapter.kind
                 admitted.append(seq)
-                budget -= cost
             self.waiting.extendleft(reversed(skipped))
         return admitted
 
@@ -300,27 +309,68 @@ class EngineCore:
         ia3 = {s for s, k in self._slot_kinds.items() if k == AdapterKind.IA3}
         return AdapterBatch.build([s.slot for s in seqs], lora, ia3, self.device)
 
-    def _prefill(self, seqs: list[Sequence]) -> None:
-        row_start = len(self.running)
-        self.running.extend(seqs)  # rows row_start.. (on failure, _run_guarded finishes them)
-        rows: list[PrefillRow] = []
-        for offset, seq in enumerate(seqs):
+    def _start_prefill(self, seqs: list[Sequence]) -> None:
+        """Give admitted requests rows at the end and their prefill inputs (prefix K/V written now)."""
+        for seq in seqs:
+            row = len(self.running)
+            self.running.append(seq)  # on failure, _run_guarded finishes it and retire frees the row
             ids = torch.tensor(seq.request.prompt_ids, dtype=torch.long, device=self.device)
             embeds = self.runner.embed(ids)  # [n, H]
-            start = 0
             if seq.kind == AdapterKind.PROMPT:
                 embeds = torch.cat([self.bank.prompts[seq.slot].to(embeds.dtype), embeds], dim=0)
             elif seq.kind == AdapterKind.PREFIX:
                 keys, values = self.bank.prefixes[seq.slot]
-                self.cache.write_prefix(row_start + offset, keys, values)
-                start = keys.shape[2]
-            rows.append(PrefillRow(embeds=embeds, start=start))
-            seq.length = start + embeds.shape[0]
-        logits = self.runner.prefill(rows, row_start, self._batch(seqs))  # [B, V]
-        self._accept(seqs, logits)
+                self.cache.write_prefix(row, keys, values)
+                seq.prefill_start = keys.shape[2]
+            seq.prefill_inputs = embeds
+            seq.length = seq.prefill_start
+
+    def _prefill_chunk(self) -> list[tuple[Sequence, int]]:
+        """(row, tokens) for this step: prefilling rows in row order while the token budget lasts.
+        The first prefilling row always gets some tokens, so a long prompt cannot starve."""
+        budget = self.settings.max_prefill_tokens
+        chunk: list[tuple[Sequence, int]] = []
+        for seq in self.running[self.num_decoding :]:
+            take = min(seq.prefill_remaining, budget)
+            if take <= 0:
+                break
+            chunk.append((seq, take))
+            budget -= take
+        return chunk
+
+    def _prefill(self, chunk: list[tuple[Sequence, int]]) -> None:
+        """Run one chunk of each chosen prefilling row (contiguous rows from num_decoding)."""
+        rows = []
+        for seq, take in chunk:
+            assert seq.prefill_inputs is not None
+            part = seq.prefill_inputs[seq.prefill_done : seq.prefill_done + take]
+            rows.append(PrefillRow(embeds=part, start=seq.prefill_start + seq.prefill_done))
+        seqs = [seq for seq, _ in chunk]
+        logits = self.runner.prefill(rows, self.num_decoding, self._batch(seqs))  # [B, V]
+        complete: list[int] = []
+        for i, (seq, take) in enumerate(chunk):
+            seq.prefill_done += take
+            seq.length = seq.prefill_start + seq.prefill_done
+            if seq.prefill_remaining == 0:
+                seq.prefill_inputs = None
+                complete.append(i)
+        if complete:
+            self._accept([seqs[i] for i in complete], logits[complete])
+            for i in complete:
+                if not seqs[i].finished:
+                    self._promote(seqs[i])
+
+    def _promote(self, seq: Sequence) -> None:
+        """A row whose prefill is complete joins the decoding rows (swapped to their end if needed)."""
+        row, target = self.running.index(seq), self.num_decoding
+        if row != target:
+            other = self.running[target]
+            self.cache.swap_rows(row, target, max(seq.length, other.length))
+            self.running[row], self.running[target] = other, seq
+        self.num_decoding += 1
 
     def _decode(self) -> None:
-        seqs = self.running
+        seqs = self.running[: self.num_decoding]
         tokens = torch.tensor([s.output[-1] for s in seqs], dtype=torch.long, device=self.device)
         positions = torch.tensor([s.length for s in seqs], dtype=torch.long, device=self.device)
         logits = self.runner.decode(tokens, positions, self._batch(seqs))  # [B, V]
@@ -376,6 +426,11 @@ class EngineCore:
         # sees the engine's stats without it.
         self._final_events.append((seq, self._event(seq, token_ids, text, finish_reason=reason, error=error)))
 
+    def _move(self, src: int, dst: int) -> None:
+        moved = self.running[src]
+        self.cache.move_row(src, dst, moved.length)
+        self.running[dst] = moved
+
     def _retire_finished(self) -> None:
         i = 0
         while i < len(self.running):
@@ -384,10 +439,16 @@ class EngineCore:
                 i += 1
                 continue
             last = len(self.running) - 1
-            if i != last:
-                moved = self.running[last]
-                self.cache.move_row(last, i, moved.length)
-                self.running[i] = moved
+            if i < self.num_decoding:
+                # fill the hole from the end of the decoding rows, then that hole from the very end
+                last_decoding = self.num_decoding - 1
+                if i != last_decoding:
+                    self._move(last_decoding, i)
+                if last != last_decoding:
+                    self._move(last, last_decoding)
+                self.num_decoding -= 1
+            elif i != last:
+                self._move(last, i)
             self.running.pop()
             if seq.slot_key is not None:
                 self.bank.release(seq.slot_key)

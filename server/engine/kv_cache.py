@@ -51,5 +51,12 @@ class KVCache:
         self.k[:, dst, :, :length] = self.k[:, src, :, :length]
         self.v[:, dst, :, :length] = self.v[:, src, :, :length]
 
+    def swap_rows(self, a: int, b: int, length: int) -> None:
+        """Exchange the first `length` positions of rows a and b (a prefilled row joining the decoders)."""
+        for buf in (self.k, self.v):
+            tmp = buf[:, a, :, :length].clone()
+            buf[:, a, :, :length] = buf[:, b, :, :length]
+            buf[:, b, :, :length] = tmp
+
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()

@@ -52,13 +52,18 @@ def _references(tiny_model_dir, adapter_dirs, quantize, rows):
     return refs
 
 
-@pytest.mark.parametrize("quantize", ["none", "nf4"])
-def test_mixed_batch_matches_peft_per_adapter(tiny_model_dir, adapter_dirs, quantize):
+@pytest.mark.parametrize(
+    "quantize,prefill_budget",
+    [("none", 512), ("nf4", 512), ("none", 5)],  # 5: prompts (and virtual tokens) prefilled in chunks
+)
+def test_mixed_batch_matches_peft_per_adapter(tiny_model_dir, adapter_dirs, quantize, prefill_budget):
     rows = _plan()
     refs = _references(tiny_model_dir, adapter_dirs, quantize, rows)
     base = load_base_model(tiny_model_dir, quantize=quantize, device="cpu")
     engine = OfflineEngine(
-        base, EngineSettings(max_batch_size=16, max_seq_len=64, adapter_slots=8), capture_logits=True
+        base,
+        EngineSettings(max_batch_size=16, max_seq_len=64, adapter_slots=8, max_prefill_tokens=prefill_budget),
+        capture_logits=True,
     )
     for kind, path in adapter_dirs.items():
         engine.add_adapter(kind, path)

@@ -55,16 +55,63 @@ def test_steady_load_keeps_decoding_and_admits_everyone(tiny_model_dir):
     assert max(waits) < 100
 
 
-def test_prefill_budget_bounds_a_step_but_always_admits_one(tiny_model_dir):
+def test_long_prompts_are_prefilled_in_chunks_within_the_budget(tiny_model_dir):
     settings = EngineSettings(max_batch_size=8, max_seq_len=128, max_prefill_tokens=20, max_queue=16)
     engine = OfflineEngine(load_base_model(tiny_model_dir, quantize="none", device="cpu"), settings)
+    core = engine.core
     sinks = [[] for _ in range(4)]
-    engine.submit(engine.request(list(range(5, 45)), max_new_tokens=2), sinks[0])  # 40 tokens > budget
+    engine.submit(engine.request(list(range(5, 45)), max_new_tokens=3), sinks[0])  # 40 tokens = 2 chunks
     for i in range(1, 4):
-        engine.submit(
-            engine.request([5, 6, 7, 8, 9, 10, 11, 12], max_new_tokens=2), sinks[i]
-        )  # 8 tokens each
-    engine.core.step()
-    assert [bool(s) for s in sinks] == [True, False, False, False]  # the big one alone (never starved)
-    engine.core.step()
-    assert [bool(s) for s in sinks] == [True, True, True, False]  # 8 + 8 fit in 20, the third waits
+        engine.submit(engine.request([5, 6, 7, 8, 9, 10, 11, 12], max_new_tokens=3), sinks[i])  # 8 each
+    first_tokens = []
+    for _ in range(4):
+        core.step()
+        first_tokens.append([bool(s) for s in sinks])
+        assert sum(seq.prefill_done for seq in core.running) <= 40 + 3 * 8
+    assert first_tokens == [
+        [False, False, False, False],  # 20 tokens of the long prompt, nobody done
+        [True, False, False, False],  # its last 20: first token
+        [True, True, True, False],  # 8 + 8 (+ 4 of the last one) while the first decodes
+        [True, True, True, True],
+    ]
+    # the long one decoded on while the others prefilled: its 3 tokens came at steps 2, 3 and 4
+    assert sum(len(ev.token_ids) for ev in sinks[0]) == 3 and sinks[0][-1].finish_reason is not None
+    while core.has_work():
+        core.step()
+    # Chunking changes nothing in what is generated: the same requests one at a time, unchunked.
+    whole = OfflineEngine(
+        load_base_model(tiny_model_dir, quantize="none", device="cpu"),
+        EngineSettings(max_batch_size=8, max_seq_len=128, max_prefill_tokens=512),
+    )
+    alone = [
+        whole.generate([whole.request(p, max_new_tokens=3)])[0].token_ids
+        for p in [list(range(5, 45))] + [[5, 6, 7, 8, 9, 10, 11, 12]] * 3
+    ]
+    assert [[t for ev in s for t in ev.token_ids] for s in sinks] == alone
+
+
+def test_cancel_while_prefilling_frees_the_row_and_leaves_others_intact(tiny_model_dir):
+    from adapterserve.server.engine.types import FinishReason
+
+    settings = EngineSettings(max_batch_size=4, max_seq_len=128, max_prefill_tokens=10, max_queue=8)
+    engine = OfflineEngine(load_base_model(tiny_model_dir, quantize="none", device="cpu"), settings)
+    core = engine.core
+    short = [5, 6, 7, 8]
+    sinks = [[], [], []]
+    engine.submit(engine.request(short, max_new_tokens=6, ignore_eos=True), sinks[0])
+    long_req = engine.request(list(range(5, 65)), max_new_tokens=4)  # 60 tokens: 6+ chunks
+    engine.submit(long_req, sinks[1])
+    engine.submit(engine.request(short[::-1], max_new_tokens=6, ignore_eos=True), sinks[2])
+    core.step()
+    core.step()
+    assert not sinks[1] and any(seq.request is long_req for seq in core.running)
+    core.cancel(long_req.request_id)
+    core.step()
+    assert [ev.finish_reason for ev in sinks[1]] == [FinishReason.CANCELLED]
+    assert all(seq.request is not long_req for seq in core.running)
+    while core.has_work():
+        core.step()
+    whole = OfflineEngine(load_base_model(tiny_model_dir, quantize="none", device="cpu"), EngineSettings())
+    for sink, prompt in ((sinks[0], short), (sinks[2], short[::-1])):
+        want = whole.generate([whole.request(prompt, max_new_tokens=6, ignore_eos=True)])[0].token_ids
+        assert [t for ev in sink for t in ev.token_ids] == want
