@@ -10,6 +10,7 @@ Prints tokens/s and ratios; machines are shared and noisy, so only ratios within
 
 from __future__ import annotations
 
+import hashlib
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -78,29 +79,25 @@ def _peft_config(kind: str, settings: BenchSettings):
     return PrefixTuningConfig(num_virtual_tokens=8, task_type="CAUSAL_LM")
 
 
-def make_adapters(model_dir: str, settings: BenchSettings) -> dict[str, Path]:
-    """A adapters with small random weights, saved in PEFT format (reused between runs)."""
-    from peft import get_peft_model
-    from transformers import AutoModelForCausalLM
+def make_adapters(model_dir: str, settings: BenchSettings, embed_std: float) -> dict[str, Path]:
+    """A adapters with small random weights, in PEFT format. Built on a weightless copy of the base
+    (the same helper as `serve --demo-adapters`), and reused between runs with the same base and
+    adapter settings (the folder name carries a digest of them)."""
+    from transformers import AutoConfig
+
+    from adapterserve.server.api.demo import write_demo_adapter
 
     kinds = ["lora"] if settings.kinds == "lora" else ["lora", "ia3", "prompt", "prefix"]
+    config = AutoConfig.from_pretrained(model_dir)
+    key = f"{Path(model_dir).resolve()}|{','.join(settings.lora_targets)}|r{settings.rank}"
+    tag = hashlib.sha256(key.encode()).hexdigest()[:10]
     out: dict[str, Path] = {}
     for i in range(settings.adapters):
         kind = kinds[i % len(kinds)]
-        path = settings.workdir / f"{kind}-{i}"
+        path = settings.workdir / f"{tag}-{kind}-{i}"
         out[f"{kind}-{i}"] = path
-        if (path / "adapter_model.safetensors").is_file():
-            continue
-        torch.manual_seed(i)
-        model = AutoModelForCausalLM.from_pretrained(model_dir)
-        peft_model = get_peft_model(model, _peft_config(kind, settings))
-        with torch.no_grad():
-            for name, p in peft_model.named_parameters():
-                if "lora_B" in name:
-                    p.mul_(0.01)  # keep outputs sensible-length text, not noise
-                if "ia3_l" in name:
-                    p.uniform_(0.9, 1.1)
-        peft_model.save_pretrained(path)
+        if not (path / "adapter_model.safetensors").is_file():
+            write_demo_adapter(config, _peft_config(kind, settings), path, seed=i, embed_std=embed_std)
     return out
 
 
@@ -198,10 +195,11 @@ def run(settings: BenchSettings) -> dict:
 
     model_dir, label = resolve_source(settings.base_model)
     settings.workdir.mkdir(parents=True, exist_ok=True)
-    _log(f"preparing {settings.adapters} {settings.kinds} adapters in {settings.workdir}")
-    adapter_dirs = make_adapters(model_dir, settings)
-    names = list(adapter_dirs)
     base = load_base_model(model_dir, quantize=settings.quantize, device=settings.device)
+    _log(f"preparing {settings.adapters} {settings.kinds} adapters in {settings.workdir}")
+    embed_std = float(base.model.get_input_embeddings().weight.float().std())
+    adapter_dirs = make_adapters(model_dir, settings, embed_std)
+    names = list(adapter_dirs)
     prompts = _prompts(base.tokenizer, settings.requests)
     engine = OfflineEngine(
         base,

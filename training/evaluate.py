@@ -69,11 +69,7 @@ class RunEvaluator:
     """
 
     def __init__(self, base: Any, examples: Sequence[EvalExample], max_new_tokens: int, backend: str) -> None:
-        from adapterserve.training.generation import engine_available
-
-        if backend == "auto":
-            backend = "engine" if engine_available() else "peft"
-        self.backend = backend
+        self.backend = "engine" if backend == "auto" else backend
         self.base = base
         self.examples = list(examples)
         self.max_new_tokens = max_new_tokens
@@ -90,16 +86,18 @@ class RunEvaluator:
         return evaluate(backend, self.examples, self.base.tokenizer, max_new_tokens=self.max_new_tokens)
 
     def evaluate_base(self) -> EvalResult:
-        from adapterserve.training.generation import EngineBackend, ForwardGreedyBackend, eos_ids_of
+        from adapterserve.server.model.loading import eos_token_ids
+        from adapterserve.training.generation import EngineBackend, ForwardGreedyBackend
 
         if self.backend == "engine":
             self._engine = self._new_engine(reload_base(self.base))
             return self._run(EngineBackend(self._engine, None))
-        eos = eos_ids_of(self.base.tokenizer, self.base.model)
+        eos = eos_token_ids(self.base.tokenizer, self.base.model)
         return self._run(ForwardGreedyBackend(self.base.model, eos))
 
     def evaluate_output(self, out_dir: Any, method: str, trained_model: Any) -> EvalResult:
-        from adapterserve.training.generation import EngineBackend, ForwardGreedyBackend, eos_ids_of
+        from adapterserve.server.model.loading import eos_token_ids
+        from adapterserve.training.generation import EngineBackend, ForwardGreedyBackend
 
         if self.backend == "engine":
             if method == "sft":
@@ -111,5 +109,5 @@ class RunEvaluator:
                 self._engine = self._new_engine(reload_base(self.base))
             self._engine.add_adapter("trained", out_dir)
             return self._run(EngineBackend(self._engine, "trained"))
-        eos = eos_ids_of(self.base.tokenizer, self.base.model)
+        eos = eos_token_ids(self.base.tokenizer, self.base.model)
         return self._run(ForwardGreedyBackend(trained_model, eos))

@@ -4,7 +4,7 @@
 (stopping at EOS, which is not included). Two backends:
 
 - `EngineBackend`: the server's own engine (adapterserve.server.engine.offline.OfflineEngine), so
-  that numbers from training and from serving agree. The default whenever that module is importable.
+  that numbers from training and from serving agree. The default.
 - `ForwardGreedyBackend`: a model (base or PeftModel) decoded greedily by plain full forward passes
   with no KV cache. Not `PeftModel.generate`: with transformers 5.24 and peft 0.21.2 it silently drops
   prefix tuning's key/value prefix (see shared/DESIGN.md). Prompts of equal length share a batch, so
@@ -83,29 +83,6 @@ class ForwardGreedyBackend:
         finally:
             if was_training:
                 self.model.train()
-
-
-def eos_ids_of(tokenizer: Any, model: Any) -> frozenset[int]:
-    """End-of-sequence ids as the engine reads them: the tokenizer's and the generation config's."""
-    ids: set[int] = set()
-    if getattr(tokenizer, "eos_token_id", None) is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    gen = getattr(model, "generation_config", None)
-    gen_eos = getattr(gen, "eos_token_id", None) if gen is not None else None
-    if isinstance(gen_eos, int):
-        ids.add(gen_eos)
-    elif isinstance(gen_eos, list | tuple):
-        ids.update(int(t) for t in gen_eos)
-    return frozenset(ids)
-
-
-def engine_available() -> bool:
-    """True when the server's offline engine API exists in this checkout/install."""
-    try:
-        import adapterserve.server.engine.offline  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 class EngineBackend:

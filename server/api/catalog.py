@@ -116,12 +116,14 @@ class StoreCatalog:
         return self.record(self.store.manifest(name))
 
     async def pin(self, name: str) -> AdapterRecord:
+        was_pinned = self.registry.is_pinned(name)
         resolved = await self.registry.pin(name)
         if self._pin_device is not None:
             try:
                 await self._pin_device(resolved)
             except BaseException:
-                self.registry.unpin(name)  # all or nothing
+                if not was_pinned:
+                    self.registry.unpin(name)  # all or nothing (an earlier pin stays recorded)
                 raise
         return self.record(self.store.manifest(name))
 

@@ -40,7 +40,7 @@ from adapterserve.server.errors import (
     ResourceExhaustedError,
     ServeError,
 )
-from adapterserve.server.model.loading import LoadedBase
+from adapterserve.server.model.loading import LoadedBase, eos_token_ids
 from adapterserve.server.settings import EngineSettings
 
 log = logging.getLogger(__name__)
@@ -120,7 +120,7 @@ class EngineCore:
             self.device,
         )
         self.runner = ModelRunner(base.model, self.cache, self.context)
-        self.eos_ids = _eos_ids(base)
+        self.eos_ids = eos_token_ids(base.tokenizer, base.model)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # index == cache row: decoding rows, then prefilling rows
         self.num_decoding = 0
@@ -289,13 +289,19 @@ class EngineCore:
     def _admit(self) -> list[Sequence]:
         free_rows = self.settings.max_batch_size - len(self.running)
         admitted: list[Sequence] = []
+        slots_full = False  # once a new adapter found no slot, only resident ones can be admitted
         with self._lock:
             skipped: deque[Sequence] = deque()
             while self.waiting and len(admitted) < free_rows:
                 seq = self.waiting.popleft()
                 if seq.resolved is not None:
-                    slot = self.bank.acquire(seq.slot_key, seq.resolved.adapter)  # type: ignore[arg-type]
+                    key = seq.slot_key
+                    resident = self.bank.table.lookup(key) is not None  # type: ignore[arg-type]
+                    slot = (
+                        None if slots_full and not resident else self.bank.acquire(key, seq.resolved.adapter)
+                    )  # type: ignore[arg-type]
                     if slot is None:  # every slot busy: wait, but let requests behind it use resident ones
+                        slots_full = True
                         skipped.append(seq)
                         continue
                     seq.slot = slot
@@ -455,17 +461,3 @@ class EngineCore:
         events, self._final_events = self._final_events, []
         for seq, event in events:
             seq.emit(event)
-
-
-def _eos_ids(base: LoadedBase) -> frozenset[int]:
-    ids: set[int] = set()
-    tok_eos = getattr(base.tokenizer, "eos_token_id", None)
-    if tok_eos is not None:
-        ids.add(int(tok_eos))
-    gen = getattr(base.model, "generation_config", None)
-    gen_eos = getattr(gen, "eos_token_id", None) if gen is not None else None
-    if isinstance(gen_eos, int):
-        ids.add(gen_eos)
-    elif isinstance(gen_eos, list | tuple):
-        ids.update(int(t) for t in gen_eos)
-    return frozenset(ids)

@@ -60,7 +60,9 @@ def sample_rows(logits: torch.Tensor, samplers: list[RowSampler]) -> list[int]:
     ]
     out: list[int] = [0] * len(samplers)
     if greedy:
-        picked = logits[greedy].argmax(dim=-1).tolist()
+        # all-greedy batches (the common case) take the argmax in place; a subset needs its rows
+        rows = logits if len(greedy) == len(samplers) else logits[greedy]
+        picked = rows.argmax(dim=-1).tolist()
         for i, token in zip(greedy, picked, strict=True):
             out[i] = token
     greedy_set = set(greedy)

@@ -44,6 +44,20 @@ class LoadedBase:
     dtype: torch.dtype  # compute dtype
 
 
+def eos_token_ids(tokenizer: Any, model: Any) -> frozenset[int]:
+    """End-of-sequence ids: the tokenizer's and the model's generation config's (one id or a list)."""
+    ids: set[int] = set()
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen = getattr(model, "generation_config", None)
+    gen_eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+    if isinstance(gen_eos, int):
+        ids.add(gen_eos)
+    elif isinstance(gen_eos, list | tuple):
+        ids.update(int(t) for t in gen_eos)
+    return frozenset(ids)
+
+
 def resolve_device(device: str | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from adapterserve import Client, RetryPolicy
-from tests.clients.server_proc import ServerProcess, start_server
+from tests.helpers.server_process import ServerProcess, start_server
 
 ADMIN_TOKEN = "client-tests-admin-token"
 MAX_UPLOAD_BYTES = 65536
@@ -32,9 +32,11 @@ def server(tiny_model_dir, tmp_path_factory) -> Iterator[ServerProcess]:
     """`adapterserve serve` on the tiny model, loopback, admin token ADMIN_TOKEN, small upload limit."""
     proc = start_server(
         tiny_model_dir,
-        tmp_path_factory.mktemp("client-server"),
-        admin_token=ADMIN_TOKEN,
+        tmp_path_factory.mktemp("client-server") / "store",
+        env={"ADAPTERSERVE_ADMIN_TOKEN": ADMIN_TOKEN},
         extra_args=(
+            "--grace",
+            "5",
             "--max-upload-bytes",
             str(MAX_UPLOAD_BYTES),
             "--max-new-tokens",

@@ -14,7 +14,7 @@ import pytest
 
 import adapterserve
 from adapterserve import AsyncClient, Client, RetryPolicy
-from tests.clients.server_proc import free_port, start_server
+from tests.helpers.server_process import free_port, start_server
 
 GEN_TOKEN = "gen-token-for-retry-tests"
 
@@ -62,7 +62,14 @@ def test_sync_and_async_clients_ride_out_a_server_start(tiny_model_dir, tmp_path
         threading.Event().wait(0.1)
         deadline -= 0.1
     assert len(sync_retries) >= 2 and len(async_retries) >= 2
-    server = start_server(tiny_model_dir, tmp_path, port=port, generate_token=GEN_TOKEN, wait_ready=False)
+    server = start_server(
+        tiny_model_dir,
+        tmp_path / "store",
+        port=port,
+        env={"ADAPTERSERVE_GENERATE_TOKEN": GEN_TOKEN},
+        extra_args=("--grace", "5"),
+        wait_ready=False,
+    )
     try:
         for t in threads:
             t.join(120)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from adapterserve.training.generation import EngineBackend, ForwardGreedyBackend, eos_ids_of
+from adapterserve.server.model.loading import eos_token_ids
+from adapterserve.training.generation import EngineBackend, ForwardGreedyBackend
 from adapterserve.training.settings import TrainSettings
 from adapterserve.training.train import train
 
@@ -37,7 +38,7 @@ def test_engine_matches_peft_on_the_saved_adapter(method, tiny_model_dir, pc_fil
     tok = peft_base.tokenizer
     texts = ("Classify: I love this movie ->", "Classify: I hate rain ->", "Translate to French:", "def")
     prompts = [list(tok(text)["input_ids"]) for text in texts]
-    want = ForwardGreedyBackend(peft_model, eos_ids_of(tok, peft_base.model)).generate(prompts, 10)
+    want = ForwardGreedyBackend(peft_model, eos_token_ids(tok, peft_base.model)).generate(prompts, 10)
 
     engine = OfflineEngine(load_base_model(tiny_model_dir, quantize="none", device="cpu"))
     engine.add_adapter("trained", out)

@@ -19,7 +19,7 @@ from adapterserve.server.adapters.config import (
 )
 from adapterserve.server.adapters.types import AdapterKind
 from adapterserve.server.errors import AdapterValidationError, UnsupportedAdapterError
-from tests.server.store.peft_adapters import PEFT_TYPES, peft_config, save_peft_adapter
+from tests.helpers.peft_adapters import PEFT_TYPES, peft_config, save_peft_adapter
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from adapterserve.v1 import admin_pb2, admin_pb2_grpc, generation_pb2, generation_pb2_grpc, types_pb2
-from tests.server.api.harness import LISTENING, READY, ServerProcess, start_server
+from tests.helpers.server_process import LISTENING, READY, ServerProcess, start_server
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -53,7 +53,7 @@ SERVER_FLAGS = (
 
 @pytest.fixture(scope="module")
 def adapter_dirs(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
-    from tests.server.store.peft_adapters import save_peft_adapter
+    from tests.helpers.peft_adapters import save_peft_adapter
 
     root = tmp_path_factory.mktemp("e2e-adapters")
     return {

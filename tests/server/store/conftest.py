@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from adapterserve.server.store.store import AdapterStore
-from tests.server.store.peft_adapters import PEFT_TYPES, save_peft_adapter, write_lora_dir
+from tests.helpers.peft_adapters import PEFT_TYPES, save_peft_adapter, write_lora_dir
 from tests.server.store.validators import make_validator
 
 

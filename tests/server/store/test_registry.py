@@ -20,7 +20,7 @@ from adapterserve.server.errors import AdapterValidationError, InvalidArgumentEr
 from adapterserve.server.settings import CacheSettings
 from adapterserve.server.store.registry import AdapterRegistry, CacheEvent
 from adapterserve.server.store.store import AdapterStore
-from tests.server.store.peft_adapters import write_lora_dir
+from tests.helpers.peft_adapters import write_lora_dir
 from tests.server.store.validators import make_validator
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"

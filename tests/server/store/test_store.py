@@ -26,7 +26,7 @@ from adapterserve.server.errors import (
 )
 from adapterserve.server.store.manifest import MANIFEST_FILE, Manifest
 from adapterserve.server.store.store import AdapterStore
-from tests.server.store.peft_adapters import tree_state, write_lora_dir
+from tests.helpers.peft_adapters import tree_state, write_lora_dir
 from tests.server.store.validators import make_validator
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"

@@ -1,11 +1,12 @@
-"""Run the real `adapterserve serve` in a subprocess on a loopback port, for end-to-end tests.
+"""Run the real `adapterserve serve` in a subprocess on a loopback port, for end-to-end tests (the
+server API tests and the SDK/CLI tests share it).
 
     server = start_server(tiny_model_dir, tmp_path / "store", env={"ADAPTERSERVE_ADMIN_TOKEN": "t"})
     channel = grpc.insecure_channel(server.target)
     ...
     assert server.stop() == 0          # SIGTERM, graceful drain, exit code
 
-The server is started with `--port 0 --metrics-port 0`; the harness reads the bound ports from the
+The server is started with `--port 0` (or a given port) and `--metrics-port 0`; the harness reads the bound ports from the
 "listening on" log line and waits for the "ready on" line (or only for listening, `wait_ready=False`).
 The whole server log is kept in `server.log_path` and shown when a wait fails.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -27,7 +29,14 @@ LISTENING = re.compile(
     r"adapterserve listening on (?P<host>[^\s:]+):(?P<port>\d+) \(metrics on [^\s:]+:(?P<metrics>\d+)\)"
 )
 READY = re.compile(r"adapterserve ready on ")
-REPO_ROOT = Path(__file__).resolve().parents[3]
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    """A loopback port that was free a moment ago (for tests that must know the port in advance)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @dataclass
@@ -103,7 +112,9 @@ class ServerProcess:
             raise
 
 
-def server_command(model_dir: Path, store_dir: Path, extra_args: Iterable[str] = ()) -> list[str]:
+def server_command(
+    model_dir: Path, store_dir: Path, extra_args: Iterable[str] = (), port: int = 0
+) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -119,7 +130,7 @@ def server_command(model_dir: Path, store_dir: Path, extra_args: Iterable[str] =
         "--host",
         "127.0.0.1",
         "--port",
-        "0",
+        str(port),
         "--metrics-port",
         "0",
         *extra_args,
@@ -131,6 +142,7 @@ def start_server(
     store_dir: Path,
     *,
     extra_args: Iterable[str] = (),
+    port: int = 0,
     env: Mapping[str, str] | None = None,
     wait_ready: bool = True,
     timeout: float = 180.0,
@@ -142,7 +154,7 @@ def start_server(
     environ.update(env or {})
     log_path = log_path or Path(store_dir).parent / f"server-{time.monotonic_ns()}.log"
     proc = subprocess.Popen(
-        server_command(model_dir, store_dir, extra_args),
+        server_command(model_dir, store_dir, extra_args, port),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
