@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from adapterserve.training.data import PadCollator, SupervisedDataset
+from adapterserve.training.kbit import keep_4bit_trainable
 from adapterserve.training.settings import TrainSettings
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,8 @@ def run_training(
     from transformers import Trainer, TrainingArguments
 
     steps = planned_steps(settings, len(dataset))
+    if restored := keep_4bit_trainable(model):
+        log.info("restored the trainable layout of %d CPU-repacked 4-bit layers", restored)
     result = LoopResult(steps=0, epochs=0.0, seconds=0.0)
     with tempfile.TemporaryDirectory(prefix="adapterserve-train-") as scratch:
         args = TrainingArguments(

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from adapterserve.training.errors import SettingsError
+from adapterserve.training.kbit import keep_4bit_trainable
 from adapterserve.training.settings import PROMPT_LEARNING_METHODS, TrainSettings
 
 log = logging.getLogger(__name__)
@@ -191,6 +192,7 @@ def prepare_trainable_model(
         on_cuda = next(model.parameters()).device.type == "cuda"
         # Gradient checkpointing saves GPU memory; on a CPU it only costs time.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=on_cuda)
+        keep_4bit_trainable(model)
     peft_model = get_peft_model(model, config)
     if settings.method in PROMPT_LEARNING_METHODS:
         log.info("%s: %d virtual tokens", settings.method, settings.num_virtual_tokens)

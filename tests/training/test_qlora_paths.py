@@ -50,3 +50,36 @@ def test_qlora_trains_on_cuda(tiny_model_dir, pc_file, tmp_path):
         "adapter_config.json",
         "adapter_model.safetensors",
     ]
+
+
+def test_qlora_gradient_reaches_lora_after_an_eval_forward(tiny_model_dir, pc_file):
+    """An eval-mode forward (as evaluation before training does) lets bitsandbytes repack CPU 4-bit weights
+    for its inference kernel, which has no autograd; the trainer must undo that, or every LoRA weight
+    behind a 4-bit linear gets a zero gradient and the loss stays flat."""
+    from adapterserve.training.data import PadCollator, load_training_data
+    from adapterserve.training.loop import batch_loss, run_training
+    from adapterserve.training.methods import prepare_trainable_model
+    from adapterserve.training.train import load_base_for
+
+    settings = TrainSettings(
+        method="qlora", base_model=str(tiny_model_dir), device="cpu", max_steps=1, batch_size=8,
+        learning_rate=2e-2, logging_steps=1,
+    )
+    base = load_base_for(settings)
+    ds = load_training_data(pc_file, base.tokenizer, settings.max_length)
+    batch = PadCollator(base.tokenizer.pad_token_id)([ds[i] for i in range(len(ds))])
+    model = prepare_trainable_model(base.model, settings, total_steps=1, base_path=None)
+    before = batch_loss(model, batch)  # eval + no_grad: the forward that used to repack the weights
+
+    grads: dict[str, float] = {}
+    hooks = [
+        p.register_hook(lambda g, n=n: grads.__setitem__(n, float(g.abs().sum())))
+        for n, p in model.named_parameters()
+        if p.requires_grad and "lora_B" in n
+    ]
+    run_training(model, ds, settings, pad_id=base.tokenizer.pad_token_id, device=base.device)
+    for h in hooks:
+        h.remove()
+    assert grads, "no LoRA B weight was trained"
+    assert all(v > 0 for v in grads.values()), {n: v for n, v in grads.items() if v == 0}
+    assert batch_loss(model, batch) < before
