@@ -10,6 +10,12 @@ from pathlib import Path
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-model", default=None, help="path or name (default: the embedded SmolLM2)")
     parser.add_argument("--quantize", choices=["nf4", "int8", "none"], default="none")
+    parser.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="compute dtype (default auto: bf16 on CUDA, fp32 on CPU)",
+    )
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     parser.add_argument("--requests", type=int, default=64, help="concurrent requests (default 64)")
     parser.add_argument("--adapters", type=int, default=32, help="distinct adapters the requests spread over")
@@ -23,7 +29,22 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument(
-        "--naive-requests", type=int, default=4, help="requests for the one-at-a-time baseline"
+        "--repeats", type=int, default=3, help="timed runs of each engine workload, interleaved (default 3)"
+    )
+    parser.add_argument(
+        "--naive-requests", type=int, default=4, help="requests for the one-at-a-time baseline (at most)"
+    )
+    parser.add_argument(
+        "--baseline-seconds",
+        type=float,
+        default=60.0,
+        help="wall-time cap of each baseline; it then reports the tokens it produced (0: skip baselines)",
+    )
+    parser.add_argument(
+        "--peak-bandwidth-gbs",
+        type=float,
+        default=None,
+        help="the device's peak memory bandwidth in GB/s (default: looked up from a CUDA card's name)",
     )
     parser.add_argument(
         "--workdir", type=Path, default=Path("/tmp/adapterserve-bench"), help="adapter cache dir"
@@ -34,18 +55,25 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 def run_bench(args: argparse.Namespace) -> int:
     from adapterserve.bench.throughput import BenchSettings, print_report, run
 
-    if args.requests < 1 or args.adapters < 1 or args.max_new_tokens < 1:
-        print("adapterserve bench: --requests, --adapters and --max-new-tokens must be at least 1")
+    if args.requests < 1 or args.adapters < 1 or args.max_new_tokens < 1 or args.repeats < 1:
+        print("adapterserve bench: --requests, --adapters, --max-new-tokens and --repeats must be at least 1")
+        return 2
+    if args.baseline_seconds < 0:
+        print("adapterserve bench: --baseline-seconds must be 0 (skip) or more")
         return 2
     settings = BenchSettings(
         base_model=args.base_model,
         quantize=args.quantize,
+        dtype=args.dtype,
         device=args.device,
         requests=args.requests,
         adapters=args.adapters,
         kinds=args.kinds,
         max_new_tokens=args.max_new_tokens,
+        repeats=args.repeats,
         naive_requests=args.naive_requests,
+        baseline_seconds=args.baseline_seconds,
+        peak_bandwidth_gbs=args.peak_bandwidth_gbs,
         lora_targets=tuple(t for t in args.targets.split(",") if t),
         rank=args.rank,
         workdir=args.workdir,

@@ -1,24 +1,35 @@
 """Throughput of the engine with many adapters vs its baselines, measured in one process.
 
-Runs, on the same prompts:
-  * engine, base only: N concurrent requests without adapters (the ceiling);
-  * engine, mixed adapters: the same N requests spread over A adapters (LoRA, or all kinds mixed);
-  * naive PEFT: requests one at a time, `set_adapter` per request (what serving without a
-    multi-adapter engine looks like), on a subset of the requests (it is slow) and scaled per token.
-Prints tokens/s and ratios; machines are shared and noisy, so only ratios within one run mean much.
+Method (the machines are shared and noisy, and a cold first run says nothing about steady state):
+  1. every engine workload is run once at full size, untimed (warm-up: allocator, kernels, caches);
+  2. then the workloads — engine base-only and engine over A adapters — run interleaved, `repeats` times
+     each (ABAB..., the order flipped every round so drift does not favour one), and each is reported as
+     the median with its spread (min..max); the ratio to the base is the median of the per-round ratios;
+  3. every step is timed: decode-step time (steps with no prefill in them) and time to first token;
+     on CUDA the peak device memory and the fraction of the memory-bandwidth limit (bench/hardware.py);
+  4. the baselines (bench/baselines.py) run after, each capped by wall time.
 """
 
 from __future__ import annotations
 
 import hashlib
+import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from adapterserve.bench import baselines
+from adapterserve.bench.hardware import (
+    bandwidth_use,
+    kv_bytes_per_token,
+    peak_bandwidth,
+    weight_bytes_per_step,
+)
 from adapterserve.server.engine.offline import OfflineEngine
+from adapterserve.server.engine.types import TokenEvent
 from adapterserve.server.model.loading import load_base_model
 from adapterserve.server.settings import EngineSettings
 
@@ -32,29 +43,36 @@ QUESTIONS = [
     "What is the boiling point of water?",
     "Who wrote Hamlet?",
 ]
+MIXED_KINDS = ("lora", "ia3", "prompt", "prefix")
 
 
 @dataclass
 class BenchSettings:
     base_model: str | None = None  # None = embedded default (SmolLM2-135M-Instruct)
     quantize: str = "none"
+    dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
     device: str | None = None  # None = cuda if available, else cpu
     requests: int = 64
     adapters: int = 32
     kinds: str = "lora"  # "lora" or "mixed" (LoRA, IA3, prompt, prefix in turn)
     max_new_tokens: int = 32
+    repeats: int = 3  # timed runs of each engine workload, interleaved
     naive_requests: int = 4
+    baseline_seconds: float = 60.0  # wall-time cap of each baseline (0 = skip the baselines)
+    peak_bandwidth_gbs: float | None = None  # default: looked up from the card's name (CUDA only)
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     rank: int = 8
     workdir: Path = Path("/tmp/adapterserve-bench")
 
 
 @dataclass
-class BenchResult:
-    name: str
-    requests: int
+class EngineRun:
     tokens: int
     seconds: float
+    decode_step_s: list[float] = field(default_factory=list)
+    ttft_s: list[float] = field(default_factory=list)
+    kv_bytes_per_decode_step: list[float] = field(default_factory=list)
+    peak_device_bytes: int | None = None
 
     @property
     def tokens_per_s(self) -> float:
@@ -87,7 +105,7 @@ def make_adapters(model_dir: str, settings: BenchSettings, embed_std: float) -> 
 
     from adapterserve.server.api.demo import write_demo_adapter
 
-    kinds = ["lora"] if settings.kinds == "lora" else ["lora", "ia3", "prompt", "prefix"]
+    kinds = ["lora"] if settings.kinds == "lora" else list(MIXED_KINDS)
     config = AutoConfig.from_pretrained(model_dir)
     key = f"{Path(model_dir).resolve()}|{','.join(settings.lora_targets)}|r{settings.rank}"
     tag = hashlib.sha256(key.encode()).hexdigest()[:10]
@@ -101,162 +119,263 @@ def make_adapters(model_dir: str, settings: BenchSettings, embed_std: float) -> 
     return out
 
 
-def _prompts(tokenizer, n: int) -> list[list[int]]:
+def make_prompts(tokenizer, n: int) -> list[list[int]]:
+    """n chat prompts; a tokenizer without a chat template (a non-instruct base) gets plain text."""
+    if getattr(tokenizer, "chat_template", None):
+        return [
+            list(
+                tokenizer.apply_chat_template(
+                    [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
+                    add_generation_prompt=True,
+                    return_dict=False,
+                )
+            )
+            for i in range(n)
+        ]
     return [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}],
-            add_generation_prompt=True,
-            return_dict=False,
-        )
-        for i in range(n)
+        list(tokenizer(f"Question: {QUESTIONS[i % len(QUESTIONS)]}\nAnswer:")["input_ids"]) for i in range(n)
     ]
 
 
-def _run_engine(
-    engine: OfflineEngine, prompts, adapters: list[str | None], max_new: int, name: str
-) -> BenchResult:
-    requests = [
-        engine.request(p, adapter=a, max_new_tokens=max_new, ignore_eos=True)
-        for p, a in zip(prompts, adapters, strict=True)
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_engine_workload(
+    engine: OfflineEngine, prompts: list[list[int]], adapters: list[str | None], max_new: int
+) -> EngineRun:
+    """Submit every request at once, then step the engine until all finish, timing every step."""
+    core = engine.core
+    device = core.device
+    per_token_kv = kv_bytes_per_token(
+        engine.base.spec.num_layers,
+        engine.base.spec.num_key_value_heads,
+        engine.base.spec.head_dim,
+        core.dtype,
+    )
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    _sync(device)
+    sinks: list[list[TokenEvent]] = [[] for _ in prompts]
+    start = time.perf_counter()
+    submitted = time.monotonic()
+    seqs = [
+        engine.submit(engine.request(p, adapter=a, max_new_tokens=max_new, ignore_eos=True), sink)
+        for p, a, sink in zip(prompts, adapters, sinks, strict=True)
     ]
-    start = time.perf_counter()
-    results = engine.generate(requests)
-    seconds = time.perf_counter() - start
-    return BenchResult(name, len(requests), sum(len(r.token_ids) for r in results), seconds)
+    run = EngineRun(tokens=0, seconds=0.0)
+    while core.has_work():
+        decode_only = not core.waiting and core.num_decoding == len(core.running) and core.num_decoding > 0
+        kv_tokens = sum(s.length for s in core.running) if decode_only else 0
+        t0 = time.perf_counter()
+        core.step()
+        _sync(device)
+        if decode_only:
+            run.decode_step_s.append(time.perf_counter() - t0)
+            run.kv_bytes_per_decode_step.append(kv_tokens * per_token_kv)
+    run.seconds = time.perf_counter() - start
+    for seq, sink in zip(seqs, sinks, strict=True):
+        errors = [ev.error for ev in sink if ev.error is not None]
+        if errors:
+            raise RuntimeError(f"bench request failed: {errors[0]}")
+        run.tokens += sum(len(ev.token_ids) for ev in sink)
+        if seq.first_token_at is not None:
+            run.ttft_s.append(seq.first_token_at - submitted)
+    if device.type == "cuda":
+        run.peak_device_bytes = int(torch.cuda.max_memory_allocated(device))
+    return run
 
 
-def _run_naive_peft(model_dir: str, adapter_dirs: dict[str, Path], prompts, names, settings) -> BenchResult:
-    """One request at a time through PeftModel with set_adapter per request (LoRA adapters only)."""
-    from peft import PeftModel
-
-    base = load_base_model(model_dir, quantize=settings.quantize, device=settings.device)
-    loras = [n for n in names if n.startswith("lora")][: settings.naive_requests]
-    model = PeftModel.from_pretrained(base.model, adapter_dirs[loras[0]], adapter_name=loras[0])
-    for n in loras[1:]:
-        model.load_adapter(adapter_dirs[n], adapter_name=n)
-    model.eval()
-    tokens = 0
-    start = time.perf_counter()
-    for i, n in enumerate(loras):
-        model.set_adapter(n)
-        ids = torch.tensor([prompts[i]], device=base.device)
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=settings.max_new_tokens,
-            do_sample=False,
-            min_new_tokens=settings.max_new_tokens,
-            pad_token_id=base.tokenizer.pad_token_id,
-        )
-        tokens += out.shape[1] - ids.shape[1]
-    return BenchResult("naive PEFT, one request at a time", len(loras), tokens, time.perf_counter() - start)
-
-
-def _run_peft_static_batch(
-    model_dir: str, adapter_dirs: dict[str, Path], prompts, names, settings
-) -> BenchResult:
-    """PEFT's own mixed-LoRA batch: one static `generate(adapter_names=[...])` over all requests."""
-    from peft import PeftModel
-
-    base = load_base_model(model_dir, quantize=settings.quantize, device=settings.device)
-    loras = [n for n in names if n.startswith("lora")]
-    model = PeftModel.from_pretrained(base.model, adapter_dirs[loras[0]], adapter_name=loras[0])
-    for n in loras[1:]:
-        model.load_adapter(adapter_dirs[n], adapter_name=n)
-    model.eval()
-    pad = base.tokenizer.pad_token_id
-    width = max(len(p) for p in prompts)
-    ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts], device=base.device)  # left pad
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=base.device)
-    adapter_names = [loras[i % len(loras)] for i in range(len(prompts))]
-    start = time.perf_counter()
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=mask,
-        adapter_names=adapter_names,
-        max_new_tokens=settings.max_new_tokens,
-        min_new_tokens=settings.max_new_tokens,
-        do_sample=False,
-        pad_token_id=pad,
-    )
-    seconds = time.perf_counter() - start
-    tokens = (out.shape[1] - width) * out.shape[0]
-    return BenchResult(
-        f"PEFT generate(adapter_names=...) static batch, {len(loras)} LoRAs", len(prompts), tokens, seconds
-    )
+def _summary(values: list[float]) -> dict:
+    if not values:
+        return {"median": None, "min": None, "max": None}
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 def _log(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
+def _engine_row(name: str, requests: int, runs: list[EngineRun], ratios: list[float], ctx: dict) -> dict:
+    tps = [r.tokens_per_s for r in runs]
+    steps = [statistics.median(r.decode_step_s) for r in runs if r.decode_step_s]
+    ttfts = [statistics.median(r.ttft_s) for r in runs if r.ttft_s]
+    row = {
+        "name": name,
+        "kind": "engine",
+        "requests": requests,
+        "tokens": runs[0].tokens,
+        "runs": len(runs),
+        "seconds": statistics.median(r.seconds for r in runs),
+        "tokens_per_s": round(statistics.median(tps), 1),
+        "tokens_per_s_min": round(min(tps), 1),
+        "tokens_per_s_max": round(max(tps), 1),
+        "vs_base_only": round(statistics.median(ratios), 3),
+        "vs_base_only_min": round(min(ratios), 3),
+        "vs_base_only_max": round(max(ratios), 3),
+        "decode_step_ms": round(1000 * statistics.median(steps), 2) if steps else None,
+        "ttft_ms": round(1000 * statistics.median(ttfts), 1) if ttfts else None,
+    }
+    peaks = [r.peak_device_bytes for r in runs if r.peak_device_bytes is not None]
+    if peaks:
+        row["peak_device_mib"] = round(max(peaks) / 2**20, 1)
+    kv = [statistics.mean(r.kv_bytes_per_decode_step) for r in runs if r.kv_bytes_per_decode_step]
+    if steps and kv:
+        use = bandwidth_use(ctx["weight_bytes"], statistics.median(kv), statistics.median(steps), ctx["peak"])
+        row["bytes_per_decode_step_mib"] = round(use.bytes_per_step / 2**20, 1)
+        row["achieved_gb_per_s"] = round(use.achieved_bytes_per_s / 1e9, 1)
+        if use.fraction_of_peak is not None:
+            row["fraction_of_bandwidth_limit"] = round(use.fraction_of_peak, 4)
+    return row
+
+
+def _baseline_row(result: baselines.BaselineResult, base_tps: float) -> dict:
+    tps = result.tokens / result.seconds if result.seconds else 0.0
+    return {
+        "name": result.name,
+        "kind": "baseline",
+        "requests": result.requests,
+        "tokens": result.tokens,
+        "runs": 1,
+        "seconds": round(result.seconds, 2),
+        "tokens_per_s": round(tps, 1),
+        "vs_base_only": round(tps / base_tps, 3) if base_tps else None,
+        "capped_by_time": result.capped,
+        "note": result.note,
+    }
+
+
 def run(settings: BenchSettings) -> dict:
     from adapterserve.server.model.loading import resolve_source
 
+    if settings.requests < 1 or settings.adapters < 1 or settings.max_new_tokens < 1 or settings.repeats < 1:
+        raise ValueError("requests, adapters, max_new_tokens and repeats must each be at least 1")
     model_dir, label = resolve_source(settings.base_model)
     settings.workdir.mkdir(parents=True, exist_ok=True)
-    base = load_base_model(model_dir, quantize=settings.quantize, device=settings.device)
+    base = load_base_model(
+        model_dir, quantize=settings.quantize, dtype=settings.dtype, device=settings.device
+    )
     _log(f"preparing {settings.adapters} {settings.kinds} adapters in {settings.workdir}")
     embed_std = float(base.model.get_input_embeddings().weight.float().std())
     adapter_dirs = make_adapters(model_dir, settings, embed_std)
     names = list(adapter_dirs)
-    prompts = _prompts(base.tokenizer, settings.requests)
+    prompts = make_prompts(base.tokenizer, settings.requests)
+    ctx = {
+        "weight_bytes": weight_bytes_per_step(base.model),
+        "peak": peak_bandwidth(base.device, settings.peak_bandwidth_gbs),
+    }
     engine = OfflineEngine(
         base,
         EngineSettings(
             max_batch_size=settings.requests,
-            max_seq_len=256,
+            max_seq_len=max(len(p) for p in prompts) + settings.max_new_tokens + 16,
             max_prefill_tokens=8192,
             max_queue=settings.requests,
-            adapter_slots=max(settings.adapters, 1),
+            adapter_slots=settings.adapters,
         ),
     )
     for n, d in adapter_dirs.items():
         engine.add_adapter(n, d)
-    _run_engine(engine, prompts[:4], [None] * 4, 4, "warm-up")
-    _log("engine, base only")
-    results = [
-        _run_engine(engine, prompts, [None] * settings.requests, settings.max_new_tokens, "engine, base only")
-    ]
-    _log("engine, mixed adapters")
-    results.append(
-        _run_engine(
-            engine,
-            prompts,
-            [names[i % len(names)] for i in range(settings.requests)],
-            settings.max_new_tokens,
-            f"engine, {settings.requests} requests over {settings.adapters} {settings.kinds} adapters",
+    mixed_name = f"engine, {settings.requests} requests over {settings.adapters} {settings.kinds} adapters"
+    workloads: dict[str, list[str | None]] = {
+        "engine, base only": [None] * settings.requests,
+        mixed_name: [names[i % len(names)] for i in range(settings.requests)],
+    }
+    for name, adapters in workloads.items():
+        _log(f"warm-up at full size: {name}")
+        run_engine_workload(engine, prompts, adapters, settings.max_new_tokens)
+    runs: dict[str, list[EngineRun]] = {name: [] for name in workloads}
+    order = list(workloads)
+    for round_ in range(settings.repeats):
+        for name in order if round_ % 2 == 0 else reversed(order):
+            _log(f"round {round_ + 1}/{settings.repeats}: {name}")
+            runs[name].append(run_engine_workload(engine, prompts, workloads[name], settings.max_new_tokens))
+    base_runs = runs["engine, base only"]
+    rows = [
+        _engine_row(
+            name,
+            settings.requests,
+            r,
+            [a.tokens_per_s / b.tokens_per_s for a, b in zip(r, base_runs, strict=True)],
+            ctx,
         )
-    )
+        for name, r in runs.items()
+    ]
+    engine_stats = engine.core.stats()
     del engine
-    if settings.kinds == "lora":
-        _log("PEFT static mixed-LoRA batch")
-        results.append(_run_peft_static_batch(model_dir, adapter_dirs, prompts, names, settings))
-    _log("naive PEFT, one request at a time")
-    results.append(_run_naive_peft(model_dir, adapter_dirs, prompts, names, settings))
-    ceiling = results[0].tokens_per_s
-    report = {
+    base_tps = rows[0]["tokens_per_s"]
+    if settings.baseline_seconds > 0:
+        rows.extend(
+            _baseline_row(b, base_tps) for b in _baselines(settings, model_dir, adapter_dirs, prompts)
+        )
+    peak = ctx["peak"]
+    return {
         "base_model": label,
         "quantize": settings.quantize,
+        "dtype": str(base.dtype).removeprefix("torch."),
+        "device": _device_name(base.device),
         "settings": {k: str(v) for k, v in asdict(settings).items()},
         "torch_threads": torch.get_num_threads(),
-        "results": [
-            {
-                **asdict(r),
-                "tokens_per_s": round(r.tokens_per_s, 1),
-                "vs_base_only": round(r.tokens_per_s / ceiling, 3),
-            }
-            for r in results
-        ],
+        "weight_bytes_per_step_mib": round(ctx["weight_bytes"] / 2**20, 1),
+        "kv_cache_mib": round(engine_stats.kv_cache_bytes / 2**20, 1),
+        "peak_bandwidth": peak.source if peak is not None else None,
+        "results": rows,
     }
-    return report
+
+
+def _baselines(settings: BenchSettings, model_dir: str, adapter_dirs: dict[str, Path], prompts) -> list:
+    cfg = baselines.BaselineSettings(
+        model_dir=model_dir,
+        quantize=settings.quantize,
+        dtype=settings.dtype,
+        device=settings.device,
+        max_new_tokens=settings.max_new_tokens,
+        seconds=settings.baseline_seconds,
+    )
+    loras = [n for n in adapter_dirs if n.startswith("lora")]
+    out = []
+    _log(f"baseline: transformers batched generate (cap {cfg.seconds:g} s)")
+    out.append(baselines.transformers_batched(prompts, cfg))
+    if settings.kinds == "lora":
+        _log(f"baseline: PEFT static mixed-LoRA batch (cap {cfg.seconds:g} s)")
+        out.append(baselines.peft_static_batch(prompts, adapter_dirs, loras, cfg))
+    _log(f"baseline: naive PEFT, one request at a time (cap {cfg.seconds:g} s)")
+    out.append(baselines.naive_peft(prompts, adapter_dirs, loras, cfg, settings.naive_requests))
+    return out
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def print_report(report: dict) -> None:
-    print(f"base {report['base_model']} quantize={report['quantize']} threads={report['torch_threads']}")
-    print(f"{'run':<58} {'reqs':>5} {'tokens':>7} {'s':>7} {'tok/s':>8} {'vs base':>8}")
+    print(
+        f"base {report['base_model']} quantize={report['quantize']} dtype={report['dtype']} "
+        f"device={report['device']} weights/step={report['weight_bytes_per_step_mib']} MiB"
+    )
+    if report["peak_bandwidth"]:
+        print(f"peak bandwidth: {report['peak_bandwidth']}")
+    print(
+        f"{'run':<58} {'reqs':>4} {'tok/s (min-max)':>22} {'vs base (min-max)':>20} "
+        f"{'step ms':>8} {'ttft ms':>8} {'%bw':>6}"
+    )
     for r in report["results"]:
+        if r["kind"] == "engine":
+            tps = f"{r['tokens_per_s']:.1f} ({r['tokens_per_s_min']:.0f}-{r['tokens_per_s_max']:.0f})"
+            ratio = f"{r['vs_base_only']:.3f} ({r['vs_base_only_min']:.2f}-{r['vs_base_only_max']:.2f})"
+        else:
+            tps = f"{r['tokens_per_s']:.1f}" + (" capped" if r["capped_by_time"] else "")
+            ratio = _fmt(r["vs_base_only"], ".3f")
+        bw = r.get("fraction_of_bandwidth_limit")
         print(
-            f"{r['name']:<58} {r['requests']:>5} {r['tokens']:>7} {r['seconds']:>7.2f} "
-            f"{r['tokens_per_s']:>8.1f} {r['vs_base_only']:>8.3f}"
+            f"{r['name']:<58} {r['requests']:>4} {tps:>22} {ratio:>20} "
+            f"{_fmt(r.get('decode_step_ms'), '.1f'):>8} {_fmt(r.get('ttft_ms'), '.0f'):>8} "
+            f"{_fmt(None if bw is None else 100 * bw, '.1f'):>6}"
         )

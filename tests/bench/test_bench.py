@@ -1,42 +1,139 @@
-"""`adapterserve bench` runs end to end on a tiny model and reports every run with its ratio."""
+"""`adapterserve bench` runs end to end on a tiny model: every engine workload warmed, repeated and
+interleaved (median and spread), every baseline capped by time, and the edges (one request, one
+adapter; a base without a chat template) work."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import shutil
+
+import pytest
 
 from adapterserve.bench.cli import add_bench_arguments, run_bench
 
 
-def test_bench_reports_engine_and_baselines(tiny_model_dir, tmp_path, capsys):
-    import argparse
-
+def _run(tmp_path, model_dir, *extra: str) -> dict:
     parser = argparse.ArgumentParser()
     add_bench_arguments(parser)
     out = tmp_path / "report.json"
     args = parser.parse_args(
-        [
-            "--base-model",
-            str(tiny_model_dir),
-            "--requests",
-            "6",
-            "--adapters",
-            "3",
-            "--max-new-tokens",
-            "4",
-            "--naive-requests",
-            "2",
-            "--workdir",
-            str(tmp_path / "w"),
-            "--json",
-            str(out),
-        ]
+        ["--base-model", str(model_dir), "--workdir", str(tmp_path / "w"), "--json", str(out), *extra]
     )
     assert run_bench(args) == 0
-    report = json.loads(out.read_text())
-    names = [r["name"] for r in report["results"]]
-    assert names[0] == "engine, base only" and report["results"][0]["vs_base_only"] == 1.0
-    assert any("over 3 lora adapters" in n for n in names)
-    assert any("static batch" in n for n in names) and any("naive PEFT" in n for n in names)
-    engine_rows = report["results"][:2]
-    assert all(r["tokens"] == 6 * 4 for r in engine_rows)
+    return json.loads(out.read_text())
+
+
+def test_bench_reports_engine_and_baselines(tiny_model_dir, tmp_path, capsys):
+    report = _run(
+        tmp_path,
+        tiny_model_dir,
+        "--requests",
+        "6",
+        "--adapters",
+        "3",
+        "--max-new-tokens",
+        "4",
+        "--naive-requests",
+        "2",
+        "--repeats",
+        "3",
+        "--baseline-seconds",
+        "20",
+    )
+    rows = {r["name"]: r for r in report["results"]}
+    base = rows["engine, base only"]
+    mixed = rows["engine, 6 requests over 3 lora adapters"]
+    for row in (base, mixed):
+        assert row["kind"] == "engine" and row["runs"] == 3 and row["tokens"] == 6 * 4
+        assert row["tokens_per_s_min"] <= row["tokens_per_s"] <= row["tokens_per_s_max"]
+        assert row["decode_step_ms"] > 0 and row["ttft_ms"] > 0
+        assert row["bytes_per_decode_step_mib"] > 0  # weights + KV, even where no peak bandwidth is known
+        assert "fraction_of_bandwidth_limit" not in row  # a CPU has no datasheet peak unless given
+    assert base["vs_base_only"] == 1.0
+    assert mixed["vs_base_only_min"] <= mixed["vs_base_only"] <= mixed["vs_base_only_max"]
+    names = list(rows)
+    assert any("transformers generate" in n for n in names)
+    assert any("static batch, 3 LoRAs" in n for n in names) and any("naive PEFT" in n for n in names)
+    assert all(not r["capped_by_time"] for r in report["results"] if r["kind"] == "baseline")
+    assert report["weight_bytes_per_step_mib"] > 0 and report["kv_cache_mib"] > 0
     assert "tok/s" in capsys.readouterr().out
+
+
+def test_one_request_over_one_adapter(tiny_model_dir, tmp_path):
+    report = _run(
+        tmp_path,
+        tiny_model_dir,
+        "--requests",
+        "1",
+        "--adapters",
+        "1",
+        "--max-new-tokens",
+        "3",
+        "--repeats",
+        "1",
+        "--baseline-seconds",
+        "0",
+    )
+    assert [r["tokens"] for r in report["results"]] == [3, 3]
+
+
+def test_a_baseline_is_capped_by_time_and_still_reported(tiny_model_dir, tmp_path):
+    """A budget far too small for 200 tokens: every baseline stops early, says so, and reports tokens/s."""
+    report = _run(
+        tmp_path,
+        tiny_model_dir,
+        "--requests",
+        "2",
+        "--adapters",
+        "2",
+        "--max-new-tokens",
+        "200",
+        "--repeats",
+        "1",
+        "--baseline-seconds",
+        "0.05",
+        "--naive-requests",
+        "2",
+    )
+    baselines = [r for r in report["results"] if r["kind"] == "baseline"]
+    assert len(baselines) == 3
+    assert all(r["capped_by_time"] for r in baselines)
+    assert all(0 < r["tokens"] < 2 * 200 for r in baselines)
+
+
+def test_a_base_without_chat_template_gets_plain_prompts(tiny_model_dir, tmp_path):
+    plain = tmp_path / "plain-base"
+    shutil.copytree(tiny_model_dir, plain)
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    for extra in ("chat_template.jinja", "chat_template.json"):
+        (plain / extra).unlink(missing_ok=True)
+    from transformers import AutoTokenizer
+
+    assert not AutoTokenizer.from_pretrained(plain).chat_template
+    report = _run(
+        tmp_path,
+        plain,
+        "--requests",
+        "2",
+        "--adapters",
+        "1",
+        "--max-new-tokens",
+        "2",
+        "--repeats",
+        "1",
+        "--baseline-seconds",
+        "0",
+    )
+    assert report["results"][0]["tokens"] == 4
+
+
+@pytest.mark.parametrize("flag", ["--requests", "--repeats", "--max-new-tokens"])
+def test_bad_sizes_are_refused(tiny_model_dir, tmp_path, flag, capsys):
+    parser = argparse.ArgumentParser()
+    add_bench_arguments(parser)
+    args = parser.parse_args(["--base-model", str(tiny_model_dir), flag, "0"])
+    assert run_bench(args) == 2
+    assert "at least 1" in capsys.readouterr().out
