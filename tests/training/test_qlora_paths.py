@@ -41,7 +41,12 @@ def test_qlora_trains_on_cuda(tiny_model_dir, pc_file, tmp_path):
     from adapterserve.training.train import train
 
     settings = TrainSettings(
-        method="qlora", base_model=str(tiny_model_dir), device="cuda", max_steps=8, learning_rate=2e-2
+        method="qlora",
+        base_model=str(tiny_model_dir),
+        device="cuda",
+        max_steps=8,
+        learning_rate=2e-2,
+        logging_steps=1,  # a loss per step: with the default 10 only the first step's loss is logged
     )
     result = train(settings, pc_file, tmp_path / "q", eval_file=pc_file)
     assert result.manifest.base_quantize == "nf4"
