@@ -31,6 +31,13 @@ class EngineSettings(BaseModel):
     adapter_slots: int = Field(32, ge=1, description="adapters resident in device slot tensors")
     max_lora_rank: int = Field(64, ge=1, description="LoRA ranks above this are refused")
     max_virtual_tokens: int = Field(128, ge=1, description="prompt/prefix virtual tokens cap")
+    kv_cache: Literal["paged", "dense"] = Field(
+        "paged", description="paged: blocks reserved per request; dense: rows x max_seq_len preallocated"
+    )
+    kv_block_size: int = Field(16, ge=1, le=1024, description="tokens per KV cache block (paged)")
+    kv_cache_bytes: int | None = Field(
+        None, ge=1, description="paged KV pool size in bytes (default: room for every row's max_seq_len)"
+    )
 
 
 class CacheSettings(BaseModel):

@@ -28,7 +28,7 @@ import torch
 from adapterserve.server.adapters.layers import AdapterBatch, AdapterContext, wrap_model
 from adapterserve.server.adapters.slots import NO_ADAPTER, AdapterBank
 from adapterserve.server.adapters.types import AdapterKind
-from adapterserve.server.engine.kv_cache import KVCache
+from adapterserve.server.engine.kv_cache import make_kv_cache
 from adapterserve.server.engine.provider import ResolvedAdapter
 from adapterserve.server.engine.runner import ModelRunner, PrefillRow
 from adapterserve.server.engine.sampling import RowSampler, sample_rows
@@ -83,6 +83,11 @@ class Sequence:
         return self.resolved.adapter.info.num_virtual_tokens or 0
 
     @property
+    def kv_tokens(self) -> int:
+        """Cache positions this request can fill: virtual + prompt + max_new_tokens."""
+        return self.virtual_tokens + len(self.request.prompt_ids) + self.request.sampling.max_new_tokens
+
+    @property
     def slot_key(self) -> tuple[str, int] | None:
         return None if self.resolved is None else (self.resolved.name, self.resolved.version)
 
@@ -110,15 +115,7 @@ class EngineCore:
         self.bank = AdapterBank(spec, settings.adapter_slots, self.dtype, self.device)
         self.context = AdapterContext()
         wrap_model(base.model, self.bank, self.context)
-        self.cache = KVCache(
-            spec.num_layers,
-            settings.max_batch_size,
-            spec.num_key_value_heads,
-            settings.max_seq_len,
-            spec.head_dim,
-            self.dtype,
-            self.device,
-        )
+        self.cache = make_kv_cache(settings, spec, self.dtype, self.device)
         self.runner = ModelRunner(base.model, self.cache, self.context)
         self.eos_ids = eos_token_ids(base.tokenizer, base.model)
         self.waiting: deque[Sequence] = deque()
@@ -156,13 +153,18 @@ class EngineCore:
             text=TextTracker(self.base.tokenizer, p.stop, frozenset() if p.ignore_eos else self.eos_ids),
             logits=[] if self.capture_logits else None,
         )
-        need = seq.virtual_tokens + len(request.prompt_ids) + p.max_new_tokens
+        need = seq.kv_tokens
         if need > self.settings.max_seq_len:
             raise InvalidArgumentError(
                 f"max_new_tokens: prompt ({len(request.prompt_ids)} tokens"
                 + (f" + {seq.virtual_tokens} virtual" if seq.virtual_tokens else "")
                 + f") + max_new_tokens ({p.max_new_tokens}) exceeds the engine's max_seq_len "
                 f"({self.settings.max_seq_len})"
+            )
+        if need > self.cache.capacity_tokens:
+            raise InvalidArgumentError(
+                f"max_new_tokens: prompt + max_new_tokens ({need} tokens) exceeds the engine's whole KV cache "
+                f"({self.cache.capacity_tokens} tokens; raise kv_cache_bytes)"
             )
         return seq
 
@@ -292,7 +294,10 @@ class EngineCore:
         slots_full = False  # once a new adapter found no slot, only resident ones can be admitted
         with self._lock:
             skipped: deque[Sequence] = deque()
+            reserving: list[int] = []  # KV tokens of each request admitted in this call
             while self.waiting and len(admitted) < free_rows:
+                if not self.cache.can_reserve([*reserving, self.waiting[0].kv_tokens]):
+                    break  # FIFO: wait for running requests to free KV blocks
                 seq = self.waiting.popleft()
                 if seq.resolved is not None:
                     key = seq.slot_key
@@ -307,6 +312,7 @@ class EngineCore:
                     seq.slot = slot
                     self._slot_kinds[slot] = seq.resolved.adapter.kind
                 admitted.append(seq)
+                reserving.append(seq.kv_tokens)
             self.waiting.extendleft(reversed(skipped))
         return admitted
 
@@ -319,6 +325,7 @@ class EngineCore:
         """Give admitted requests rows at the end and their prefill inputs (prefix K/V written now)."""
         for seq in seqs:
             row = len(self.running)
+            self.cache.reserve(row, seq.kv_tokens)
             self.running.append(seq)  # on failure, _run_guarded finishes it and retire frees the row
             ids = torch.tensor(seq.request.prompt_ids, dtype=torch.long, device=self.device)
             embeds = self.runner.embed(ids)  # [n, H]
@@ -445,6 +452,7 @@ class EngineCore:
                 i += 1
                 continue
             last = len(self.running) - 1
+            self.cache.release(i)
             if i < self.num_decoding:
                 # fill the hole from the end of the decoding rows, then that hole from the very end
                 last_decoding = self.num_decoding - 1

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from adapterserve.server.engine.paged_kv_cache import PagedKVCache
+
 
 class KVCache:
     def __init__(
@@ -58,5 +60,41 @@ class KVCache:
             buf[:, a, :, :length] = buf[:, b, :, :length]
             buf[:, b, :, :length] = tmp
 
+    # A dense cache holds every row's whole length already: reserving and releasing are free.
+    @property
+    def capacity_tokens(self) -> int:
+        return self.max_len
+
+    def can_reserve(self, requests: list[int]) -> bool:
+        return all(tokens <= self.max_len for tokens in requests)
+
+    def reserve(self, row: int, tokens: int) -> None:
+        del row, tokens
+
+    def release(self, row: int) -> None:
+        del row
+
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
+
+    def bytes_in_use(self) -> int:
+        return self.nbytes()
+
+
+def make_kv_cache(settings, spec, dtype: torch.dtype, device: torch.device) -> KVCache | PagedKVCache:
+    """The cache EngineSettings ask for: paged (default) or dense, sized from the base model's spec."""
+    dims = (
+        spec.num_layers,
+        settings.max_batch_size,
+        spec.num_key_value_heads,
+        settings.max_seq_len,
+        spec.head_dim,
+    )
+    if settings.kv_cache == "dense":
+        return KVCache(*dims, dtype, device)
+    num_blocks = None
+    if settings.kv_cache_bytes is not None:
+        per_block = 2 * spec.num_layers * spec.num_key_value_heads * settings.kv_block_size * spec.head_dim
+        per_block *= torch.empty((), dtype=dtype).element_size()
+        num_blocks = max(1, settings.kv_cache_bytes // per_block - 1)  # the scratch block counts too
+    return PagedKVCache(*dims, dtype, device, block_size=settings.kv_block_size, num_blocks=num_blocks)

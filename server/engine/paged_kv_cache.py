@@ -1,0 +1,144 @@
+"""A paged key/value cache: fixed-size blocks in one pool, a block table per row, a free list.
+
+Memory is the pool, sized by `EngineSettings.kv_cache_bytes` (or, unset, the dense worst case rows x
+max_seq_len): a request reserves the blocks its whole length needs (virtual + prompt + max_new_tokens)
+when it is admitted, and gives them back when it leaves, so memory follows the tokens in use rather than
+rows x max length, and a pool smaller than the worst case serves more rows as long as their tokens fit
+(admission waits for free blocks; a running request never runs out).
+
+The interface is the dense KVCache's (kv_cache.py), so the runner and the scheduler use either: `write`
+scatters new keys/values through the block table; `read` gathers a row's blocks into a dense
+[rows, kvH, length, D] view for SDPA ("SDPA over gathered pages": one implementation on CPU and GPU);
+moving or swapping rows moves block-table entries, never key/value data.
+
+Block 0 is a scratch block owned by no row: table entries of blocks a row does not own point at it, so
+the padded positions of a right-padded prefill chunk are written there and never read unmasked.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class PagedKVCache:
+    def __init__(
+        self,
+        num_layers: int,
+        max_rows: int,
+        kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        *,
+        block_size: int = 16,
+        num_blocks: int | None = None,
+    ):
+        self.block_size = block_size
+        self.blocks_per_row = math.ceil(max_len / block_size)
+        self.max_rows = max_rows
+        self.max_len = self.blocks_per_row * block_size
+        usable = num_blocks if num_blocks is not None else max_rows * self.blocks_per_row
+        shape = (num_layers, usable + 1, kv_heads, block_size, head_dim)  # +1: the scratch block 0
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, blocks, kvH, bs, D]
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.table = torch.zeros(
+            max_rows, self.blocks_per_row, dtype=torch.long, device=device
+        )  # [rows, bpr]
+        self._owned: list[list[int]] = [[] for _ in range(max_rows)]  # host mirror of each row's blocks
+        self._free: list[int] = list(range(usable, 0, -1))  # pop() hands out low ids first
+
+    # ----- blocks ---------------------------------------------------------------------------------
+    def blocks_for(self, tokens: int) -> int:
+        return math.ceil(tokens / self.block_size)
+
+    @property
+    def free_blocks(self) -> int:
+        return len(self._free)
+
+    @property
+    def total_blocks(self) -> int:
+        return self.k.shape[1] - 1
+
+    @property
+    def capacity_tokens(self) -> int:
+        """The longest request the cache can ever hold (its whole pool, at most one row's table)."""
+        return min(self.total_blocks, self.blocks_per_row) * self.block_size
+
+    def can_reserve(self, requests: list[int]) -> bool:
+        """Whether rows of these token counts (each rounded up to whole blocks) fit in the free blocks."""
+        return sum(self.blocks_for(tokens) for tokens in requests) <= len(self._free)
+
+    def reserve(self, row: int, tokens: int) -> None:
+        """Give `row` (which owns nothing) the blocks for `tokens` positions."""
+        need = self.blocks_for(tokens)
+        if self._owned[row]:
+            raise RuntimeError(f"row {row} already holds blocks")
+        if need > self.blocks_per_row or need > len(self._free):
+            raise RuntimeError(f"cannot reserve {need} blocks for row {row} ({len(self._free)} free)")
+        blocks = [self._free.pop() for _ in range(need)]
+        self._owned[row] = blocks
+        self.table[row, :need] = torch.tensor(blocks, dtype=torch.long, device=self.table.device)
+
+    def release(self, row: int) -> None:
+        """Return `row`'s blocks to the free list (the row leaves the batch)."""
+        self._free.extend(reversed(self._owned[row]))
+        self._owned[row] = []
+        self.table[row] = 0
+
+    # ----- the KVCache interface -----------------------------------------------------------------
+    def write(
+        self, layer: int, row_start: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> None:
+        """Write k, v [B, kvH, S, D] of rows row_start..row_start+B-1 at positions [B, S]."""
+        b = k.shape[0]
+        rows = torch.arange(row_start, row_start + b, device=positions.device)[:, None]  # [B, 1]
+        blocks = self.table[rows, positions // self.block_size].reshape(-1)  # [B*S]
+        offsets = (positions % self.block_size).reshape(-1)  # [B*S]
+        # [B, kvH, S, D] -> [B*S, kvH, D], matching (blocks, offsets) row-major over (B, S)
+        self.k[layer][blocks, :, offsets] = k.transpose(1, 2).reshape(-1, k.shape[1], k.shape[3])
+        self.v[layer][blocks, :, offsets] = v.transpose(1, 2).reshape(-1, v.shape[1], v.shape[3])
+
+    def read(self, layer: int, row_start: int, rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [rows, kvH, length, D], gathered from the rows' blocks."""
+        nb = self.blocks_for(length)
+        blocks = self.table[row_start : row_start + rows, :nb]  # [rows, nb]
+
+        def gather(pool: torch.Tensor) -> torch.Tensor:
+            paged = pool[layer][blocks]  # [rows, nb, kvH, bs, D]
+            r, _, heads, bs, dim = paged.shape
+            return paged.transpose(1, 2).reshape(r, heads, nb * bs, dim)[:, :, :length]
+
+        return gather(self.k), gather(self.v)
+
+    def write_prefix(self, row: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Prefix tuning: keys/values [L, kvH, n, D] at positions 0..n-1 of `row` in every layer."""
+        n = keys.shape[2]
+        positions = torch.arange(n, device=self.table.device)
+        blocks = self.table[row, positions // self.block_size]  # [n]
+        offsets = positions % self.block_size
+        self.k[:, blocks, :, offsets] = keys.permute(2, 0, 1, 3).to(self.k.dtype)  # [n, L, kvH, D]
+        self.v[:, blocks, :, offsets] = values.permute(2, 0, 1, 3).to(self.v.dtype)
+
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        """Row src becomes row dst (dst was released): its block-table entries move, no data is copied."""
+        del length  # the whole reservation moves
+        if self._owned[dst]:
+            raise RuntimeError(f"row {dst} still holds blocks")
+        self._owned[dst], self._owned[src] = self._owned[src], []
+        self.table[dst] = self.table[src]
+        self.table[src] = 0
+
+    def swap_rows(self, a: int, b: int, length: int) -> None:
+        del length
+        self._owned[a], self._owned[b] = self._owned[b], self._owned[a]
+        self.table[[a, b]] = self.table[[b, a]]
+
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+    def bytes_in_use(self) -> int:
+        per_block = 2 * self.k[0, 0].numel() * self.k.element_size() * self.k.shape[0]
+        return (self.total_blocks - len(self._free)) * per_block
