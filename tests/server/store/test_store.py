@@ -45,7 +45,7 @@ def test_put_lists_and_writes_peft_format_plus_manifest(make_store, lora_dirs, t
     folder = store.root / "task-a"
     assert sorted(os.listdir(folder)) == [CONFIG, WEIGHTS, MANIFEST_FILE]
     assert (folder / WEIGHTS).read_bytes() == (lora_dirs[0] / WEIGHTS).read_bytes()
-    assert (m.kind.value, m.peft_type, m.rank, m.target_modules) == ("lora", "LORA", 2, ("q_proj", "v_proj"))
+    assert (m.kind, m.peft_type, m.rank, m.target_modules) == ("lora", "LORA", 2, ("q_proj", "v_proj"))
     assert m.version == 1 and m.base_fingerprint == tiny_base.fingerprint and m.description == "first"
     assert m.files[WEIGHTS].size == (lora_dirs[0] / WEIGHTS).stat().st_size
     on_disk = Manifest.from_bytes((folder / MANIFEST_FILE).read_bytes())
