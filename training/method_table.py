@@ -135,6 +135,7 @@ _ROWS: tuple[TrainingMethod, ...] = (
     TrainingMethod("sft", "full-model", 5e-5),
     TrainingMethod("lora", "LORA", 1e-3, peft_config=_lora),
     TrainingMethod("qlora", "LORA", 1e-3, peft_config=_lora, quantize="nf4"),
+    TrainingMethod("dora", "LORA", 1e-3, peft_config=lambda s, n, p: _lora(s, n, p, use_dora=True)),
     TrainingMethod("adalora", "ADALORA", 2e-3, peft_config=_adalora),
     TrainingMethod("ia3", "IA3", 1e-2, peft_config=_ia3),
     TrainingMethod("prompt-tuning", "PROMPT_TUNING", 3e-2, peft_config=_prompt_tuning, prompt_learning=True),

@@ -61,6 +61,21 @@ def _adalora():
     )
 
 
+@_register("dora")
+def _dora():
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=4,
+        lora_alpha=8,
+        use_dora=True,
+        target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
+        rank_pattern={"down_proj": 2},
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )
+
+
 @_register("ia3")
 def _ia3():
     from peft import IA3Config
@@ -106,6 +121,8 @@ def make_adapter(base_dir: Path, kind: str, out_dir: Path, seed: int = 0) -> Pat
         for name, p in peft_model.named_parameters():
             if "ia3_l" in name:  # make IA3 clearly non-identity
                 p.uniform_(0.2, 2.0)
+            if "lora_magnitude_vector" in name:  # DoRA's init magnitude is the norm: move it off
+                p.mul_(torch.empty_like(p).uniform_(0.5, 1.5))
             if "lora_E" in name or (
                 "lora_B" in name and kind.startswith("adalora")
             ):  # AdaLoRA inits E, B to 0

@@ -33,6 +33,7 @@ class AdapterKind(enum.StrEnum):
     IA3 = "ia3"
     PROMPT = "prompt"
     PREFIX = "prefix"
+    DORA = "dora"
     UNSPECIFIED = "unspecified"
 
 
