@@ -131,6 +131,18 @@ def _prefix_tuning(s: Any, total_steps: int, base_path: str | None) -> Any:
     )
 
 
+def _bottleneck_wrap(model: Any, settings: Any) -> Any:
+    from adapterserve.training.bottleneck import wrap_for_training
+
+    return wrap_for_training(model, settings)
+
+
+def _bottleneck_reload(model: Any, path: Any) -> Any:
+    from adapterserve.training.bottleneck import load_bottleneck
+
+    return load_bottleneck(model, path)
+
+
 _ROWS: tuple[TrainingMethod, ...] = (
     TrainingMethod("sft", "full-model", 5e-5),
     TrainingMethod("lora", "LORA", 1e-3, peft_config=_lora),
@@ -138,6 +150,7 @@ _ROWS: tuple[TrainingMethod, ...] = (
     TrainingMethod("dora", "LORA", 1e-3, peft_config=lambda s, n, p: _lora(s, n, p, use_dora=True)),
     TrainingMethod("adalora", "ADALORA", 2e-3, peft_config=_adalora),
     TrainingMethod("ia3", "IA3", 1e-2, peft_config=_ia3),
+    TrainingMethod("bottleneck", "BOTTLENECK", 1e-3, wrap=_bottleneck_wrap, reload=_bottleneck_reload),
     TrainingMethod("prompt-tuning", "PROMPT_TUNING", 3e-2, peft_config=_prompt_tuning, prompt_learning=True),
     TrainingMethod("p-tuning", "P_TUNING", 3e-3, peft_config=_p_tuning, prompt_learning=True),
     TrainingMethod("prefix-tuning", "PREFIX_TUNING", 1e-2, peft_config=_prefix_tuning, prompt_learning=True),

@@ -50,6 +50,13 @@ class TrainSettings(BaseModel):
     prefix_projection: bool = Field(
         False, description="prefix tuning: train through an MLP reparameterisation (dropped when saved)"
     )
+    reduction_factor: int = Field(16, ge=1, description="bottleneck: hidden size / adapter size")
+    bottleneck_placement: Literal["houlsby", "pfeiffer"] = Field(
+        "houlsby", description="bottleneck: after attention and feed-forward (houlsby) or feed-forward only"
+    )
+    non_linearity: Literal["relu", "gelu", "silu", "tanh"] = Field(
+        "relu", description="bottleneck: the adapter's nonlinearity"
+    )
     adalora_init_r: int = Field(12, ge=1, description="AdaLoRA: rank every module starts with")
     adalora_tinit: int | None = Field(
         None, ge=0, description="AdaLoRA: warm-up steps; None = a tenth of the steps"

@@ -6,6 +6,7 @@ References are computed with full forward passes (no cache) through `PeftModel`:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -109,14 +110,42 @@ def _prefix():
     return PrefixTuningConfig(num_virtual_tokens=5, task_type="CAUSAL_LM")
 
 
+def _bottleneck_config(**fields):
+    from adapterserve.server.adapters.kinds.bottleneck import BottleneckAdapterConfig
+
+    return BottleneckAdapterConfig(peft_type="BOTTLENECK", task_type="CAUSAL_LM", **fields)
+
+
+@_register("bottleneck_houlsby")
+def _bottleneck_houlsby():
+    return _bottleneck_config(reduction_factor=8, placement="houlsby", non_linearity="gelu")
+
+
+@_register("bottleneck_pfeiffer")
+def _bottleneck_pfeiffer():
+    return _bottleneck_config(reduction_factor=4, placement="pfeiffer", non_linearity="tanh")
+
+
 def make_adapter(base_dir: Path, kind: str, out_dir: Path, seed: int = 0) -> Path:
-    """Create adapter `kind` on the model in base_dir with random (non-identity) weights; save it."""
+    """Create adapter `kind` on the model in base_dir with random (non-identity) weights; save it.
+    Bottleneck adapters (which PEFT lacks) are made by the training module, which is their reference."""
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base_dir)
-    peft_model = get_peft_model(model, ADAPTER_KINDS[kind]())
+    config = ADAPTER_KINDS[kind]()
+    if getattr(config, "peft_type", None) == "BOTTLENECK":
+        from adapterserve.training.bottleneck import BottleneckModel
+
+        wrapped = BottleneckModel(model, config)
+        with torch.no_grad():
+            for p in wrapped.parameters():
+                if p.requires_grad:
+                    p.normal_(0.0, 0.3)
+        wrapped.save_pretrained(out_dir)
+        return out_dir
+    peft_model = get_peft_model(model, config)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "ia3_l" in name:  # make IA3 clearly non-identity
@@ -150,6 +179,10 @@ def peft_reference_model(
     model = load_base_model(base_dir, quantize=quantize, device=device, dtype=dtype).model
     if adapter_dir is None:
         return model
+    if json.loads((Path(adapter_dir) / "adapter_config.json").read_text())["peft_type"] == "BOTTLENECK":
+        from adapterserve.training.bottleneck import load_bottleneck
+
+        return load_bottleneck(model, adapter_dir)  # the training-time module's own forward
     return PeftModel.from_pretrained(model, adapter_dir).eval()
 
 

@@ -34,6 +34,7 @@ class AdapterKind(enum.StrEnum):
     PROMPT = "prompt"
     PREFIX = "prefix"
     DORA = "dora"
+    BOTTLENECK = "bottleneck"
     UNSPECIFIED = "unspecified"
 
 
