@@ -126,6 +126,11 @@ def _bottleneck_pfeiffer():
     return _bottleneck_config(reduction_factor=4, placement="pfeiffer", non_linearity="tanh")
 
 
+@_register("template")
+def _template():
+    return {"template": "Q: {input}\nA:", "system": "Answer briefly."}
+
+
 def make_adapter(base_dir: Path, kind: str, out_dir: Path, seed: int = 0) -> Path:
     """Create adapter `kind` on the model in base_dir with random (non-identity) weights; save it.
     Bottleneck adapters (which PEFT lacks) are made by the training module, which is their reference."""
@@ -135,6 +140,10 @@ def make_adapter(base_dir: Path, kind: str, out_dir: Path, seed: int = 0) -> Pat
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base_dir)
     config = ADAPTER_KINDS[kind]()
+    if isinstance(config, dict):  # a hard-prompt template: no weights
+        from adapterserve.server.adapters.kinds.template import write_template_dir
+
+        return write_template_dir(out_dir, **config)
     if getattr(config, "peft_type", None) == "BOTTLENECK":
         from adapterserve.training.bottleneck import BottleneckModel
 
@@ -179,11 +188,34 @@ def peft_reference_model(
     model = load_base_model(base_dir, quantize=quantize, device=device, dtype=dtype).model
     if adapter_dir is None:
         return model
-    if json.loads((Path(adapter_dir) / "adapter_config.json").read_text())["peft_type"] == "BOTTLENECK":
+    peft_type = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())["peft_type"]
+    if peft_type == "HARD_PROMPT":
+        return model  # a template changes the prompt, not the model: see reference_prompt
+    if peft_type == "BOTTLENECK":
         from adapterserve.training.bottleneck import load_bottleneck
 
         return load_bottleneck(model, adapter_dir)  # the training-time module's own forward
     return PeftModel.from_pretrained(model, adapter_dir).eval()
+
+
+def reference_prompt(base_dir: Path, adapter_dir: Path | None, prompt: list[int]) -> list[int]:
+    """The token ids the reference model sees for `prompt`: a template's text around them (system text,
+    blank line, the template's text before and after {input}, each tokenized without special tokens)."""
+    if adapter_dir is None:
+        return list(prompt)
+    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    if config["peft_type"] != "HARD_PROMPT":
+        return list(prompt)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    before, after = config["template"].split("{input}")
+    if config.get("system"):
+        before = config["system"] + "\n\n" + before
+    head = [prompt[0]] if prompt and prompt[0] == tok.bos_token_id else []
+    body = list(prompt[len(head) :])
+    enc = lambda text: tok(text, add_special_tokens=False)["input_ids"] if text else []  # noqa: E731
+    return head + enc(before) + body + enc(after)
 
 
 @torch.inference_mode()

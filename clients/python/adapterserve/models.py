@@ -35,6 +35,7 @@ class AdapterKind(enum.StrEnum):
     PREFIX = "prefix"
     DORA = "dora"
     BOTTLENECK = "bottleneck"
+    TEMPLATE = "template"
     UNSPECIFIED = "unspecified"
 
 

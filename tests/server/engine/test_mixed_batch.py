@@ -11,7 +11,13 @@ from adapterserve.server.adapters.kind import kind_names
 from adapterserve.server.engine.offline import OfflineEngine
 from adapterserve.server.model.loading import load_base_model
 from adapterserve.server.settings import EngineSettings
-from tests.helpers.peft_refs import ADAPTER_KINDS, make_adapter, peft_greedy, peft_reference_model
+from tests.helpers.peft_refs import (
+    ADAPTER_KINDS,
+    make_adapter,
+    peft_greedy,
+    peft_reference_model,
+    reference_prompt,
+)
 
 STEPS = 6
 PROMPTS = [
@@ -49,7 +55,9 @@ def _references(tiny_model_dir, adapter_dirs, quantize, rows):
             models[adapter] = peft_reference_model(
                 tiny_model_dir, None if adapter is None else adapter_dirs[adapter], quantize
             )
-        refs[(adapter, tuple(prompt))] = peft_greedy(models[adapter], prompt, STEPS)
+        adapter_dir = None if adapter is None else adapter_dirs[adapter]
+        seen = reference_prompt(tiny_model_dir, adapter_dir, prompt)  # a template wraps the prompt
+        refs[(adapter, tuple(prompt))] = peft_greedy(models[adapter], seen, STEPS)
     return refs
 
 
@@ -140,7 +148,8 @@ def test_mixed_batch_matches_peft_on_cuda_bf16(tiny_model_dir, adapter_dirs, qua
             device="cuda",
             dtype="bfloat16",
         )
-        want_tokens, want_logits = peft_greedy(ref, prompt, 1)
+        adapter_dir = None if adapter is None else adapter_dirs[adapter]
+        want_tokens, want_logits = peft_greedy(ref, reference_prompt(tiny_model_dir, adapter_dir, prompt), 1)
         got = result.logits[0]
         scale = want_logits[0].abs().max()
         assert (got - want_logits[0]).abs().max() <= 1e-2 * max(1.0, float(scale)) * 4, adapter

@@ -19,6 +19,7 @@ class AdapterKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ADAPTER_KIND_PREFIX: _ClassVar[AdapterKind]
     ADAPTER_KIND_DORA: _ClassVar[AdapterKind]
     ADAPTER_KIND_BOTTLENECK: _ClassVar[AdapterKind]
+    ADAPTER_KIND_TEMPLATE: _ClassVar[AdapterKind]
 
 class CacheTier(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -33,6 +34,7 @@ ADAPTER_KIND_PROMPT: AdapterKind
 ADAPTER_KIND_PREFIX: AdapterKind
 ADAPTER_KIND_DORA: AdapterKind
 ADAPTER_KIND_BOTTLENECK: AdapterKind
+ADAPTER_KIND_TEMPLATE: AdapterKind
 CACHE_TIER_UNSPECIFIED: CacheTier
 CACHE_TIER_DISK: CacheTier
 CACHE_TIER_HOST: CacheTier
