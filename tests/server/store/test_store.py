@@ -183,10 +183,10 @@ def refusals(lora: Path, other_base: Path):
         (
             "dora",
             "x",
-            [(CONFIG, json.dumps({**cfg, "use_dora": True}).encode()), (WEIGHTS, weights)],
+            [(CONFIG, json.dumps({**cfg, "lora_bias": True}).encode()), (WEIGHTS, weights)],
             {},
             UnsupportedAdapterError,
-            "use_dora = True",
+            "lora_bias = True",
         ),
         (
             "bad header",
@@ -194,7 +194,7 @@ def refusals(lora: Path, other_base: Path):
             [(CONFIG, config), (WEIGHTS, struct.pack("<Q", len(hostile_header)) + hostile_header)],
             {},
             AdapterValidationError,
-            "outside the data section",
+            "safetensors refused the file",
         ),
         (
             "too big",
