@@ -26,23 +26,24 @@ class TrainingMethod:
     prompt_learning: bool = False  # adds virtual tokens instead of wrapping linears
 
 
-def _lora(s: Any, total_steps: int, base_path: str | None, **extra: Any) -> Any:
-    from peft import LoraConfig
+def _peft(method: str, **fields: Any) -> Any:
+    from adapterserve.server.adapters.peft_configs import build_peft_config
 
-    return LoraConfig(
-        task_type="CAUSAL_LM",
+    return build_peft_config(method, **fields)
+
+
+def _lora(s: Any, total_steps: int, base_path: str | None, method: str = "lora") -> Any:
+    return _peft(
+        method,
         r=s.rank,
         lora_alpha=s.alpha,
         lora_dropout=s.dropout,
         target_modules=s.resolved_lora_targets(),
         bias="none",
-        **extra,
     )
 
 
 def _adalora(s: Any, total_steps: int, base_path: str | None) -> Any:
-    from peft import AdaLoraConfig
-
     from adapterserve.training.errors import SettingsError
 
     tinit, tfinal = s.resolved_adalora_schedule(total_steps)
@@ -51,8 +52,8 @@ def _adalora(s: Any, total_steps: int, base_path: str | None) -> Any:
             f"AdaLoRA needs a rank-budgeting phase: tinit ({tinit}) must be < total steps ({total_steps})"
             f" - tfinal ({tfinal}); train longer or lower --adalora-tinit/--adalora-tfinal"
         )
-    return AdaLoraConfig(
-        task_type="CAUSAL_LM",
+    return _peft(
+        "adalora",
         init_r=s.adalora_init_r,
         target_r=s.rank,
         lora_alpha=s.alpha,
@@ -69,8 +70,6 @@ def _adalora(s: Any, total_steps: int, base_path: str | None) -> Any:
 
 
 def _ia3(s: Any, total_steps: int, base_path: str | None) -> Any:
-    from peft import IA3Config
-
     from adapterserve.training.errors import SettingsError
 
     kwargs: dict[str, Any] = {}
@@ -82,49 +81,38 @@ def _ia3(s: Any, total_steps: int, base_path: str | None) -> Any:
         )
     elif s.feedforward_modules is not None:
         raise SettingsError("--feedforward-modules needs --target-modules too (IA3)")
-    return IA3Config(task_type="CAUSAL_LM", **kwargs)
+    return _peft("ia3", **kwargs)
 
 
 def _prompt_tuning(s: Any, total_steps: int, base_path: str | None) -> Any:
-    from peft import PromptTuningConfig, PromptTuningInit
-
     from adapterserve.training.errors import SettingsError
 
     if s.init_text is None:
-        return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=s.num_virtual_tokens)
+        return _peft("prompt-tuning", num_virtual_tokens=s.num_virtual_tokens)
     if base_path is None:
         raise SettingsError("prompt tuning from text needs the base model's tokenizer directory")
-    return PromptTuningConfig(
-        task_type="CAUSAL_LM",
+    return _peft(
+        "prompt-tuning",
         num_virtual_tokens=s.num_virtual_tokens,
-        prompt_tuning_init=PromptTuningInit.TEXT,
+        prompt_tuning_init="TEXT",
         prompt_tuning_init_text=s.init_text,
         tokenizer_name_or_path=base_path,
     )
 
 
 def _p_tuning(s: Any, total_steps: int, base_path: str | None) -> Any:
-    from peft import PromptEncoderConfig, PromptEncoderReparameterizationType
-
-    encoder = (
-        PromptEncoderReparameterizationType.MLP
-        if s.encoder_type == "mlp"
-        else PromptEncoderReparameterizationType.LSTM
-    )
     kwargs = {"encoder_hidden_size": s.encoder_hidden_size} if s.encoder_hidden_size else {}
-    return PromptEncoderConfig(
-        task_type="CAUSAL_LM",
+    return _peft(
+        "p-tuning",
         num_virtual_tokens=s.num_virtual_tokens,
-        encoder_reparameterization_type=encoder,
+        encoder_reparameterization_type=s.encoder_type.upper(),  # MLP or LSTM
         **kwargs,
     )
 
 
 def _prefix_tuning(s: Any, total_steps: int, base_path: str | None) -> Any:
-    from peft import PrefixTuningConfig
-
-    return PrefixTuningConfig(
-        task_type="CAUSAL_LM",
+    return _peft(
+        "prefix-tuning",
         num_virtual_tokens=s.num_virtual_tokens,
         prefix_projection=s.prefix_projection,
         **({"encoder_hidden_size": s.encoder_hidden_size} if s.encoder_hidden_size else {}),
@@ -147,7 +135,7 @@ _ROWS: tuple[TrainingMethod, ...] = (
     TrainingMethod("sft", "full-model", 5e-5),
     TrainingMethod("lora", "LORA", 1e-3, peft_config=_lora),
     TrainingMethod("qlora", "LORA", 1e-3, peft_config=_lora, quantize="nf4"),
-    TrainingMethod("dora", "LORA", 1e-3, peft_config=lambda s, n, p: _lora(s, n, p, use_dora=True)),
+    TrainingMethod("dora", "LORA", 1e-3, peft_config=lambda s, n, p: _lora(s, n, p, "dora")),
     TrainingMethod("adalora", "ADALORA", 2e-3, peft_config=_adalora),
     TrainingMethod("ia3", "IA3", 1e-2, peft_config=_ia3),
     TrainingMethod("bottleneck", "BOTTLENECK", 1e-3, wrap=_bottleneck_wrap, reload=_bottleneck_reload),

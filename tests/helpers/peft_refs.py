@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from adapterserve.server.adapters.peft_configs import build_peft_config
+
 ADAPTER_KINDS: dict[str, Callable[[], object]] = {}
 
 
@@ -25,18 +27,15 @@ def _register(name: str):
 
 @_register("lora_qv_r4")
 def _lora_small():
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM"
+    return build_peft_config(
+        "lora", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
     )
 
 
 @_register("lora_all_r8_rs")
 def _lora_big():
-    from peft import LoraConfig
-
-    return LoraConfig(
+    return build_peft_config(
+        "lora",
         r=8,
         lora_alpha=16,
         use_rslora=True,
@@ -44,70 +43,56 @@ def _lora_big():
         rank_pattern={"down_proj": 2},
         alpha_pattern={"o_proj": 4},
         init_lora_weights=False,
-        task_type="CAUSAL_LM",
     )
 
 
 @_register("adalora_pruned")
 def _adalora():
-    from peft import AdaLoraConfig
-
-    return AdaLoraConfig(
+    return build_peft_config(
+        "adalora",
         init_r=6,
         target_r=4,
         total_step=10,
         lora_alpha=12,
         target_modules=["q_proj", "v_proj"],
-        task_type="CAUSAL_LM",
     )
 
 
 @_register("dora")
 def _dora():
-    from peft import LoraConfig
-
-    return LoraConfig(
+    return build_peft_config(
+        "dora",
         r=4,
         lora_alpha=8,
-        use_dora=True,
         target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
         rank_pattern={"down_proj": 2},
         init_lora_weights=False,
-        task_type="CAUSAL_LM",
     )
 
 
 @_register("ia3")
 def _ia3():
-    from peft import IA3Config
-
-    return IA3Config(
+    return build_peft_config(
+        "ia3",
         target_modules=["k_proj", "v_proj", "down_proj"],
         feedforward_modules=["down_proj"],
         init_ia3_weights=False,
-        task_type="CAUSAL_LM",
     )
 
 
 @_register("prompt")
 def _prompt():
-    from peft import PromptTuningConfig
-
-    return PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM")
+    return build_peft_config("prompt-tuning", num_virtual_tokens=4)
 
 
 @_register("ptuning")
 def _ptuning():
-    from peft import PromptEncoderConfig
-
-    return PromptEncoderConfig(num_virtual_tokens=3, encoder_hidden_size=32, task_type="CAUSAL_LM")
+    return build_peft_config("p-tuning", num_virtual_tokens=3, encoder_hidden_size=32)
 
 
 @_register("prefix")
 def _prefix():
-    from peft import PrefixTuningConfig
-
-    return PrefixTuningConfig(num_virtual_tokens=5, task_type="CAUSAL_LM")
+    return build_peft_config("prefix-tuning", num_virtual_tokens=5)
 
 
 def _bottleneck_config(**fields):
