@@ -52,7 +52,10 @@ def _add_settings_flags(parser: argparse.ArgumentParser, *, skip: frozenset[str]
         help_text = (field.description or "").replace("%", "%%")
         default_note = f" (default: {field.default})" if field.default is not None else ""
         kwargs: dict[str, Any] = {"dest": _PREFIX + name, "default": None, "help": help_text + default_note}
-        if typing.get_origin(kind) is typing.Literal:
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        if "choices" in extra:
+            kwargs["choices"] = extra["choices"]
+        elif typing.get_origin(kind) is typing.Literal:
             kwargs["choices"] = list(typing.get_args(kind))
         elif kind is bool:
             kwargs["action"] = argparse.BooleanOptionalAction

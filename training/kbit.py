@@ -19,16 +19,18 @@ from typing import Any
 def keep_4bit_trainable(model: Any) -> int:
     """Restore the trainable layout of every CPU-repacked 4-bit weight in `model` and stop bitsandbytes
     from repacking again. Returns how many layers were restored (0 when nothing was repacked)."""
+    from adapterserve.server.model.loading import keep_plain_4bit_layout
+
     try:
         from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
         from bitsandbytes.nn import Linear4bit
     except ImportError:  # no bitsandbytes: no 4-bit layers either
         return 0
+    keep_plain_4bit_layout(model)  # no repacking from now on (the loader already does this for its models)
     restored = 0
     for module in model.modules():
         if not isinstance(module, Linear4bit):
             continue
-        module.support_avx512bf16_for_cpu = False
         weight = module.weight
         state = getattr(weight, "quant_state", None)
         if state is not None and getattr(state, "packing_format_for_cpu", False):

@@ -9,34 +9,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-Method = Literal["sft", "lora", "qlora", "adalora", "ia3", "prompt-tuning", "p-tuning", "prefix-tuning"]
-METHODS: tuple[Method, ...] = (
-    "sft",
-    "lora",
-    "qlora",
-    "adalora",
-    "ia3",
-    "prompt-tuning",
-    "p-tuning",
-    "prefix-tuning",
-)
-PROMPT_LEARNING_METHODS: frozenset[str] = frozenset({"prompt-tuning", "p-tuning", "prefix-tuning"})
-LORA_METHODS: frozenset[str] = frozenset({"lora", "qlora", "adalora"})
+from adapterserve.training.method_table import METHODS, TRAINING_METHODS
 
-# Learning rates that move each method within a few hundred steps on a small model. Soft prompts and
-# IA3 scaling vectors need much larger steps than LoRA; full fine-tuning much smaller ones.
-DEFAULT_LEARNING_RATES: dict[str, float] = {
-    "sft": 5e-5,
-    "lora": 1e-3,
-    "qlora": 1e-3,
-    "adalora": 2e-3,
-    "ia3": 1e-2,
-    "prompt-tuning": 3e-2,
-    "p-tuning": 3e-3,
-    "prefix-tuning": 1e-2,
-}
+Method = str  # a name in training/method_table.py's TRAINING_METHODS (checked by TrainSettings)
+PROMPT_LEARNING_METHODS: frozenset[str] = frozenset(m.name for m in TRAINING_METHODS.values() if m.prompt_learning)
 DEFAULT_LORA_TARGETS: tuple[str, ...] = ("q_proj", "v_proj")
 
 
@@ -46,7 +24,7 @@ class TrainSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     # --- what to train -------------------------------------------------------------------------
-    method: Method = Field("lora", description="training method")
+    method: Method = Field("lora", description="training method", json_schema_extra={"choices": list(METHODS)})
     base_model: str | None = Field(None, description="base model path or name; None = embedded SmolLM2")
     device: str | None = Field(None, description="None = cuda if available else cpu")
 
@@ -71,6 +49,13 @@ class TrainSettings(BaseModel):
     )
     prefix_projection: bool = Field(
         False, description="prefix tuning: train through an MLP reparameterisation (dropped when saved)"
+    )
+    reduction_factor: int = Field(16, ge=1, description="bottleneck: hidden size / adapter size")
+    bottleneck_placement: Literal["houlsby", "pfeiffer"] = Field(
+        "houlsby", description="bottleneck: after attention and feed-forward (houlsby) or feed-forward only"
+    )
+    non_linearity: Literal["relu", "gelu", "silu", "tanh"] = Field(
+        "relu", description="bottleneck: the adapter's nonlinearity"
     )
     adalora_init_r: int = Field(12, ge=1, description="AdaLoRA: rank every module starts with")
     adalora_tinit: int | None = Field(
@@ -108,6 +93,13 @@ class TrainSettings(BaseModel):
         description="generation for eval: the server's engine (auto: when installed) or PEFT full-forward greedy",
     )
 
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        if value not in TRAINING_METHODS:
+            raise ValueError(f"unknown method {value!r}; choose from {', '.join(METHODS)}")
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> TrainSettings:
         if self.method == "adalora" and self.adalora_init_r < self.rank:
@@ -117,7 +109,7 @@ class TrainSettings(BaseModel):
         return self
 
     def resolved_learning_rate(self) -> float:
-        return self.learning_rate if self.learning_rate is not None else DEFAULT_LEARNING_RATES[self.method]
+        return self.learning_rate if self.learning_rate is not None else TRAINING_METHODS[self.method].learning_rate
 
     def resolved_lora_targets(self) -> list[str]:
         return list(self.target_modules or DEFAULT_LORA_TARGETS)

@@ -11,6 +11,7 @@ from adapterserve.training.data import EvalExample, file_sha256, load_eval_data,
 from adapterserve.training.errors import SettingsError
 from adapterserve.training.evaluate import EvalResult, RunEvaluator, new_tokens_for
 from adapterserve.training.loop import LoopResult, planned_steps, run_training
+from adapterserve.training.method_table import TRAINING_METHODS
 from adapterserve.training.methods import (
     PEFT_TYPES,
     ParameterCount,
@@ -136,9 +137,13 @@ def train(
     else:
         save_adapter(model, out, base_label=base.source)
         # Measure what was saved: reload the adapter from disk onto the restored base.
-        from peft import PeftModel
+        reload = TRAINING_METHODS[settings.method].reload
+        if reload is None:
+            from peft import PeftModel
 
-        served_model = PeftModel.from_pretrained(_unwrapped(model, settings.method), str(out))
+            served_model = PeftModel.from_pretrained(_unwrapped(model, settings.method), str(out))
+        else:
+            served_model = reload(_unwrapped(model, settings.method), out)
         model = served_model
     model.eval()
 

@@ -1,8 +1,9 @@
 """Load a PEFT adapter directory into the served form of its kind, validating it against the base.
 
-The one entry point the store, the engine and the training module use. Files are checked before any
-tensor is read (safetensors header, pickle refusal); the config is parsed against the allowlist; every
-tensor name and shape must fit the base model; caps from EngineSettings apply.
+The one entry point the store, the engine and the training module use. The config is parsed against
+the allowlist of the kind that claims it; the tensors are read by the `safetensors` library (which
+checks the header, offsets and dtypes) after the project's own caps; the kind checks every tensor name
+and shape against the base model and the caps from EngineSettings.
 """
 
 from __future__ import annotations
@@ -12,20 +13,9 @@ from pathlib import Path
 
 import torch
 
-from adapterserve.server.adapters.config import (
-    AdaLoraAdapterConfig,
-    IA3AdapterConfig,
-    LoraAdapterConfig,
-    PrefixTuningAdapterConfig,
-    PromptTuningAdapterConfig,
-    PTuningAdapterConfig,
-    parse_adapter_config,
-)
-from adapterserve.server.adapters.ia3 import IA3Weights, load_ia3
-from adapterserve.server.adapters.lora import LoraWeights, load_lora
-from adapterserve.server.adapters.prefix import PrefixWeights, load_prefix
-from adapterserve.server.adapters.prompt import PromptWeights, load_prompt
-from adapterserve.server.adapters.types import SERVED_PEFT_TYPES, AdapterInfo, AdapterKind
+from adapterserve.server.adapters.config import MAX_CONFIG_BYTES, resolve_config
+from adapterserve.server.adapters.kind import AdapterKind, KindWeights
+from adapterserve.server.adapters.types import AdapterInfo
 from adapterserve.server.errors import AdapterValidationError
 from adapterserve.server.model.spec import BaseModelSpec
 from adapterserve.server.settings import EngineSettings
@@ -33,9 +23,6 @@ from adapterserve.server.store.safetensors_check import check_not_pickle, read_s
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-MAX_CONFIG_BYTES = 1 << 20
-
-AdapterWeights = LoraWeights | IA3Weights | PromptWeights | PrefixWeights
 
 
 @dataclass
@@ -43,10 +30,11 @@ class LoadedAdapter:
     """An adapter in host memory, validated against the base, ready to be placed into device slots."""
 
     info: AdapterInfo
-    weights: AdapterWeights
+    weights: KindWeights
+    handler: AdapterKind  # the registered kind that serves it
 
     @property
-    def kind(self) -> AdapterKind:
+    def kind(self) -> str:
         return self.info.kind
 
     @property
@@ -70,53 +58,22 @@ def build_adapter(
     spec: BaseModelSpec,
     settings: EngineSettings,
 ) -> LoadedAdapter:
-    """Served form + AdapterInfo from a parsed config and its tensors (caps and shapes checked)."""
-    config = parse_adapter_config(config_bytes)
-    kind = SERVED_PEFT_TYPES[config.peft_type]
-    rank: int | None = None
-    virtual: int | None = None
-    targets: tuple[str, ...] = ()
-    weights: AdapterWeights
-    if isinstance(config, LoraAdapterConfig):  # AdaLoRA is a subclass
-        peak = max(
-            [config.r, *(config.rank_pattern or {}).values()]
-            if not isinstance(config, AdaLoraAdapterConfig)
-            else [config.init_r]
-        )
-        if peak > settings.max_lora_rank:
-            raise AdapterValidationError(
-                f"LoRA rank {peak} is above this server's cap of {settings.max_lora_rank}"
-            )
-        weights = load_lora(config, tensors, spec)
-        rank = weights.max_rank
-        targets = tuple(sorted({short for _, short in weights.modules}))
-    elif isinstance(config, IA3AdapterConfig):
-        weights = load_ia3(config, tensors, spec)
-        targets = tuple(sorted({short for _, short in weights.modules}))
-    elif isinstance(config, PromptTuningAdapterConfig | PTuningAdapterConfig | PrefixTuningAdapterConfig):
-        if config.num_virtual_tokens > settings.max_virtual_tokens:
-            raise AdapterValidationError(
-                f"num_virtual_tokens={config.num_virtual_tokens} is above this server's cap of "
-                f"{settings.max_virtual_tokens}"
-            )
-        if isinstance(config, PrefixTuningAdapterConfig):
-            weights = load_prefix(config, tensors, spec)
-        else:
-            weights = load_prompt(config, tensors, spec)
-        virtual = weights.num_virtual_tokens
-    else:  # pragma: no cover - parse_adapter_config only returns the types above
-        raise AdapterValidationError(f"peft_type {config.peft_type} is not served")
+    """Served form + AdapterInfo from a config and its tensors (the claiming kind checks caps and shapes)."""
+    kind, config = resolve_config(config_bytes)
+    if not kind.stores_weights and tensors:
+        raise AdapterValidationError(f"a {kind.name} adapter holds no tensors; found {len(tensors)}")
+    weights = kind.load(config, tensors, spec, settings)
     served = weights.tensors()
     info = AdapterInfo(
-        kind=kind,
+        kind=kind.name,
         peft_type=config.peft_type,
-        rank=rank,
-        num_virtual_tokens=virtual,
-        target_modules=targets,
+        rank=weights.rank,
+        num_virtual_tokens=weights.num_virtual_tokens,
+        target_modules=weights.target_modules,
         num_parameters=sum(t.numel() for t in served),
         nbytes=sum(t.numel() * t.element_size() for t in served),
     )
-    return LoadedAdapter(info=info, weights=weights)
+    return LoadedAdapter(info=info, weights=weights, handler=kind)
 
 
 def load_adapter_dir(
@@ -129,6 +86,9 @@ def load_adapter_dir(
     config_bytes = _read_config(path)
     weights_path = path / WEIGHTS_FILE
     if not weights_path.is_file() or weights_path.is_symlink():
+        kind, _ = resolve_config(config_bytes)
+        if not kind.stores_weights and not weights_path.exists():
+            return build_adapter(config_bytes, {}, spec, settings)
         pickled = [p.name for p in path.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".ckpt", ".pkl"}]
         hint = f" ({', '.join(pickled)} is a pickle format and is never loaded)" if pickled else ""
         raise AdapterValidationError(f"{WEIGHTS_FILE} is missing from the adapter directory{hint}")

@@ -1,7 +1,7 @@
-"""Device slots: preallocated per-module tensors that hold the resident adapters, and the slot table.
+"""Device slots: each kind's slot storage that holds the resident adapters, and the slot table.
 
-Slot 0 is "no adapter" (LoRA zeros, IA3 ones) and is never assigned. Slots 1..N hold adapters; a step
-gathers each row's weights by slot index, so no adapter is ever copied per request. The table is an LRU
+Slot 0 is "no adapter" (every kind's storage is the identity there) and is never assigned. Slots
+1..N hold adapters; a step gathers each row's weights by slot index, so no adapter is ever copied per request. The table is an LRU
 over (adapter name, version) with pinning and reference counts: a slot used by a running request, or
 pinned, is never evicted; an unreferenced one is reused least-recently-used first.
 """
@@ -13,84 +13,21 @@ from dataclasses import dataclass, field
 
 import torch
 
-from adapterserve.server.adapters.ia3 import IA3Weights
+from adapterserve.server.adapters.kind import (
+    BankSite,
+    HookSite,
+    LinearKindWeights,
+    LinearSite,
+    ModuleKey,
+    ModuleSlots,
+    PrefillSlots,
+    all_kinds,
+)
 from adapterserve.server.adapters.loader import LoadedAdapter
-from adapterserve.server.adapters.lora import LoraWeights
-from adapterserve.server.adapters.prefix import PrefixWeights
-from adapterserve.server.adapters.prompt import PromptWeights
 from adapterserve.server.model.spec import BaseModelSpec
 
 NO_ADAPTER = 0
 SlotKey = tuple[str, int]  # (adapter name, version)
-
-
-class ModuleSlots:
-    """Slot tensors of one wrapped linear (in -> out). Created lazily: nothing until an adapter needs it.
-
-    lora_a: [S, in, r_cap]   lora_b: [S, r_cap, out]   (scaling folded in, ranks zero-padded to r_cap)
-    ia3_in: [S, in]          ia3_out: [S, out]         (ones where a slot does not scale)
-    """
-
-    def __init__(self, in_features: int, out_features: int, num_slots: int, dtype: torch.dtype, device):
-        self.in_features, self.out_features, self.num_slots = in_features, out_features, num_slots
-        self.dtype, self.device = dtype, device
-        self.lora_a: torch.Tensor | None = None
-        self.lora_b: torch.Tensor | None = None
-        self.ia3_in: torch.Tensor | None = None
-        self.ia3_out: torch.Tensor | None = None
-
-    @property
-    def rank_capacity(self) -> int:
-        return 0 if self.lora_a is None else self.lora_a.shape[2]
-
-    def set_lora(self, slot: int, a: torch.Tensor, b: torch.Tensor) -> None:
-        rank = a.shape[1]
-        if rank > self.rank_capacity:
-            self._grow_rank(rank)
-        assert self.lora_a is not None and self.lora_b is not None
-        self.lora_a[slot].zero_()
-        self.lora_b[slot].zero_()
-        self.lora_a[slot, :, :rank] = a.to(self.device, self.dtype)
-        self.lora_b[slot, :rank, :] = b.to(self.device, self.dtype)
-
-    def set_ia3(self, slot: int, vector: torch.Tensor, scales_input: bool) -> None:
-        if scales_input:
-            if self.ia3_in is None:
-                self.ia3_in = torch.ones(
-                    self.num_slots, self.in_features, dtype=self.dtype, device=self.device
-                )
-            self.ia3_in[slot] = vector.to(self.device, self.dtype)
-        else:
-            if self.ia3_out is None:
-                self.ia3_out = torch.ones(
-                    self.num_slots, self.out_features, dtype=self.dtype, device=self.device
-                )
-            self.ia3_out[slot] = vector.to(self.device, self.dtype)
-
-    def clear(self, slot: int) -> None:
-        """Back to "no adapter" for this slot."""
-        if self.lora_a is not None and self.lora_b is not None:
-            self.lora_a[slot].zero_()
-            self.lora_b[slot].zero_()
-        if self.ia3_in is not None:
-            self.ia3_in[slot].fill_(1.0)
-        if self.ia3_out is not None:
-            self.ia3_out[slot].fill_(1.0)
-
-    def _grow_rank(self, rank: int) -> None:
-        # Grow to the next power of two so repeated growth stays rare; existing slots keep their weights.
-        cap = 1 << max(rank - 1, 0).bit_length()
-        a = torch.zeros(self.num_slots, self.in_features, cap, dtype=self.dtype, device=self.device)
-        b = torch.zeros(self.num_slots, cap, self.out_features, dtype=self.dtype, device=self.device)
-        if self.lora_a is not None and self.lora_b is not None:
-            old = self.rank_capacity
-            a[:, :, :old] = self.lora_a
-            b[:, :old, :] = self.lora_b
-        self.lora_a, self.lora_b = a, b
-
-    def nbytes(self) -> int:
-        tensors = (self.lora_a, self.lora_b, self.ia3_in, self.ia3_out)
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 @dataclass
@@ -174,23 +111,29 @@ class SlotTable:
 
 
 class AdapterBank:
-    """All device-side adapter state: per-module slot tensors, prompt/prefix tensors, the slot table."""
+    """All device-side adapter state: each registered kind's slot storage, and the slot table.
+
+    Linear kinds get a ModuleSlots per wrapped linear, created when an adapter first writes to it;
+    prefill kinds get one PrefillSlots each. `slot_kinds` says which kind holds each occupied slot."""
 
     def __init__(self, spec: BaseModelSpec, num_slots: int, dtype: torch.dtype, device: torch.device):
         self.spec = spec
         self.dtype, self.device = dtype, device
         self.table = SlotTable(num_slots)
         total = num_slots + 1  # + slot 0 = no adapter
-        self.modules: dict[tuple[int, str], ModuleSlots] = {
-            (layer, short): ModuleSlots(in_f, out_f, total, dtype, device)
+        self.sites: dict[ModuleKey, LinearSite] = {
+            (layer, short): LinearSite((layer, short), in_f, out_f, total, dtype, device)
             for layer in range(spec.num_layers)
             for short, (in_f, out_f) in spec.linear_shapes.items()
         }
-        self.prompts: dict[int, torch.Tensor] = {}  # slot -> [n_virtual, hidden]
-        self.prefixes: dict[
-            int, tuple[torch.Tensor, torch.Tensor]
-        ] = {}  # slot -> keys, values [L, kvH, n, D]
-        self._touched: dict[int, list[tuple[int, str]]] = {}  # slot -> modules written
+        # module -> kind name -> that kind's slots there (what MultiAdapterLinear iterates)
+        self.module_slots: dict[ModuleKey, dict[str, ModuleSlots]] = {key: {} for key in self.sites}
+        site = BankSite(spec, total, dtype, device)
+        self.prefill: dict[str, PrefillSlots] = {
+            k.name: k.prefill_slots(site) for k in all_kinds() if k.hook == HookSite.PREFILL
+        }
+        self.slot_kinds: dict[int, str] = {}  # occupied slot -> kind name
+        self._touched: dict[int, list[ModuleKey]] = {}  # slot -> modules written
 
     def acquire(self, key: SlotKey, adapter: LoadedAdapter) -> int | None:
         """The slot holding `adapter` (loading it if needed), with a reference taken; None if all busy."""
@@ -226,27 +169,29 @@ class AdapterBank:
         self.table.set_pinned(key, False)
 
     def _write(self, slot: int, adapter: LoadedAdapter) -> None:
-        w = adapter.weights
-        touched: list[tuple[int, str]] = []
-        if isinstance(w, LoraWeights):
-            for key, (a, b) in w.modules.items():
-                self.modules[key].set_lora(slot, a, b)
+        kind = adapter.handler
+        touched: list[ModuleKey] = []
+        if kind.hook == HookSite.LINEAR:
+            assert isinstance(adapter.weights, LinearKindWeights)
+            for key, value in adapter.weights.modules.items():
+                per_kind = self.module_slots[key]
+                if kind.name not in per_kind:
+                    per_kind[kind.name] = kind.module_slots(self.sites[key])
+                per_kind[kind.name].write(slot, value)
                 touched.append(key)
-        elif isinstance(w, IA3Weights):
-            for key, (vector, scales_input) in w.modules.items():
-                self.modules[key].set_ia3(slot, vector, scales_input)
-                touched.append(key)
-        elif isinstance(w, PromptWeights):
-            self.prompts[slot] = w.embeddings.to(self.device, self.dtype)
-        elif isinstance(w, PrefixWeights):
-            self.prefixes[slot] = (w.keys.to(self.device, self.dtype), w.values.to(self.device, self.dtype))
+        elif kind.hook == HookSite.PREFILL:
+            self.prefill[kind.name].write(slot, adapter.weights)
         self._touched[slot] = touched
+        self.slot_kinds[slot] = kind.name
 
     def _clear(self, slot: int) -> None:
+        name = self.slot_kinds.pop(slot, None)
+        if name is None:
+            return
         for key in self._touched.pop(slot, []):
-            self.modules[key].clear(slot)
-        self.prompts.pop(slot, None)
-        self.prefixes.pop(slot, None)
+            self.module_slots[key][name].clear(slot)
+        if name in self.prefill:
+            self.prefill[name].clear(slot)
 
     def drop(self, key: SlotKey) -> bool:
         entry = self.table.drop(key)
@@ -256,7 +201,5 @@ class AdapterBank:
         return True
 
     def device_bytes(self) -> int:
-        total = sum(m.nbytes() for m in self.modules.values())
-        total += sum(t.numel() * t.element_size() for t in self.prompts.values())
-        total += sum(k.numel() * k.element_size() * 2 for k, _ in self.prefixes.values())
-        return total
+        total = sum(ms.nbytes() for per_kind in self.module_slots.values() for ms in per_kind.values())
+        return total + sum(p.nbytes() for p in self.prefill.values())

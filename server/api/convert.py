@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from adapterserve.server.adapters.types import AdapterKind
 from adapterserve.server.api.contracts import AdapterRecord
 from adapterserve.server.engine.types import FinishReason
 from adapterserve.v1 import generation_pb2, types_pb2
@@ -15,12 +14,16 @@ FINISH_REASONS: dict[FinishReason, int] = {
     FinishReason.EOS: generation_pb2.FINISH_REASON_EOS,
 }
 
-ADAPTER_KINDS: dict[AdapterKind, int] = {
-    AdapterKind.LORA: types_pb2.ADAPTER_KIND_LORA,
-    AdapterKind.IA3: types_pb2.ADAPTER_KIND_IA3,
-    AdapterKind.PROMPT: types_pb2.ADAPTER_KIND_PROMPT,
-    AdapterKind.PREFIX: types_pb2.ADAPTER_KIND_PREFIX,
-}
+
+
+def adapter_kind_to_proto(kind: str) -> int:
+    """The wire AdapterKind of a registered kind's name: ADAPTER_KIND_<NAME> (UNSPECIFIED if the proto
+    does not know it yet)."""
+    try:
+        return types_pb2.AdapterKind.Value(f"ADAPTER_KIND_{kind.upper()}")
+    except ValueError:
+        return types_pb2.ADAPTER_KIND_UNSPECIFIED
+
 
 CACHE_TIERS: dict[str, int] = {
     "disk": types_pb2.CACHE_TIER_DISK,
@@ -41,7 +44,7 @@ def adapter_to_proto(record: AdapterRecord) -> types_pb2.AdapterInfo:
     created.FromDatetime(record.created_at)
     message = types_pb2.AdapterInfo(
         name=record.name,
-        kind=ADAPTER_KINDS[info.kind],
+        kind=adapter_kind_to_proto(info.kind),
         peft_type=info.peft_type,
         target_modules=list(info.target_modules),
         num_parameters=info.num_parameters,

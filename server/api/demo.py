@@ -32,19 +32,17 @@ DEMO_SEED = 1234
 
 def _demo_configs() -> dict[str, Any]:
     """name -> PEFT config of each demo adapter (Llama-family module names)."""
-    from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig
+    from adapterserve.server.adapters.peft_configs import build_peft_config
 
     return {
-        "demo-lora": LoraConfig(
-            task_type="CAUSAL_LM", r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0
+        "demo-lora": build_peft_config(
+            "lora", r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0
         ),
-        "demo-ia3": IA3Config(
-            task_type="CAUSAL_LM",
-            target_modules=["k_proj", "v_proj", "down_proj"],
-            feedforward_modules=["down_proj"],
+        "demo-ia3": build_peft_config(
+            "ia3", target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]
         ),
-        "demo-prompt": PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8),
-        "demo-prefix": PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=8),
+        "demo-prompt": build_peft_config("prompt-tuning", num_virtual_tokens=8),
+        "demo-prefix": build_peft_config("prefix-tuning", num_virtual_tokens=8),
     }
 
 

@@ -12,9 +12,9 @@ import logging
 from importlib import metadata
 from typing import Any
 
-from adapterserve.server.adapters.types import AdapterKind
+from adapterserve.server.adapters.kind import kind_names
 from adapterserve.server.api.catalog import StoreCatalog
-from adapterserve.server.api.convert import ADAPTER_KINDS
+from adapterserve.server.api.convert import adapter_kind_to_proto
 from adapterserve.server.api.metrics import RuntimeSnapshot, TierStats
 from adapterserve.server.api.runtime import Runtime, StartedRuntime
 from adapterserve.server.engine.types import GenerationRequest, SamplingParams
@@ -41,7 +41,7 @@ def server_info(base: Any, limits: LimitSettings) -> generation_pb2.ServerInfo:
         base_fingerprint=base.fingerprint,
         model_type=base.spec.model_type,
         quantize=str(base.quantize),
-        adapter_kinds=[ADAPTER_KINDS[k] for k in AdapterKind],
+        adapter_kinds=[adapter_kind_to_proto(k) for k in kind_names()],
         limits=generation_pb2.Limits(
             max_prompt_tokens=limits.max_prompt_tokens,
             max_new_tokens=limits.max_new_tokens,

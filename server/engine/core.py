@@ -15,6 +15,7 @@ steps on a worker thread; `OfflineEngine` runs them in the caller's thread.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -25,9 +26,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from adapterserve.server.adapters.layers import AdapterBatch, AdapterContext, wrap_model
+from adapterserve.server.adapters.kind import HookSite
+from adapterserve.server.adapters.layers import AdapterBatch, AdapterContext, build_batch, wrap_model
 from adapterserve.server.adapters.slots import NO_ADAPTER, AdapterBank
-from adapterserve.server.adapters.types import AdapterKind
 from adapterserve.server.engine.kv_cache import make_kv_cache
 from adapterserve.server.engine.provider import ResolvedAdapter
 from adapterserve.server.engine.runner import ModelRunner, PrefillRow
@@ -73,8 +74,9 @@ class Sequence:
         return 0 if self.prefill_inputs is None else self.prefill_inputs.shape[0] - self.prefill_done
 
     @property
-    def kind(self) -> AdapterKind | None:
-        return None if self.resolved is None else self.resolved.adapter.kind
+    def hook(self) -> HookSite | None:
+        """How this request's adapter is applied (None: no adapter)."""
+        return None if self.resolved is None else self.resolved.adapter.handler.hook
 
     @property
     def virtual_tokens(self) -> int:
@@ -89,7 +91,10 @@ class Sequence:
 
     @property
     def slot_key(self) -> tuple[str, int] | None:
-        return None if self.resolved is None else (self.resolved.name, self.resolved.version)
+        """(name, version) of the device slot this request needs; None when it needs none."""
+        if self.resolved is None or self.hook == HookSite.PROMPT:
+            return None
+        return (self.resolved.name, self.resolved.version)
 
 
 @dataclass(frozen=True)
@@ -124,7 +129,6 @@ class EngineCore:
         self._lock = threading.Lock()  # guards `waiting` and `_cancel` (touched by other threads)
         self._cancel: set[str] = set()
         self._controls: deque[tuple[Callable[[], object], Future]] = deque()  # run on the engine thread
-        self._slot_kinds: dict[int, AdapterKind] = {}
         self._final_events: list[tuple[Sequence, TokenEvent]] = []  # sent once their rows are retired
         self.steps = 0
 
@@ -138,6 +142,10 @@ class EngineCore:
         vocab = self.base.spec.vocab_size
         if any(t < 0 or t >= vocab for t in request.prompt_ids):
             raise InvalidArgumentError(f"prompt_ids: token ids must be in [0, {vocab})")
+        if resolved is not None and resolved.adapter.handler.hook == HookSite.PROMPT:
+            adapter = resolved.adapter
+            ids = adapter.handler.rewrite_prompt(adapter.weights, request.prompt_ids, self.base.tokenizer)
+            request = dataclasses.replace(request, prompt_ids=tuple(ids))
         p = request.sampling
         if p.max_new_tokens < 1:
             raise InvalidArgumentError("max_new_tokens: must be at least 1")
@@ -262,13 +270,14 @@ class EngineCore:
 
     def pin_adapter(self, resolved: ResolvedAdapter) -> int:
         """(Engine thread) load `resolved` into a device slot and pin it there."""
+        if resolved.adapter.handler.hook == HookSite.PROMPT:
+            return NO_ADAPTER  # applied to the prompt's tokens: nothing lives on the device
         slot = self.bank.pin((resolved.name, resolved.version), resolved.adapter)
         if slot is None:
             raise ResourceExhaustedError(
                 f"cannot pin {resolved.name!r} in a device slot: at most {self.bank.table.num_slots - 1} "
                 "adapters can be pinned, and slots used by running requests are not taken"
             )
-        self._slot_kinds[slot] = resolved.adapter.kind
         return slot
 
     def _reap_cancelled(self) -> None:
@@ -299,27 +308,22 @@ class EngineCore:
                 if not self.cache.can_reserve([*reserving, self.waiting[0].kv_tokens]):
                     break  # FIFO: wait for running requests to free KV blocks
                 seq = self.waiting.popleft()
-                if seq.resolved is not None:
-                    key = seq.slot_key
-                    resident = self.bank.table.lookup(key) is not None  # type: ignore[arg-type]
-                    slot = (
-                        None if slots_full and not resident else self.bank.acquire(key, seq.resolved.adapter)
-                    )  # type: ignore[arg-type]
+                key = seq.slot_key
+                if key is not None and seq.resolved is not None:
+                    resident = self.bank.table.lookup(key) is not None
+                    slot = None if slots_full and not resident else self.bank.acquire(key, seq.resolved.adapter)
                     if slot is None:  # every slot busy: wait, but let requests behind it use resident ones
                         slots_full = True
                         skipped.append(seq)
                         continue
                     seq.slot = slot
-                    self._slot_kinds[slot] = seq.resolved.adapter.kind
                 admitted.append(seq)
                 reserving.append(seq.kv_tokens)
             self.waiting.extendleft(reversed(skipped))
         return admitted
 
     def _batch(self, seqs: list[Sequence]) -> AdapterBatch:
-        lora = {s for s, k in self._slot_kinds.items() if k == AdapterKind.LORA}
-        ia3 = {s for s, k in self._slot_kinds.items() if k == AdapterKind.IA3}
-        return AdapterBatch.build([s.slot for s in seqs], lora, ia3, self.device)
+        return build_batch([s.slot for s in seqs], self.bank.slot_kinds, self.device)
 
     def _start_prefill(self, seqs: list[Sequence]) -> None:
         """Give admitted requests rows at the end and their prefill inputs (prefix K/V written now)."""
@@ -329,12 +333,10 @@ class EngineCore:
             self.running.append(seq)  # on failure, _run_guarded finishes it and retire frees the row
             ids = torch.tensor(seq.request.prompt_ids, dtype=torch.long, device=self.device)
             embeds = self.runner.embed(ids)  # [n, H]
-            if seq.kind == AdapterKind.PROMPT:
-                embeds = torch.cat([self.bank.prompts[seq.slot].to(embeds.dtype), embeds], dim=0)
-            elif seq.kind == AdapterKind.PREFIX:
-                keys, values = self.bank.prefixes[seq.slot]
-                self.cache.write_prefix(row, keys, values)
-                seq.prefill_start = keys.shape[2]
+            if seq.hook == HookSite.PREFILL:
+                assert seq.resolved is not None
+                storage = self.bank.prefill[seq.resolved.adapter.kind]
+                embeds, seq.prefill_start = storage.prefill(seq.slot, row, embeds, self.cache)  # [m, H]
             seq.prefill_inputs = embeds
             seq.length = seq.prefill_start
 

@@ -174,6 +174,21 @@ def fingerprint_of(model_dir: str, config: Any) -> str:
     return "sha256:" + h.hexdigest()[:32]
 
 
+def keep_plain_4bit_layout(model: Any) -> None:
+    """Stop bitsandbytes from repacking CPU 4-bit weights for its AVX512-BF16 kernel at the first forward.
+
+    The repacked layout stores the block scales in bf16 and cannot be turned back into the exact nf4
+    weight, which DoRA needs (row norms of the dequantized weight), and PEFT's DoRA misreads it. On CUDA
+    nothing is repacked."""
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
 def load_base_model(
     source: str | Path | None = None,
     *,
@@ -205,6 +220,8 @@ def load_base_model(
         model.to(target_device)
     model.eval()
     model.requires_grad_(False)
+    if qconfig is not None and target_device.type == "cpu":
+        keep_plain_4bit_layout(model)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(tokenizer, "chat_template", None) is None:

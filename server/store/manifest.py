@@ -14,7 +14,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from adapterserve.server.adapters.types import AdapterInfo, AdapterKind
+from adapterserve.server.adapters.types import AdapterInfo
 from adapterserve.server.errors import AdapterValidationError
 
 MANIFEST_FILE = "manifest.json"
@@ -41,7 +41,7 @@ class Manifest(BaseModel):
     name: str
     version: Annotated[int, Field(ge=1)]
     uid: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]  # unique per stored upload
-    kind: AdapterKind
+    kind: Annotated[str, Field(min_length=1, max_length=64)]  # a registered kind's name
     peft_type: str
     rank: int | None = None
     num_virtual_tokens: int | None = None

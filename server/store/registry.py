@@ -235,7 +235,8 @@ class AdapterRegistry:
         base_fingerprint: str | None = None,
         max_bytes: int | None = None,
     ) -> CommitResult:
-        """Store an upload (see AdapterStore.upload_async) and drop any cached older version."""
+        """Store an upload (see AdapterStore.upload_async), drop any cached older version and put the
+        adapter the upload validated into host memory: its first request does not read it again."""
         result = await self.store.upload_async(
             name,
             files,
@@ -245,6 +246,19 @@ class AdapterRegistry:
             max_bytes=max_bytes,
         )
         self._drop(name, "invalidate")
+        validated, manifest = result.validated, result.manifest
+        current = self.store.current(name)
+        if validated is not None and current is not None and current.uid == manifest.uid:
+            self._insert(
+                ResolvedAdapter(
+                    name=name,
+                    version=manifest.version,
+                    uid=manifest.uid,
+                    info=validated.info,
+                    adapter=validated,
+                    nbytes=int(validated.nbytes),
+                )
+            )
         return result
 
     async def delete(self, name: str) -> Manifest | None:

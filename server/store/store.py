@@ -88,6 +88,7 @@ class CommitResult:
     manifest: Manifest
     replaced: Manifest | None  # the previous version, when the name was overwritten
     received_bytes: int
+    validated: ValidatedAdapter | None = None  # what the validator returned (ready for the host cache)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -379,7 +380,9 @@ class AdapterStore:
                     _fsync_dir(self.root)
                 self._manifests[name] = manifest
                 self._failed.pop(name, None)
-        return CommitResult(manifest=manifest, replaced=old, received_bytes=session.received_bytes)
+        return CommitResult(
+            manifest=manifest, replaced=old, received_bytes=session.received_bytes, validated=validated
+        )
 
     def upload(
         self,

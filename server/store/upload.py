@@ -3,8 +3,9 @@
 Nothing derived from the request reaches the file system unchecked: each file name is checked against
 the two names a PEFT adapter has, every byte is counted against the cap, and files are created with
 O_EXCL | O_NOFOLLOW inside a folder the store made. `commit()` checks the files (pickle refusal, config
-allowlist, safetensors header), runs the store's validator (the loader, against the served base),
-writes the manifest and hands the folder to the store for an atomic rename. Any failure removes the
+the store's validator, once: the loader parses the config against the allowlist, reads the
+safetensors file (caps, pickle refusal, the library's format checks) and checks it against the served
+base; the adapter it returns goes into the host cache), writes the manifest and hands the folder to the store for an atomic rename. Any failure removes the
 temporary folder, so a refused upload leaves the store exactly as it was.
 """
 
@@ -17,10 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from adapterserve.server.adapters.config import parse_adapter_config
 from adapterserve.server.errors import AdapterValidationError, ResourceExhaustedError
 from adapterserve.server.store.manifest import FileEntry
-from adapterserve.server.store.safetensors_check import check_not_pickle, check_safetensors_file, sniff_pickle
+from adapterserve.server.store.safetensors_check import sniff_pickle
 
 if TYPE_CHECKING:
     from adapterserve.server.store.store import AdapterStore, CommitResult
@@ -154,11 +154,7 @@ class UploadSession:
             missing = [f for f in ACCEPTED_FILES if f not in self._files]
             if missing:
                 raise AdapterValidationError(f"upload is missing {' and '.join(missing)}")
-            for fname in self._files:
-                check_not_pickle(self.tmp_dir / fname)
-            parse_adapter_config((self.tmp_dir / CONFIG_FILE).read_bytes())
-            check_safetensors_file(self.tmp_dir / WEIGHTS_FILE, max_bytes=self.max_bytes)
-            return self.store._install_upload(self, dict(self._files))
+            return self.store._install_upload(self, dict(self._files))  # validates, once
         finally:
             self.abort()  # after a successful install the folder is gone and this is a no-op
 

@@ -10,34 +10,29 @@ PEFT_TYPES = ("LORA", "ADALORA", "IA3", "PROMPT_TUNING", "P_TUNING", "PREFIX_TUN
 
 def peft_config(peft_type: str, **overrides: Any):
     """A PEFT config object of `peft_type` for the tiny Llama (small sizes, non-trivial init)."""
-    from peft import (
-        AdaLoraConfig,
-        IA3Config,
-        LoraConfig,
-        PrefixTuningConfig,
-        PromptEncoderConfig,
-        PromptTuningConfig,
-    )
+    from adapterserve.server.adapters.peft_configs import build_peft_config
 
-    base: dict[str, Any] = {"task_type": "CAUSAL_LM"}
-    if peft_type == "LORA":
-        kw = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-        return LoraConfig(**{**base, **kw, **overrides})
-    if peft_type == "ADALORA":
-        kw = dict(init_r=6, target_r=4, target_modules=["q_proj", "v_proj"], total_step=10)
-        return AdaLoraConfig(**{**base, **kw, **overrides})
-    if peft_type == "IA3":
-        kw = dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
-        return IA3Config(**{**base, **kw, **overrides})
-    if peft_type == "PROMPT_TUNING":
-        return PromptTuningConfig(**{**base, "num_virtual_tokens": 4, **overrides})
-    if peft_type == "P_TUNING":
-        return PromptEncoderConfig(
-            **{**base, "num_virtual_tokens": 4, "encoder_hidden_size": 16, **overrides}
-        )
-    if peft_type == "PREFIX_TUNING":
-        return PrefixTuningConfig(**{**base, "num_virtual_tokens": 4, **overrides})
-    raise ValueError(peft_type)
+    defaults: dict[str, tuple[str, dict[str, Any]]] = {
+        "LORA": (
+            "lora",
+            dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+        ),
+        "ADALORA": (
+            "adalora",
+            dict(init_r=6, target_r=4, target_modules=["q_proj", "v_proj"], total_step=10),
+        ),
+        "IA3": (
+            "ia3",
+            dict(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+        ),
+        "PROMPT_TUNING": ("prompt-tuning", {"num_virtual_tokens": 4}),
+        "P_TUNING": ("p-tuning", {"num_virtual_tokens": 4, "encoder_hidden_size": 16}),
+        "PREFIX_TUNING": ("prefix-tuning", {"num_virtual_tokens": 4}),
+    }
+    if peft_type not in defaults:
+        raise ValueError(peft_type)
+    method, fields = defaults[peft_type]
+    return build_peft_config(method, **{**fields, **overrides})
 
 
 def save_peft_adapter(

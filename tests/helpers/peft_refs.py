@@ -6,10 +6,13 @@ References are computed with full forward passes (no cache) through `PeftModel`:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from adapterserve.server.adapters.peft_configs import build_peft_config
 
 ADAPTER_KINDS: dict[str, Callable[[], object]] = {}
 
@@ -24,18 +27,15 @@ def _register(name: str):
 
 @_register("lora_qv_r4")
 def _lora_small():
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM"
+    return build_peft_config(
+        "lora", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False
     )
 
 
 @_register("lora_all_r8_rs")
 def _lora_big():
-    from peft import LoraConfig
-
-    return LoraConfig(
+    return build_peft_config(
+        "lora",
         r=8,
         lora_alpha=16,
         use_rslora=True,
@@ -43,69 +43,109 @@ def _lora_big():
         rank_pattern={"down_proj": 2},
         alpha_pattern={"o_proj": 4},
         init_lora_weights=False,
-        task_type="CAUSAL_LM",
     )
 
 
 @_register("adalora_pruned")
 def _adalora():
-    from peft import AdaLoraConfig
-
-    return AdaLoraConfig(
+    return build_peft_config(
+        "adalora",
         init_r=6,
         target_r=4,
         total_step=10,
         lora_alpha=12,
         target_modules=["q_proj", "v_proj"],
-        task_type="CAUSAL_LM",
+    )
+
+
+@_register("dora")
+def _dora():
+    return build_peft_config(
+        "dora",
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "o_proj", "down_proj"],
+        rank_pattern={"down_proj": 2},
+        init_lora_weights=False,
     )
 
 
 @_register("ia3")
 def _ia3():
-    from peft import IA3Config
-
-    return IA3Config(
+    return build_peft_config(
+        "ia3",
         target_modules=["k_proj", "v_proj", "down_proj"],
         feedforward_modules=["down_proj"],
         init_ia3_weights=False,
-        task_type="CAUSAL_LM",
     )
 
 
 @_register("prompt")
 def _prompt():
-    from peft import PromptTuningConfig
-
-    return PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM")
+    return build_peft_config("prompt-tuning", num_virtual_tokens=4)
 
 
 @_register("ptuning")
 def _ptuning():
-    from peft import PromptEncoderConfig
-
-    return PromptEncoderConfig(num_virtual_tokens=3, encoder_hidden_size=32, task_type="CAUSAL_LM")
+    return build_peft_config("p-tuning", num_virtual_tokens=3, encoder_hidden_size=32)
 
 
 @_register("prefix")
 def _prefix():
-    from peft import PrefixTuningConfig
+    return build_peft_config("prefix-tuning", num_virtual_tokens=5)
 
-    return PrefixTuningConfig(num_virtual_tokens=5, task_type="CAUSAL_LM")
+
+def _bottleneck_config(**fields):
+    from adapterserve.server.adapters.kinds.bottleneck import BottleneckAdapterConfig
+
+    return BottleneckAdapterConfig(peft_type="BOTTLENECK", task_type="CAUSAL_LM", **fields)
+
+
+@_register("bottleneck_houlsby")
+def _bottleneck_houlsby():
+    return _bottleneck_config(reduction_factor=8, placement="houlsby", non_linearity="gelu")
+
+
+@_register("bottleneck_pfeiffer")
+def _bottleneck_pfeiffer():
+    return _bottleneck_config(reduction_factor=4, placement="pfeiffer", non_linearity="tanh")
+
+
+@_register("template")
+def _template():
+    return {"template": "Q: {input}\nA:", "system": "Answer briefly."}
 
 
 def make_adapter(base_dir: Path, kind: str, out_dir: Path, seed: int = 0) -> Path:
-    """Create adapter `kind` on the model in base_dir with random (non-identity) weights; save it."""
+    """Create adapter `kind` on the model in base_dir with random (non-identity) weights; save it.
+    Bottleneck adapters (which PEFT lacks) are made by the training module, which is their reference."""
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base_dir)
-    peft_model = get_peft_model(model, ADAPTER_KINDS[kind]())
+    config = ADAPTER_KINDS[kind]()
+    if isinstance(config, dict):  # a hard-prompt template: no weights
+        from adapterserve.server.adapters.kinds.template import write_template_dir
+
+        return write_template_dir(out_dir, **config)
+    if getattr(config, "peft_type", None) == "BOTTLENECK":
+        from adapterserve.training.bottleneck import BottleneckModel
+
+        wrapped = BottleneckModel(model, config)
+        with torch.no_grad():
+            for p in wrapped.parameters():
+                if p.requires_grad:
+                    p.normal_(0.0, 0.3)
+        wrapped.save_pretrained(out_dir)
+        return out_dir
+    peft_model = get_peft_model(model, config)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "ia3_l" in name:  # make IA3 clearly non-identity
                 p.uniform_(0.2, 2.0)
+            if "lora_magnitude_vector" in name:  # DoRA's init magnitude is the norm: move it off
+                p.mul_(torch.empty_like(p).uniform_(0.5, 1.5))
             if "lora_E" in name or (
                 "lora_B" in name and kind.startswith("adalora")
             ):  # AdaLoRA inits E, B to 0
@@ -133,7 +173,34 @@ def peft_reference_model(
     model = load_base_model(base_dir, quantize=quantize, device=device, dtype=dtype).model
     if adapter_dir is None:
         return model
+    peft_type = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())["peft_type"]
+    if peft_type == "HARD_PROMPT":
+        return model  # a template changes the prompt, not the model: see reference_prompt
+    if peft_type == "BOTTLENECK":
+        from adapterserve.training.bottleneck import load_bottleneck
+
+        return load_bottleneck(model, adapter_dir)  # the training-time module's own forward
     return PeftModel.from_pretrained(model, adapter_dir).eval()
+
+
+def reference_prompt(base_dir: Path, adapter_dir: Path | None, prompt: list[int]) -> list[int]:
+    """The token ids the reference model sees for `prompt`: a template's text around them (system text,
+    blank line, the template's text before and after {input}, each tokenized without special tokens)."""
+    if adapter_dir is None:
+        return list(prompt)
+    config = json.loads((Path(adapter_dir) / "adapter_config.json").read_text())
+    if config["peft_type"] != "HARD_PROMPT":
+        return list(prompt)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    before, after = config["template"].split("{input}")
+    if config.get("system"):
+        before = config["system"] + "\n\n" + before
+    head = [prompt[0]] if prompt and prompt[0] == tok.bos_token_id else []
+    body = list(prompt[len(head) :])
+    enc = lambda text: tok(text, add_special_tokens=False)["input_ids"] if text else []  # noqa: E731
+    return head + enc(before) + body + enc(after)
 
 
 @torch.inference_mode()

@@ -15,6 +15,7 @@ pytest.importorskip("adapterserve.server.engine.offline")
 CASES = {
     "lora": {"learning_rate": 2e-2},
     "adalora": {"learning_rate": 5e-2, "adalora_tinit": 1, "adalora_tfinal": 2},
+    "dora": {"learning_rate": 2e-2},
     "ia3": {"learning_rate": 5e-2},
     "prompt-tuning": {"learning_rate": 0.3, "num_virtual_tokens": 4, "init_text": "Classify the sentiment"},
     "p-tuning": {"learning_rate": 1e-2, "num_virtual_tokens": 4, "encoder_type": "lstm"},

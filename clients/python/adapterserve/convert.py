@@ -33,11 +33,11 @@ _FINISH: dict[int, FinishReason] = {
     generation_pb2.FINISH_REASON_STOP: FinishReason.STOP,
     generation_pb2.FINISH_REASON_EOS: FinishReason.EOS,
 }
+# Wire ADAPTER_KIND_<NAME> <-> AdapterKind.<NAME>, by name: a kind is added to the proto and the enum only.
 _KINDS: dict[int, AdapterKind] = {
-    types_pb2.ADAPTER_KIND_LORA: AdapterKind.LORA,
-    types_pb2.ADAPTER_KIND_IA3: AdapterKind.IA3,
-    types_pb2.ADAPTER_KIND_PROMPT: AdapterKind.PROMPT,
-    types_pb2.ADAPTER_KIND_PREFIX: AdapterKind.PREFIX,
+    types_pb2.AdapterKind.Value(f"ADAPTER_KIND_{kind.name}"): kind
+    for kind in AdapterKind
+    if kind is not AdapterKind.UNSPECIFIED and f"ADAPTER_KIND_{kind.name}" in types_pb2.AdapterKind.keys()
 }
 _TIERS: dict[int, CacheTier] = {
     types_pb2.CACHE_TIER_DISK: CacheTier.DISK,

@@ -33,6 +33,9 @@ class AdapterKind(enum.StrEnum):
     IA3 = "ia3"
     PROMPT = "prompt"
     PREFIX = "prefix"
+    DORA = "dora"
+    BOTTLENECK = "bottleneck"
+    TEMPLATE = "template"
     UNSPECIFIED = "unspecified"
 
 

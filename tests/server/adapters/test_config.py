@@ -8,16 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from adapterserve.server.adapters.config import (
-    AdaLoraAdapterConfig,
-    IA3AdapterConfig,
-    LoraAdapterConfig,
-    PrefixTuningAdapterConfig,
-    PromptTuningAdapterConfig,
-    PTuningAdapterConfig,
-    parse_adapter_config,
-)
-from adapterserve.server.adapters.types import AdapterKind
+from adapterserve.server.adapters.config import parse_adapter_config, resolve_config
+from adapterserve.server.adapters.kinds.ia3 import IA3AdapterConfig
+from adapterserve.server.adapters.kinds.lora import AdaLoraAdapterConfig, LoraAdapterConfig
+from adapterserve.server.adapters.kinds.prefix import PrefixTuningAdapterConfig
+from adapterserve.server.adapters.kinds.prompt import PromptTuningAdapterConfig, PTuningAdapterConfig
 from adapterserve.server.errors import AdapterValidationError, UnsupportedAdapterError
 from tests.helpers.peft_adapters import PEFT_TYPES, peft_config, save_peft_adapter
 
@@ -41,21 +36,21 @@ def lora_dict(**changes) -> dict:
 
 
 EXPECTED_TYPES = {
-    "LORA": (LoraAdapterConfig, AdapterKind.LORA),
-    "ADALORA": (AdaLoraAdapterConfig, AdapterKind.LORA),
-    "IA3": (IA3AdapterConfig, AdapterKind.IA3),
-    "PROMPT_TUNING": (PromptTuningAdapterConfig, AdapterKind.PROMPT),
-    "P_TUNING": (PTuningAdapterConfig, AdapterKind.PROMPT),
-    "PREFIX_TUNING": (PrefixTuningAdapterConfig, AdapterKind.PREFIX),
+    "LORA": (LoraAdapterConfig, "lora"),
+    "ADALORA": (AdaLoraAdapterConfig, "lora"),
+    "IA3": (IA3AdapterConfig, "ia3"),
+    "PROMPT_TUNING": (PromptTuningAdapterConfig, "prompt"),
+    "P_TUNING": (PTuningAdapterConfig, "prompt"),
+    "PREFIX_TUNING": (PrefixTuningAdapterConfig, "prefix"),
 }
 
 
 @pytest.mark.parametrize("peft_type", PEFT_TYPES)
 def test_every_served_type_as_saved_by_peft_parses(saved_configs, peft_type):
-    config = parse_adapter_config(saved_configs[peft_type])
-    cls, kind = EXPECTED_TYPES[peft_type]
+    kind, config = resolve_config(saved_configs[peft_type])
+    cls, kind_name = EXPECTED_TYPES[peft_type]
     assert type(config) is cls
-    assert config.kind is kind
+    assert kind.name == kind_name
     assert config.peft_type == peft_type
     assert config.task_type == "CAUSAL_LM"
     assert config.base_model_name_or_path  # kept, informational
@@ -151,7 +146,7 @@ def test_task_type_null_with_transformers_auto_mapping_is_accepted():
 @pytest.mark.parametrize(
     "changes, field",
     [
-        ({"use_dora": True}, "use_dora"),
+        ({"use_dora": True, "lora_bias": True}, "lora_bias"),  # DoRA is served; its unsupported fields are not
         ({"lora_bias": True}, "lora_bias"),
         ({"bias": "all"}, "bias"),
         ({"bias": "lora_only"}, "bias"),

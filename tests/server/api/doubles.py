@@ -13,7 +13,7 @@ import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from adapterserve.server.adapters.types import AdapterInfo, AdapterKind
+from adapterserve.server.adapters.types import AdapterInfo
 from adapterserve.server.api.contracts import AdapterRecord, StoredFile, UploadResult
 from adapterserve.server.api.metrics import RuntimeSnapshot, TierStats
 from adapterserve.server.api.runtime import Runtime, StartedRuntime
@@ -128,7 +128,7 @@ def _record(name: str, files: dict[str, bytes], description: str, version: int) 
     )
     digest = hashlib.sha256(b"".join(f.name.encode() + f.sha256.encode() for f in stored)).hexdigest()
     info = AdapterInfo(
-        kind=AdapterKind.LORA,
+        kind="lora",
         peft_type=config.get("peft_type", "LORA"),
         rank=config.get("r", 8),
         num_virtual_tokens=None,

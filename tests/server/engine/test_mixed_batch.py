@@ -7,10 +7,17 @@ from __future__ import annotations
 import pytest
 import torch
 
+from adapterserve.server.adapters.kind import kind_names
 from adapterserve.server.engine.offline import OfflineEngine
 from adapterserve.server.model.loading import load_base_model
 from adapterserve.server.settings import EngineSettings
-from tests.helpers.peft_refs import ADAPTER_KINDS, make_adapter, peft_greedy, peft_reference_model
+from tests.helpers.peft_refs import (
+    ADAPTER_KINDS,
+    make_adapter,
+    peft_greedy,
+    peft_reference_model,
+    reference_prompt,
+)
 
 STEPS = 6
 PROMPTS = [
@@ -48,7 +55,9 @@ def _references(tiny_model_dir, adapter_dirs, quantize, rows):
             models[adapter] = peft_reference_model(
                 tiny_model_dir, None if adapter is None else adapter_dirs[adapter], quantize
             )
-        refs[(adapter, tuple(prompt))] = peft_greedy(models[adapter], prompt, STEPS)
+        adapter_dir = None if adapter is None else adapter_dirs[adapter]
+        seen = reference_prompt(tiny_model_dir, adapter_dir, prompt)  # a template wraps the prompt
+        refs[(adapter, tuple(prompt))] = peft_greedy(models[adapter], seen, STEPS)
     return refs
 
 
@@ -62,14 +71,17 @@ def test_mixed_batch_matches_peft_per_adapter(tiny_model_dir, adapter_dirs, quan
     base = load_base_model(tiny_model_dir, quantize=quantize, device="cpu")
     engine = OfflineEngine(
         base,
-        EngineSettings(max_batch_size=16, max_seq_len=64, adapter_slots=8, max_prefill_tokens=prefill_budget),
+        EngineSettings(
+            max_batch_size=16, max_seq_len=64, adapter_slots=len(ADAPTER_KINDS), max_prefill_tokens=prefill_budget
+        ),
         capture_logits=True,
     )
-    for kind, path in adapter_dirs.items():
-        engine.add_adapter(kind, path)
+    served = {engine.add_adapter(kind, path).adapter.kind for kind, path in adapter_dirs.items()}
+    assert served == set(kind_names()), "the invariant must cover every registered adapter kind"
     results = engine.generate(
         [engine.request(p, adapter=a, max_new_tokens=STEPS, ignore_eos=True) for a, p in rows]
     )
+    assert engine.core.bank.table.stats.evictions == 0  # every adapter stayed resident: one mixed batch
 
     base_tokens = {tuple(p): refs[(None, tuple(p))][0] for a, p in rows if a is None}
     for (adapter, prompt), result in zip(rows, results, strict=True):

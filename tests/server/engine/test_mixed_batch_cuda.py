@@ -21,7 +21,13 @@ import torch
 from adapterserve.server.engine.offline import OfflineEngine
 from adapterserve.server.model.loading import load_base_model
 from adapterserve.server.settings import EngineSettings
-from tests.helpers.peft_refs import ADAPTER_KINDS, make_adapter, peft_greedy, peft_reference_model
+from tests.helpers.peft_refs import (
+    ADAPTER_KINDS,
+    make_adapter,
+    peft_greedy,
+    peft_reference_model,
+    reference_prompt,
+)
 
 pytestmark = pytest.mark.cuda
 PROMPTS = [[5, 6, 7, 8, 9], [40, 41, 42], [100, 17, 250, 3, 77, 12, 9], [60, 61]]
@@ -49,7 +55,9 @@ def _rows() -> list[tuple[str | None, list[int]]]:
 def _engine_first_tokens(tiny_model_dir, adapter_dirs, quantize, rows):
     base = load_base_model(tiny_model_dir, quantize=quantize, device="cuda", dtype="bfloat16")
     engine = OfflineEngine(
-        base, EngineSettings(max_batch_size=16, max_seq_len=64, adapter_slots=16), capture_logits=True
+        base,
+        EngineSettings(max_batch_size=16, max_seq_len=64, adapter_slots=len(ADAPTER_KINDS)),
+        capture_logits=True,
     )
     for kind, path in adapter_dirs.items():
         engine.add_adapter(kind, path)
@@ -66,7 +74,8 @@ def _references(tiny_model_dir, adapter_dirs, quantize, rows):
             device="cuda",
             dtype="bfloat16",
         )
-        out.append(peft_greedy(ref, prompt, 1))
+        adapter_dir = None if adapter is None else adapter_dirs[adapter]
+        out.append(peft_greedy(ref, reference_prompt(tiny_model_dir, adapter_dir, prompt), 1))
     return out
 
 

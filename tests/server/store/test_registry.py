@@ -292,3 +292,21 @@ async def test_pins_are_persisted_and_stale_pin_writes_cleaned(make_store, lora_
     assert make_store().pinned_names() == []
     (root / PINS_FILE).write_text("{not json")
     assert make_store().pinned_names() == []
+
+
+async def test_an_upload_is_validated_once_and_its_first_request_is_a_host_hit(spec, tmp_path, lora_dirs):
+    calls: list[Path] = []
+    store = AdapterStore(tmp_path / "store", make_validator(spec, calls=calls))
+    reg = AdapterRegistry(store)
+
+    async def stream():
+        for fname in (CONFIG, WEIGHTS):
+            yield fname, (lora_dirs[0] / fname).read_bytes()
+
+    result = await reg.upload("fresh", stream())
+    assert len(calls) == 1  # the one validation, on the upload's temporary folder
+    resolved = await reg.get("fresh")
+    assert resolved.adapter is result.validated and resolved.version == result.manifest.version
+    assert len(calls) == 1 and reg.tier("fresh") == "host"
+    s = reg.stats()
+    assert (s.hits, s.misses, s.loads) == (1, 0, 0)  # never re-read, re-hashed or re-validated

@@ -92,25 +92,26 @@ def bad(header_changes: dict | None = None, data: bytes = bytes(32), **kw) -> by
         (struct.pack("<Q", 5) + b"{bad}", "not valid JSON"),
         (bad({"a": {"dtype": "I64", "shape": [3], "data_offsets": [0, 24]}}), "dtype 'I64' is not accepted"),
         (bad({"a": {"dtype": "F8_E4M3", "shape": [24], "data_offsets": [0, 24]}}), "dtype 'F8_E4M3'"),
-        (bad({"a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 999]}}), "outside the data section"),
-        (bad({"a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [-8, 24]}}), "outside the data section"),
-        (bad({"a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [24, 0]}}), "outside the data section"),
+        (bad({"a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 999]}}), "safetensors refused the file"),
+        (bad({"a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [-8, 24]}}), "safetensors refused the file"),
+        (bad({"a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [24, 0]}}), "safetensors refused the file"),
         (
             bad({"a": {"dtype": "F32", "shape": [2, 4], "data_offsets": [0, 24]}}),
-            "needs 32 bytes but data_offsets span 24",
+            "safetensors refused the file",
         ),
-        (bad({"a": {"dtype": "F32", "shape": [2, -3], "data_offsets": [0, 24]}}), "non-negative integers"),
-        (bad({"a": {"dtype": "F32", "shape": [True, 6], "data_offsets": [0, 24]}}), "non-negative integers"),
+        (bad({"a": {"dtype": "F32", "shape": [2, -3], "data_offsets": [0, 24]}}), "safetensors refused the file"),
+        (bad({"a": {"dtype": "F32", "shape": [True, 6], "data_offsets": [0, 24]}}), "safetensors refused the file"),
         (bad({"a": {"dtype": "F32", "shape": [1] * 9 + [6], "data_offsets": [0, 24]}}), "at most 8"),
-        (bad({"a": {"dtype": "F32", "shape": [6], "data_offsets": [0, 24], "x": 1}}), "exactly dtype, shape"),
-        (bad({"b": {"dtype": "BF16", "shape": [4], "data_offsets": [16, 24]}}), "overlaps another tensor"),
-        (bad({"b": {"dtype": "BF16", "shape": [2], "data_offsets": [28, 32]}}), "leaves a gap before it"),
-        (bad(data=bytes(40)), "8 bytes after the last tensor"),
-        (bad({"__metadata__": {"format": 1}}), "__metadata__['format'] is not a string"),
-        (bad({"__metadata__": ["x"]}), "__metadata__ must be an object"),
+        (bad({"b": {"dtype": "BF16", "shape": [4], "data_offsets": [16, 24]}}), "safetensors refused the file"),
+        (bad({"b": {"dtype": "BF16", "shape": [2], "data_offsets": [28, 32]}}), "safetensors refused the file"),
+        (bad(data=bytes(40)), "safetensors refused the file"),
+        (bad({"__metadata__": {"format": 1}}), "safetensors refused the file"),
+        (bad({"__metadata__": ["x"]}), "safetensors refused the file"),
     ],
 )
 def test_hostile_headers_are_refused_before_reading_tensors(tmp_path, content, message):
+    # Project caps are checked here; the format itself (offsets, sizes, metadata) by the safetensors
+    # library, whose refusal is reported as "safetensors refused the file (...)".
     path = write(tmp_path, content)
     with pytest.raises(AdapterValidationError, match=re.escape(message)):
         check_safetensors_file(path, max_bytes=MB)

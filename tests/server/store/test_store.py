@@ -45,7 +45,7 @@ def test_put_lists_and_writes_peft_format_plus_manifest(make_store, lora_dirs, t
     folder = store.root / "task-a"
     assert sorted(os.listdir(folder)) == [CONFIG, WEIGHTS, MANIFEST_FILE]
     assert (folder / WEIGHTS).read_bytes() == (lora_dirs[0] / WEIGHTS).read_bytes()
-    assert (m.kind.value, m.peft_type, m.rank, m.target_modules) == ("lora", "LORA", 2, ("q_proj", "v_proj"))
+    assert (m.kind, m.peft_type, m.rank, m.target_modules) == ("lora", "LORA", 2, ("q_proj", "v_proj"))
     assert m.version == 1 and m.base_fingerprint == tiny_base.fingerprint and m.description == "first"
     assert m.files[WEIGHTS].size == (lora_dirs[0] / WEIGHTS).stat().st_size
     on_disk = Manifest.from_bytes((folder / MANIFEST_FILE).read_bytes())
@@ -183,10 +183,10 @@ def refusals(lora: Path, other_base: Path):
         (
             "dora",
             "x",
-            [(CONFIG, json.dumps({**cfg, "use_dora": True}).encode()), (WEIGHTS, weights)],
+            [(CONFIG, json.dumps({**cfg, "lora_bias": True}).encode()), (WEIGHTS, weights)],
             {},
             UnsupportedAdapterError,
-            "use_dora = True",
+            "lora_bias = True",
         ),
         (
             "bad header",
@@ -194,7 +194,7 @@ def refusals(lora: Path, other_base: Path):
             [(CONFIG, config), (WEIGHTS, struct.pack("<Q", len(hostile_header)) + hostile_header)],
             {},
             AdapterValidationError,
-            "outside the data section",
+            "safetensors refused the file",
         ),
         (
             "too big",

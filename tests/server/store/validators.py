@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from adapterserve.server.adapters.config import LoraAdapterConfig, parse_adapter_config
+from adapterserve.server.adapters.config import parse_adapter_config
+from adapterserve.server.adapters.kinds.lora import LoraAdapterConfig
 from adapterserve.server.adapters.types import AdapterInfo
 from adapterserve.server.errors import AdapterValidationError, BaseMismatchError
 from adapterserve.server.model.spec import BaseModelSpec
@@ -68,7 +69,7 @@ def make_validator(
         if not tensors:
             raise AdapterValidationError("adapter changes nothing: no tensor matches a module of the base")
         info = AdapterInfo(
-            kind=config.kind,
+            kind="lora",
             peft_type=config.peft_type,
             rank=rank,
             num_virtual_tokens=None,

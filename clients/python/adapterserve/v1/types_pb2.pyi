@@ -17,6 +17,9 @@ class AdapterKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ADAPTER_KIND_IA3: _ClassVar[AdapterKind]
     ADAPTER_KIND_PROMPT: _ClassVar[AdapterKind]
     ADAPTER_KIND_PREFIX: _ClassVar[AdapterKind]
+    ADAPTER_KIND_DORA: _ClassVar[AdapterKind]
+    ADAPTER_KIND_BOTTLENECK: _ClassVar[AdapterKind]
+    ADAPTER_KIND_TEMPLATE: _ClassVar[AdapterKind]
 
 class CacheTier(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -29,6 +32,9 @@ ADAPTER_KIND_LORA: AdapterKind
 ADAPTER_KIND_IA3: AdapterKind
 ADAPTER_KIND_PROMPT: AdapterKind
 ADAPTER_KIND_PREFIX: AdapterKind
+ADAPTER_KIND_DORA: AdapterKind
+ADAPTER_KIND_BOTTLENECK: AdapterKind
+ADAPTER_KIND_TEMPLATE: AdapterKind
 CACHE_TIER_UNSPECIFIED: CacheTier
 CACHE_TIER_DISK: CacheTier
 CACHE_TIER_HOST: CacheTier
