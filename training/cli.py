@@ -134,6 +134,10 @@ def _upload(target: str, path: Path, name: str, overwrite: bool) -> None:
             close()
 
 
+def _loss(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
 def _print_summary(result: Any) -> None:
     m = result.manifest
     print(f"saved {m.format} ({m.method}) to {result.out_dir} ({m.bytes_on_disk:,} bytes)")
@@ -141,7 +145,10 @@ def _print_summary(result: Any) -> None:
     print(
         f"trainable parameters: {m.trainable_parameters:,} of {m.total_parameters:,} ({m.trainable_percent:.4f}%)"
     )
-    print(f"steps: {m.steps}, train time: {m.train_seconds:.1f} s, final loss: {m.final_loss}")
+    print(
+        f"steps: {m.steps}, train time: {m.train_seconds:.1f} s, final loss (last step): {_loss(m.final_loss)}, "
+        f"mean loss over the run: {_loss(m.mean_train_loss)}"
+    )
     if m.eval_base is not None and m.eval_adapter is not None:
         print(
             f"eval on {m.eval_adapter.examples} examples: exact match {m.eval_base.exact_match:.3f} -> "

@@ -18,6 +18,7 @@ import torch
 from adapterserve.training.data import PadCollator, SupervisedDataset
 from adapterserve.training.kbit import keep_4bit_trainable
 from adapterserve.training.settings import TrainSettings
+from adapterserve.training.step_loss import StepLosses, step_loss_callbacks, with_step_losses
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +29,14 @@ class LoopResult:
     epochs: float
     seconds: float
     losses: list[tuple[int, float]] = field(default_factory=list)  # (step, logged mean loss)
+    step_losses: StepLosses = field(default_factory=StepLosses)  # every optimizer step's own loss
+    train_loss: float | None = None  # the Trainer's mean loss over the whole run
 
     @property
     def final_loss(self) -> float | None:
+        """The last optimizer step's loss (not the last *logged* mean, which can be step 1's)."""
+        if self.step_losses.last is not None:
+            return self.step_losses.last
         return self.losses[-1][1] if self.losses else None
 
 
@@ -70,7 +76,7 @@ def _callbacks(settings: TrainSettings, result: LoopResult) -> list[Any]:
         def on_optimizer_step(self, args, state, control, **kwargs):  # noqa: ANN001
             kwargs["model"].base_model.update_and_allocate(state.global_step)
 
-    callbacks: list[Any] = [LossHistory()]
+    callbacks: list[Any] = [LossHistory(), *step_loss_callbacks(result.step_losses)]
     if settings.method == "adalora":
         callbacks.append(AdaLoraAllocation())
     return callbacks
@@ -110,18 +116,20 @@ def run_training(
             dataloader_num_workers=0,
             disable_tqdm=False,
         )
-        trainer = Trainer(
+        trainer = with_step_losses(Trainer)(
             model=model,
             args=args,
             train_dataset=dataset,
             data_collator=PadCollator(pad_id),
             callbacks=_callbacks(settings, result),
         )
+        trainer.step_losses = result.step_losses
         start = time.perf_counter()
         output = trainer.train()
         result.seconds = time.perf_counter() - start
         result.steps = int(trainer.state.global_step)
         result.epochs = float(trainer.state.epoch or 0.0)
+        result.train_loss = float(output.training_loss)
         log.info(
             "trained %d steps in %.1f s (train loss %.4f)", result.steps, result.seconds, output.training_loss
         )

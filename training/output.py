@@ -47,7 +47,8 @@ class TrainManifest(BaseModel):
     steps: int
     epochs: float
     train_seconds: float
-    final_loss: float | None = None
+    final_loss: float | None = None  # the last optimizer step's loss
+    mean_train_loss: float | None = None  # the Trainer's train_loss: mean over every step
     eval_base: EvalMetrics | None = None
     eval_adapter: EvalMetrics | None = None
     settings: dict[str, Any]

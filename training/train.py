@@ -173,6 +173,7 @@ def train(
         epochs=round(loop.epochs, 4),
         train_seconds=round(loop.seconds, 2),
         final_loss=loop.final_loss,
+        mean_train_loss=loop.train_loss,
         eval_base=eval_base.metrics if eval_base else None,
         eval_adapter=eval_adapter.metrics if eval_adapter else None,
         settings=settings.model_dump(mode="json"),
