@@ -107,7 +107,19 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     compare.add_argument("--title", dest="compare_title", default=None, help="table heading")
     compare.add_argument(
-        "--methods", dest="compare_methods", type=_csv, default=METHODS, help=f"default: {','.join(METHODS)}"
+        "--methods",
+        dest="compare_methods",
+        type=_csv,
+        default=METHODS,
+        help=f"default: {','.join(METHODS)} (dora = LoRA with --use-dora)",
+    )
+    compare.add_argument(
+        "--lora-ranks",
+        dest="compare_lora_ranks",
+        type=_csv,
+        default=(),
+        metavar="R,R,...",
+        help="extra LoRA rows at these ranks (alpha scaled with the rank: alpha/rank stays --alpha/--rank)",
     )
     _add_settings_flags(compare, skip=frozenset({"method"}))
 
@@ -192,17 +204,30 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    from adapterserve.training.compare import render_markdown, run_compare
+    from adapterserve.training.compare import (
+        machine_description,
+        method_row,
+        rank_rows,
+        render_markdown,
+        run_compare,
+    )
 
-    unknown = [m for m in args.compare_methods if m not in METHODS]
+    choices = (*METHODS, "dora")
+    unknown = [m for m in args.compare_methods if m not in choices]
     if unknown:
-        return _fail(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+        return _fail(f"unknown methods {unknown}; choose from {', '.join(choices)}")
+    try:
+        ranks = [int(r) for r in args.compare_lora_ranks]
+    except ValueError:
+        return _fail(f"--lora-ranks: expected integers, got {','.join(args.compare_lora_ranks)}")
     shared = settings_from_args(args, method="lora")
-    rows = run_compare(shared, args.train_data, args.train_eval, args.compare_out_dir, args.compare_methods)
+    specs = [method_row(m) for m in args.compare_methods]
+    specs += rank_rows(ranks, alpha_per_rank=shared.alpha / shared.rank)
+    rows = run_compare(shared, args.train_data, args.train_eval, args.compare_out_dir, specs)
     title = args.compare_title or f"Methods compared on {args.train_data}"
     argv = sys.argv[sys.argv.index("compare") :] if "compare" in sys.argv else None
     command = "adapterserve train " + " ".join(shlex.quote(a) for a in argv) if argv else None
-    table = render_markdown(rows, title=title, command=command)
+    table = render_markdown(rows, title=title, command=command, machine=machine_description(shared))
     print(table)
     if args.compare_out_table is not None:
         args.compare_out_table.parent.mkdir(parents=True, exist_ok=True)

@@ -66,6 +66,7 @@ def peft_config_for(
             lora_dropout=s.dropout,
             target_modules=s.resolved_lora_targets(),
             bias="none",
+            use_dora=s.use_dora,
         )
     if method == "adalora":
         tinit, tfinal = s.resolved_adalora_schedule(total_steps)

@@ -49,6 +49,11 @@ class TrainManifest(BaseModel):
     train_seconds: float
     final_loss: float | None = None  # the last optimizer step's loss
     mean_train_loss: float | None = None  # the Trainer's train_loss: mean over every step
+    stop_reason: str | None = None  # planned_steps, plateau (validation loss) or max_steps (the cap)
+    val_examples: int = 0  # records held out of train_data for the validation loss
+    val_losses: list[tuple[int, float]] | None = None  # (step, validation loss) at each check
+    peak_memory_bytes: int | None = None  # while training (see peak_memory_measure)
+    peak_memory_measure: str | None = None  # cuda_max_allocated or process_peak_rss
     eval_base: EvalMetrics | None = None
     eval_adapter: EvalMetrics | None = None
     settings: dict[str, Any]

@@ -53,6 +53,7 @@ class TrainSettings(BaseModel):
     # --- method options ------------------------------------------------------------------------
     rank: int = Field(8, ge=1, description="LoRA/QLoRA rank; AdaLoRA target (average) rank")
     alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (scale = alpha / rank)")
+    use_dora: bool = Field(False, description="LoRA/QLoRA: weight-decomposed LoRA (PEFT's use_dora)")
     dropout: float = Field(0.05, ge=0, lt=1, description="LoRA/AdaLoRA dropout")
     target_modules: tuple[str, ...] | None = Field(
         None,
@@ -100,6 +101,21 @@ class TrainSettings(BaseModel):
     bf16: bool | None = Field(None, description="bf16 autocast; None = on where the device supports it")
     logging_steps: int = Field(10, ge=1, description="log the loss every this many steps")
 
+    # --- convergence (early stopping on a validation loss) ---------------------------------------
+    val_size: int = Field(
+        0, ge=0, description="records held out of --data (seeded draw) for a validation loss; 0 = none"
+    )
+    early_stop_patience: int | None = Field(
+        None,
+        ge=1,
+        description="stop once the validation loss has not improved for this many checks in a row "
+        "(needs --val-size and --max-steps as the cap); None = train the planned steps",
+    )
+    early_stop_every: int = Field(10, ge=1, description="steps between two validation-loss checks")
+    early_stop_min_delta: float = Field(
+        0.02, ge=0, lt=1, description="an improvement is a drop of more than this fraction of the best loss"
+    )
+
     # --- evaluation ----------------------------------------------------------------------------
     eval_max_new_tokens: int = Field(48, ge=1, description="greedy tokens generated per eval example at most")
     eval_limit: int | None = Field(None, ge=1, description="evaluate on the first N eval records only")
@@ -114,6 +130,10 @@ class TrainSettings(BaseModel):
             raise ValueError(f"adalora_init_r ({self.adalora_init_r}) must be >= rank ({self.rank})")
         if self.init_text is not None and self.method != "prompt-tuning":
             raise ValueError("init_text applies to --method prompt-tuning only")
+        if self.use_dora and self.method not in ("lora", "qlora"):
+            raise ValueError("use_dora applies to --method lora and qlora only")
+        if self.early_stop_patience is not None and (self.val_size == 0 or self.max_steps is None):
+            raise ValueError("early stopping needs --val-size > 0 and --max-steps (the cap)")
         return self
 
     def resolved_learning_rate(self) -> float:

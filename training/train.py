@@ -7,10 +7,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adapterserve.training.data import EvalExample, file_sha256, load_eval_data, load_training_data
+from adapterserve.training.data import (
+    EvalExample,
+    file_sha256,
+    load_eval_data,
+    load_training_data,
+    split_validation,
+)
 from adapterserve.training.errors import SettingsError
 from adapterserve.training.evaluate import EvalResult, RunEvaluator, new_tokens_for
 from adapterserve.training.loop import LoopResult, planned_steps, run_training
+from adapterserve.training.memory import PeakMemoryMeter
 from adapterserve.training.methods import (
     PEFT_TYPES,
     ParameterCount,
@@ -102,6 +109,7 @@ def train(
         raise SettingsError("qlora trains over an nf4-quantized base; load it with quantize='nf4'")
     tokenizer = base.tokenizer
     dataset = load_training_data(train_file, tokenizer, settings.max_length)
+    dataset, validation = split_validation(dataset, settings.val_size, settings.seed)
     eval_examples: list[EvalExample] = (
         load_eval_data(eval_file, tokenizer, settings.eval_limit) if eval_file is not None else []
     )
@@ -128,7 +136,11 @@ def train(
         f"{params.total:,}",
         params.percent,
     )
-    loop = run_training(model, dataset, settings, pad_id=tokenizer.pad_token_id, device=base.device)
+    with PeakMemoryMeter(base.device) as meter:
+        loop = run_training(
+            model, dataset, settings, pad_id=tokenizer.pad_token_id, device=base.device, validation=validation
+        )
+    peak = meter.result
 
     if settings.method == "sft":
         save_full_model(model, tokenizer, out)
@@ -174,6 +186,11 @@ def train(
         train_seconds=round(loop.seconds, 2),
         final_loss=loop.final_loss,
         mean_train_loss=loop.train_loss,
+        stop_reason=loop.stop_reason,
+        val_examples=len(validation) if validation is not None else 0,
+        val_losses=loop.val_losses or None,
+        peak_memory_bytes=peak.bytes if peak else None,
+        peak_memory_measure=peak.measure if peak else None,
         eval_base=eval_base.metrics if eval_base else None,
         eval_adapter=eval_adapter.metrics if eval_adapter else None,
         settings=settings.model_dump(mode="json"),

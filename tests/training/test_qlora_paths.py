@@ -62,8 +62,13 @@ def test_qlora_gradient_reaches_lora_after_an_eval_forward(tiny_model_dir, pc_fi
     from adapterserve.training.train import load_base_for
 
     settings = TrainSettings(
-        method="qlora", base_model=str(tiny_model_dir), device="cpu", max_steps=1, batch_size=8,
-        learning_rate=2e-2, logging_steps=1,
+        method="qlora",
+        base_model=str(tiny_model_dir),
+        device="cpu",
+        max_steps=1,
+        batch_size=8,
+        learning_rate=2e-2,
+        logging_steps=1,
     )
     base = load_base_for(settings)
     ds = load_training_data(pc_file, base.tokenizer, settings.max_length)
