@@ -1,7 +1,8 @@
 """Training to convergence: stop when the validation loss stops improving (a plateau rule).
 
 Every `every` optimizer steps the Trainer evaluates the loss on records held out of the training file;
-a check that lowers the best loss by more than `min_delta` (a fraction of the best) resets the count,
+a check that lowers the best loss by more than `min_delta` (a fraction of the best) and by more than
+`min_abs_delta` (a loss that decays towards 0 keeps falling by a fixed fraction forever) resets the count,
 any other check adds one; `patience` checks in a row without improvement stop the run. `max_steps` is
 the cap. The model is kept as it is at the stop (no checkpoint is reloaded): the last checks were
 within `min_delta` of the best by construction, or the run hit the cap.
@@ -24,6 +25,7 @@ STOP_PLANNED = "planned_steps"
 class PlateauRule:
     patience: int
     min_delta: float  # relative
+    min_abs_delta: float = 0.0
     best: float | None = None
     best_step: int = 0
     bad_checks: int = 0
@@ -32,7 +34,9 @@ class PlateauRule:
     def observe(self, step: int, loss: float) -> bool:
         """Record one check; True when the run should stop."""
         self.history.append((step, loss))
-        if self.best is None or loss < self.best * (1.0 - self.min_delta):
+        if self.best is None or loss < min(
+            self.best * (1.0 - self.min_delta), self.best - self.min_abs_delta
+        ):
             self.best, self.best_step, self.bad_checks = loss, step, 0
             return False
         self.best = min(self.best, loss)

@@ -98,7 +98,7 @@ def validation_arguments(settings: TrainSettings, has_validation: bool) -> dict[
     return {
         "eval_strategy": "steps",
         "eval_steps": settings.early_stop_every,
-        "per_device_eval_batch_size": settings.batch_size,
+        "per_device_eval_batch_size": max(settings.batch_size, 16),
         "prediction_loss_only": True,
     }
 
@@ -124,7 +124,10 @@ def run_training(
     callbacks = _callbacks(settings, result)
     rule = stopped = None
     if settings.early_stop_patience is not None and has_validation:
-        rule, stopped = PlateauRule(settings.early_stop_patience, settings.early_stop_min_delta), []
+        rule = PlateauRule(
+            settings.early_stop_patience, settings.early_stop_min_delta, settings.early_stop_min_abs_delta
+        )
+        stopped = []
         callbacks.append(plateau_callback(rule, stopped))
     with tempfile.TemporaryDirectory(prefix="adapterserve-train-") as scratch:
         args = TrainingArguments(

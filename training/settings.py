@@ -115,6 +115,11 @@ class TrainSettings(BaseModel):
     early_stop_min_delta: float = Field(
         0.02, ge=0, lt=1, description="an improvement is a drop of more than this fraction of the best loss"
     )
+    early_stop_min_abs_delta: float = Field(
+        0.001,
+        ge=0,
+        description="... and by more than this much (a loss nearing 0 keeps falling by a fraction forever)",
+    )
 
     # --- evaluation ----------------------------------------------------------------------------
     eval_max_new_tokens: int = Field(48, ge=1, description="greedy tokens generated per eval example at most")

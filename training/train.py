@@ -120,6 +120,7 @@ def train(
     if evaluator is not None:
         log.info("evaluating the base model on %d examples (%s)", len(eval_examples), evaluator.backend)
         eval_base = evaluator.evaluate_base()
+        evaluator.release()
 
     steps = planned_steps(settings, len(dataset))
     from transformers import set_seed

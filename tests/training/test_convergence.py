@@ -19,6 +19,14 @@ def test_plateau_rule_counts_checks_without_a_real_gain():
     assert rule.best_step == 20
 
 
+def test_plateau_rule_needs_an_absolute_gain_near_zero():
+    rule = PlateauRule(patience=2, min_delta=0.1, min_abs_delta=0.01)
+    for step, loss in [(10, 0.02), (20, 0.005)]:
+        assert not rule.observe(step, loss)  # 0.015 better: a gain
+    assert not rule.observe(30, 0.002)  # 60% better, but only 0.003: no gain
+    assert rule.observe(40, 0.001)
+
+
 def test_settings_refuse_early_stopping_without_validation_or_cap():
     with pytest.raises(ValueError, match="val-size"):
         TrainSettings(method="lora", early_stop_patience=2, max_steps=10)
