@@ -220,7 +220,8 @@ def _run_compare(args: argparse.Namespace) -> int:
         ranks = [int(r) for r in args.compare_lora_ranks]
     except ValueError:
         return _fail(f"--lora-ranks: expected integers, got {','.join(args.compare_lora_ranks)}")
-    shared = settings_from_args(args, method="lora")
+    # The shared options are checked once here; --init-text belongs to the prompt-tuning row only.
+    shared = settings_from_args(args, method="prompt-tuning" if args.ts_init_text else "lora")
     specs = [method_row(m) for m in args.compare_methods]
     specs += rank_rows(ranks, alpha_per_rank=shared.alpha / shared.rank)
     rows = run_compare(shared, args.train_data, args.train_eval, args.compare_out_dir, specs)
