@@ -79,10 +79,17 @@ def settings_from_args(args: argparse.Namespace, **overrides: Any) -> TrainSetti
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Add `adapterserve train` options (and the `compare` sub-command) to `parser`."""
     parser.add_argument(
-        "--data", dest="train_data", type=Path, help="training JSONL (prompt/completion or messages)"
+        "--data",
+        dest="train_data",
+        type=Path,
+        help="training data: sft JSONL (prompt/completion or messages); pt .txt or JSONL 'text'; "
+        "dpo JSONL (prompt, chosen, rejected)",
     )
     parser.add_argument(
-        "--eval", dest="train_eval", type=Path, help="held-out JSONL for exact match / token F1"
+        "--eval",
+        dest="train_eval",
+        type=Path,
+        help="held-out data of the same form: sft exact match / token F1, pt perplexity, dpo preference",
     )
     parser.add_argument(
         "--out", dest="train_out", type=Path, help="output directory (adapter or, for sft, model)"
@@ -152,7 +159,7 @@ def _loss(value: float | None) -> str:
 
 def _print_summary(result: Any) -> None:
     m = result.manifest
-    print(f"saved {m.format} ({m.method}) to {result.out_dir} ({m.bytes_on_disk:,} bytes)")
+    print(f"saved {m.format} ({m.stage} stage, {m.method}) to {result.out_dir} ({m.bytes_on_disk:,} bytes)")
     print(f"manifest: {result.manifest_path}")
     print(
         f"trainable parameters: {m.trainable_parameters:,} of {m.total_parameters:,} ({m.trainable_percent:.4f}%)"
@@ -161,6 +168,17 @@ def _print_summary(result: Any) -> None:
         f"steps: {m.steps}, train time: {m.train_seconds:.1f} s, final loss (last step): {_loss(m.final_loss)}, "
         f"mean loss over the run: {_loss(m.mean_train_loss)}"
     )
+    if m.eval_base_perplexity is not None and m.eval_adapter_perplexity is not None:
+        b, a = m.eval_base_perplexity, m.eval_adapter_perplexity
+        print(
+            f"held-out perplexity over {a.tokens} tokens ({a.backend}): {b.perplexity:.3f} -> {a.perplexity:.3f}"
+        )
+    if m.eval_base_preference is not None and m.eval_adapter_preference is not None:
+        b, a = m.eval_base_preference, m.eval_adapter_preference
+        print(
+            f"held-out preference pairs ({a.pairs}, {a.backend}): chosen preferred {b.accuracy:.3f} -> "
+            f"{a.accuracy:.3f}, mean log-likelihood margin {b.mean_margin:.3f} -> {a.mean_margin:.3f}"
+        )
     if m.eval_base is not None and m.eval_adapter is not None:
         print(
             f"eval on {m.eval_adapter.examples} examples: exact match {m.eval_base.exact_match:.3f} -> "

@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+Stage = Literal["pt", "sft", "dpo"]
+STAGES: tuple[Stage, ...] = ("pt", "sft", "dpo")
 Method = Literal["sft", "lora", "qlora", "adalora", "ia3", "prompt-tuning", "p-tuning", "prefix-tuning"]
 METHODS: tuple[Method, ...] = (
     "sft",
@@ -46,6 +48,11 @@ class TrainSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     # --- what to train -------------------------------------------------------------------------
+    stage: Stage = Field(
+        "sft",
+        description="pt: raw text, loss on every token; sft: prompt/completion or chat; "
+        "dpo: preference pairs (prompt, chosen, rejected)",
+    )
     method: Method = Field("lora", description="training method")
     base_model: str | None = Field(None, description="base model path or name; None = embedded SmolLM2")
     device: str | None = Field(None, description="None = cuda if available else cpu")
@@ -101,6 +108,8 @@ class TrainSettings(BaseModel):
     bf16: bool | None = Field(None, description="bf16 autocast; None = on where the device supports it")
     logging_steps: int = Field(10, ge=1, description="log the loss every this many steps")
 
+    dpo_beta: float = Field(0.1, gt=0, description="DPO: strength of the pull towards the reference model")
+
     # --- convergence (early stopping on a validation loss) ---------------------------------------
     val_size: int = Field(
         0, ge=0, description="records held out of --data (seeded draw) for a validation loss; 0 = none"
@@ -135,6 +144,13 @@ class TrainSettings(BaseModel):
             raise ValueError(f"adalora_init_r ({self.adalora_init_r}) must be >= rank ({self.rank})")
         if self.init_text is not None and self.method != "prompt-tuning":
             raise ValueError("init_text applies to --method prompt-tuning only")
+        if self.stage == "dpo" and self.method == "sft":
+            raise ValueError(
+                "--stage dpo needs a PEFT method: its reference model is the base with the adapter "
+                "disabled; full fine-tuning (--method sft) would need a second copy of the model"
+            )
+        if self.stage == "dpo" and (self.val_size or self.early_stop_patience):
+            raise ValueError("--stage dpo trains the planned steps (no --val-size / --early-stop-patience)")
         if self.use_dora and self.method not in ("lora", "qlora"):
             raise ValueError("use_dora applies to --method lora and qlora only")
         if self.early_stop_patience is not None and (self.val_size == 0 or self.max_steps is None):

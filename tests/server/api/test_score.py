@@ -57,7 +57,9 @@ async def test_score_equals_peft_forward_for_base_and_adapter(server, tiny_model
     prompt, continuation = "The capital of France is", " Paris. The capital of Italy is Rome."
     for adapter, path in ((None, None), ("my-lora", adapter_dir)):
         result = await client.score(prompt, continuation, adapter=adapter)
-        reference = _peft_logprobs(peft_reference_model(tiny_model_dir, path), tokenizer, prompt, continuation)
+        reference = _peft_logprobs(
+            peft_reference_model(tiny_model_dir, path), tokenizer, prompt, continuation
+        )
         assert result.adapter == (adapter or "")
         assert result.continuation_tokens == len(reference) == len(result.token_logprobs)
         assert result.token_logprobs == pytest.approx(reference, abs=1e-4)
