@@ -242,15 +242,24 @@ def _run_compare(args: argparse.Namespace) -> int:
     shared = settings_from_args(args, method="prompt-tuning" if args.ts_init_text else "lora")
     specs = [method_row(m) for m in args.compare_methods]
     specs += rank_rows(ranks, alpha_per_rank=shared.alpha / shared.rank)
-    rows = run_compare(shared, args.train_data, args.train_eval, args.compare_out_dir, specs)
     title = args.compare_title or f"Methods compared on {args.train_data}"
     argv = sys.argv[sys.argv.index("compare") :] if "compare" in sys.argv else None
     command = "adapterserve train " + " ".join(shlex.quote(a) for a in argv) if argv else None
-    table = render_markdown(rows, title=title, command=command, machine=machine_description(shared))
-    print(table)
+    machine = machine_description(shared)
+
+    def write_table(rows: list[Any]) -> str:
+        done = f" ({len(rows)} of {len(specs)} rows so far)" if len(rows) < len(specs) else ""
+        table = render_markdown(rows, title=title + done, command=command, machine=machine)
+        if args.compare_out_table is not None:
+            args.compare_out_table.parent.mkdir(parents=True, exist_ok=True)
+            args.compare_out_table.write_text(table)
+        return table
+
+    rows = run_compare(
+        shared, args.train_data, args.train_eval, args.compare_out_dir, specs, on_row=write_table
+    )
+    print(write_table(rows))
     if args.compare_out_table is not None:
-        args.compare_out_table.parent.mkdir(parents=True, exist_ok=True)
-        args.compare_out_table.write_text(table)
         print(f"wrote {args.compare_out_table}")
     return 0
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,8 +96,11 @@ def run_compare(
     eval_file: str | Path,
     out_dir: str | Path,
     rows: Sequence[RowSpec],
+    on_row: Callable[[list[CompareRow]], None] | None = None,
 ) -> list[CompareRow]:
-    """Train each row (in its own process) with the `shared` options and collect its manifest."""
+    """Train each row (in its own process) with the `shared` options and collect its manifest.
+    on_row: called with the rows so far after each one (the CLI rewrites the table: a long run that is
+    stopped keeps its finished rows)."""
     results = []
     for spec in rows:
         settings = settings_for(spec, shared)
@@ -133,6 +136,8 @@ def run_compare(
                 note=spec.note,
             )
         )
+        if on_row is not None:
+            on_row(results)
     return results
 
 
