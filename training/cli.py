@@ -128,6 +128,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="R,R,...",
         help="extra LoRA rows at these ranks (alpha scaled with the rank: alpha/rank stays --alpha/--rank)",
     )
+    compare.add_argument(
+        "--jobs", dest="compare_jobs", type=int, default=1, help="rows trained at the same time (default 1)"
+    )
     _add_settings_flags(compare, skip=frozenset({"method"}))
 
 
@@ -256,7 +259,13 @@ def _run_compare(args: argparse.Namespace) -> int:
         return table
 
     rows = run_compare(
-        shared, args.train_data, args.train_eval, args.compare_out_dir, specs, on_row=write_table
+        shared,
+        args.train_data,
+        args.train_eval,
+        args.compare_out_dir,
+        specs,
+        on_row=write_table,
+        jobs=args.compare_jobs,
     )
     print(write_table(rows))
     if args.compare_out_table is not None:

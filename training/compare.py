@@ -8,6 +8,7 @@ peak memory is its own; its numbers come from the manifest that run wrote.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -90,6 +91,40 @@ def _slug(label: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "-" for c in label).strip("-")
 
 
+def _train_row(
+    spec: RowSpec, shared: TrainSettings, train_file: Path, eval_file: Path, out_dir: Path
+) -> CompareRow:
+    settings = settings_for(spec, shared)
+    log.info("compare: training %s", spec.label)
+    start = time.perf_counter()
+    m = train_in_subprocess(settings, train_file, out_dir / _slug(spec.label), eval_file)
+    wall = time.perf_counter() - start
+    val = [loss for _, loss in (m.val_losses or [])]
+    return CompareRow(
+        label=spec.label,
+        method=m.method,
+        peft_type=m.peft_type,
+        trainable_parameters=m.trainable_parameters,
+        total_parameters=m.total_parameters,
+        trainable_percent=m.trainable_percent,
+        bytes_on_disk=m.bytes_on_disk,
+        peak_memory_bytes=m.peak_memory_bytes,
+        peak_memory_measure=m.peak_memory_measure,
+        train_seconds=m.train_seconds,
+        wall_seconds=round(wall, 1),
+        steps=m.steps,
+        stop_reason=m.stop_reason,
+        final_loss=m.final_loss,
+        best_val_loss=min(val) if val else None,
+        exact_match=m.eval_adapter.exact_match if m.eval_adapter else None,
+        token_f1=m.eval_adapter.token_f1 if m.eval_adapter else None,
+        eval_backend=m.eval_adapter.backend if m.eval_adapter else None,
+        base_exact_match=m.eval_base.exact_match if m.eval_base else None,
+        base_token_f1=m.eval_base.token_f1 if m.eval_base else None,
+        note=spec.note,
+    )
+
+
 def run_compare(
     shared: TrainSettings,
     train_file: str | Path,
@@ -97,48 +132,27 @@ def run_compare(
     out_dir: str | Path,
     rows: Sequence[RowSpec],
     on_row: Callable[[list[CompareRow]], None] | None = None,
+    jobs: int = 1,
 ) -> list[CompareRow]:
-    """Train each row (in its own process) with the `shared` options and collect its manifest.
-    on_row: called with the rows so far after each one (the CLI rewrites the table: a long run that is
-    stopped keeps its finished rows)."""
-    results = []
-    for spec in rows:
-        settings = settings_for(spec, shared)
-        log.info("compare: training %s", spec.label)
-        start = time.perf_counter()
-        m = train_in_subprocess(
-            settings, Path(train_file), Path(out_dir) / _slug(spec.label), Path(eval_file)
-        )
-        wall = time.perf_counter() - start
-        val = [loss for _, loss in (m.val_losses or [])]
-        results.append(
-            CompareRow(
-                label=spec.label,
-                method=m.method,
-                peft_type=m.peft_type,
-                trainable_parameters=m.trainable_parameters,
-                total_parameters=m.total_parameters,
-                trainable_percent=m.trainable_percent,
-                bytes_on_disk=m.bytes_on_disk,
-                peak_memory_bytes=m.peak_memory_bytes,
-                peak_memory_measure=m.peak_memory_measure,
-                train_seconds=m.train_seconds,
-                wall_seconds=round(wall, 1),
-                steps=m.steps,
-                stop_reason=m.stop_reason,
-                final_loss=m.final_loss,
-                best_val_loss=min(val) if val else None,
-                exact_match=m.eval_adapter.exact_match if m.eval_adapter else None,
-                token_f1=m.eval_adapter.token_f1 if m.eval_adapter else None,
-                eval_backend=m.eval_adapter.backend if m.eval_adapter else None,
-                base_exact_match=m.eval_base.exact_match if m.eval_base else None,
-                base_token_f1=m.eval_base.token_f1 if m.eval_base else None,
-                note=spec.note,
-            )
-        )
-        if on_row is not None:
-            on_row(results)
-    return results
+    """Train each row (in its own process, `jobs` at a time) with the `shared` options and collect
+    its manifest. on_row: called with the finished rows (in row order) after each one (the CLI
+    rewrites the table: a long run that is stopped keeps its finished rows)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    finished: dict[int, CompareRow] = {}
+    lock = threading.Lock()
+
+    def work(index: int) -> None:
+        row = _train_row(rows[index], shared, Path(train_file), Path(eval_file), Path(out_dir))
+        with lock:
+            finished[index] = row
+            if on_row is not None:
+                on_row([finished[i] for i in sorted(finished)])
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        for future in [pool.submit(work, i) for i in range(len(rows))]:
+            future.result()
+    return [finished[i] for i in sorted(finished)]
 
 
 def machine_description(settings: TrainSettings) -> str:
