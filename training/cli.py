@@ -82,10 +82,17 @@ def settings_from_args(args: argparse.Namespace, **overrides: Any) -> TrainSetti
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Add `adapterserve train` options (and the `compare` sub-command) to `parser`."""
     parser.add_argument(
-        "--data", dest="train_data", type=Path, help="training JSONL (prompt/completion or messages)"
+        "--data",
+        dest="train_data",
+        type=Path,
+        help="training data: sft JSONL (prompt/completion or messages); pt .txt or JSONL 'text'; "
+        "dpo JSONL (prompt, chosen, rejected)",
     )
     parser.add_argument(
-        "--eval", dest="train_eval", type=Path, help="held-out JSONL for exact match / token F1"
+        "--eval",
+        dest="train_eval",
+        type=Path,
+        help="held-out data of the same form: sft exact match / token F1, pt perplexity, dpo preference",
     )
     parser.add_argument(
         "--out", dest="train_out", type=Path, help="output directory (adapter or, for sft, model)"
@@ -110,7 +117,22 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     compare.add_argument("--title", dest="compare_title", default=None, help="table heading")
     compare.add_argument(
-        "--methods", dest="compare_methods", type=_csv, default=METHODS, help=f"default: {','.join(METHODS)}"
+        "--methods",
+        dest="compare_methods",
+        type=_csv,
+        default=METHODS,
+        help=f"default: {','.join(METHODS)} (dora = LoRA with --use-dora)",
+    )
+    compare.add_argument(
+        "--lora-ranks",
+        dest="compare_lora_ranks",
+        type=_csv,
+        default=(),
+        metavar="R,R,...",
+        help="extra LoRA rows at these ranks (alpha scaled with the rank: alpha/rank stays --alpha/--rank)",
+    )
+    compare.add_argument(
+        "--jobs", dest="compare_jobs", type=int, default=1, help="rows trained at the same time (default 1)"
     )
     _add_settings_flags(compare, skip=frozenset({"method"}))
 
@@ -137,14 +159,32 @@ def _upload(target: str, path: Path, name: str, overwrite: bool) -> None:
             close()
 
 
+def _loss(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
 def _print_summary(result: Any) -> None:
     m = result.manifest
-    print(f"saved {m.format} ({m.method}) to {result.out_dir} ({m.bytes_on_disk:,} bytes)")
+    print(f"saved {m.format} ({m.stage} stage, {m.method}) to {result.out_dir} ({m.bytes_on_disk:,} bytes)")
     print(f"manifest: {result.manifest_path}")
     print(
         f"trainable parameters: {m.trainable_parameters:,} of {m.total_parameters:,} ({m.trainable_percent:.4f}%)"
     )
-    print(f"steps: {m.steps}, train time: {m.train_seconds:.1f} s, final loss: {m.final_loss}")
+    print(
+        f"steps: {m.steps}, train time: {m.train_seconds:.1f} s, final loss (last step): {_loss(m.final_loss)}, "
+        f"mean loss over the run: {_loss(m.mean_train_loss)}"
+    )
+    if m.eval_base_perplexity is not None and m.eval_adapter_perplexity is not None:
+        b, a = m.eval_base_perplexity, m.eval_adapter_perplexity
+        print(
+            f"held-out perplexity over {a.tokens} tokens ({a.backend}): {b.perplexity:.3f} -> {a.perplexity:.3f}"
+        )
+    if m.eval_base_preference is not None and m.eval_adapter_preference is not None:
+        b, a = m.eval_base_preference, m.eval_adapter_preference
+        print(
+            f"held-out preference pairs ({a.pairs}, {a.backend}): chosen preferred {b.accuracy:.3f} -> "
+            f"{a.accuracy:.3f}, mean log-likelihood margin {b.mean_margin:.3f} -> {a.mean_margin:.3f}"
+        )
     if m.eval_base is not None and m.eval_adapter is not None:
         print(
             f"eval on {m.eval_adapter.examples} examples: exact match {m.eval_base.exact_match:.3f} -> "
@@ -188,21 +228,50 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    from adapterserve.training.compare import render_markdown, run_compare
+    from adapterserve.training.compare import (
+        machine_description,
+        method_row,
+        rank_rows,
+        render_markdown,
+        run_compare,
+    )
 
-    unknown = [m for m in args.compare_methods if m not in METHODS]
+    choices = (*METHODS, "dora")
+    unknown = [m for m in args.compare_methods if m not in choices]
     if unknown:
-        return _fail(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
-    shared = settings_from_args(args, method="lora")
-    rows = run_compare(shared, args.train_data, args.train_eval, args.compare_out_dir, args.compare_methods)
+        return _fail(f"unknown methods {unknown}; choose from {', '.join(choices)}")
+    try:
+        ranks = [int(r) for r in args.compare_lora_ranks]
+    except ValueError:
+        return _fail(f"--lora-ranks: expected integers, got {','.join(args.compare_lora_ranks)}")
+    # The shared options are checked once here; --init-text belongs to the prompt-tuning row only.
+    shared = settings_from_args(args, method="prompt-tuning" if args.ts_init_text else "lora")
+    specs = [method_row(m) for m in args.compare_methods]
+    specs += rank_rows(ranks, alpha_per_rank=shared.alpha / shared.rank)
     title = args.compare_title or f"Methods compared on {args.train_data}"
     argv = sys.argv[sys.argv.index("compare") :] if "compare" in sys.argv else None
     command = "adapterserve train " + " ".join(shlex.quote(a) for a in argv) if argv else None
-    table = render_markdown(rows, title=title, command=command)
-    print(table)
+    machine = machine_description(shared)
+
+    def write_table(rows: list[Any]) -> str:
+        done = f" ({len(rows)} of {len(specs)} rows so far)" if len(rows) < len(specs) else ""
+        table = render_markdown(rows, title=title + done, command=command, machine=machine)
+        if args.compare_out_table is not None:
+            args.compare_out_table.parent.mkdir(parents=True, exist_ok=True)
+            args.compare_out_table.write_text(table)
+        return table
+
+    rows = run_compare(
+        shared,
+        args.train_data,
+        args.train_eval,
+        args.compare_out_dir,
+        specs,
+        on_row=write_table,
+        jobs=args.compare_jobs,
+    )
+    print(write_table(rows))
     if args.compare_out_table is not None:
-        args.compare_out_table.parent.mkdir(parents=True, exist_ok=True)
-        args.compare_out_table.write_text(table)
         print(f"wrote {args.compare_out_table}")
     return 0
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from adapterserve.training.errors import DataFormatError
+from adapterserve.training.errors import DataFormatError, SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +223,23 @@ def load_training_data(path: str | Path, tokenizer: Any, max_length: int) -> Sup
     examples = [tokenize_record(tokenizer, r, str(path), max_length) for r in records]
     log.info("read %d training records from %s", len(examples), path)
     return SupervisedDataset(examples)
+
+
+def split_validation(
+    dataset: SupervisedDataset, size: int, seed: int
+) -> tuple[SupervisedDataset, SupervisedDataset | None]:
+    """(train, validation): `size` examples drawn with `seed` are held out (None when size is 0)."""
+    if size == 0:
+        return dataset, None
+    if size >= len(dataset):
+        raise SettingsError(
+            f"--val-size {size}: holding out {size} of {len(dataset)} records leaves none to train on"
+        )
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+    held = set(order[:size])
+    train = [ex for i, ex in enumerate(dataset.examples) if i not in held]
+    val = [dataset.examples[i] for i in sorted(held)]
+    return SupervisedDataset(train), SupervisedDataset(val)
 
 
 def load_eval_data(path: str | Path, tokenizer: Any, limit: int | None = None) -> list[EvalExample]:

@@ -80,7 +80,15 @@ class RunEvaluator:
         from adapterserve.server.settings import EngineSettings
 
         longest = max(len(e.prompt_ids) for e in self.examples) + self.max_new_tokens
-        return OfflineEngine(base, EngineSettings(max_seq_len=max(1024, longest + 256)))
+        # The KV cache is preallocated [layers, rows, heads, max_seq_len, dim]: size it to the eval set
+        # (+ room for up to 256 virtual tokens), not to a serving default.
+        rows = min(EngineSettings().max_batch_size, len(self.examples))
+        return OfflineEngine(base, EngineSettings(max_seq_len=longest + 256, max_batch_size=rows))
+
+    def release(self) -> None:
+        """Drop the engine's base copy and KV cache (training then measures its own memory); the next
+        evaluation loads them again."""
+        self._engine = None
 
     def _run(self, backend: GenerationBackend) -> EvalResult:
         return evaluate(backend, self.examples, self.base.tokenizer, max_new_tokens=self.max_new_tokens)

@@ -15,9 +15,17 @@ from typing import Any
 
 import torch
 
+from adapterserve.training.convergence import (
+    STOP_CAP,
+    STOP_PLANNED,
+    STOP_PLATEAU,
+    PlateauRule,
+    plateau_callback,
+)
 from adapterserve.training.data import PadCollator, SupervisedDataset
 from adapterserve.training.kbit import keep_4bit_trainable
 from adapterserve.training.settings import TrainSettings
+from adapterserve.training.step_loss import StepLosses, step_loss_callbacks, with_step_losses
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +36,16 @@ class LoopResult:
     epochs: float
     seconds: float
     losses: list[tuple[int, float]] = field(default_factory=list)  # (step, logged mean loss)
+    step_losses: StepLosses = field(default_factory=StepLosses)  # every optimizer step's own loss
+    train_loss: float | None = None  # the Trainer's mean loss over the whole run
+    stop_reason: str = STOP_PLANNED  # planned_steps, or with early stopping: plateau / max_steps
+    val_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, validation loss)
 
     @property
     def final_loss(self) -> float | None:
+        """The last optimizer step's loss (not the last *logged* mean, which can be step 1's)."""
+        if self.step_losses.last is not None:
+            return self.step_losses.last
         return self.losses[-1][1] if self.losses else None
 
 
@@ -70,22 +85,50 @@ def _callbacks(settings: TrainSettings, result: LoopResult) -> list[Any]:
         def on_optimizer_step(self, args, state, control, **kwargs):  # noqa: ANN001
             kwargs["model"].base_model.update_and_allocate(state.global_step)
 
-    callbacks: list[Any] = [LossHistory()]
+    callbacks: list[Any] = [LossHistory(), *step_loss_callbacks(result.step_losses)]
     if settings.method == "adalora":
         callbacks.append(AdaLoraAllocation())
     return callbacks
 
 
+def validation_arguments(settings: TrainSettings, has_validation: bool) -> dict[str, Any]:
+    """TrainingArguments for the validation-loss checks (none without a validation set)."""
+    if not has_validation:
+        return {}
+    return {
+        "eval_strategy": "steps",
+        "eval_steps": settings.early_stop_every,
+        "per_device_eval_batch_size": max(settings.batch_size, 16),
+        "prediction_loss_only": True,
+    }
+
+
 def run_training(
-    model: Any, dataset: SupervisedDataset, settings: TrainSettings, *, pad_id: int, device: torch.device
+    model: Any,
+    dataset: SupervisedDataset,
+    settings: TrainSettings,
+    *,
+    pad_id: int,
+    device: torch.device,
+    validation: SupervisedDataset | None = None,
 ) -> LoopResult:
-    """Train `model` in place on `dataset` for planned_steps(settings, len(dataset)) optimizer steps."""
+    """Train `model` in place on `dataset` for planned_steps(settings, len(dataset)) optimizer steps
+    (with `settings.early_stop_patience`: until the loss on `validation` plateaus, at most that many)."""
     from transformers import Trainer, TrainingArguments
 
     steps = planned_steps(settings, len(dataset))
     if restored := keep_4bit_trainable(model):
         log.info("restored the trainable layout of %d CPU-repacked 4-bit layers", restored)
     result = LoopResult(steps=0, epochs=0.0, seconds=0.0)
+    has_validation = validation is not None and len(validation) > 0
+    callbacks = _callbacks(settings, result)
+    rule = stopped = None
+    if settings.early_stop_patience is not None and has_validation:
+        rule = PlateauRule(
+            settings.early_stop_patience, settings.early_stop_min_delta, settings.early_stop_min_abs_delta
+        )
+        stopped = []
+        callbacks.append(plateau_callback(rule, stopped))
     with tempfile.TemporaryDirectory(prefix="adapterserve-train-") as scratch:
         args = TrainingArguments(
             output_dir=scratch,
@@ -109,19 +152,26 @@ def run_training(
             label_names=["labels"],
             dataloader_num_workers=0,
             disable_tqdm=False,
+            **validation_arguments(settings, has_validation),
         )
-        trainer = Trainer(
+        trainer = with_step_losses(Trainer)(
             model=model,
             args=args,
             train_dataset=dataset,
+            eval_dataset=validation if has_validation else None,
             data_collator=PadCollator(pad_id),
-            callbacks=_callbacks(settings, result),
+            callbacks=callbacks,
         )
+        trainer.step_losses = result.step_losses
         start = time.perf_counter()
         output = trainer.train()
         result.seconds = time.perf_counter() - start
         result.steps = int(trainer.state.global_step)
         result.epochs = float(trainer.state.epoch or 0.0)
+        result.train_loss = float(output.training_loss)
+        if rule is not None:
+            result.val_losses = list(rule.history)
+            result.stop_reason = STOP_PLATEAU if stopped else STOP_CAP
         log.info(
             "trained %d steps in %.1f s (train loss %.4f)", result.steps, result.seconds, output.training_loss
         )

@@ -40,6 +40,7 @@ def _lora(s: Any, total_steps: int, base_path: str | None, method: str = "lora")
         lora_dropout=s.dropout,
         target_modules=s.resolved_lora_targets(),
         bias="none",
+        **({"use_dora": True} if getattr(s, "use_dora", False) else {}),  # --use-dora: QLoRA + DoRA
     )
 
 

@@ -20,6 +20,8 @@ from pydantic import BaseModel
 
 from adapterserve.training.errors import TrainingError
 from adapterserve.training.metrics import EvalMetrics
+from adapterserve.training.perplexity import PerplexityMetrics
+from adapterserve.training.preference import PreferenceMetrics
 
 ADAPTER_FILES: tuple[str, ...] = ("adapter_config.json", "adapter_model.safetensors")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -29,6 +31,7 @@ class TrainManifest(BaseModel):
     """Everything needed to know what an adapter is and how it was made."""
 
     format: str  # "peft-adapter" or "full-model"
+    stage: str = "sft"  # pt, sft or dpo
     method: str
     peft_type: str
     base_model: str
@@ -47,9 +50,19 @@ class TrainManifest(BaseModel):
     steps: int
     epochs: float
     train_seconds: float
-    final_loss: float | None = None
+    final_loss: float | None = None  # the last optimizer step's loss
+    mean_train_loss: float | None = None  # the Trainer's train_loss: mean over every step
+    stop_reason: str | None = None  # planned_steps, plateau (validation loss) or max_steps (the cap)
+    val_examples: int = 0  # records held out of train_data for the validation loss
+    val_losses: list[tuple[int, float]] | None = None  # (step, validation loss) at each check
+    peak_memory_bytes: int | None = None  # while training (see peak_memory_measure)
+    peak_memory_measure: str | None = None  # cuda_max_allocated or process_peak_rss
     eval_base: EvalMetrics | None = None
     eval_adapter: EvalMetrics | None = None
+    eval_base_perplexity: PerplexityMetrics | None = None  # --stage pt: held-out perplexity
+    eval_adapter_perplexity: PerplexityMetrics | None = None
+    eval_base_preference: PreferenceMetrics | None = None  # --stage dpo: held-out preference pairs
+    eval_adapter_preference: PreferenceMetrics | None = None
     settings: dict[str, Any]
     versions: dict[str, str]
 

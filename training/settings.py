@@ -13,6 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from adapterserve.training.method_table import METHODS, TRAINING_METHODS
 
+Stage = Literal["pt", "sft", "dpo"]
+STAGES: tuple[Stage, ...] = ("pt", "sft", "dpo")
+
 Method = str  # a name in training/method_table.py's TRAINING_METHODS (checked by TrainSettings)
 PROMPT_LEARNING_METHODS: frozenset[str] = frozenset(m.name for m in TRAINING_METHODS.values() if m.prompt_learning)
 DEFAULT_LORA_TARGETS: tuple[str, ...] = ("q_proj", "v_proj")
@@ -24,6 +27,11 @@ class TrainSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     # --- what to train -------------------------------------------------------------------------
+    stage: Stage = Field(
+        "sft",
+        description="pt: raw text, loss on every token; sft: prompt/completion or chat; "
+        "dpo: preference pairs (prompt, chosen, rejected)",
+    )
     method: Method = Field("lora", description="training method", json_schema_extra={"choices": list(METHODS)})
     base_model: str | None = Field(None, description="base model path or name; None = embedded SmolLM2")
     device: str | None = Field(None, description="None = cuda if available else cpu")
@@ -31,6 +39,7 @@ class TrainSettings(BaseModel):
     # --- method options ------------------------------------------------------------------------
     rank: int = Field(8, ge=1, description="LoRA/QLoRA rank; AdaLoRA target (average) rank")
     alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (scale = alpha / rank)")
+    use_dora: bool = Field(False, description="LoRA/QLoRA: weight-decomposed LoRA (PEFT's use_dora)")
     dropout: float = Field(0.05, ge=0, lt=1, description="LoRA/AdaLoRA dropout")
     target_modules: tuple[str, ...] | None = Field(
         None,
@@ -85,6 +94,28 @@ class TrainSettings(BaseModel):
     bf16: bool | None = Field(None, description="bf16 autocast; None = on where the device supports it")
     logging_steps: int = Field(10, ge=1, description="log the loss every this many steps")
 
+    dpo_beta: float = Field(0.1, gt=0, description="DPO: strength of the pull towards the reference model")
+
+    # --- convergence (early stopping on a validation loss) ---------------------------------------
+    val_size: int = Field(
+        0, ge=0, description="records held out of --data (seeded draw) for a validation loss; 0 = none"
+    )
+    early_stop_patience: int | None = Field(
+        None,
+        ge=1,
+        description="stop once the validation loss has not improved for this many checks in a row "
+        "(needs --val-size and --max-steps as the cap); None = train the planned steps",
+    )
+    early_stop_every: int = Field(10, ge=1, description="steps between two validation-loss checks")
+    early_stop_min_delta: float = Field(
+        0.02, ge=0, lt=1, description="an improvement is a drop of more than this fraction of the best loss"
+    )
+    early_stop_min_abs_delta: float = Field(
+        0.001,
+        ge=0,
+        description="... and by more than this much (a loss nearing 0 keeps falling by a fraction forever)",
+    )
+
     # --- evaluation ----------------------------------------------------------------------------
     eval_max_new_tokens: int = Field(48, ge=1, description="greedy tokens generated per eval example at most")
     eval_limit: int | None = Field(None, ge=1, description="evaluate on the first N eval records only")
@@ -106,6 +137,17 @@ class TrainSettings(BaseModel):
             raise ValueError(f"adalora_init_r ({self.adalora_init_r}) must be >= rank ({self.rank})")
         if self.init_text is not None and self.method != "prompt-tuning":
             raise ValueError("init_text applies to --method prompt-tuning only")
+        if self.stage == "dpo" and self.method == "sft":
+            raise ValueError(
+                "--stage dpo needs a PEFT method: its reference model is the base with the adapter "
+                "disabled; full fine-tuning (--method sft) would need a second copy of the model"
+            )
+        if self.stage == "dpo" and (self.val_size or self.early_stop_patience):
+            raise ValueError("--stage dpo trains the planned steps (no --val-size / --early-stop-patience)")
+        if self.use_dora and self.method not in ("lora", "qlora"):
+            raise ValueError("use_dora applies to --method lora and qlora only")
+        if self.early_stop_patience is not None and (self.val_size == 0 or self.max_steps is None):
+            raise ValueError("early stopping needs --val-size > 0 and --max-steps (the cap)")
         return self
 
     def resolved_learning_rate(self) -> float:

@@ -7,10 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adapterserve.training.data import EvalExample, file_sha256, load_eval_data, load_training_data
+from adapterserve.training.data import file_sha256
 from adapterserve.training.errors import SettingsError
-from adapterserve.training.evaluate import EvalResult, RunEvaluator, new_tokens_for
+from adapterserve.training.evaluate import EvalResult
 from adapterserve.training.loop import LoopResult, planned_steps, run_training
+from adapterserve.training.memory import PeakMemoryMeter
 from adapterserve.training.method_table import TRAINING_METHODS
 from adapterserve.training.methods import (
     PEFT_TYPES,
@@ -29,6 +30,7 @@ from adapterserve.training.output import (
     write_manifest,
 )
 from adapterserve.training.settings import TrainSettings
+from adapterserve.training.stages import StageEvaluator, load_stage_data
 
 log = logging.getLogger(__name__)
 
@@ -102,19 +104,14 @@ def train(
     elif settings.method == "qlora" and base.quantize != "nf4":
         raise SettingsError("qlora trains over an nf4-quantized base; load it with quantize='nf4'")
     tokenizer = base.tokenizer
-    dataset = load_training_data(train_file, tokenizer, settings.max_length)
-    eval_examples: list[EvalExample] = (
-        load_eval_data(eval_file, tokenizer, settings.eval_limit) if eval_file is not None else []
-    )
-    max_new = new_tokens_for(eval_examples, tokenizer, settings.eval_max_new_tokens) if eval_examples else 0
-
-    evaluator = RunEvaluator(base, eval_examples, max_new, settings.eval_backend) if eval_examples else None
-    eval_base = None
+    data = load_stage_data(settings, train_file, tokenizer)
+    evaluator = StageEvaluator(settings, base, eval_file) if eval_file is not None else None
+    eval_fields: dict[str, Any] = {}
     if evaluator is not None:
-        log.info("evaluating the base model on %d examples (%s)", len(eval_examples), evaluator.backend)
-        eval_base = evaluator.evaluate_base()
+        log.info("evaluating the base model on %d examples (%s)", evaluator.size, evaluator.backend)
+        eval_fields.update(evaluator.before())
 
-    steps = planned_steps(settings, len(dataset))
+    steps = planned_steps(settings, len(data))
     from transformers import set_seed
 
     set_seed(settings.seed)  # adapter initialisation draws from the global RNG
@@ -129,7 +126,22 @@ def train(
         f"{params.total:,}",
         params.percent,
     )
-    loop = run_training(model, dataset, settings, pad_id=tokenizer.pad_token_id, device=base.device)
+    with PeakMemoryMeter(base.device) as meter:
+        if data.pairs is not None:
+            from adapterserve.training.dpo import run_dpo
+
+            model, loop = run_dpo(model, data.pairs, settings, tokenizer=tokenizer, device=base.device)
+        else:
+            assert data.dataset is not None
+            loop = run_training(
+                model,
+                data.dataset,
+                settings,
+                pad_id=tokenizer.pad_token_id,
+                device=base.device,
+                validation=data.validation,
+            )
+    peak = meter.result
 
     if settings.method == "sft":
         save_full_model(model, tokenizer, out)
@@ -147,18 +159,18 @@ def train(
         model = served_model
     model.eval()
 
-    eval_adapter = None
     if evaluator is not None:
         log.info(
             "evaluating the trained %s on %d examples (%s)",
             settings.method,
-            len(eval_examples),
+            evaluator.size,
             evaluator.backend,
         )
-        eval_adapter = evaluator.evaluate_output(out, settings.method, served_model)
+        eval_fields.update(evaluator.after(out, settings.method, served_model))
 
     manifest = TrainManifest(
         format="full-model" if settings.method == "sft" else "peft-adapter",
+        stage=settings.stage,
         method=settings.method,
         peft_type=PEFT_TYPES[settings.method],
         base_model=base.source,
@@ -171,15 +183,20 @@ def train(
         bytes_on_disk=directory_bytes(out),
         train_data=str(train_file),
         train_data_sha256=file_sha256(train_file),
-        train_examples=len(dataset),
+        train_examples=len(data),
         eval_data=str(eval_file) if eval_file is not None else None,
         eval_data_sha256=file_sha256(eval_file) if eval_file is not None else None,
         steps=loop.steps,
         epochs=round(loop.epochs, 4),
         train_seconds=round(loop.seconds, 2),
         final_loss=loop.final_loss,
-        eval_base=eval_base.metrics if eval_base else None,
-        eval_adapter=eval_adapter.metrics if eval_adapter else None,
+        mean_train_loss=loop.train_loss,
+        stop_reason=loop.stop_reason,
+        val_examples=len(data.validation) if data.validation is not None else 0,
+        val_losses=loop.val_losses or None,
+        peak_memory_bytes=peak.bytes if peak else None,
+        peak_memory_measure=peak.measure if peak else None,
+        **eval_fields,
         settings=settings.model_dump(mode="json"),
         versions=_versions(),
     )
@@ -192,6 +209,6 @@ def train(
         loop=loop,
         params=params,
         model=model,
-        eval_base=eval_base,
-        eval_adapter=eval_adapter,
+        eval_base=evaluator.sft_base if evaluator is not None else None,
+        eval_adapter=evaluator.sft_output if evaluator is not None else None,
     )

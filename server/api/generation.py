@@ -1,4 +1,5 @@
-"""The Generation service: Generate (unary), GenerateStream (server streaming), GetServerInfo.
+"""The Generation service: Generate (unary), GenerateStream (server streaming), GetServerInfo, Score
+(log-likelihood of a continuation; see scoring.py).
 
 Each call is validated and tokenized (requests.py), submitted to the engine, and its TokenEvents are
 relayed. A call that ends early for any reason (client cancel or disconnect, deadline, error) cancels
@@ -22,6 +23,7 @@ from adapterserve.server.api.lifecycle import Lifecycle
 from adapterserve.server.api.metrics import ServerMetrics
 from adapterserve.server.api.requests import to_engine_request
 from adapterserve.server.api.runtime import RuntimeRef
+from adapterserve.server.api.scoring import collect_scores, score_response, to_scoring_request
 from adapterserve.server.engine.types import FinishReason, GenerationRequest, TokenEvent
 from adapterserve.server.errors import ServeError, UnavailableError
 from adapterserve.server.settings import LimitSettings
@@ -168,3 +170,28 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         self, request: generation_pb2.GetServerInfoRequest, context: grpc.aio.ServicerContext
     ) -> generation_pb2.ServerInfo:
         return self._runtime.get().server_info
+
+    @map_errors
+    async def Score(
+        self, request: generation_pb2.ScoreRequest, context: grpc.aio.ServicerContext
+    ) -> generation_pb2.ScoreResponse:
+        async with self._lifecycle.call(generation=True):
+            label, status, handle, done = self._metrics.labels.known(request.adapter), "OK", None, False
+            try:
+                runtime = self._runtime.get()
+                engine_request = to_scoring_request(request, runtime.tokenizer, self._limits)
+                handle = await runtime.engine.submit(engine_request)
+                label = self._metrics.labels.grant(request.adapter)
+                logprobs = await collect_scores(handle)
+                done = True
+                return score_response(engine_request, logprobs)
+            except asyncio.CancelledError:
+                status = "CANCELLED"
+                raise
+            except BaseException as exc:
+                status = status_of(exc)[0].name
+                raise
+            finally:
+                if handle is not None and not done:
+                    handle.cancel()
+                self._metrics.record_request("Score", label, status)

@@ -33,6 +33,7 @@ from adapterserve.server.engine.kv_cache import make_kv_cache
 from adapterserve.server.engine.provider import ResolvedAdapter
 from adapterserve.server.engine.runner import ModelRunner, PrefillRow
 from adapterserve.server.engine.sampling import RowSampler, sample_rows
+from adapterserve.server.engine.scoring import chunk_logprobs
 from adapterserve.server.engine.text import TextTracker
 from adapterserve.server.engine.types import FinishReason, GenerationRequest, TokenEvent
 from adapterserve.server.errors import (
@@ -68,6 +69,7 @@ class Sequence:
     prefill_inputs: torch.Tensor | None = None  # [n, H] virtual + prompt embeddings; None once prefilled
     prefill_start: int = 0  # cache position of the first prefill input (prefix tuning: after the prefix)
     prefill_done: int = 0  # prefill inputs already in the cache
+    scores: list[float] = field(default_factory=list)  # scoring requests: log-probs found so far
 
     @property
     def prefill_remaining(self) -> int:
@@ -86,8 +88,9 @@ class Sequence:
 
     @property
     def kv_tokens(self) -> int:
-        """Cache positions this request can fill: virtual + prompt + max_new_tokens."""
-        return self.virtual_tokens + len(self.request.prompt_ids) + self.request.sampling.max_new_tokens
+        """Cache positions this request can fill: virtual + prompt (+ max_new_tokens unless it only scores)."""
+        new = 0 if self.request.score_tokens else self.request.sampling.max_new_tokens
+        return self.virtual_tokens + len(self.request.prompt_ids) + new
 
     @property
     def slot_key(self) -> tuple[str, int] | None:
@@ -161,6 +164,19 @@ class EngineCore:
             text=TextTracker(self.base.tokenizer, p.stop, frozenset() if p.ignore_eos else self.eos_ids),
             logits=[] if self.capture_logits else None,
         )
+        if request.score_tokens:
+            if not 1 <= request.score_tokens < len(request.prompt_ids):
+                raise InvalidArgumentError(
+                    f"score_tokens: {request.score_tokens} must be in 1..{len(request.prompt_ids) - 1} "
+                    "(the tokens scored follow at least one prompt token)"
+                )
+            need = seq.kv_tokens
+            if need > min(self.settings.max_seq_len, self.cache.capacity_tokens):
+                raise InvalidArgumentError(
+                    f"prompt: {need} tokens to score exceed the engine's max_seq_len ({self.settings.max_seq_len})"
+                    f" or KV cache ({self.cache.capacity_tokens} tokens)"
+                )
+            return seq
         need = seq.kv_tokens
         if need > self.settings.max_seq_len:
             raise InvalidArgumentError(
@@ -361,19 +377,46 @@ class EngineCore:
             part = seq.prefill_inputs[seq.prefill_done : seq.prefill_done + take]
             rows.append(PrefillRow(embeds=part, start=seq.prefill_start + seq.prefill_done))
         seqs = [seq for seq, _ in chunk]
-        logits = self.runner.prefill(rows, self.num_decoding, self._batch(seqs))  # [B, V]
+        if any(seq.request.score_tokens for seq in seqs):
+            logits = self._prefill_scoring(chunk, rows)
+        else:
+            logits = self.runner.prefill(rows, self.num_decoding, self._batch(seqs))  # [B, V]
         complete: list[int] = []
         for i, (seq, take) in enumerate(chunk):
             seq.prefill_done += take
             seq.length = seq.prefill_start + seq.prefill_done
             if seq.prefill_remaining == 0:
                 seq.prefill_inputs = None
-                complete.append(i)
+                if seq.request.score_tokens:
+                    self._finish(seq, FinishReason.SCORED, logprobs=tuple(seq.scores))
+                else:
+                    complete.append(i)
         if complete:
             self._accept([seqs[i] for i in complete], logits[complete])
             for i in complete:
                 if not seqs[i].finished:
                     self._promote(seqs[i])
+
+    def _prefill_scoring(self, chunk: list[tuple[Sequence, int]], rows: list[PrefillRow]) -> torch.Tensor:
+        """A prefill chunk with scoring rows: keep every position's state, record the scored tokens'
+        log-probs (see scoring.py). Returns each row's last-position logits [B, V], as prefill does."""
+        seqs = [seq for seq, _ in chunk]
+        states = self.runner.prefill_states(rows, self.num_decoding, self._batch(seqs))  # [B, S, H]
+        last = torch.tensor([take - 1 for _, take in chunk], device=states.device)
+        for i, (seq, take) in enumerate(chunk):
+            if seq.request.score_tokens:
+                assert seq.prefill_inputs is not None  # still prefilling
+                # virtual token embeddings in front of the prompt (prompt tuning), whatever the kind
+                virtual_inputs = seq.prefill_inputs.shape[0] - len(seq.request.prompt_ids)
+                seq.scores += chunk_logprobs(
+                    self.runner.head,
+                    states[i, :take],
+                    seq.prefill_done,
+                    virtual_inputs,
+                    seq.request.prompt_ids,
+                    seq.request.score_tokens,
+                )
+        return self.runner.head(states[torch.arange(len(chunk), device=states.device), last])
 
     def _promote(self, seq: Sequence) -> None:
         """A row whose prefill is complete joins the decoding rows (swapped to their end if needed)."""
@@ -435,11 +478,13 @@ class EngineCore:
         token_ids: tuple[int, ...] = (),
         text: str = "",
         error: BaseException | None = None,
+        logprobs: tuple[float, ...] = (),
     ) -> None:
         seq.finished = True
         # Held back until the row and slot are released, so a caller that sees its last event also
         # sees the engine's stats without it.
-        self._final_events.append((seq, self._event(seq, token_ids, text, finish_reason=reason, error=error)))
+        event = self._event(seq, token_ids, text, finish_reason=reason, error=error, logprobs=logprobs)
+        self._final_events.append((seq, event))
 
     def _move(self, src: int, dst: int) -> None:
         moved = self.running[src]

@@ -30,6 +30,7 @@ class GenerationResult:
     prompt_tokens: int
     error: BaseException | None = None
     logits: list[torch.Tensor] | None = None  # [V] per generated token (capture_logits=True)
+    logprobs: tuple[float, ...] = ()  # scoring requests: log-probs of the scored tokens
 
 
 class OfflineEngine:
@@ -83,4 +84,26 @@ class OfflineEngine:
             prompt_tokens=len(seq.request.prompt_ids),
             error=last.error,
             logits=seq.logits,
+            logprobs=last.logprobs,
         )
+
+    def score(
+        self, pairs: list[tuple[list[int], list[int]]], adapter: str | None = None
+    ) -> list[tuple[float, ...]]:
+        """Log-probabilities of each continuation's tokens after its prompt: for (prompt_ids,
+        continuation_ids) pairs, run as scoring requests together (continuous batching)."""
+        requests = [
+            GenerationRequest(
+                request_id=f"offline-{next(self._ids)}",
+                prompt_ids=tuple(prompt) + tuple(continuation),
+                adapter=adapter,
+                score_tokens=len(continuation),
+            )
+            for prompt, continuation in pairs
+        ]
+        results = []
+        for result in self.generate(requests):
+            if result.error is not None:
+                raise result.error
+            results.append(result.logprobs)
+        return results

@@ -1,8 +1,9 @@
 """The batched forward over a Llama-family base: our own attention over the compact KV cache, the
 base model's own modules for everything else (embeddings, norms, rotary, MLP, wrapped linears).
 
-Two stages, as in gpt-fast: `prefill` (new rows, whole prompts, right-padded) and `decode` (one token
-for every running row). Both return the logits of each row's last position.
+Two stages, as in gpt-fast: `prefill` (new rows, a chunk of each prompt, right-padded) and `decode` (one
+token for every running row). Both return the logits of each row's last position; `prefill_states`
+returns every position's final hidden state instead (scoring requests need every position's logits).
 """
 
 from __future__ import annotations
@@ -51,6 +52,24 @@ class ModelRunner:
     @torch.inference_mode()
     def prefill(self, rows: list[PrefillRow], row_start: int, batch: AdapterBatch) -> torch.Tensor:
         """Run new rows row_start.. through the model, filling their cache. Returns logits [B, V]."""
+        x, last = self._prefill_hidden(rows, row_start, batch)
+        return self.head(self.inner.norm(x[torch.arange(len(rows), device=x.device), last]))  # [B, V]
+
+    @torch.inference_mode()
+    def prefill_states(self, rows: list[PrefillRow], row_start: int, batch: AdapterBatch) -> torch.Tensor:
+        """Like `prefill`, but returns the final-norm hidden state of every position [B, S, H] (rows
+        right-padded to the longest): `head` of a position's state is its next-token logits."""
+        x, _ = self._prefill_hidden(rows, row_start, batch)
+        return self.inner.norm(x)
+
+    @torch.inference_mode()
+    def head(self, states: torch.Tensor) -> torch.Tensor:
+        """Next-token logits [..., V] (float32) of final-norm hidden states [..., H]."""
+        return self.model.lm_head(states).float()
+
+    def _prefill_hidden(
+        self, rows: list[PrefillRow], row_start: int, batch: AdapterBatch
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         b = len(rows)
         longest = max(r.embeds.shape[0] for r in rows)
         hidden = rows[0].embeds.shape[1]
@@ -66,23 +85,24 @@ class ModelRunner:
             # real tokens and overwritten by its decode steps before they are ever read.
             positions[i] = (row.start + steps).clamp(max=self.cache.max_len - 1)
             last[i] = n - 1
-        return self._forward(embeds, positions, row_start, last, batch)
+        return self._forward(embeds, positions, row_start, batch), last
 
     @torch.inference_mode()
     def decode(self, token_ids: torch.Tensor, positions: torch.Tensor, batch: AdapterBatch) -> torch.Tensor:
         """token_ids, positions: [B] for rows 0..B-1. Returns logits [B, V]."""
         embeds = self.embed(token_ids[:, None])  # [B, 1, H]
-        last = torch.zeros(token_ids.shape[0], dtype=torch.long, device=token_ids.device)
-        return self._forward(embeds, positions[:, None], 0, last, batch)
+        x = self._forward(embeds, positions[:, None], 0, batch)  # [B, 1, H]
+        return self.head(self.inner.norm(x[:, 0]))  # [B, V]
 
     def _forward(
         self,
         x: torch.Tensor,  # [B, S, H]
         positions: torch.Tensor,  # [B, S] cache positions = rotary positions
         row_start: int,
-        last: torch.Tensor,  # [B] index of each row's last real input
         batch: AdapterBatch,
     ) -> torch.Tensor:
+        """The decoder layers over x; returns the last layer's hidden states [B, S, H] (before the
+        final norm)."""
         b, s, _ = x.shape
         length = int(positions.max()) + 1
         cos, sin = self.inner.rotary_emb(x, positions)  # [B, S, D]
@@ -109,5 +129,4 @@ class ModelRunner:
                 x = x + layer.mlp(layer.post_attention_layernorm(x))
         finally:
             self.context.batch = None
-        x = self.inner.norm(x[torch.arange(b, device=x.device), last])  # [B, H]
-        return self.model.lm_head(x).float()  # [B, V]
+        return x

@@ -15,6 +15,7 @@ class FinishReason(enum.StrEnum):
     EOS = "eos"  # the model produced an end-of-sequence token
     CANCELLED = "cancelled"  # the caller cancelled (disconnect, deadline, explicit cancel)
     ERROR = "error"  # the request failed inside the engine (see TokenEvent.error)
+    SCORED = "scored"  # a scoring request (score_tokens > 0) is done: TokenEvent.logprobs holds its scores
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,9 @@ class GenerationRequest:
     prompt_ids: tuple[int, ...]
     adapter: str | None = None  # None or "" = the base model
     sampling: SamplingParams = field(default_factory=SamplingParams)
+    # > 0: a scoring request. Nothing is generated: the engine prefills the prompt and returns the
+    # log-probabilities of its last `score_tokens` tokens (each given the tokens before it).
+    score_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -56,3 +60,4 @@ class TokenEvent:
     prompt_tokens: int = 0
     generated_tokens: int = 0
     error: BaseException | None = None  # set when finish_reason is ERROR; a ServeError for users
+    logprobs: tuple[float, ...] = ()  # finish_reason SCORED: log p(token | tokens before it), in order

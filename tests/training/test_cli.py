@@ -119,7 +119,7 @@ def test_upload_uses_the_sdk_client(tiny_model_dir, pc_file, tmp_path, monkeypat
     ]
 
 
-@pytest.mark.parametrize("methods", [("sft", "lora", "prompt-tuning")])
+@pytest.mark.parametrize("methods", [("sft", "lora")])
 def test_compare_writes_a_table_with_sft_as_reference(tiny_model_dir, pc_file, tmp_path, methods, capsys):
     table = tmp_path / "table.md"
     code = run_train(

@@ -26,6 +26,7 @@ from adapterserve.models import (
     AdapterInfo,
     GenerateResult,
     HealthStatus,
+    ScoreResult,
     ServerInfo,
     StreamChunk,
     UploadResult,
@@ -150,6 +151,27 @@ class AsyncClient:
             GENERATION_CODES,
         )
         return convert.result_from_proto(reply)
+
+    async def score(
+        self,
+        prompt: str | Sequence[convert.MessageLike] | None = None,
+        continuation: str = "",
+        *,
+        messages: Sequence[convert.MessageLike] | None = None,
+        adapter: str | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> ScoreResult:
+        """See `Client.score`."""
+        request = convert.build_score_request(prompt, messages, continuation, adapter, request_id)
+        meta = self.connection.generation_metadata()
+        deadline = self._timeout(timeout)
+        reply = await acall_with_retry(
+            lambda: _rpc(lambda: self._generation.Score(request, timeout=deadline, metadata=meta)),
+            self.connection.retry,
+            GENERATION_CODES,
+        )
+        return convert.score_from_proto(reply)
 
     def stream(
         self,

@@ -27,6 +27,7 @@ from adapterserve.models import (
     AdapterInfo,
     GenerateResult,
     HealthStatus,
+    ScoreResult,
     ServerInfo,
     StreamChunk,
     UploadResult,
@@ -161,6 +162,33 @@ class Client:
             GENERATION_CODES,
         )
         return convert.result_from_proto(reply)
+
+    def score(
+        self,
+        prompt: str | Sequence[convert.MessageLike] | None = None,
+        continuation: str = "",
+        *,
+        messages: Sequence[convert.MessageLike] | None = None,
+        adapter: str | None = None,
+        request_id: str | None = None,
+        timeout: float | None = None,
+    ) -> ScoreResult:
+        """Log-likelihood of `continuation` right after `prompt` (text) or `messages` (a chat, rendered
+        with the generation prompt), with `adapter` (None = the base model). Nothing is generated.
+
+        The continuation is tokenized on its own and appended to the prompt's tokens. Use it for
+        evaluation: perplexity (`result.perplexity`), preference margins, multiple choice. Retried on
+        UNAVAILABLE and RESOURCE_EXHAUSTED.
+        """
+        request = convert.build_score_request(prompt, messages, continuation, adapter, request_id)
+        meta = self.connection.generation_metadata()
+        deadline = self._timeout(timeout)
+        reply = call_with_retry(
+            lambda: _rpc(lambda: self._generation.Score(request, timeout=deadline, metadata=meta)),
+            self.connection.retry,
+            GENERATION_CODES,
+        )
+        return convert.score_from_proto(reply)
 
     def stream(
         self,

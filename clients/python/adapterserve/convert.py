@@ -18,6 +18,7 @@ from adapterserve.models import (
     FinishReason,
     GenerateResult,
     Limits,
+    ScoreResult,
     ServerInfo,
     StreamChunk,
     Timings,
@@ -101,6 +102,40 @@ def build_generate_request(
         assert messages is not None
         request.messages.CopyFrom(generation_pb2.ChatMessages(messages=[_chat_message(m) for m in messages]))
     return request
+
+
+def build_score_request(
+    prompt: str | Sequence[MessageLike] | None,
+    messages: Sequence[MessageLike] | None,
+    continuation: str,
+    adapter: str | None,
+    request_id: str | None = None,
+) -> generation_pb2.ScoreRequest:
+    """The ScoreRequest for a prompt or a chat, and the continuation to score."""
+    if not continuation:
+        raise InvalidArgument("continuation: must not be empty")
+    generate = build_generate_request(prompt, messages, adapter, request_id=request_id)
+    request = generation_pb2.ScoreRequest(
+        adapter=adapter or "", continuation=continuation, request_id=request_id or ""
+    )
+    if generate.WhichOneof("input") == "prompt":
+        request.prompt = generate.prompt
+    else:
+        request.messages.CopyFrom(generate.messages)
+    return request
+
+
+def score_from_proto(message: generation_pb2.ScoreResponse) -> ScoreResult:
+    return ScoreResult(
+        request_id=message.request_id,
+        adapter=message.adapter,
+        logprob_sum=message.logprob_sum,
+        logprob_mean=message.logprob_mean,
+        continuation_tokens=message.continuation_tokens,
+        prompt_tokens=message.prompt_tokens,
+        token_ids=list(message.token_ids),
+        token_logprobs=list(message.token_logprobs),
+    )
 
 
 def _timings(message: generation_pb2.Timing) -> Timings:

@@ -96,6 +96,26 @@ class GenerateResult(_Frozen):
         )
 
 
+class ScoreResult(_Frozen):
+    """The log-likelihood of a continuation after a prompt (`Client.score`)."""
+
+    request_id: str
+    adapter: str = ""  # "" = the base model
+    logprob_sum: float  # natural log; <= 0
+    logprob_mean: float  # per continuation token
+    continuation_tokens: int
+    prompt_tokens: int
+    token_ids: list[int] = Field(default_factory=list)
+    token_logprobs: list[float] = Field(default_factory=list)
+
+    @property
+    def perplexity(self) -> float:
+        """exp(-mean log-prob) of the continuation's tokens."""
+        import math
+
+        return math.exp(-self.logprob_mean)
+
+
 class StreamChunk(_Frozen):
     """One message of a generation stream.
 

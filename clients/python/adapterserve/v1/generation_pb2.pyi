@@ -154,3 +154,37 @@ class ServerInfo(_message.Message):
     limits: Limits
     chat_template: bool
     def __init__(self, server_version: _Optional[str] = ..., base_model: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., model_type: _Optional[str] = ..., quantize: _Optional[str] = ..., adapter_kinds: _Optional[_Iterable[_Union[_types_pb2.AdapterKind, str]]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., chat_template: _Optional[bool] = ...) -> None: ...
+
+class ScoreRequest(_message.Message):
+    __slots__ = ("adapter", "prompt", "messages", "continuation", "request_id")
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    MESSAGES_FIELD_NUMBER: _ClassVar[int]
+    CONTINUATION_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    adapter: str
+    prompt: str
+    messages: ChatMessages
+    continuation: str
+    request_id: str
+    def __init__(self, adapter: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Union[ChatMessages, _Mapping]] = ..., continuation: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class ScoreResponse(_message.Message):
+    __slots__ = ("request_id", "adapter", "logprob_sum", "logprob_mean", "continuation_tokens", "prompt_tokens", "token_ids", "token_logprobs")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_SUM_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_MEAN_FIELD_NUMBER: _ClassVar[int]
+    CONTINUATION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    adapter: str
+    logprob_sum: float
+    logprob_mean: float
+    continuation_tokens: int
+    prompt_tokens: int
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    token_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, request_id: _Optional[str] = ..., adapter: _Optional[str] = ..., logprob_sum: _Optional[float] = ..., logprob_mean: _Optional[float] = ..., continuation_tokens: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., token_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...

@@ -51,6 +51,11 @@ class GenerationStub:
                 request_serializer=adapterserve_dot_v1_dot_generation__pb2.GetServerInfoRequest.SerializeToString,
                 response_deserializer=adapterserve_dot_v1_dot_generation__pb2.ServerInfo.FromString,
                 _registered_method=True)
+        self.Score = channel.unary_unary(
+                '/adapterserve.v1.Generation/Score',
+                request_serializer=adapterserve_dot_v1_dot_generation__pb2.ScoreRequest.SerializeToString,
+                response_deserializer=adapterserve_dot_v1_dot_generation__pb2.ScoreResponse.FromString,
+                _registered_method=True)
 
 
 class GenerationServicer:
@@ -80,6 +85,14 @@ class GenerationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Score(self, request, context):
+        """Log-likelihood of a continuation after a prompt, with the base model or an adapter (evaluation:
+        perplexity, preference margins, multiple-choice scoring). Nothing is generated.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -97,6 +110,11 @@ def add_GenerationServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=adapterserve_dot_v1_dot_generation__pb2.GetServerInfoRequest.FromString,
                     response_serializer=adapterserve_dot_v1_dot_generation__pb2.ServerInfo.SerializeToString,
+            ),
+            'Score': grpc.unary_unary_rpc_method_handler(
+                    servicer.Score,
+                    request_deserializer=adapterserve_dot_v1_dot_generation__pb2.ScoreRequest.FromString,
+                    response_serializer=adapterserve_dot_v1_dot_generation__pb2.ScoreResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -182,6 +200,33 @@ class Generation:
             '/adapterserve.v1.Generation/GetServerInfo',
             adapterserve_dot_v1_dot_generation__pb2.GetServerInfoRequest.SerializeToString,
             adapterserve_dot_v1_dot_generation__pb2.ServerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Score(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/adapterserve.v1.Generation/Score',
+            adapterserve_dot_v1_dot_generation__pb2.ScoreRequest.SerializeToString,
+            adapterserve_dot_v1_dot_generation__pb2.ScoreResponse.FromString,
             options,
             channel_credentials,
             insecure,
