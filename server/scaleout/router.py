@@ -8,8 +8,6 @@ the same bearer token as gRPC. A replica that dies under a request turns into a 
 client retries it); a stream that loses its replica ends with an error frame, never silently.
 """
 
-from __future__ import annotations
-
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
