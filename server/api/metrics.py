@@ -143,8 +143,8 @@ class ServerMetrics:
         self.labels = AdapterLabels(max_adapter_labels)
         self.requests = Counter(
             "adapterserve_requests",
-            "API calls by method, adapter and final status code",
-            ["method", "adapter", "status"],
+            "API calls by protocol (grpc or http), method, adapter and final status code",
+            ["protocol", "method", "adapter", "status"],
             registry=self.registry,
         )
         self.prompt_tokens = Counter(
@@ -188,8 +188,8 @@ class ServerMetrics:
         if "/adapterserve.v1.Generation/" in full_method:
             self.record_request(full_method.rsplit("/", 1)[-1], OTHER_LABEL, status)
 
-    def record_request(self, method: str, adapter_label: str, status: str) -> None:
-        self.requests.labels(method=method, adapter=adapter_label, status=status).inc()
+    def record_request(self, method: str, adapter_label: str, status: str, protocol: str = "grpc") -> None:
+        self.requests.labels(protocol=protocol, method=method, adapter=adapter_label, status=status).inc()
 
     def record_generation(
         self,

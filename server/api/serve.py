@@ -2,6 +2,8 @@
 
 1. Bind the gRPC port and start it with health NOT_SERVING (API calls get UNAVAILABLE), start the
    metrics endpoint, log "listening".
+   With `http_port` set, the OpenAI-compatible HTTP API (api/http) starts too, over the same runtime,
+   limits, metrics and lifecycle (it answers 503 until ready).
 2. Build the runtime (load the base, open the store, start and warm the engine), then flip health to
    SERVING and log "ready".
 3. On the first SIGTERM/SIGINT: health NOT_SERVING for good, new calls UNAVAILABLE, calls in flight
@@ -15,6 +17,7 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass
+from typing import Any
 
 from adapterserve.server.api.auth import AuthPolicy
 from adapterserve.server.api.grpc_server import GrpcServer, build_grpc_server
@@ -34,6 +37,7 @@ FINAL_STOP_GRACE_S = 1.0
 class BoundPorts:
     grpc: int
     metrics: int
+    http: int | None = None  # None: HTTP is off
 
 
 class ServeApp:
@@ -48,6 +52,7 @@ class ServeApp:
         self.ports: BoundPorts | None = None
         self._started: StartedRuntime | None = None
         self._grpc: GrpcServer | None = None
+        self._http: Any = None  # http.server.HttpServer when settings.http_port is set
         self._stop = asyncio.Event()
         self._stop_requests = 0
         self._hurry = asyncio.Event()
@@ -94,7 +99,13 @@ class ServeApp:
             raise ServeError(
                 f"could not bind the metrics port {s.host}:{s.metrics_port} (in use?): {exc}"
             ) from None
-        self.ports = BoundPorts(grpc=port, metrics=metrics_port)
+        try:
+            http_port = await self._start_http()
+        except ServeError:
+            await self._grpc.server.stop(None)
+            self.metrics.close()
+            raise
+        self.ports = BoundPorts(grpc=port, metrics=metrics_port, http=http_port)
         log.info(
             "adapterserve listening on %s:%d (metrics on %s:%s); health NOT_SERVING until the model is warm",
             s.host,
@@ -102,7 +113,27 @@ class ServeApp:
             s.host,
             metrics_port,
         )
+        if http_port is not None:
+            log.info("adapterserve HTTP (OpenAI-compatible) listening on %s:%d", s.host, http_port)
         return self.ports
+
+    async def _start_http(self) -> int | None:
+        """Start the OpenAI-compatible HTTP API on the same runtime, limits, metrics and lifecycle."""
+        s = self.settings
+        if s.http_port is None:
+            return None
+        try:
+            from adapterserve.server.api.http.app import build_http_app
+            from adapterserve.server.api.http.server import HttpServer
+            from adapterserve.server.api.http.service import OpenAIService
+        except ImportError as exc:
+            raise ServeError(
+                f"HTTP needs the [http] extra (pip install 'adapterserve[http]'), or pass --no-http: {exc}"
+            ) from None
+        service = OpenAIService(self.runtime, s.limits, self.metrics, self.lifecycle, s.served_model_name)
+        app = build_http_app(service, self.policy(), self.metrics, self.lifecycle)
+        self._http = HttpServer(app, s.host, s.http_port, shutdown_grace_s=FINAL_STOP_GRACE_S)
+        return await self._http.start()
 
     async def load(self) -> None:
         """Build the runtime and start serving."""
@@ -136,6 +167,8 @@ class ServeApp:
             log.warning("grace period over: cancelling %d call(s)", self.lifecycle.calls_in_flight)
         if self._grpc is not None:
             await self._grpc.server.stop(FINAL_STOP_GRACE_S)
+        if self._http is not None:
+            await self._http.stop()
         if self._started is not None:
             await self._started.stop()
         self.metrics.close()

@@ -283,6 +283,32 @@ class AdapterStore:
         os.replace(tmp, self.root / PINS_FILE)
         _fsync_dir(self.root)
 
+    def refresh(self, name: str) -> Manifest:
+        """Re-read one entry from disk, for a store directory shared by several servers (Ray Serve
+        replicas): another process may have written, replaced or deleted it since this one opened.
+
+        Verifies the folder against its manifest (hashing its files) and serves what is there now.
+        Raises NotFoundError (not there, or not servable: the message says why).
+        """
+        validate_name(name)
+        path = self.root / name
+        with self._mutate:
+            if os.path.islink(path) or not os.path.isdir(path):
+                self._manifests.pop(name, None)
+                self._failed.pop(name, None)
+            else:
+                try:
+                    manifest = self._verify_dir(path, name)
+                except (ServeError, OSError) as err:
+                    self._manifests.pop(name, None)
+                    self._failed[name] = f"adapter {name!r} failed verification: {err}"
+                else:
+                    current = self._manifests.get(name)
+                    if current is None or current.uid != manifest.uid:
+                        self._manifests[name] = manifest
+                    self._failed.pop(name, None)
+        return self.manifest(name)
+
     def current(self, name: str) -> Manifest | None:
         """The served manifest of `name`, or None (no name check, no error: for cache bookkeeping)."""
         return self._manifests.get(name)

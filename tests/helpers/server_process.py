@@ -29,6 +29,7 @@ LISTENING = re.compile(
     r"adapterserve listening on (?P<host>[^\s:]+):(?P<port>\d+) \(metrics on [^\s:]+:(?P<metrics>\d+)\)"
 )
 READY = re.compile(r"adapterserve ready on ")
+HTTP_LISTENING = re.compile(r"adapterserve HTTP \(OpenAI-compatible\) listening on [^\s:]+:(?P<port>\d+)")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -48,12 +49,19 @@ class ServerProcess:
     host: str = "127.0.0.1"
     port: int = 0
     metrics_port: int = 0
+    http_port: int | None = None  # with extra_args ("--http-port", "0")
     _lines: list[str] = field(default_factory=list)
     _cond: threading.Condition = field(default_factory=threading.Condition)
 
     @property
     def target(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def http_url(self) -> str:
+        """The OpenAI-compatible API's base URL (`.../v1`); the server must have been started with HTTP."""
+        assert self.http_port is not None, "start the server with extra_args=('--http-port', '0')"
+        return f"http://{self.host}:{self.http_port}/v1"
 
     @property
     def metrics_url(self) -> str:
@@ -115,6 +123,9 @@ class ServerProcess:
 def server_command(
     model_dir: Path, store_dir: Path, extra_args: Iterable[str] = (), port: int = 0
 ) -> list[str]:
+    args = list(extra_args)
+    if "--http-port" not in args and "--no-http" not in args:
+        args.append("--no-http")  # never the default port 8000: tests run side by side
     return [
         sys.executable,
         "-m",
@@ -133,7 +144,7 @@ def server_command(
         str(port),
         "--metrics-port",
         "0",
-        *extra_args,
+        *args,
     ]
 
 
@@ -153,8 +164,9 @@ def start_server(
     environ.update({"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"})
     environ.update(env or {})
     log_path = log_path or Path(store_dir).parent / f"server-{time.monotonic_ns()}.log"
+    server_args = list(extra_args)
     proc = subprocess.Popen(
-        server_command(model_dir, store_dir, extra_args, port),
+        server_command(model_dir, store_dir, server_args, port),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -170,6 +182,8 @@ def start_server(
             int(match["port"]),
             int(match["metrics"]),
         )
+        if "--http-port" in server_args:
+            server.http_port = int(server.wait_for(HTTP_LISTENING, timeout)["port"])
         if wait_ready:
             server.wait_for(READY, timeout)
     except BaseException:

@@ -213,7 +213,8 @@ async def test_generation_token(tiny_tokenizer):
 
         def count(status: str) -> float:
             value = metrics.get_sample_value(
-                "adapterserve_requests_total", {"method": "Generate", "adapter": "other", "status": status}
+                "adapterserve_requests_total",
+                {"protocol": "grpc", "method": "Generate", "adapter": "other", "status": status},
             )
             return value or 0.0
 

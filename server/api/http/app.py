@@ -1,0 +1,102 @@
+"""The FastAPI app of the OpenAI-compatible API: routes, bearer auth, errors in OpenAI's shape, SSE.
+
+    GET  /v1/models              the base model and every adapter (parent/root, adapter_kind)
+    POST /v1/completions         `stream: true` answers with server-sent events
+    POST /v1/chat/completions    likewise
+    GET  /health                 200 while serving, 503 while starting or draining
+
+The routes only move bytes; OpenAIService (service.py) does the protocol.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from adapterserve.server.api.auth import AuthPolicy
+from adapterserve.server.api.http.errors import OpenAIError
+from adapterserve.server.api.http.service import CHAT, COMPLETIONS, PROTOCOL, OpenAIService, bearer_refusal
+from adapterserve.server.api.lifecycle import Lifecycle
+from adapterserve.server.api.metrics import OTHER_LABEL, ServerMetrics
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def error_response(err: OpenAIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+async def read_json(request: Request) -> Any:
+    """The request body as JSON; a clear 400 when it is not."""
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise OpenAIError(400, f"the request body is not valid JSON: {exc}") from None
+
+
+def build_http_app(
+    service: OpenAIService, policy: AuthPolicy, metrics: ServerMetrics, lifecycle: Lifecycle
+) -> FastAPI:
+    """The ASGI app for `adapterserve serve --http-port`."""
+    app = FastAPI(
+        title="adapterserve",
+        description="OpenAI-compatible API: `model` is an adapter name or the base model's served name.",
+        openapi_url="/openapi.json",
+    )
+
+    @app.exception_handler(OpenAIError)
+    async def _openai_error(_request: Request, err: OpenAIError) -> JSONResponse:
+        return error_response(err)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return error_response(OpenAIError(exc.status_code, str(exc.detail), kind))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(OpenAIError(400, str(exc)))
+
+    def authorize(request: Request, method: str) -> None:
+        refusal = bearer_refusal(policy, request.headers.get("authorization"))
+        if refusal is not None:
+            metrics.record_request(method, OTHER_LABEL, refusal.grpc_code, protocol=PROTOCOL)
+            raise refusal
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        reason = lifecycle.refusal()
+        if reason is not None:
+            return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
+        return JSONResponse({"status": "serving"})
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> JSONResponse:
+        authorize(request, "models")
+        return JSONResponse(await service.models())
+
+    async def generate(request: Request, endpoint: str) -> Any:
+        authorize(request, endpoint)
+        body = await read_json(request)
+        if service.is_streaming(body):
+            frames = await service.stream(endpoint, body)
+            return StreamingResponse(frames, media_type="text/event-stream", headers=SSE_HEADERS)
+        if endpoint == CHAT:
+            return JSONResponse(await service.chat(body))
+        return JSONResponse(await service.complete(body))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Any:
+        return await generate(request, COMPLETIONS)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Any:
+        return await generate(request, CHAT)
+
+    return app
