@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -18,7 +18,7 @@ import grpc
 from adapterserve.server.api.contracts import GenerationHandle
 from adapterserve.server.api.convert import finish_reason_to_proto
 from adapterserve.server.api.errors import map_errors, status_of
-from adapterserve.server.api.lifecycle import Lifecycle
+from adapterserve.server.api.lifecycle import DRAINING_MESSAGE, Lifecycle
 from adapterserve.server.api.metrics import ServerMetrics
 from adapterserve.server.api.requests import to_engine_request
 from adapterserve.server.api.runtime import RuntimeRef
@@ -52,7 +52,9 @@ def _final_error(event: TokenEvent) -> BaseException:
             if event.error is not None
             else RuntimeError("engine reported an error without details")
         )
-    return UnavailableError("generation was cancelled by the server (shutting down); retry")
+    # Only the server cancels a handle whose events are still read: the drain's cut at the end of the
+    # grace period. The client hears what a new call hears while the server drains.
+    return UnavailableError(DRAINING_MESSAGE)
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
@@ -83,11 +85,13 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         status = "OK"
         handle: GenerationHandle | None = None
         progress: _Progress | None = None
+        uncut: Callable[[], None] | None = None
         try:
             runtime = self._runtime.get()
             engine_request = to_engine_request(request, runtime.tokenizer, self._limits)
             progress = _Progress(engine_request, started, prompt_tokens=len(engine_request.prompt_ids))
             handle = await runtime.engine.submit(engine_request)
+            uncut = self._lifecycle.on_cut(handle.cancel)
             label = self._metrics.labels.grant(request.adapter)
             async for event in handle:
                 if event.finish_reason in (FinishReason.ERROR, FinishReason.CANCELLED):
@@ -110,6 +114,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             status = status_of(exc)[0].name
             raise
         finally:
+            if uncut is not None:
+                uncut()
             if handle is not None and (progress is None or progress.finish_reason is None):
                 handle.cancel()
             self._metrics.record_request(method, label, status)

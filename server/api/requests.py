@@ -25,6 +25,11 @@ MAX_ROLE_CHARS = 64
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
+def limit(name: str, value: int) -> str:
+    """How a refusal names a server limit: its value and the `serve` flag that raises it."""
+    return f"limit {name}={value}; the server's --{name.replace('_', '-')} flag raises it"
+
+
 def request_id_of(request: generation_pb2.GenerateRequest) -> str:
     """The client's request id (validated) or a fresh one."""
     if not request.request_id:
@@ -41,7 +46,7 @@ def sampling_from_proto(params: generation_pb2.SamplingParams, limits: LimitSett
         if not 1 <= max_new <= limits.max_new_tokens:
             raise InvalidArgumentError(
                 f"sampling.max_new_tokens: {max_new} is outside 1..{limits.max_new_tokens} "
-                f"(limit max_new_tokens={limits.max_new_tokens})"
+                f"({limit('max_new_tokens', limits.max_new_tokens)})"
             )
     else:
         max_new = min(DEFAULT_MAX_NEW_TOKENS, limits.max_new_tokens)
@@ -61,7 +66,7 @@ def sampling_from_proto(params: generation_pb2.SamplingParams, limits: LimitSett
     if len(params.stop) > limits.max_stop_sequences:
         raise InvalidArgumentError(
             f"sampling.stop: {len(params.stop)} sequences, at most {limits.max_stop_sequences} "
-            f"(limit max_stop_sequences)"
+            f"({limit('max_stop_sequences', limits.max_stop_sequences)})"
         )
     for i, stop in enumerate(params.stop):
         if not 1 <= len(stop) <= MAX_STOP_CHARS:
@@ -133,7 +138,8 @@ def to_engine_request(
     if len(prompt_ids) > limits.max_prompt_tokens:
         field = request.WhichOneof("input")
         raise InvalidArgumentError(
-            f"{field}: {len(prompt_ids)} tokens, more than the limit max_prompt_tokens={limits.max_prompt_tokens}"
+            f"{field}: {len(prompt_ids)} tokens, more than allowed "
+            f"({limit('max_prompt_tokens', limits.max_prompt_tokens)})"
         )
     return GenerationRequest(
         request_id=request_id,
