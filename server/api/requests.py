@@ -21,7 +21,10 @@ MAX_TEMPERATURE = 100.0
 MAX_TOP_K = 100_000
 MAX_REPETITION_PENALTY = 10.0
 MAX_STOP_CHARS = 256
-MAX_ROLE_CHARS = 64
+MAX_ROLE_CHARS = 64  # how much of a refused role the error message repeats
+# The chat roles a request may use (what chat templates know); anything else is refused, never
+# handed to the template as is.
+CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -108,8 +111,11 @@ def prompt_ids_from_proto(request: generation_pb2.GenerateRequest, tokenizer: An
         if not messages:
             raise InvalidArgumentError("messages: at least one message is required")
         for i, message in enumerate(messages):
-            if not message.role or len(message.role) > MAX_ROLE_CHARS:
-                raise InvalidArgumentError(f"messages[{i}].role: must be 1..{MAX_ROLE_CHARS} characters")
+            if message.role not in CHAT_ROLES:
+                raise InvalidArgumentError(
+                    f"messages[{i}].role: {message.role[:MAX_ROLE_CHARS]!r} is not one of "
+                    f"{', '.join(sorted(CHAT_ROLES))}"
+                )
         if not getattr(tokenizer, "chat_template", None):
             raise InvalidArgumentError("messages: the base model has no chat template; send a plain prompt")
         chat = [{"role": m.role, "content": m.content} for m in messages]
