@@ -38,6 +38,7 @@ class _Progress:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
+    cut: bool = False  # the drain ended this call (the grace period is over)
 
     def timing(self, now: float) -> generation_pb2.Timing:
         first = self.first_token_at if self.first_token_at is not None else now
@@ -55,6 +56,12 @@ def _final_error(event: TokenEvent) -> BaseException:
     # Only the server cancels a handle whose events are still read: the drain's cut at the end of the
     # grace period. The client hears what a new call hears while the server drains.
     return UnavailableError(DRAINING_MESSAGE)
+
+
+def _cut(progress: _Progress, handle: GenerationHandle) -> None:
+    """End a running call for the drain: its engine work stops, its next event ends it."""
+    progress.cut = True
+    handle.cancel()
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
@@ -91,9 +98,11 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             engine_request = to_engine_request(request, runtime.tokenizer, self._limits)
             progress = _Progress(engine_request, started, prompt_tokens=len(engine_request.prompt_ids))
             handle = await runtime.engine.submit(engine_request)
-            uncut = self._lifecycle.on_cut(handle.cancel)
+            uncut = self._lifecycle.on_cut(lambda: _cut(progress, handle))
             label = self._metrics.labels.grant(request.adapter)
             async for event in handle:
+                if progress.cut:  # events may still be queued; the call ends now all the same
+                    raise UnavailableError(DRAINING_MESSAGE)
                 if event.finish_reason in (FinishReason.ERROR, FinishReason.CANCELLED):
                     raise _final_error(event)
                 if event.token_ids and progress.first_token_at is None:

@@ -73,7 +73,10 @@ def shared(tiny_model_dir, tmp_path_factory) -> Iterator[Served]:
     """One server for the tests that neither stop it nor need other flags."""
     root = tmp_path_factory.mktemp("reliability-shared")
     server = start_server(
-        tiny_model_dir, root / "store", extra_args=SHARED_FLAGS, env={"ADAPTERSERVE_ADMIN_TOKEN": ADMIN_TOKEN}
+        tiny_model_dir,
+        root / "store",
+        extra_args=SHARED_FLAGS,
+        env={"ADAPTERSERVE_ADMIN_TOKEN": ADMIN_TOKEN},
     )
     yield Served(server, root / "store")
     assert server.stop() == 0, server.log_text()
@@ -120,3 +123,66 @@ def rss_bytes(pid: int) -> int:
     """Resident memory of a process (Linux /proc)."""
     with open(f"/proc/{pid}/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class StreamCall:
+    """One GenerateStream call read on its own thread (optionally slowly), recording what came back."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        adapter: str = "",
+        max_new_tokens: int = 64,
+        read_delay: float = 0.0,
+        request_id: str = "",
+    ) -> None:
+        import threading
+
+        import grpc
+
+        from adapterserve.v1 import generation_pb2, generation_pb2_grpc
+
+        self.chunks = 0
+        self.tokens = 0
+        self.finish_reason = 0
+        self.code = "PENDING"
+        self.message = ""
+        self.first = threading.Event()
+        self._channel = grpc.insecure_channel(target)
+        request = generation_pb2.GenerateRequest(
+            prompt="The capital of France is",
+            adapter=adapter,
+            request_id=request_id,
+            sampling=generation_pb2.SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True),
+        )
+        self._call = generation_pb2_grpc.GenerationStub(self._channel).GenerateStream(request, timeout=120)
+        self._delay = read_delay
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        import grpc
+
+        try:
+            for message in self._call:
+                self.chunks += 1
+                self.tokens += len(message.token_ids)
+                self.finish_reason = message.finish_reason or self.finish_reason
+                self.first.set()
+                if self._delay:
+                    time.sleep(self._delay)
+            self.code = "OK"
+        except grpc.RpcError as err:
+            self.code, self.message = err.code().name, err.details() or ""
+        finally:
+            self.first.set()
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+    def join(self, timeout: float = 60.0) -> StreamCall:
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "the stream did not end"
+        self._channel.close()
+        return self
