@@ -178,7 +178,7 @@ def test_a_second_signal_cuts_streams_with_the_drain_message(tiny_model_dir, tmp
     import re
 
     server = start_server(tiny_model_dir, tmp_path / "store", extra_args=(*LONG_FLAGS, "--grace", "60"))
-    calls = [StreamCall(server.target, max_new_tokens=LONG, read_delay=0.01) for _ in range(3)]
+    calls = [StreamCall(server.target, max_new_tokens=LONG, read_delay=0.002) for _ in range(3)]
     for call in calls:
         assert call.first.wait(30)
     server.signal(signal.SIGTERM)
@@ -192,6 +192,22 @@ def test_a_second_signal_cuts_streams_with_the_drain_message(tiny_model_dir, tmp
     log = server.log_text()
     assert "second signal, not waiting any longer: cancelling 3 call(s)" in log
     assert "grace period" not in log.split("draining: ", 1)[1]
+
+
+def test_grace_period_over_cuts_streams_with_the_drain_message(tiny_model_dir, tmp_path):
+    import re
+
+    server = start_server(tiny_model_dir, tmp_path / "store", extra_args=(*LONG_FLAGS, "--grace", "1"))
+    calls = [StreamCall(server.target, max_new_tokens=LONG, read_delay=0.002) for _ in range(2)]
+    for call in calls:
+        assert call.first.wait(30)
+    server.signal(signal.SIGTERM)
+    server.wait_for(re.compile("draining: "), 30)
+    for call in calls:
+        call.join(30)
+        assert (call.code, call.message) == ("UNAVAILABLE", DRAINING)
+    assert server.wait(60) == 0
+    assert "grace period of 1 s over: cancelling 2 call(s) in flight" in server.log_text()
 
 
 def test_kill_9_during_generation_then_restart_loses_nothing(tiny_model_dir, tmp_path, kind_dirs):
