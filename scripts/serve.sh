@@ -7,11 +7,14 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$ROOT/scripts/setup.sh"
 VENV="${ADAPTERSERVE_VENV:-$ROOT/.venv}"
 cd "$ROOT"
+STORE="${ADAPTERSERVE_STORE:-$ROOT/adapters-store}"
 if [ -z "${ADAPTERSERVE_ADMIN_TOKEN:-}" ]; then
-  # Admin calls (upload, delete, pin) need a bearer token; make one for this run and show it.
-  ADAPTERSERVE_ADMIN_TOKEN="$("$VENV/bin/python" -c 'import secrets; print(secrets.token_urlsafe(24))')"
+  # Admin calls (upload, delete, pin) need a bearer token. One is made on the first start and kept in
+  # the store ($STORE/.admin-token, mode 0600), so it stays valid across restarts. To pin your own,
+  # export ADAPTERSERVE_ADMIN_TOKEN before running this script.
+  ADAPTERSERVE_ADMIN_TOKEN="$("$VENV/bin/python" -m adapterserve.server.api.token_file "$STORE")"
   export ADAPTERSERVE_ADMIN_TOKEN
-  echo "[serve] admin token for this run: $ADAPTERSERVE_ADMIN_TOKEN"
-  echo "[serve] (export ADAPTERSERVE_ADMIN_TOKEN=... in the client's shell to use upload/delete/pin)"
+  echo "[serve] admin token: $ADAPTERSERVE_ADMIN_TOKEN"
+  echo "[serve] in the client's shell: export ADAPTERSERVE_ADMIN_TOKEN=\$(cat '$STORE/.admin-token')"
 fi
-exec "$VENV/bin/adapterserve" serve --demo-adapters --store "${ADAPTERSERVE_STORE:-$ROOT/adapters-store}" "$@"
+exec "$VENV/bin/adapterserve" serve --demo-adapters --store "$STORE" "$@"

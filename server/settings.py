@@ -54,13 +54,41 @@ class LimitSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_prompt_tokens: int = Field(768, ge=1)
-    max_new_tokens: int = Field(256, ge=1)
-    max_stop_sequences: int = Field(8, ge=0)
-    max_concurrent_streams: int = Field(256, ge=1)
-    max_upload_bytes: int = Field(512 << 20, ge=1)
-    max_message_bytes: int = Field(8 << 20, ge=1024)
+    max_prompt_tokens: int = Field(768, ge=1, description="prompt tokens (after the chat template) at most")
+    max_new_tokens: int = Field(256, ge=1, description="tokens one request may ask to generate at most")
+    max_stop_sequences: int = Field(8, ge=0, description="stop sequences per request at most")
+    max_concurrent_streams: int = Field(
+        256, ge=1, description="generation calls running at once; past it RESOURCE_EXHAUSTED"
+    )
+    max_upload_bytes: int = Field(512 << 20, ge=1, description="bytes one adapter upload may carry")
+    max_message_bytes: int = Field(8 << 20, ge=1024, description="bytes of one gRPC message, either way")
     upload_chunk_bytes: int = Field(1 << 20, ge=1, description="largest chunk an upload message may carry")
+
+
+class TlsSettings(BaseModel):
+    """Server-side TLS (gRPC now; any other listener of the server reuses it). Off when no cert is set."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cert_file: Path | None = Field(None, description="PEM certificate chain the server presents")
+    key_file: Path | None = Field(None, description="PEM private key of that certificate")
+    client_ca_file: Path | None = Field(
+        None, description="PEM CA bundle; when set, clients must present a certificate it signed"
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+    @model_validator(mode="after")
+    def _complete(self) -> TlsSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("tls: --tls-cert and --tls-key go together (give both or neither)")
+        if self.client_ca_file is not None and self.cert_file is None:
+            raise ValueError(
+                "tls: --tls-client-ca needs --tls-cert and --tls-key (client certificates need TLS)"
+            )
+        return self
 
 
 class ServerSettings(BaseModel):
@@ -90,6 +118,7 @@ class ServerSettings(BaseModel):
     engine: EngineSettings = Field(default_factory=EngineSettings)
     cache: CacheSettings = Field(default_factory=CacheSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
+    tls: TlsSettings = Field(default_factory=TlsSettings)
 
     @model_validator(mode="after")
     def _prompt_fits(self) -> ServerSettings:

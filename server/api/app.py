@@ -15,13 +15,24 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from adapterserve.server.settings import ServerSettings
+from adapterserve.server.settings import (
+    ENV_PREFIX,
+    CacheSettings,
+    EngineSettings,
+    LimitSettings,
+    ServerSettings,
+)
 
 # `serve` listens for HTTP here unless --no-http (ServerSettings itself defaults to no HTTP).
 DEFAULT_HTTP_PORT = 8000
 
+_SECTIONS: dict[str, type[BaseModel]] = {
+    "engine": EngineSettings,
+    "cache": CacheSettings,
+    "limits": LimitSettings,
+}
 # flag dest -> (settings section, field) for the nested settings.
 _SECTION_FLAGS: dict[str, tuple[str, str]] = {
     "max_batch_size": ("engine", "max_batch_size"),
@@ -40,6 +51,12 @@ _SECTION_FLAGS: dict[str, tuple[str, str]] = {
     "max_upload_bytes": ("limits", "max_upload_bytes"),
     "max_message_bytes": ("limits", "max_message_bytes"),
     "upload_chunk_bytes": ("limits", "upload_chunk_bytes"),
+}
+# TLS flag dest -> TlsSettings field.
+_TLS_FLAGS: dict[str, str] = {
+    "tls_cert": "cert_file",
+    "tls_key": "key_file",
+    "tls_client_ca": "client_ca_file",
 }
 _TOP_FLAGS = (
     "base_model",
@@ -65,7 +82,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--base-model", help="model directory, .gguf file or name (default: the embedded SmolLM2)"
     )
     net.add_argument("--quantize", choices=["nf4", "int8", "none"], help="default: nf4 on CUDA, none on CPU")
-    net.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    net.add_argument(
+        "--dtype",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="compute dtype of the base (default auto: the model's own, float32 on CPU)",
+    )
     net.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     net.add_argument("--store", type=Path, help="adapter store directory (default: ./adapters-store)")
     net.add_argument("--host", help="address to bind (default 127.0.0.1)")
@@ -95,6 +116,16 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="add demo adapters of every kind (lora, ia3, prompt, prefix) to the store at startup",
     )
+    tls = parser.add_argument_group("TLS (gRPC)")
+    tls.add_argument(
+        "--tls-cert", type=Path, help="PEM certificate chain: serve gRPC over TLS (with --tls-key)"
+    )
+    tls.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    tls.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        help="PEM CA bundle: require client certificates signed by it (mutual TLS)",
+    )
     net.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     eng = parser.add_argument_group("engine and cache sizes")
     for dest in (
@@ -108,7 +139,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "host_cache_bytes",
         "max_adapter_bytes",
     ):
-        eng.add_argument("--" + dest.replace("_", "-"), dest=dest, type=int)
+        eng.add_argument(flag_of(dest), dest=dest, type=int, metavar="N", help=section_flag_help(dest))
     lim = parser.add_argument_group("request limits")
     for dest in (
         "max_prompt_tokens",
@@ -119,7 +150,21 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "max_message_bytes",
         "upload_chunk_bytes",
     ):
-        lim.add_argument("--" + dest.replace("_", "-"), dest=dest, type=int)
+        lim.add_argument(flag_of(dest), dest=dest, type=int, metavar="N", help=section_flag_help(dest))
+
+
+def flag_of(dest: str) -> str:
+    """The command-line flag of a settings field: max_prompt_tokens -> --max-prompt-tokens."""
+    return "--" + dest.replace("_", "-")
+
+
+def section_flag_help(dest: str) -> str:
+    """Help text of an engine/cache/limit flag: the field's description, its default and its
+    environment variable (all from the settings model, so they cannot drift)."""
+    section, field = _SECTION_FLAGS[dest]
+    info = _SECTIONS[section].model_fields[field]
+    env = f"{ENV_PREFIX}{section.upper()}__{field.upper()}"
+    return f"{info.description or field.replace('_', ' ')} (default {info.default}; env {env})"
 
 
 def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -> ServerSettings:
@@ -140,6 +185,11 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None 
     if settings.http_port is None and "ADAPTERSERVE_HTTP_PORT" not in env:
         return settings.model_copy(update={"http_port": DEFAULT_HTTP_PORT})
     return settings
+    for dest, field in _TLS_FLAGS.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            overrides.setdefault("tls", {})[field] = value
+    return ServerSettings.from_env(environ, **overrides)
 
 
 def configure_logging(level: str) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 
+from adapterserve.server.api.decoding import refuse_undecodable
 from adapterserve.server.api.lifecycle import Lifecycle
 
 log = logging.getLogger(__name__)
@@ -124,4 +125,4 @@ class GateInterceptor(grpc.aio.ServerInterceptor):
         if refusal is not None:
             log.info("refused %s: %s", method, refusal[0].name)
             return self._refuse(handler, method, *refusal)
-        return handler
+        return refuse_undecodable(handler)

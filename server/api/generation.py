@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -19,7 +19,7 @@ import grpc
 from adapterserve.server.api.contracts import GenerationHandle
 from adapterserve.server.api.convert import finish_reason_to_proto
 from adapterserve.server.api.errors import map_errors, status_of
-from adapterserve.server.api.lifecycle import Lifecycle
+from adapterserve.server.api.lifecycle import DRAINING_MESSAGE, Lifecycle
 from adapterserve.server.api.metrics import ServerMetrics
 from adapterserve.server.api.requests import to_engine_request
 from adapterserve.server.api.runtime import RuntimeRef
@@ -40,6 +40,7 @@ class _Progress:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     prompt_tokens: int = 0
+    cut: bool = False  # the drain ended this call (the grace period is over)
 
     def timing(self, now: float) -> generation_pb2.Timing:
         first = self.first_token_at if self.first_token_at is not None else now
@@ -54,7 +55,15 @@ def _final_error(event: TokenEvent) -> BaseException:
             if event.error is not None
             else RuntimeError("engine reported an error without details")
         )
-    return UnavailableError("generation was cancelled by the server (shutting down); retry")
+    # Only the server cancels a handle whose events are still read: the drain's cut at the end of the
+    # grace period. The client hears what a new call hears while the server drains.
+    return UnavailableError(DRAINING_MESSAGE)
+
+
+def _cut(progress: _Progress, handle: GenerationHandle) -> None:
+    """End a running call for the drain: its engine work stops, its next event ends it."""
+    progress.cut = True
+    handle.cancel()
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
@@ -85,13 +94,17 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         status = "OK"
         handle: GenerationHandle | None = None
         progress: _Progress | None = None
+        uncut: Callable[[], None] | None = None
         try:
             runtime = self._runtime.get()
             engine_request = to_engine_request(request, runtime.tokenizer, self._limits)
             progress = _Progress(engine_request, started, prompt_tokens=len(engine_request.prompt_ids))
             handle = await runtime.engine.submit(engine_request)
+            uncut = self._lifecycle.on_cut(lambda: _cut(progress, handle))
             label = self._metrics.labels.grant(request.adapter)
             async for event in handle:
+                if progress.cut:  # events may still be queued; the call ends now all the same
+                    raise UnavailableError(DRAINING_MESSAGE)
                 if event.finish_reason in (FinishReason.ERROR, FinishReason.CANCELLED):
                     raise _final_error(event)
                 if event.token_ids and progress.first_token_at is None:
@@ -112,6 +125,8 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             status = status_of(exc)[0].name
             raise
         finally:
+            if uncut is not None:
+                uncut()
             if handle is not None and (progress is None or progress.finish_reason is None):
                 handle.cancel()
             self._metrics.record_request(method, label, status)

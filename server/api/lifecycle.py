@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from adapterserve.server.errors import ResourceExhaustedError, UnavailableError
+
+# What a call hears while the server drains: a new call at once, a running one if the grace period ends.
+DRAINING_MESSAGE = "server is shutting down; retry on another replica or later"
 
 
 class Phase(enum.Enum):
@@ -26,6 +29,8 @@ class Lifecycle:
         self._calls = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._cutters: dict[int, Callable[[], None]] = {}
+        self._next_cutter = 0
 
     @property
     def generations_in_flight(self) -> int:
@@ -40,7 +45,7 @@ class Lifecycle:
         if self.phase is Phase.STARTING:
             return "server is starting (loading and warming the model); retry shortly"
         if self.phase is Phase.DRAINING:
-            return "server is shutting down; retry on another replica or later"
+            return DRAINING_MESSAGE
         return None
 
     @contextlib.asynccontextmanager
@@ -63,6 +68,25 @@ class Lifecycle:
             self._generations -= int(generation)
             if self._calls == 0:
                 self._idle.set()
+
+    def on_cut(self, cancel: Callable[[], None]) -> Callable[[], None]:
+        """Register how to end one running call early (`cut()` calls it); returns the unregister."""
+        key = self._next_cutter
+        self._next_cutter += 1
+        self._cutters[key] = cancel
+
+        def remove() -> None:
+            self._cutters.pop(key, None)
+
+        return remove
+
+    def cut(self) -> int:
+        """End the registered calls now (the grace period is over); returns how many were told."""
+        cutters = list(self._cutters.values())
+        self._cutters.clear()
+        for cancel in cutters:
+            cancel()
+        return len(cutters)
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no call is in flight, at most `timeout` seconds; True if idle."""

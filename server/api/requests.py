@@ -21,8 +21,16 @@ MAX_TEMPERATURE = 100.0
 MAX_TOP_K = 100_000
 MAX_REPETITION_PENALTY = 10.0
 MAX_STOP_CHARS = 256
-MAX_ROLE_CHARS = 64
+MAX_ROLE_CHARS = 64  # how much of a refused role the error message repeats
+# The chat roles a request may use (what chat templates know); anything else is refused, never
+# handed to the template as is.
+CHAT_ROLES = frozenset({"system", "user", "assistant", "tool"})
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def limit(name: str, value: int) -> str:
+    """How a refusal names a server limit: its value and the `serve` flag that raises it."""
+    return f"limit {name}={value}; the server's --{name.replace('_', '-')} flag raises it"
 
 
 def request_id_of(request: generation_pb2.GenerateRequest) -> str:
@@ -41,7 +49,7 @@ def sampling_from_proto(params: generation_pb2.SamplingParams, limits: LimitSett
         if not 1 <= max_new <= limits.max_new_tokens:
             raise InvalidArgumentError(
                 f"sampling.max_new_tokens: {max_new} is outside 1..{limits.max_new_tokens} "
-                f"(limit max_new_tokens={limits.max_new_tokens})"
+                f"({limit('max_new_tokens', limits.max_new_tokens)})"
             )
     else:
         max_new = min(DEFAULT_MAX_NEW_TOKENS, limits.max_new_tokens)
@@ -61,7 +69,7 @@ def sampling_from_proto(params: generation_pb2.SamplingParams, limits: LimitSett
     if len(params.stop) > limits.max_stop_sequences:
         raise InvalidArgumentError(
             f"sampling.stop: {len(params.stop)} sequences, at most {limits.max_stop_sequences} "
-            f"(limit max_stop_sequences)"
+            f"({limit('max_stop_sequences', limits.max_stop_sequences)})"
         )
     for i, stop in enumerate(params.stop):
         if not 1 <= len(stop) <= MAX_STOP_CHARS:
@@ -103,8 +111,11 @@ def prompt_ids_from_proto(request: generation_pb2.GenerateRequest, tokenizer: An
         if not messages:
             raise InvalidArgumentError("messages: at least one message is required")
         for i, message in enumerate(messages):
-            if not message.role or len(message.role) > MAX_ROLE_CHARS:
-                raise InvalidArgumentError(f"messages[{i}].role: must be 1..{MAX_ROLE_CHARS} characters")
+            if message.role not in CHAT_ROLES:
+                raise InvalidArgumentError(
+                    f"messages[{i}].role: {message.role[:MAX_ROLE_CHARS]!r} is not one of "
+                    f"{', '.join(sorted(CHAT_ROLES))}"
+                )
         if not getattr(tokenizer, "chat_template", None):
             raise InvalidArgumentError("messages: the base model has no chat template; send a plain prompt")
         chat = [{"role": m.role, "content": m.content} for m in messages]
@@ -133,7 +144,8 @@ def to_engine_request(
     if len(prompt_ids) > limits.max_prompt_tokens:
         field = request.WhichOneof("input")
         raise InvalidArgumentError(
-            f"{field}: {len(prompt_ids)} tokens, more than the limit max_prompt_tokens={limits.max_prompt_tokens}"
+            f"{field}: {len(prompt_ids)} tokens, more than allowed "
+            f"({limit('max_prompt_tokens', limits.max_prompt_tokens)})"
         )
     return GenerationRequest(
         request_id=request_id,

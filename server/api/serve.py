@@ -7,8 +7,9 @@
 2. Build the runtime (load the base, open the store, start and warm the engine), then flip health to
    SERVING and log "ready".
 3. On the first SIGTERM/SIGINT: health NOT_SERVING for good, new calls UNAVAILABLE, calls in flight
-   get up to `grace_seconds` to finish; then the gRPC server stops (cancelling what is left, which
-   frees its engine work), the engine stops, and `run()` returns 0. A second signal skips the wait.
+   get up to `grace_seconds` to finish; then running generations are cut (they end with UNAVAILABLE
+   and the same message a new call gets), the gRPC server stops (cancelling what is left, which frees
+   its engine work), the engine stops, and `run()` returns 0. A second signal skips the wait.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from adapterserve.server.api.grpc_server import GrpcServer, build_grpc_server
 from adapterserve.server.api.lifecycle import Lifecycle, Phase
 from adapterserve.server.api.metrics import RuntimeSnapshot, ServerMetrics
 from adapterserve.server.api.runtime import RuntimeFactory, RuntimeRef, StartedRuntime
+from adapterserve.server.api.tls import describe as describe_tls
+from adapterserve.server.api.tls import server_credentials
 from adapterserve.server.errors import ServeError
 from adapterserve.server.settings import ServerSettings
 
@@ -82,9 +85,15 @@ class ServeApp:
             )
         elif not s.admin_token:
             log.warning("no ADAPTERSERVE_ADMIN_TOKEN set: admin calls will be refused")
+        credentials = server_credentials(s.tls)  # ServeError for unreadable or mismatched files
         self._grpc = build_grpc_server(self.runtime, s.limits, self.policy(), self.metrics, self.lifecycle)
+        address = f"{s.host}:{s.port}"
         try:
-            port = self._grpc.server.add_insecure_port(f"{s.host}:{s.port}")
+            port = (
+                self._grpc.server.add_secure_port(address, credentials)
+                if credentials is not None
+                else self._grpc.server.add_insecure_port(address)
+            )
         except RuntimeError as exc:  # grpc raises RuntimeError("Failed to bind ...")
             raise ServeError(f"could not bind the gRPC port {s.host}:{s.port} (in use?): {exc}") from None
         if port == 0:
@@ -106,6 +115,7 @@ class ServeApp:
             self.metrics.close()
             raise
         self.ports = BoundPorts(grpc=port, metrics=metrics_port, http=http_port)
+        log.info("gRPC transport: %s", describe_tls(s.tls))
         log.info(
             "adapterserve listening on %s:%d (metrics on %s:%s); health NOT_SERVING until the model is warm",
             s.host,
@@ -161,10 +171,17 @@ class ServeApp:
         idle = asyncio.ensure_future(self.lifecycle.wait_idle(grace))
         hurry = asyncio.ensure_future(self._hurry.wait())
         await asyncio.wait({idle, hurry}, return_when=asyncio.FIRST_COMPLETED)
+        hurried = hurry.done() and not idle.done()
         idle.cancel()
         hurry.cancel()
         if self.lifecycle.calls_in_flight:
-            log.warning("grace period over: cancelling %d call(s)", self.lifecycle.calls_in_flight)
+            reason = (
+                "second signal, not waiting any longer" if hurried else f"grace period of {grace:g} s over"
+            )
+            log.warning("%s: cancelling %d call(s) in flight", reason, self.lifecycle.calls_in_flight)
+            # Running generations end with UNAVAILABLE and the drain message, not gRPC's bare cancel.
+            self.lifecycle.cut()
+            await self.lifecycle.wait_idle(FINAL_STOP_GRACE_S)
         if self._grpc is not None:
             await self._grpc.server.stop(FINAL_STOP_GRACE_S)
         if self._http is not None:

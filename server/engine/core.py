@@ -29,6 +29,7 @@ import torch
 from adapterserve.server.adapters.kind import HookSite
 from adapterserve.server.adapters.layers import AdapterBatch, AdapterContext, build_batch, wrap_model
 from adapterserve.server.adapters.slots import NO_ADAPTER, AdapterBank
+from adapterserve.server.engine import faults
 from adapterserve.server.engine.kv_cache import make_kv_cache
 from adapterserve.server.engine.provider import ResolvedAdapter
 from adapterserve.server.engine.runner import ModelRunner, PrefillRow
@@ -261,6 +262,7 @@ class EngineCore:
     def _run_guarded(self, seqs: list[Sequence], work: Callable[[], None]) -> None:
         """Run a forward; if it fails, fail only the requests it was for and keep serving."""
         try:
+            faults.inject(seqs)  # a no-op unless the test hook is on (see faults.py)
             work()
         except Exception as exc:  # one bad batch must not take the server down
             oom = isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
@@ -271,9 +273,14 @@ class EngineCore:
             else:
                 log.exception("engine step failed")
                 error = ServeError("internal engine error")
+            rows = {id(seq) for seq in self.running}
             for seq in seqs:
                 if not seq.finished:
                     self._finish(seq, FinishReason.ERROR, error=error)
+                if id(seq) not in rows and seq.slot_key is not None:
+                    # admitted (its slot acquired) but the failure came before it got a row:
+                    # retiring will not see it, so its slot is released here
+                    self.bank.release(seq.slot_key)
 
     def _run_controls(self) -> None:
         with self._lock:

@@ -21,7 +21,13 @@ import grpc
 
 from adapterserve import convert, health
 from adapterserve.connection import DEFAULT_TIMEOUT_S, Connection, Tls, resolve_target
-from adapterserve.errors import AdapterServeError, Unavailable, from_rpc_error
+from adapterserve.errors import (
+    AdapterServeError,
+    NotFound,
+    Unavailable,
+    Unimplemented,
+    from_rpc_error,
+)
 from adapterserve.models import (
     AdapterInfo,
     GenerateResult,
@@ -31,6 +37,7 @@ from adapterserve.models import (
     StreamChunk,
     UploadResult,
 )
+from adapterserve.names import check_adapter_name, name_taken
 from adapterserve.retry import GENERATION_CODES, READ_CODES, Attempts, RetryPolicy, acall_with_retry
 from adapterserve.upload import ProgressCallback, ProgressTracker, choose_chunk_bytes, collect_adapter_files
 from adapterserve.v1 import admin_pb2, admin_pb2_grpc, generation_pb2, generation_pb2_grpc
@@ -287,6 +294,14 @@ class AsyncClient:
     ) -> UploadResult:
         """See `Client.upload_adapter`."""
         files = collect_adapter_files(path)
+        check_adapter_name(name)
+        if not overwrite:  # a taken name is refused before the first byte (the server checks again)
+            try:
+                await self.get_adapter(name, timeout=timeout)
+            except (NotFound, Unimplemented):  # free, or a server without GetAdapter
+                pass
+            else:
+                raise name_taken(name)
         if chunk_bytes is None:  # the default, capped by the server's own chunk limit
             chunk_bytes = choose_chunk_bytes(None, await self._server_chunk_limit())
         total = sum(f.size for f in files)

@@ -51,11 +51,30 @@ EXIT_CODES: dict[str, int] = {
 # A short hint appended to the error line, per status code.
 _HINTS: dict[str, str] = {
     "UNAVAILABLE": "is the server running and serving? (adapterserve health --wait 30)",
-    "UNAUTHENTICATED": "pass --admin-token/--token or set ADAPTERSERVE_ADMIN_TOKEN/ADAPTERSERVE_TOKEN",
-    "PERMISSION_DENIED": "check the token against the server's",
     "ALREADY_EXISTS": "pass --overwrite to replace it",
     "DEADLINE_EXCEEDED": "raise --timeout",
 }
+# Commands whose calls are admin calls (the admin token); the others send the generation token.
+_ADMIN_COMMANDS = frozenset({"upload", "adapters"})
+
+
+def hint_for(command: str | None, err: AdapterServeError) -> str | None:
+    """The hint for `err` from `command`: the one token flag and variable that command uses, and
+    nothing the server's message already says."""
+    if err.code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+        flag, env = (
+            ("--admin-token", "ADAPTERSERVE_ADMIN_TOKEN")
+            if command in _ADMIN_COMMANDS
+            else ("--token", "ADAPTERSERVE_TOKEN")
+        )
+        if err.code == "UNAUTHENTICATED":
+            return f"pass {flag} or set {env}"
+        return f"check {flag} (or {env}) against the server's token"
+    hint = _HINTS.get(err.code)
+    if hint is not None and err.code == "ALREADY_EXISTS" and "overwrite" in err.message:
+        return None  # the message already says how
+    return hint
+
 
 Handler = Callable[[argparse.Namespace, TextIO, TextIO], int]
 
@@ -164,7 +183,7 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None, err: T
             return _run_delegate(command or "", args, err)
         return args.handler(args, out, err)
     except AdapterServeError as exc:
-        hint = _HINTS.get(exc.code)
+        hint = hint_for(args.command, exc)
         line = f"adapterserve {args.command}: error ({exc.code}): {exc.message}"
         err.write(line + (f" [{hint}]" if hint else "") + "\n")
         return exit_code_for(exc)

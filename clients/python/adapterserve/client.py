@@ -22,7 +22,13 @@ import grpc
 
 from adapterserve import convert, health
 from adapterserve.connection import DEFAULT_TIMEOUT_S, Connection, Tls, resolve_target
-from adapterserve.errors import AdapterServeError, Unavailable, from_rpc_error
+from adapterserve.errors import (
+    AdapterServeError,
+    NotFound,
+    Unavailable,
+    Unimplemented,
+    from_rpc_error,
+)
 from adapterserve.models import (
     AdapterInfo,
     GenerateResult,
@@ -32,6 +38,7 @@ from adapterserve.models import (
     StreamChunk,
     UploadResult,
 )
+from adapterserve.names import check_adapter_name, name_taken
 from adapterserve.retry import GENERATION_CODES, READ_CODES, Attempts, RetryPolicy, call_with_retry
 from adapterserve.upload import ProgressCallback, ProgressTracker, choose_chunk_bytes, collect_adapter_files
 from adapterserve.v1 import admin_pb2, admin_pb2_grpc, generation_pb2, generation_pb2_grpc
@@ -294,6 +301,18 @@ class Client:
             self._chunk_limit = convert.server_info_from_proto(reply).limits.upload_chunk_bytes
         return self._chunk_limit
 
+    def _check_upload_target(self, name: str, overwrite: bool, timeout: float | None) -> None:
+        """Refuse an invalid name, a taken name (without `overwrite`) or a wrong admin token before
+        the first byte of the adapter is sent. The server checks again (a name may be taken meanwhile)."""
+        check_adapter_name(name)
+        if overwrite:
+            return
+        try:
+            self.get_adapter(name, timeout=timeout)
+        except (NotFound, Unimplemented):  # free, or a server without GetAdapter
+            return
+        raise name_taken(name)
+
     def upload_adapter(
         self,
         path: str | Path,
@@ -310,10 +329,12 @@ class Client:
         Sends adapter_config.json and the *.safetensors files in chunks of `chunk_bytes` (default: 256 KiB,
         or the server's chunk limit if smaller, asked once), calling
         `progress(UploadProgress)` after each chunk. Raises AdapterRefused before sending anything if the
-        directory holds pickle files or lacks the config or weights. Retried on UNAVAILABLE only while
+        directory holds pickle files or lacks the config or weights, InvalidArgument for an invalid
+        name and AlreadyExists for a taken one (without `overwrite`), also before the first byte. Retried on UNAVAILABLE only while
         no file byte has left the client.
         """
         files = collect_adapter_files(path)
+        self._check_upload_target(name, overwrite, timeout)
         if chunk_bytes is None:  # the default, capped by the server's own chunk limit
             chunk_bytes = choose_chunk_bytes(None, self._server_chunk_limit())
         total = sum(f.size for f in files)

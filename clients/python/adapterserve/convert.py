@@ -9,6 +9,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC
 
 from adapterserve.errors import InvalidArgument
+from adapterserve.fields import UINT64_MAX, check_float, check_uint
 from adapterserve.models import (
     AdapterFile,
     AdapterInfo,
@@ -72,7 +73,8 @@ def build_generate_request(
 ) -> generation_pb2.GenerateRequest:
     """The GenerateRequest for a prompt or a chat (a list passed as `prompt` is taken as messages).
 
-    Raises InvalidArgument (locally) unless exactly one of prompt and messages is given.
+    Raises InvalidArgument (locally) unless exactly one of prompt and messages is given, or for a
+    numeric field the wire cannot carry (see fields.py).
     """
     if prompt is not None and not isinstance(prompt, str):
         if messages is not None:
@@ -82,17 +84,27 @@ def build_generate_request(
         raise InvalidArgument("give exactly one of prompt and messages")
     if isinstance(stop, str):
         stop = [stop]
+    stop = list(stop or ())
+    for i, item in enumerate(stop):
+        if not isinstance(item, str):
+            raise InvalidArgument(f"stop[{i}]: expected a string, got {item!r}")
     sampling = generation_pb2.SamplingParams(
-        temperature=temperature, top_k=top_k, stop=list(stop or ()), ignore_eos=ignore_eos
+        temperature=check_float("temperature", temperature),
+        top_k=check_uint("top_k", top_k),
+        stop=stop,
+        ignore_eos=bool(ignore_eos),
     )
     if max_new_tokens is not None:
-        sampling.max_new_tokens = max_new_tokens
+        sampling.max_new_tokens = check_uint("max_new_tokens", max_new_tokens)
     if top_p is not None:
-        sampling.top_p = top_p
+        sampling.top_p = check_float("top_p", top_p)
     if repetition_penalty is not None:
-        sampling.repetition_penalty = repetition_penalty
+        sampling.repetition_penalty = check_float("repetition_penalty", repetition_penalty)
     if seed is not None:
-        sampling.seed = seed
+        sampling.seed = check_uint("seed", seed, UINT64_MAX)
+    for field, text in (("adapter", adapter), ("request_id", request_id)):
+        if text is not None and not isinstance(text, str):
+            raise InvalidArgument(f"{field}: expected a string, got {text!r}")
     request = generation_pb2.GenerateRequest(
         adapter=adapter or "", sampling=sampling, request_id=request_id or ""
     )
