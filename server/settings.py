@@ -66,7 +66,7 @@ class LimitSettings(BaseModel):
 
 
 class TlsSettings(BaseModel):
-    """Server-side TLS (gRPC now; any other listener of the server reuses it). Off when no cert is set."""
+    """Server-side TLS for every listener: gRPC and the OpenAI-compatible HTTP API. Off when no cert is set."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

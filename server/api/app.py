@@ -116,9 +116,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="add demo adapters of every kind (lora, ia3, prompt, prefix) to the store at startup",
     )
-    tls = parser.add_argument_group("TLS (gRPC)")
+    tls = parser.add_argument_group("TLS (gRPC and the HTTP API)")
     tls.add_argument(
-        "--tls-cert", type=Path, help="PEM certificate chain: serve gRPC over TLS (with --tls-key)"
+        "--tls-cert", type=Path, help="PEM certificate chain: serve gRPC and HTTP over TLS (with --tls-key)"
     )
     tls.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     tls.add_argument(

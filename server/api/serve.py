@@ -142,7 +142,7 @@ class ServeApp:
             ) from None
         service = OpenAIService(self.runtime, s.limits, self.metrics, self.lifecycle, s.served_model_name)
         app = build_http_app(service, self.policy(), self.metrics, self.lifecycle)
-        self._http = HttpServer(app, s.host, s.http_port, shutdown_grace_s=FINAL_STOP_GRACE_S)
+        self._http = HttpServer(app, s.host, s.http_port, shutdown_grace_s=FINAL_STOP_GRACE_S, tls=s.tls)
         return await self._http.start()
 
     async def load(self) -> None:

@@ -1,4 +1,4 @@
-"""The batched forward over a Llama-family base: our own attention over the compact KV cache, the
+"""The batched forward over a Llama-family base: our own attention over the KV cache (paged or dense), the
 base model's own modules for everything else (embeddings, norms, rotary, MLP, wrapped linears).
 
 Two stages, as in gpt-fast: `prefill` (new rows, a chunk of each prompt, right-padded) and `decode` (one

@@ -109,3 +109,25 @@ def test_bad_tls_configuration_stops_the_start_with_the_flag_named(tiny_model_di
     assert missing.returncode == 1 and "--tls-cert" in missing.stderr and "cannot be read" in missing.stderr
     half = run_serve(tiny_model_dir, tmp_path, "--tls-key", str(pki.server.key))
     assert half.returncode == 2 and "--tls-cert and --tls-key go together" in half.stderr
+
+
+def test_the_http_api_serves_over_the_same_tls(tiny_model_dir, tmp_path, pki):
+    """--tls-cert/--tls-key cover the OpenAI-compatible HTTP listener too; --tls-client-ca requires a
+    client certificate there as well."""
+    import httpx
+
+    server = tls_server(
+        tiny_model_dir, tmp_path, pki, "--http-port", "0", "--tls-client-ca", str(pki.ca.cert)
+    )
+    url = f"https://{server.host}:{server.http_port}/v1/models"
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    try:
+        with httpx.Client(verify=str(pki.ca.cert), cert=(str(pki.client.cert), str(pki.client.key))) as http:
+            response = http.get(url, headers=headers, timeout=30)
+        assert response.status_code == 200 and response.json()["object"] == "list"
+        with httpx.Client(verify=str(pki.ca.cert)) as http, pytest.raises(httpx.HTTPError):
+            http.get(url, headers=headers, timeout=30)  # no client certificate: the handshake fails
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(url.replace("https://", "http://"), headers=headers, timeout=30)  # no plaintext
+    finally:
+        assert server.stop() == 0

@@ -11,12 +11,14 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 from collections.abc import Generator
 from typing import Any
 
 import uvicorn
 
 from adapterserve.server.errors import ServeError
+from adapterserve.server.settings import TlsSettings
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +36,26 @@ class _InLoopServer(uvicorn.Server):
 class HttpServer:
     """An ASGI app served on host:port by uvicorn in the running event loop."""
 
-    def __init__(self, app: Any, host: str, port: int, *, shutdown_grace_s: float = 1.0) -> None:
+    def __init__(
+        self, app: Any, host: str, port: int, *, shutdown_grace_s: float = 1.0, tls: TlsSettings | None = None
+    ) -> None:
         self._app = app
+        self._tls = tls
         self._host = host
         self._port = port
         self._grace = shutdown_grace_s
         self._server: _InLoopServer | None = None
         self._task: asyncio.Task[None] | None = None
+
+    def _tls_options(self) -> dict[str, Any]:
+        """uvicorn's TLS options from the server's TlsSettings (the same certificate as gRPC)."""
+        tls = self._tls
+        if tls is None or not tls.enabled:
+            return {}
+        options: dict[str, Any] = {"ssl_certfile": str(tls.cert_file), "ssl_keyfile": str(tls.key_file)}
+        if tls.client_ca_file is not None:
+            options.update(ssl_ca_certs=str(tls.client_ca_file), ssl_cert_reqs=ssl.CERT_REQUIRED)
+        return options
 
     def _bind(self) -> socket.socket:
         family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
@@ -67,6 +82,7 @@ class HttpServer:
             log_config=None,
             access_log=False,
             timeout_graceful_shutdown=max(int(round(self._grace)), 1),
+            **self._tls_options(),
         )
         self._server = _InLoopServer(config)
         self._task = asyncio.ensure_future(self._server.serve(sockets=[sock]))
