@@ -121,7 +121,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         dest="compare_methods",
         type=_csv,
         default=METHODS,
-        help=f"default: {','.join(METHODS)} (dora = LoRA with --use-dora)",
+        help=f"default: {','.join(METHODS)} (dora = LoRA with --use-dora; none = only --lora-ranks rows)",
     )
     compare.add_argument(
         "--lora-ranks",
@@ -236,7 +236,7 @@ def _run_compare(args: argparse.Namespace) -> int:
         run_compare,
     )
 
-    choices = (*METHODS, "dora")
+    choices = (*METHODS, "dora", "none")
     unknown = [m for m in args.compare_methods if m not in choices]
     if unknown:
         return _fail(f"unknown methods {unknown}; choose from {', '.join(choices)}")
@@ -246,7 +246,7 @@ def _run_compare(args: argparse.Namespace) -> int:
         return _fail(f"--lora-ranks: expected integers, got {','.join(args.compare_lora_ranks)}")
     # The shared options are checked once here; --init-text belongs to the prompt-tuning row only.
     shared = settings_from_args(args, method="prompt-tuning" if args.ts_init_text else "lora")
-    specs = [method_row(m) for m in args.compare_methods]
+    specs = [method_row(m) for m in args.compare_methods if m != "none"]  # none: --lora-ranks rows only
     specs += rank_rows(ranks, alpha_per_rank=shared.alpha / shared.rank)
     title = args.compare_title or f"Methods compared on {args.train_data}"
     argv = sys.argv[sys.argv.index("compare") :] if "compare" in sys.argv else None

@@ -133,10 +133,10 @@ def make_adapter(base_dir: Path, kind: str, out_dir: Path, seed: int = 0) -> Pat
         from adapterserve.training.bottleneck import BottleneckModel
 
         wrapped = BottleneckModel(model, config)
-        with torch.no_grad():
+        with torch.no_grad():  # scaled to the fan-in, so a deep base (SmolLM2: 30 layers) stays stable
             for p in wrapped.parameters():
                 if p.requires_grad:
-                    p.normal_(0.0, 0.3)
+                    p.normal_(0.0, 0.5 / p.shape[-1] ** 0.5 if p.dim() == 2 else 0.1)
         wrapped.save_pretrained(out_dir)
         return out_dir
     peft_model = get_peft_model(model, config)

@@ -8,7 +8,13 @@ import torch
 from adapterserve.server.engine.offline import OfflineEngine
 from adapterserve.server.model.loading import load_base_model
 from adapterserve.server.settings import EngineSettings
-from tests.helpers.peft_refs import ADAPTER_KINDS, make_adapter, peft_greedy, peft_reference_model
+from tests.helpers.peft_refs import (
+    ADAPTER_KINDS,
+    make_adapter,
+    peft_greedy,
+    peft_reference_model,
+    reference_prompt,
+)
 
 pytestmark = pytest.mark.smollm2
 STEPS = 6
@@ -26,7 +32,9 @@ def test_every_kind_matches_peft_on_smollm2(smollm2_dir, tmp_path):
     kinds = list(ADAPTER_KINDS)
     dirs = {k: make_adapter(smollm2_dir, k, tmp_path / k, seed=i) for i, k in enumerate(kinds)}
     engine = OfflineEngine(
-        base, EngineSettings(max_batch_size=16, max_seq_len=128, adapter_slots=8), capture_logits=True
+        base,
+        EngineSettings(max_batch_size=16, max_seq_len=160, adapter_slots=len(kinds)),
+        capture_logits=True,
     )
     for k, d in dirs.items():
         engine.add_adapter(k, d)
@@ -36,8 +44,11 @@ def test_every_kind_matches_peft_on_smollm2(smollm2_dir, tmp_path):
     )
     assert "Paris" in results[0].text
     for (adapter, prompt), result in zip(rows, results, strict=True):
-        ref_model = peft_reference_model(smollm2_dir, None if adapter is None else dirs[adapter])
-        want_tokens, want_logits = peft_greedy(ref_model, prompt, STEPS)
+        adapter_dir = None if adapter is None else dirs[adapter]
+        ref_model = peft_reference_model(smollm2_dir, adapter_dir)
+        want_tokens, want_logits = peft_greedy(
+            ref_model, reference_prompt(smollm2_dir, adapter_dir, prompt), STEPS
+        )
         assert result.token_ids == want_tokens, adapter
         got, want = torch.stack(result.logits), torch.stack(want_logits)
         assert torch.allclose(got, want, atol=2e-3, rtol=1e-4), f"{adapter}: {(got - want).abs().max():.2e}"

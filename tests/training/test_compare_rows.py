@@ -1,0 +1,21 @@
+"""The rows of `adapterserve train compare`: DoRA and LoRA-rank rows become the settings they name."""
+
+from __future__ import annotations
+
+from adapterserve.training.compare import method_row, rank_rows, settings_for
+from adapterserve.training.settings import TrainSettings
+
+
+def test_dora_row_is_lora_with_use_dora_scored_by_peft():
+    shared = TrainSettings(method="prompt-tuning", init_text="Answer:", max_steps=5)
+    s = settings_for(method_row("dora"), shared)
+    assert (s.method, s.use_dora, s.eval_backend, s.init_text) == ("lora", True, "peft", None)
+    assert settings_for(method_row("prompt-tuning"), shared).init_text == "Answer:"
+
+
+def test_rank_rows_keep_alpha_over_rank():
+    shared = TrainSettings(method="lora", rank=8, alpha=16)
+    rows = rank_rows([1, 2, 16], alpha_per_rank=shared.alpha / shared.rank)
+    settings = [settings_for(r, shared) for r in rows]
+    assert [r.label for r in rows] == ["lora r=1", "lora r=2", "lora r=16"]
+    assert [(s.rank, s.alpha) for s in settings] == [(1, 2.0), (2, 4.0), (16, 32.0)]
