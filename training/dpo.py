@@ -17,7 +17,7 @@ import torch
 
 from adapterserve.training.errors import SettingsError
 from adapterserve.training.kbit import keep_4bit_trainable
-from adapterserve.training.loop import LoopResult, _callbacks, optimizer_name, use_bf16
+from adapterserve.training.loop import LoopResult, _callbacks, trainer_arguments
 from adapterserve.training.preference import PreferencePair, prompt_text
 from adapterserve.training.settings import TrainSettings
 from adapterserve.training.step_loss import with_step_losses
@@ -68,23 +68,7 @@ def run_dpo(
     result = LoopResult(steps=0, epochs=0.0, seconds=0.0)
     with tempfile.TemporaryDirectory(prefix="adapterserve-dpo-") as scratch:
         args = trl.DPOConfig(
-            output_dir=scratch,
-            max_steps=steps,
-            per_device_train_batch_size=settings.batch_size,
-            gradient_accumulation_steps=settings.grad_accum,
-            learning_rate=settings.resolved_learning_rate(),
-            lr_scheduler_type=settings.lr_schedule,
-            warmup_steps=settings.warmup_steps,
-            weight_decay=settings.weight_decay,
-            optim=optimizer_name(settings, device),
-            bf16=use_bf16(settings, device),
-            seed=settings.seed,
-            data_seed=settings.seed,
-            logging_steps=settings.logging_steps,
-            logging_first_step=True,
-            save_strategy="no",
-            report_to="none",
-            use_cpu=device.type == "cpu",
+            **trainer_arguments(settings, device, scratch, steps),
             dataloader_num_workers=0,
             beta=settings.dpo_beta,
             max_length=settings.max_length,

@@ -73,6 +73,31 @@ def optimizer_name(settings: TrainSettings, device: torch.device) -> str:
     return "adamw_torch"
 
 
+def trainer_arguments(
+    settings: TrainSettings, device: torch.device, output_dir: str, steps: int
+) -> dict[str, Any]:
+    """The transformers TrainingArguments every stage shares (SFT/pt here, DPO through TRL's DPOConfig)."""
+    return dict(
+        output_dir=output_dir,
+        max_steps=steps,
+        per_device_train_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.grad_accum,
+        learning_rate=settings.resolved_learning_rate(),
+        lr_scheduler_type=settings.lr_schedule,
+        warmup_steps=settings.warmup_steps,
+        weight_decay=settings.weight_decay,
+        optim=optimizer_name(settings, device),
+        bf16=use_bf16(settings, device),
+        seed=settings.seed,
+        data_seed=settings.seed,
+        logging_steps=settings.logging_steps,
+        logging_first_step=True,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=device.type == "cpu",
+    )
+
+
 def _callbacks(settings: TrainSettings, result: LoopResult) -> list[Any]:
     from transformers import TrainerCallback
 
@@ -131,23 +156,7 @@ def run_training(
         callbacks.append(plateau_callback(rule, stopped))
     with tempfile.TemporaryDirectory(prefix="adapterserve-train-") as scratch:
         args = TrainingArguments(
-            output_dir=scratch,
-            max_steps=steps,
-            per_device_train_batch_size=settings.batch_size,
-            gradient_accumulation_steps=settings.grad_accum,
-            learning_rate=settings.resolved_learning_rate(),
-            lr_scheduler_type=settings.lr_schedule,
-            warmup_steps=settings.warmup_steps,
-            weight_decay=settings.weight_decay,
-            optim=optimizer_name(settings, device),
-            bf16=use_bf16(settings, device),
-            seed=settings.seed,
-            data_seed=settings.seed,
-            logging_steps=settings.logging_steps,
-            logging_first_step=True,
-            save_strategy="no",
-            report_to="none",
-            use_cpu=device.type == "cpu",
+            **trainer_arguments(settings, device, scratch, steps),
             remove_unused_columns=False,
             label_names=["labels"],
             dataloader_num_workers=0,
