@@ -178,6 +178,10 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None 
         value = getattr(args, dest, None)
         if value is not None:
             overrides.setdefault(section, {})[field] = value
+    for dest, field in _TLS_FLAGS.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            overrides.setdefault("tls", {})[field] = value
     settings = ServerSettings.from_env(environ, **overrides)
     env = os.environ if environ is None else environ
     if getattr(args, "no_http", False):
@@ -185,11 +189,6 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None 
     if settings.http_port is None and "ADAPTERSERVE_HTTP_PORT" not in env:
         return settings.model_copy(update={"http_port": DEFAULT_HTTP_PORT})
     return settings
-    for dest, field in _TLS_FLAGS.items():
-        value = getattr(args, dest, None)
-        if value is not None:
-            overrides.setdefault("tls", {})[field] = value
-    return ServerSettings.from_env(environ, **overrides)
 
 
 def configure_logging(level: str) -> None:

@@ -114,6 +114,8 @@ def test_bad_tls_configuration_stops_the_start_with_the_flag_named(tiny_model_di
 def test_the_http_api_serves_over_the_same_tls(tiny_model_dir, tmp_path, pki):
     """--tls-cert/--tls-key cover the OpenAI-compatible HTTP listener too; --tls-client-ca requires a
     client certificate there as well."""
+    import ssl
+
     import httpx
 
     server = tls_server(
@@ -122,10 +124,13 @@ def test_the_http_api_serves_over_the_same_tls(tiny_model_dir, tmp_path, pki):
     url = f"https://{server.host}:{server.http_port}/v1/models"
     headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
     try:
-        with httpx.Client(verify=str(pki.ca.cert), cert=(str(pki.client.cert), str(pki.client.key))) as http:
+        with_client_cert = ssl.create_default_context(cafile=str(pki.ca.cert))
+        with_client_cert.load_cert_chain(str(pki.client.cert), str(pki.client.key))
+        with httpx.Client(verify=with_client_cert) as http:
             response = http.get(url, headers=headers, timeout=30)
         assert response.status_code == 200 and response.json()["object"] == "list"
-        with httpx.Client(verify=str(pki.ca.cert)) as http, pytest.raises(httpx.HTTPError):
+        no_client_cert = ssl.create_default_context(cafile=str(pki.ca.cert))
+        with httpx.Client(verify=no_client_cert) as http, pytest.raises(httpx.HTTPError):
             http.get(url, headers=headers, timeout=30)  # no client certificate: the handshake fails
         with pytest.raises(httpx.HTTPError):
             httpx.get(url.replace("https://", "http://"), headers=headers, timeout=30)  # no plaintext

@@ -6,10 +6,11 @@ from adapterserve.training.compare import method_row, rank_rows, settings_for
 from adapterserve.training.settings import TrainSettings
 
 
-def test_dora_row_is_lora_with_use_dora_scored_by_peft():
+def test_dora_row_is_the_served_dora_method():
+    """DoRA is a method of its own (served by the engine): its row trains and scores it as such."""
     shared = TrainSettings(method="prompt-tuning", init_text="Answer:", max_steps=5)
     s = settings_for(method_row("dora"), shared)
-    assert (s.method, s.use_dora, s.eval_backend, s.init_text) == ("lora", True, "peft", None)
+    assert (s.method, s.use_dora, s.eval_backend, s.init_text) == ("dora", False, "auto", None)
     assert settings_for(method_row("prompt-tuning"), shared).init_text == "Answer:"
 
 
