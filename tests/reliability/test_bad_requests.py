@@ -161,3 +161,74 @@ def test_the_server_serves_normally_after_the_whole_table(shared):
     assert metric_sum(families, "adapterserve_requests_total", status="INVALID_ARGUMENT") >= 2 * (
         len(BAD_REQUESTS) - 4
     )
+
+
+HTTP_STATUS = {"INVALID_ARGUMENT": 400, "NOT_FOUND": 404}
+# Over HTTP a `model` that cannot be an adapter name is simply a model that does not exist (OpenAI's 404),
+# never the base model.
+HTTP_STATUS_OF_CASE = {"path-as-adapter": 404, "nul-in-adapter": 404}
+
+
+def http_body(case: BadRequest, base_model: str) -> tuple[str, bytes] | None:
+    """(path, JSON body) of a case for the OpenAI-compatible API; None where HTTP has no such field."""
+    import json
+
+    if case.request_id:
+        return None  # the OpenAI API has no request id field
+    names = {"max_new_tokens": "max_tokens"}
+    body: dict[str, Any] = {"model": case.adapter or base_model}
+    body.update({names.get(k, k): v for k, v in case.sampling.items()})
+    if case.messages is not None:
+        path = "/chat/completions"
+        body["messages"] = [{"role": r, "content": c} for r, c in case.messages]
+    else:
+        path = "/completions"
+        if case.prompt is not None:
+            body["prompt"] = case.prompt
+    raw = json.dumps(body).encode()  # NaN and inf are written as NaN/Infinity: not JSON, refused too
+    if case.raw_prompt is not None:
+        body["prompt"] = "@PROMPT@"  # printable: json.dumps escapes control characters
+        raw = json.dumps(body).encode().replace(b"@PROMPT@", case.raw_prompt)
+    return path, raw
+
+
+@pytest.fixture(scope="module")
+def http_server(tiny_model_dir, tmp_path_factory):
+    from tests.helpers.server_process import start_server
+    from tests.reliability.conftest import ADMIN_TOKEN, SHARED_FLAGS
+
+    root = tmp_path_factory.mktemp("reliability-http")
+    server = start_server(
+        tiny_model_dir,
+        root / "store",
+        extra_args=(*SHARED_FLAGS, "--http-port", "0"),
+        env={"ADAPTERSERVE_ADMIN_TOKEN": ADMIN_TOKEN},
+    )
+    yield server
+    assert server.stop() == 0, server.log_text()
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
+@pytest.mark.parametrize("case", BAD_REQUESTS, ids=[c.id for c in BAD_REQUESTS])
+def test_bad_request_gets_its_refusal_over_http(http_server, case, stream):
+    """The same table over the OpenAI-compatible API: the matching HTTP status, in OpenAI's error shape."""
+    import json
+
+    import httpx
+
+    from tests.reliability.conftest import ADMIN_TOKEN
+
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"}
+    base_model = httpx.get(f"{http_server.http_url}/models", headers=headers, timeout=30).json()["data"][0][
+        "id"
+    ]
+    request = http_body(case, base_model)
+    if request is None:
+        pytest.skip("no such field in the OpenAI API")
+    path, raw = request
+    if stream:
+        raw = raw[:-1] + b', "stream": true}'
+    reply = httpx.post(f"{http_server.http_url}{path}", content=raw, headers=headers, timeout=30)
+    assert reply.status_code == HTTP_STATUS_OF_CASE.get(case.id, HTTP_STATUS[case.code]), reply.text
+    error = json.loads(reply.text)["error"]
+    assert error["message"] and error["type"], error

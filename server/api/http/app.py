@@ -35,7 +35,8 @@ async def read_json(request: Request) -> Any:
     """The request body as JSON; a clear 400 when it is not."""
     raw = await request.body()
     try:
-        return json.loads(raw)
+        # Strict UTF-8 (RFC 8259); json.loads on bytes would guess the encoding and let invalid bytes through.
+        return json.loads(raw.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise OpenAIError(400, f"the request body is not valid JSON: {exc}") from None
 
