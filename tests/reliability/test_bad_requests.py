@@ -232,3 +232,18 @@ def test_bad_request_gets_its_refusal_over_http(http_server, case, stream):
     assert reply.status_code == HTTP_STATUS_OF_CASE.get(case.id, HTTP_STATUS[case.code]), reply.text
     error = json.loads(reply.text)["error"]
     assert error["message"] and error["type"], error
+
+
+def test_an_encoded_surrogate_in_an_http_body_is_refused(http_server):
+    """Bytes that Python's json would decode into a lone surrogate are not UTF-8: 400, as gRPC refuses."""
+    import httpx
+
+    from tests.reliability.conftest import ADMIN_TOKEN
+
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"}
+    base_model = httpx.get(f"{http_server.http_url}/models", headers=headers, timeout=30).json()["data"][0][
+        "id"
+    ]
+    raw = b'{"model": "' + base_model.encode() + b'", "prompt": "\xed\xa0\x80 hi", "max_tokens": 2}'
+    reply = httpx.post(f"{http_server.http_url}/completions", content=raw, headers=headers, timeout=30)
+    assert reply.status_code == 400 and "utf-8" in reply.json()["error"]["message"].lower(), reply.text
