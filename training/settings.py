@@ -142,6 +142,11 @@ class TrainSettings(BaseModel):
                 "--stage dpo needs a PEFT method: its reference model is the base with the adapter "
                 "disabled; full fine-tuning (--method sft) would need a second copy of the model"
             )
+        if self.stage == "dpo" and self.method != "sft" and TRAINING_METHODS[self.method].peft_config is None:
+            raise ValueError(
+                f"--stage dpo --method {self.method}: DPO runs through TRL with a PEFT adapter (its reference "
+                f"is the base with that adapter disabled); {self.method} is not a PEFT method"
+            )
         if self.stage == "dpo" and (self.val_size or self.early_stop_patience):
             raise ValueError("--stage dpo trains the planned steps (no --val-size / --early-stop-patience)")
         if self.use_dora and self.method not in ("lora", "qlora"):
