@@ -119,27 +119,32 @@ def _parse_messages(messages: Any, path: str, line: int) -> tuple[dict[str, str]
     return tuple(parsed)
 
 
-def read_records(path: str | Path) -> list[Record]:
-    """Read and validate a JSONL file. Blank lines are skipped; any malformed line raises DataFormatError."""
+def read_jsonl(path: str | Path) -> list[tuple[int, Any]]:
+    """(line number, parsed JSON) of every non-blank line of a JSONL file; a missing file, bytes that are
+    not UTF-8, invalid JSON or no records at all raise DataFormatError naming the line."""
     path_str = str(path)
-    records: list[Record] = []
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise DataFormatError(path_str, 0, "file not found") from None
     except UnicodeDecodeError as exc:
         raise DataFormatError(path_str, text_line_of(Path(path), exc.start), "not UTF-8 text") from None
+    rows: list[tuple[int, Any]] = []
     for number, raw in enumerate(text.splitlines(), start=1):
         if not raw.strip():
             continue
         try:
-            obj = json.loads(raw)
+            rows.append((number, json.loads(raw)))
         except json.JSONDecodeError as exc:
             raise DataFormatError(path_str, number, f"invalid JSON: {exc.msg} (column {exc.colno})") from None
-        records.append(_parse_record(obj, path_str, number))
-    if not records:
+    if not rows:
         raise DataFormatError(path_str, 0, "no records (the file is empty)")
-    return records
+    return rows
+
+
+def read_records(path: str | Path) -> list[Record]:
+    """Read and validate a JSONL file. Blank lines are skipped; any malformed line raises DataFormatError."""
+    return [_parse_record(obj, str(path), number) for number, obj in read_jsonl(path)]
 
 
 def text_line_of(path: Path, byte_offset: int) -> int:

@@ -13,7 +13,6 @@ accuracy is the fraction of held-out pairs with a positive margin.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,22 +92,9 @@ def parse_pair(obj: Any, name: str, line: int) -> PreferencePair:
 
 
 def read_pairs(path: str | Path, limit: int | None = None) -> list[PreferencePair]:
-    name = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataFormatError(name, 0, "file not found") from None
-    pairs = []
-    for number, raw in enumerate(text.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as exc:
-            raise DataFormatError(name, number, f"invalid JSON: {exc.msg} (column {exc.colno})") from None
-        pairs.append(parse_pair(obj, name, number))
-    if not pairs:
-        raise DataFormatError(name, 0, "no records (the file is empty)")
+    from adapterserve.training.data import read_jsonl
+
+    pairs = [parse_pair(obj, str(path), number) for number, obj in read_jsonl(path)]
     return pairs[:limit] if limit else pairs
 
 

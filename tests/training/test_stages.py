@@ -159,3 +159,14 @@ def test_every_stage_and_method_trains_or_is_refused_clearly(
         pytest.fail(f"{stage} x {method}: {exc}")
     assert result.manifest.steps == 1 and result.manifest.stage == stage
     assert Path(out).is_dir()
+
+
+def test_preference_file_that_is_not_utf8_is_refused_naming_the_line(tmp_path):
+    from adapterserve.training.errors import DataFormatError
+    from adapterserve.training.preference import read_pairs
+
+    path = tmp_path / "pairs.jsonl"
+    good = b'{"prompt": "p", "chosen": "a", "rejected": "b"}\n'
+    path.write_bytes(good + b'{"prompt": "\xff", "chosen": "a", "rejected": "b"}\n')
+    with pytest.raises(DataFormatError, match="line 2: not UTF-8"):
+        read_pairs(path)
