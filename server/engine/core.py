@@ -22,7 +22,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -35,6 +35,7 @@ from adapterserve.server.engine.provider import ResolvedAdapter
 from adapterserve.server.engine.runner import ModelRunner, PrefillRow
 from adapterserve.server.engine.sampling import RowSampler, sample_rows
 from adapterserve.server.engine.scoring import chunk_logprobs
+from adapterserve.server.engine.sequence import EventSink, Sequence
 from adapterserve.server.engine.text import TextTracker
 from adapterserve.server.engine.types import FinishReason, GenerationRequest, TokenEvent
 from adapterserve.server.errors import (
@@ -47,58 +48,6 @@ from adapterserve.server.model.loading import LoadedBase, eos_token_ids
 from adapterserve.server.settings import EngineSettings
 
 log = logging.getLogger(__name__)
-
-EventSink = Callable[[TokenEvent], None]
-
-
-@dataclass(eq=False)
-class Sequence:
-    """One request inside the engine."""
-
-    request: GenerationRequest
-    resolved: ResolvedAdapter | None
-    emit: EventSink
-    sampler: RowSampler
-    text: TextTracker
-    arrival: float = field(default_factory=time.monotonic)
-    slot: int = NO_ADAPTER
-    length: int = 0  # cache positions filled (virtual prefix + prompt + generated so far)
-    output: list[int] = field(default_factory=list)
-    finished: bool = False
-    first_token_at: float | None = None
-    logits: list[torch.Tensor] | None = None  # per generated token, when capture is on (tests)
-    prefill_inputs: torch.Tensor | None = None  # [n, H] virtual + prompt embeddings; None once prefilled
-    prefill_start: int = 0  # cache position of the first prefill input (prefix tuning: after the prefix)
-    prefill_done: int = 0  # prefill inputs already in the cache
-    scores: list[float] = field(default_factory=list)  # scoring requests: log-probs found so far
-
-    @property
-    def prefill_remaining(self) -> int:
-        return 0 if self.prefill_inputs is None else self.prefill_inputs.shape[0] - self.prefill_done
-
-    @property
-    def hook(self) -> HookSite | None:
-        """How this request's adapter is applied (None: no adapter)."""
-        return None if self.resolved is None else self.resolved.adapter.handler.hook
-
-    @property
-    def virtual_tokens(self) -> int:
-        if self.resolved is None:
-            return 0
-        return self.resolved.adapter.info.num_virtual_tokens or 0
-
-    @property
-    def kv_tokens(self) -> int:
-        """Cache positions this request can fill: virtual + prompt (+ max_new_tokens unless it only scores)."""
-        new = 0 if self.request.score_tokens else self.request.sampling.max_new_tokens
-        return self.virtual_tokens + len(self.request.prompt_ids) + new
-
-    @property
-    def slot_key(self) -> tuple[str, int] | None:
-        """(name, version) of the device slot this request needs; None when it needs none."""
-        if self.resolved is None or self.hook == HookSite.PROMPT:
-            return None
-        return (self.resolved.name, self.resolved.version)
 
 
 @dataclass(frozen=True)
@@ -334,7 +283,9 @@ class EngineCore:
                 key = seq.slot_key
                 if key is not None and seq.resolved is not None:
                     resident = self.bank.table.lookup(key) is not None
-                    slot = None if slots_full and not resident else self.bank.acquire(key, seq.resolved.adapter)
+                    slot = (
+                        None if slots_full and not resident else self.bank.acquire(key, seq.resolved.adapter)
+                    )
                     if slot is None:  # every slot busy: wait, but let requests behind it use resident ones
                         slots_full = True
                         skipped.append(seq)

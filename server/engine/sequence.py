@@ -1,0 +1,70 @@
+"""One request's state inside the engine: its adapter, sampler, detokenizer, cache row bookkeeping
+(length, prefill progress) and output. EngineCore (core.py) moves Sequences through admission, prefill,
+decode and retirement."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from adapterserve.server.adapters.kind import HookSite
+from adapterserve.server.adapters.slots import NO_ADAPTER
+from adapterserve.server.engine.provider import ResolvedAdapter
+from adapterserve.server.engine.sampling import RowSampler
+from adapterserve.server.engine.text import TextTracker
+from adapterserve.server.engine.types import GenerationRequest, TokenEvent
+
+EventSink = Callable[[TokenEvent], None]
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request inside the engine."""
+
+    request: GenerationRequest
+    resolved: ResolvedAdapter | None
+    emit: EventSink
+    sampler: RowSampler
+    text: TextTracker
+    arrival: float = field(default_factory=time.monotonic)
+    slot: int = NO_ADAPTER
+    length: int = 0  # cache positions filled (virtual prefix + prompt + generated so far)
+    output: list[int] = field(default_factory=list)
+    finished: bool = False
+    first_token_at: float | None = None
+    logits: list[torch.Tensor] | None = None  # per generated token, when capture is on (tests)
+    prefill_inputs: torch.Tensor | None = None  # [n, H] virtual + prompt embeddings; None once prefilled
+    prefill_start: int = 0  # cache position of the first prefill input (prefix tuning: after the prefix)
+    prefill_done: int = 0  # prefill inputs already in the cache
+    scores: list[float] = field(default_factory=list)  # scoring requests: log-probs found so far
+
+    @property
+    def prefill_remaining(self) -> int:
+        return 0 if self.prefill_inputs is None else self.prefill_inputs.shape[0] - self.prefill_done
+
+    @property
+    def hook(self) -> HookSite | None:
+        """How this request's adapter is applied (None: no adapter)."""
+        return None if self.resolved is None else self.resolved.adapter.handler.hook
+
+    @property
+    def virtual_tokens(self) -> int:
+        if self.resolved is None:
+            return 0
+        return self.resolved.adapter.info.num_virtual_tokens or 0
+
+    @property
+    def kv_tokens(self) -> int:
+        """Cache positions this request can fill: virtual + prompt (+ max_new_tokens unless it only scores)."""
+        new = 0 if self.request.score_tokens else self.request.sampling.max_new_tokens
+        return self.virtual_tokens + len(self.request.prompt_ids) + new
+
+    @property
+    def slot_key(self) -> tuple[str, int] | None:
+        """(name, version) of the device slot this request needs; None when it needs none."""
+        if self.resolved is None or self.hook == HookSite.PROMPT:
+            return None
+        return (self.resolved.name, self.resolved.version)
