@@ -122,6 +122,17 @@ class ModuleSlots(ABC):
     @abstractmethod
     def nbytes(self) -> int: ...
 
+    def slot_tensors(self) -> list[torch.Tensor]:
+        """Every device tensor a hook reads (the decode graphs recapture when one is reallocated).
+        Default: the tensor attributes, and those of helper objects that have `slot_tensors`."""
+        out: list[torch.Tensor] = []
+        for value in vars(self).values():
+            if isinstance(value, torch.Tensor):
+                out.append(value)
+            elif hasattr(value, "slot_tensors") and not isinstance(value, (LinearSite, BankSite)):
+                out.extend(value.slot_tensors())
+        return out
+
     def pre(self, x: torch.Tensor, rows: RowSelection) -> torch.Tensor:
         """x [B, S, in] -> the base linear's input. Default: unchanged."""
         return x

@@ -134,6 +134,7 @@ class AdapterBank:
         }
         self.slot_kinds: dict[int, str] = {}  # occupied slot -> kind name
         self._touched: dict[int, list[ModuleKey]] = {}  # slot -> modules written
+        self.writes = 0  # bumped by every slot write or clear (decode graphs check their buffers then)
 
     def acquire(self, key: SlotKey, adapter: LoadedAdapter) -> int | None:
         """The slot holding `adapter` (loading it if needed), with a reference taken; None if all busy."""
@@ -169,6 +170,7 @@ class AdapterBank:
         self.table.set_pinned(key, False)
 
     def _write(self, slot: int, adapter: LoadedAdapter) -> None:
+        self.writes += 1
         kind = adapter.handler
         touched: list[ModuleKey] = []
         if kind.hook == HookSite.LINEAR:
@@ -185,6 +187,7 @@ class AdapterBank:
         self.slot_kinds[slot] = kind.name
 
     def _clear(self, slot: int) -> None:
+        self.writes += 1
         name = self.slot_kinds.pop(slot, None)
         if name is None:
             return
@@ -199,6 +202,15 @@ class AdapterBank:
             return False
         self._clear(entry.slot)
         return True
+
+    def slot_tensors(self) -> list[torch.Tensor]:
+        """Every linear kind's device slot tensors (what a captured decode graph reads)."""
+        return [
+            t
+            for per_kind in self.module_slots.values()
+            for ms in per_kind.values()
+            for t in ms.slot_tensors()
+        ]
 
     def device_bytes(self) -> int:
         total = sum(ms.nbytes() for per_kind in self.module_slots.values() for ms in per_kind.values())

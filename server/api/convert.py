@@ -15,7 +15,6 @@ FINISH_REASONS: dict[FinishReason, int] = {
 }
 
 
-
 def adapter_kind_to_proto(kind: str) -> int:
     """The wire AdapterKind of a registered kind's name: ADAPTER_KIND_<NAME> (UNSPECIFIED if the proto
     does not know it yet)."""

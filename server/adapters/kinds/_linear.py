@@ -65,6 +65,9 @@ class LowRankSlots:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.a, self.b) if t is not None)
 
+    def slot_tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.a, self.b) if t is not None]
+
     def down(self, x: torch.Tensor, rows: RowSelection) -> torch.Tensor:
         """x [B, S, in] -> x @ A[slot] [B, S, r_cap]."""
         assert self.a is not None
