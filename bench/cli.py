@@ -49,6 +49,18 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--workdir", type=Path, default=Path("/tmp/adapterserve-bench"), help="adapter cache dir"
     )
+    parser.add_argument(
+        "--decode-step",
+        choices=["auto", "eager", "static", "graphs"],
+        default="auto",
+        help="the engine's decode step (default auto: CUDA graphs on CUDA, eager on CPU)",
+    )
+    parser.add_argument("--compile-decode", action="store_true", help="torch.compile the static decode step")
+    parser.add_argument(
+        "--eager-too",
+        action="store_true",
+        help="also time the engine workloads with the eager decode step, in the same interleaved rounds",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
 
 
@@ -77,6 +89,9 @@ def run_bench(args: argparse.Namespace) -> int:
         lora_targets=tuple(t for t in args.targets.split(",") if t),
         rank=args.rank,
         workdir=args.workdir,
+        decode_step=args.decode_step,
+        compile_decode=args.compile_decode,
+        eager_too=args.eager_too,
     )
     report = run(settings)
     print_report(report)

@@ -63,6 +63,9 @@ class BenchSettings:
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     rank: int = 8
     workdir: Path = Path("/tmp/adapterserve-bench")
+    decode_step: str = "auto"  # EngineSettings.decode_step
+    compile_decode: bool = False
+    eager_too: bool = False  # also time both workloads with the eager decode step, in the same rounds
 
 
 @dataclass
@@ -273,8 +276,11 @@ def run(settings: BenchSettings) -> dict:
             max_prefill_tokens=8192,
             max_queue=settings.requests,
             adapter_slots=settings.adapters,
+            decode_step=settings.decode_step,
+            compile_decode=settings.compile_decode,
         ),
     )
+    graphs = engine.core.decode_graphs
     for n, d in adapter_dirs.items():
         engine.add_adapter(n, d)
     mixed_name = f"engine, {settings.requests} requests over {settings.adapters} {settings.kinds} adapters"
@@ -282,15 +288,25 @@ def run(settings: BenchSettings) -> dict:
         "engine, base only": [None] * settings.requests,
         mixed_name: [names[i % len(names)] for i in range(settings.requests)],
     }
-    for name, adapters in workloads.items():
+    eager_names: set[str] = set()
+    if settings.eager_too and graphs is not None:  # the same workloads through the eager reference step
+        for name in list(workloads):
+            workloads[f"{name} (eager step)"] = workloads[name]
+            eager_names.add(f"{name} (eager step)")
+
+    def timed(name: str, engine: OfflineEngine = engine) -> EngineRun:
+        engine.core.decode_graphs = None if name in eager_names else graphs
+        return run_engine_workload(engine, prompts, workloads[name], settings.max_new_tokens)
+
+    for name in workloads:
         _log(f"warm-up at full size: {name}")
-        run_engine_workload(engine, prompts, adapters, settings.max_new_tokens)
+        timed(name)
     runs: dict[str, list[EngineRun]] = {name: [] for name in workloads}
     order = list(workloads)
     for round_ in range(settings.repeats):
         for name in order if round_ % 2 == 0 else reversed(order):
             _log(f"round {round_ + 1}/{settings.repeats}: {name}")
-            runs[name].append(run_engine_workload(engine, prompts, workloads[name], settings.max_new_tokens))
+            runs[name].append(timed(name))
     base_runs = runs["engine, base only"]
     rows = [
         _engine_row(
@@ -320,8 +336,18 @@ def run(settings: BenchSettings) -> dict:
         "weight_bytes_per_step_mib": round(ctx["weight_bytes"] / 2**20, 1),
         "kv_cache_mib": round(engine_stats.kv_cache_bytes / 2**20, 1),
         "peak_bandwidth": peak.source if peak is not None else None,
+        "decode_step": _decode_step_label(settings, graphs),
+        "decode_graphs": asdict(graphs.stats) if graphs is not None else None,
         "results": rows,
     }
+
+
+def _decode_step_label(settings: BenchSettings, graphs) -> str:
+    if graphs is None:
+        return "eager"
+    if not graphs.capture:
+        return "static, compiled" if settings.compile_decode else "static"
+    return "CUDA graphs" if graphs.stats.disabled is None else "eager (graph capture failed)"
 
 
 def _baselines(settings: BenchSettings, model_dir: str, adapter_dirs: dict[str, Path], prompts) -> list:
@@ -362,6 +388,17 @@ def print_report(report: dict) -> None:
     )
     if report["peak_bandwidth"]:
         print(f"peak bandwidth: {report['peak_bandwidth']}")
+    graphs = report.get("decode_graphs")
+    print(f"decode step: {report.get('decode_step', 'eager')}", end="")
+    if graphs:
+        print(
+            f" ({graphs['captures']} graphs captured in {graphs['capture_seconds']:.1f}s, "
+            f"{graphs['replays']} replays, {graphs['static_steps']} uncaptured static steps"
+            + (f"; capture failed: {graphs['disabled']}" if graphs["disabled"] else "")
+            + ")",
+            end="",
+        )
+    print()
     print(
         f"{'run':<58} {'reqs':>4} {'tok/s (min-max)':>22} {'vs base (min-max)':>20} "
         f"{'step ms':>8} {'ttft ms':>8} {'%bw':>6}"

@@ -38,6 +38,17 @@ class EngineSettings(BaseModel):
     kv_cache_bytes: int | None = Field(
         None, ge=1, description="paged KV pool size in bytes (default: room for every row's max_seq_len)"
     )
+    decode_step: Literal["auto", "eager", "static", "graphs"] = Field(
+        "auto",
+        description=(
+            "graphs: the static-shape decode step captured as CUDA graphs per batch bucket (CUDA, paged "
+            "cache); static: the same step without capture; eager: the dynamic reference step; "
+            "auto: graphs on CUDA with the paged cache, eager otherwise"
+        ),
+    )
+    compile_decode: bool = Field(
+        False, description="torch.compile the static decode step (decode_step='static' only)"
+    )
 
 
 class CacheSettings(BaseModel):

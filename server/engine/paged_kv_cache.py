@@ -94,20 +94,31 @@ class PagedKVCache:
     ) -> None:
         """Write k, v [B, kvH, S, D] of rows row_start..row_start+B-1 at positions [B, S]."""
         b = k.shape[0]
-        rows = torch.arange(row_start, row_start + b, device=positions.device)[:, None]  # [B, 1]
-        blocks = self.table[rows, positions // self.block_size].reshape(-1)  # [B*S]
+        self.write_blocks(layer, self.table[row_start : row_start + b], positions, k, v)
+
+    def read(self, layer: int, row_start: int, rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [rows, kvH, length, D], gathered from the rows' blocks."""
+        return self.read_blocks(layer, self.table[row_start : row_start + rows], length)
+
+    # The same through an explicit block table [B, >= blocks used] (the static decode step passes a
+    # padded copy, whose padding rows point at the scratch block): shapes depend on its shape only.
+    def write_blocks(
+        self, layer: int, table: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> None:
+        """Write k, v [B, kvH, S, D] at positions [B, S] of the rows whose block tables are `table`."""
+        blocks = torch.gather(table, 1, positions // self.block_size).reshape(-1)  # [B*S]
         offsets = (positions % self.block_size).reshape(-1)  # [B*S]
         # [B, kvH, S, D] -> [B*S, kvH, D], matching (blocks, offsets) row-major over (B, S)
         self.k[layer][blocks, :, offsets] = k.transpose(1, 2).reshape(-1, k.shape[1], k.shape[3])
         self.v[layer][blocks, :, offsets] = v.transpose(1, 2).reshape(-1, v.shape[1], v.shape[3])
 
-    def read(self, layer: int, row_start: int, rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values [rows, kvH, length, D], gathered from the rows' blocks."""
+    def read_blocks(self, layer: int, table: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [B, kvH, length, D] of the rows whose block tables are `table` [B, >= nb]."""
         nb = self.blocks_for(length)
-        blocks = self.table[row_start : row_start + rows, :nb]  # [rows, nb]
+        blocks = table[:, :nb]  # [B, nb]
 
         def gather(pool: torch.Tensor) -> torch.Tensor:
-            paged = pool[layer][blocks]  # [rows, nb, kvH, bs, D]
+            paged = pool[layer][blocks]  # [B, nb, kvH, bs, D]
             r, _, heads, bs, dim = paged.shape
             return paged.transpose(1, 2).reshape(r, heads, nb * bs, dim)[:, :, :length]
 

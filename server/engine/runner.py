@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from adapterserve.server.adapters.layers import AdapterBatch, AdapterContext
 from adapterserve.server.engine.kv_cache import KVCache
+from adapterserve.server.engine.paged_kv_cache import PagedKVCache
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -36,7 +37,7 @@ class PrefillRow:
 
 
 class ModelRunner:
-    def __init__(self, model, cache: KVCache, context: AdapterContext):
+    def __init__(self, model, cache: KVCache | PagedKVCache, context: AdapterContext):
         self.model = model
         self.inner = model.model  # LlamaModel-like: embed_tokens, layers, norm, rotary_emb
         self.cache = cache
@@ -94,17 +95,37 @@ class ModelRunner:
         x = self._forward(embeds, positions[:, None], 0, batch)  # [B, 1, H]
         return self.head(self.inner.norm(x[:, 0]))  # [B, V]
 
+    @torch.inference_mode()
+    def decode_static(
+        self,
+        tokens: torch.Tensor,  # [R] long
+        positions: torch.Tensor,  # [R] long
+        table: torch.Tensor,  # [R, >= length / block_size] block tables (paged cache)
+        batch: AdapterBatch,  # slots [R], single_slot None
+        length: int,  # keys attended, a bucket >= every row's position + 1
+    ) -> torch.Tensor:
+        """The decode step with static shapes (see decode_graphs.py): every shape depends on R and
+        `length` only, nothing reads a tensor's value on the host. Padding rows carry token 0 at
+        position 0 of the scratch block. Returns logits [R, V]."""
+        embeds = self.embed(tokens[:, None])  # [R, 1, H]
+        x = self._forward(embeds, positions[:, None], 0, batch, table=table, length=length)  # [R, 1, H]
+        return self.head(self.inner.norm(x[:, 0]))  # [R, V]
+
     def _forward(
         self,
         x: torch.Tensor,  # [B, S, H]
         positions: torch.Tensor,  # [B, S] cache positions = rotary positions
         row_start: int,
         batch: AdapterBatch,
+        *,
+        table: torch.Tensor | None = None,  # [B, nb]: the rows' block tables (else rows row_start..)
+        length: int | None = None,  # keys attended (else max(positions) + 1, a host sync)
     ) -> torch.Tensor:
         """The decoder layers over x; returns the last layer's hidden states [B, S, H] (before the
         final norm)."""
         b, s, _ = x.shape
-        length = int(positions.max()) + 1
+        if length is None:
+            length = int(positions.max()) + 1
         cos, sin = self.inner.rotary_emb(x, positions)  # [B, S, D]
         keys = torch.arange(length, device=x.device)
         mask = (keys[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # [B, 1, S, length]
@@ -120,8 +141,12 @@ class ModelRunner:
                     q, k = attn.q_norm(q), attn.k_norm(k)
                 q = apply_rotary(q.transpose(1, 2), cos, sin)  # [B, H, S, D]
                 k = apply_rotary(k.transpose(1, 2), cos, sin)  # [B, kvH, S, D]
-                self.cache.write(layer_idx, row_start, positions, k, v)
-                k_all, v_all = self.cache.read(layer_idx, row_start, b, length)  # [B, kvH, length, D]
+                if table is None:
+                    self.cache.write(layer_idx, row_start, positions, k, v)
+                    k_all, v_all = self.cache.read(layer_idx, row_start, b, length)  # [B, kvH, length, D]
+                else:
+                    self.cache.write_blocks(layer_idx, table, positions, k, v)
+                    k_all, v_all = self.cache.read_blocks(layer_idx, table, length)
                 out = F.scaled_dot_product_attention(
                     q, k_all, v_all, attn_mask=mask, scale=getattr(attn, "scaling", None), enable_gqa=True
                 )  # [B, H, S, D]

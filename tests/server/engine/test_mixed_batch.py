@@ -61,21 +61,38 @@ def _references(tiny_model_dir, adapter_dirs, quantize, rows):
     return refs
 
 
+# decode: eager = the dynamic reference step; static = the static-shape step CUDA graphs capture (rows
+# padded to a bucket, keys to a length bucket, inputs in preallocated buffers); compiled = that step
+# through torch.compile.
 @pytest.mark.parametrize(
-    "quantize,prefill_budget",
-    [("none", 512), ("nf4", 512), ("none", 5)],  # 5: prompts (and virtual tokens) prefilled in chunks
+    "quantize,prefill_budget,decode",
+    [
+        ("none", 512, "eager"),
+        ("nf4", 512, "eager"),
+        ("none", 5, "eager"),  # 5: prompts (and virtual tokens) prefilled in chunks
+        ("none", 512, "static"),
+        ("nf4", 512, "static"),
+        ("none", 512, "compiled"),
+    ],
 )
-def test_mixed_batch_matches_peft_per_adapter(tiny_model_dir, adapter_dirs, quantize, prefill_budget):
+def test_mixed_batch_matches_peft_per_adapter(tiny_model_dir, adapter_dirs, quantize, prefill_budget, decode):
     rows = _plan()
     refs = _references(tiny_model_dir, adapter_dirs, quantize, rows)
     base = load_base_model(tiny_model_dir, quantize=quantize, device="cpu")
     engine = OfflineEngine(
         base,
         EngineSettings(
-            max_batch_size=16, max_seq_len=64, adapter_slots=len(ADAPTER_KINDS), max_prefill_tokens=prefill_budget
+            max_batch_size=16,
+            max_seq_len=64,
+            adapter_slots=len(ADAPTER_KINDS),
+            max_prefill_tokens=prefill_budget,
+            decode_step="eager" if decode == "eager" else "static",
+            compile_decode=decode == "compiled",
         ),
         capture_logits=True,
     )
+    if decode != "eager":
+        assert engine.core.decode_graphs is not None
     served = {engine.add_adapter(kind, path).adapter.kind for kind, path in adapter_dirs.items()}
     assert served == set(kind_names()), "the invariant must cover every registered adapter kind"
     results = engine.generate(
@@ -99,11 +116,24 @@ def test_mixed_batch_matches_peft_per_adapter(tiny_model_dir, adapter_dirs, quan
         _, base_logits = peft_greedy(plain, prompt, 1)
         assert (refs[(kind, tuple(prompt))][1][0] - base_logits[0]).abs().max() > 1e-2, kind
     assert base_tokens  # base rows were part of the batch
+    if decode != "eager":
+        # every decode step ran the static step (13 rows padded to the 16-row bucket)
+        stats = engine.core.decode_graphs.stats
+        assert stats.static_steps == STEPS - 1 and stats.replays == 0
+    if decode == "compiled":
+        from torch._dynamo.utils import counters
+
+        assert counters["stats"]["unique_graphs"] > 0  # the step really went through torch.compile
 
 
-def test_joining_requests_do_not_change_running_outputs(tiny_model_dir, adapter_dirs):
+@pytest.mark.parametrize("decode", ["eager", "static"])
+def test_joining_requests_do_not_change_running_outputs(tiny_model_dir, adapter_dirs, decode):
+    """static: decode steps pad their rows to a bucket while other rows are still prefilling; the padding
+    rows must write nowhere those rows read."""
     base = load_base_model(tiny_model_dir, quantize="none", device="cpu")
-    engine = OfflineEngine(base, EngineSettings(max_batch_size=4, max_seq_len=64, adapter_slots=3))
+    engine = OfflineEngine(
+        base, EngineSettings(max_batch_size=4, max_seq_len=64, adapter_slots=3, decode_step=decode)
+    )
     for kind, path in adapter_dirs.items():
         engine.add_adapter(kind, path)
     rows = _plan()
@@ -124,6 +154,8 @@ def test_joining_requests_do_not_change_running_outputs(tiny_model_dir, adapter_
     staggered = [[t for ev in sink for t in ev.token_ids] for sink in sinks]
     assert staggered == alone
     assert engine.core.bank.table.stats.evictions > 0
+    if decode == "static":
+        assert engine.core.decode_graphs.stats.static_steps > 0
 
 
 # The CUDA variant (bf16, plain and nf4) is tests/server/engine/test_mixed_batch_cuda.py.

@@ -1,0 +1,96 @@
+"""The static decode step's logic on CPU: buckets, padded buffers, graph invalidation when adapter slot
+tensors move, and the settings that choose it. (Capture itself is tested on CUDA in
+test_decode_graphs_cuda.py; the invariant against PEFT in test_mixed_batch.py covers static and compiled.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adapterserve.server.engine.decode_graphs import StepShape, length_bucket, row_buckets
+from adapterserve.server.engine.offline import OfflineEngine
+from adapterserve.server.errors import InvalidArgumentError
+from adapterserve.server.model.loading import load_base_model
+from adapterserve.server.settings import EngineSettings
+from tests.helpers.peft_refs import make_adapter
+
+
+def test_row_buckets_cover_every_batch_size_with_little_padding():
+    assert row_buckets(1) == [1]
+    assert row_buckets(6) == [1, 2, 4, 6]
+    assert row_buckets(64) == [1, 2, 4, *range(8, 65, 8)]
+    assert row_buckets(70) == [1, 2, 4, *range(8, 70, 8), 70]
+    for max_rows in (1, 5, 64, 70):
+        buckets = row_buckets(max_rows)
+        for n in range(1, max_rows + 1):
+            b = min(x for x in buckets if x >= n)
+            assert b - n < max(8, n)  # at most 7 padding rows once past 8
+
+
+def test_length_bucket_is_a_power_of_two_of_at_least_one_block_within_the_row():
+    assert length_bucket(1, 16, 1024) == 16
+    assert length_bucket(16, 16, 1024) == 16
+    assert length_bucket(17, 16, 1024) == 32
+    assert length_bucket(100, 16, 1024) == 128
+    assert length_bucket(1000, 16, 1024) == 1024
+    assert length_bucket(1000, 16, 1008) == 1008  # capped at the cache's row length
+
+
+@pytest.fixture
+def static_engine(tiny_model_dir):
+    base = load_base_model(tiny_model_dir, quantize="none", device="cpu")
+    return OfflineEngine(
+        base, EngineSettings(max_batch_size=8, max_seq_len=64, adapter_slots=2, decode_step="static")
+    )
+
+
+def test_a_step_pads_rows_and_keys_and_points_padding_at_the_scratch_block(static_engine):
+    engine = static_engine
+    graphs = engine.core.decode_graphs
+    seen: list[tuple[StepShape, torch.Tensor, torch.Tensor]] = []
+    run = graphs._run
+
+    def spy(shape):
+        seen.append((shape, graphs.meta[:, : shape.rows].clone(), graphs.table[: shape.rows].clone()))
+        return run(shape)
+
+    graphs._run = spy
+    requests = [engine.request([5, 6, 7], max_new_tokens=3, ignore_eos=True) for _ in range(3)]
+    engine.generate(requests)
+    shape, meta, table = seen[0]
+    assert shape.rows == 4 and shape.length == 16 and shape.kinds == frozenset()
+    assert meta[1, :3].tolist() == [3, 3, 3]  # positions of the first decoded token
+    assert meta[:, 3].tolist() == [0, 0, 0]  # the padding row: token 0, position 0, no adapter
+    assert (table[3] == 0).all()  # ... in the scratch block
+    assert (table[:3, 0] > 0).all()  # real rows own their first block
+    assert graphs.stats.static_steps == 2
+
+
+def test_graphs_are_dropped_when_adapter_slot_tensors_move(static_engine, tiny_model_dir, tmp_path):
+    engine = static_engine
+    graphs = engine.core.decode_graphs
+    graphs.graphs[StepShape(1, 16, frozenset())] = (None, torch.zeros(1))  # stands in for a captured graph
+    engine.add_adapter("r4", make_adapter(tiny_model_dir, "lora_qv_r4", tmp_path / "r4", seed=1))
+    engine.generate([engine.request([5, 6], adapter="r4", max_new_tokens=2, ignore_eos=True)])
+    assert graphs.graphs == {} and graphs.stats.invalidations == 1  # LoRA slot tensors were allocated
+    graphs.graphs[StepShape(1, 16, frozenset({"lora"}))] = (None, torch.zeros(1))
+    engine.generate([engine.request([5, 6], adapter="r4", max_new_tokens=2, ignore_eos=True)])
+    assert len(graphs.graphs) == 1  # the adapter was resident: nothing moved, the graph stays
+
+
+@pytest.mark.parametrize(
+    "settings,error",
+    [
+        ({"decode_step": "graphs"}, "needs a CUDA device"),
+        ({"decode_step": "static", "kv_cache": "dense"}, "needs kv_cache='paged'"),
+        ({"compile_decode": True}, "compile_decode needs decode_step='static'"),
+    ],
+)
+def test_impossible_decode_settings_are_refused_at_start(tiny_base, settings, error):
+    with pytest.raises(InvalidArgumentError, match=error):
+        OfflineEngine(tiny_base, EngineSettings(max_batch_size=2, max_seq_len=32, **settings))
+
+
+def test_auto_is_eager_on_cpu(tiny_model_dir):
+    base = load_base_model(tiny_model_dir, quantize="none", device="cpu")
+    assert OfflineEngine(base, EngineSettings(max_batch_size=2, max_seq_len=32)).core.decode_graphs is None
