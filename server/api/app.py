@@ -42,6 +42,8 @@ _SECTION_FLAGS: dict[str, tuple[str, str]] = {
     "adapter_slots": ("engine", "adapter_slots"),
     "max_lora_rank": ("engine", "max_lora_rank"),
     "max_virtual_tokens": ("engine", "max_virtual_tokens"),
+    "kv_cache": ("engine", "kv_cache"),
+    "decode_step": ("engine", "decode_step"),
     "host_cache_bytes": ("cache", "host_cache_bytes"),
     "max_adapter_bytes": ("cache", "max_adapter_bytes"),
     "max_prompt_tokens": ("limits", "max_prompt_tokens"),
@@ -140,6 +142,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "max_adapter_bytes",
     ):
         eng.add_argument(flag_of(dest), dest=dest, type=int, metavar="N", help=section_flag_help(dest))
+    for dest in ("kv_cache", "decode_step"):
+        choices = EngineSettings.model_fields[dest].annotation.__args__  # the Literal's values
+        eng.add_argument(flag_of(dest), dest=dest, choices=choices, help=section_flag_help(dest))
     lim = parser.add_argument_group("request limits")
     for dest in (
         "max_prompt_tokens",

@@ -162,6 +162,10 @@ class DecodeGraphs:
         if it cannot be captured. The warm-up writes the same keys/values the replay then writes."""
         started = time.perf_counter()
         try:
+            # Warm-up and capture on a side stream (capture cannot use the default stream), as
+            # torch.cuda.graph does, without its gc.collect() and empty_cache() at every capture: shapes
+            # are captured lazily while serving. thread_local: other threads' CUDA calls (an upload
+            # parsing tensors) do not invalidate the capture.
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
@@ -171,10 +175,13 @@ class DecodeGraphs:
                     self._run(shape)
                 finally:
                     torch.cuda.set_sync_debug_mode(previous)
+                graph = torch.cuda.CUDAGraph()
+                graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+                try:
+                    logits = self._run(shape)
+                finally:
+                    graph.capture_end()
             torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                logits = self._run(shape)
         except Exception as exc:  # the engine decodes eagerly instead
             self.stats.disabled = f"{type(exc).__name__}: {exc}"[:500]
             self.graphs.clear()

@@ -49,19 +49,10 @@ def _rows():
     return rows
 
 
-def _engine(tiny_model_dir, adapter_dirs, quantize, decode_step, **settings):
+def _engine(tiny_model_dir, adapter_dirs, quantize, decode_step, **overrides):
     base = load_base_model(tiny_model_dir, quantize=quantize, device="cuda", dtype="bfloat16")
-    engine = OfflineEngine(
-        base,
-        EngineSettings(
-            max_batch_size=16,
-            max_seq_len=64,
-            adapter_slots=len(ADAPTER_KINDS),
-            decode_step=decode_step,
-            **settings,
-        ),
-        capture_logits=True,
-    )
+    settings = {"max_batch_size": 16, "max_seq_len": 64, "adapter_slots": len(ADAPTER_KINDS)} | overrides
+    engine = OfflineEngine(base, EngineSettings(decode_step=decode_step, **settings), capture_logits=True)
     for kind, path in adapter_dirs.items():
         engine.add_adapter(kind, path)
     return engine
