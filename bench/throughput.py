@@ -62,6 +62,7 @@ class BenchSettings:
     peak_bandwidth_gbs: float | None = None  # default: looked up from the card's name (CUDA only)
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     rank: int = 8
+    lora_backend: str = "torch"  # EngineSettings.lora_backend: torch or triton (CUDA)
     workdir: Path = Path("/tmp/adapterserve-bench")
 
 
@@ -273,6 +274,7 @@ def run(settings: BenchSettings) -> dict:
             max_prefill_tokens=8192,
             max_queue=settings.requests,
             adapter_slots=settings.adapters,
+            lora_backend=settings.lora_backend,
         ),
     )
     for n, d in adapter_dirs.items():

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Quantize = Literal["nf4", "int8", "none"]
+LoraBackendName = Literal["torch", "triton"]  # server/adapters/kernels
 
 ENV_PREFIX = "ADAPTERSERVE_"
 
@@ -37,6 +38,11 @@ class EngineSettings(BaseModel):
     kv_block_size: int = Field(16, ge=1, le=1024, description="tokens per KV cache block (paged)")
     kv_cache_bytes: int | None = Field(
         None, ge=1, description="paged KV pool size in bytes (default: room for every row's max_seq_len)"
+    )
+    lora_backend: LoraBackendName = Field(
+        "torch",
+        description="kernels of the LoRA/DoRA/bottleneck math in mixed batches: torch (gather + bmm, any "
+        "device) or triton (gathered BGMV kernels reading slot tensors in place; CUDA only)",
     )
 
 

@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import BaseModel, ValidationError
 
@@ -22,6 +22,7 @@ from adapterserve.server.settings import (
     CacheSettings,
     EngineSettings,
     LimitSettings,
+    LoraBackendName,
     ServerSettings,
 )
 
@@ -42,6 +43,7 @@ _SECTION_FLAGS: dict[str, tuple[str, str]] = {
     "adapter_slots": ("engine", "adapter_slots"),
     "max_lora_rank": ("engine", "max_lora_rank"),
     "max_virtual_tokens": ("engine", "max_virtual_tokens"),
+    "lora_backend": ("engine", "lora_backend"),
     "host_cache_bytes": ("cache", "host_cache_bytes"),
     "max_adapter_bytes": ("cache", "max_adapter_bytes"),
     "max_prompt_tokens": ("limits", "max_prompt_tokens"),
@@ -140,6 +142,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "max_adapter_bytes",
     ):
         eng.add_argument(flag_of(dest), dest=dest, type=int, metavar="N", help=section_flag_help(dest))
+    eng.add_argument(
+        "--lora-backend", choices=list(get_args(LoraBackendName)), help=section_flag_help("lora_backend")
+    )
     lim = parser.add_argument_group("request limits")
     for dest in (
         "max_prompt_tokens",

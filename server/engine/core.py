@@ -70,7 +70,7 @@ class EngineCore:
         self.capture_logits = capture_logits
         spec = base.spec
         self.device, self.dtype = base.device, base.dtype
-        self.bank = AdapterBank(spec, settings.adapter_slots, self.dtype, self.device)
+        self.bank = AdapterBank(spec, settings.adapter_slots, self.dtype, self.device, settings.lora_backend)
         self.context = AdapterContext()
         wrap_model(base.model, self.bank, self.context)
         self.cache = make_kv_cache(settings, spec, self.dtype, self.device)
