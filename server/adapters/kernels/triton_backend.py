@@ -34,6 +34,16 @@ class TritonLoraKernels(LoraKernels):
                 "use lora_backend 'torch', or TRITON_INTERPRET=1 to run the kernels in Triton's "
                 "CPU interpreter (slow: for tests)"
             )
+        if device.type != "cuda":
+            import triton.language as tl
+
+            # The interpreter needs the variable before triton's first import: its library functions
+            # (tl.sum, tl.zeros) are decorated then, and compiled ones cannot run in the interpreter.
+            if type(tl.sum).__name__ == "JITFunction":
+                raise KernelBackendError(
+                    "TRITON_INTERPRET=1 was set after triton was imported in this process; set it in "
+                    "the environment before the process starts"
+                )
 
     def shrink(
         self, x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor, single_slot: int | None = None
