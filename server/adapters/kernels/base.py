@@ -39,17 +39,25 @@ class LoraKernels(ABC):
         Default: runs anywhere torch does."""
         return None
 
-    @abstractmethod
     def shrink(
         self, x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor, single_slot: int | None = None
     ) -> torch.Tensor:
         """x [B, S, in], a [num_slots, in, r], slots [B] -> [B, S, r] (a.dtype)."""
+        return self.gathered_matmul(x, a, slots, single_slot)
 
-    @abstractmethod
     def expand(
         self, h: torch.Tensor, b: torch.Tensor, slots: torch.Tensor, single_slot: int | None = None
     ) -> torch.Tensor:
         """h [B, S, r], b [num_slots, r, out], slots [B] -> [B, S, out] (b.dtype)."""
+        return self.gathered_matmul(h, b, slots, single_slot)
+
+    @abstractmethod
+    def gathered_matmul(
+        self, x: torch.Tensor, w: torch.Tensor, slots: torch.Tensor, single_slot: int | None
+    ) -> torch.Tensor:
+        """x [B, S, K], w [num_slots, K, N], slots [B] -> x[b] @ w[slots[b]] [B, S, N] (w.dtype).
+        Both halves are this product (shrink: K = in, N = r; expand: K = r, N = out); a backend with a
+        kernel tuned for one half overrides `shrink` or `expand`."""
 
 
 def triton_interpreting() -> bool:

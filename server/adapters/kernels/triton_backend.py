@@ -14,9 +14,12 @@ import torch
 
 from adapterserve.server.adapters.kernels.base import KernelBackendError, LoraKernels, triton_interpreting
 
-# Elements of one fp32 tile a program holds (BLOCK_K x BLOCK_R for shrink, BLOCK_R x BLOCK_N for expand).
+# Elements of the fp32 tile (BLOCK_K x BLOCK_N) a program holds, and the bounds of its sides (ranks
+# below 16 are masked lanes of a 16-wide tile).
 _TILE = 4096
-_MAX_BLOCK_R = 64  # expand loops over rank tiles above this
+_MIN_BLOCK = 16
+_MAX_BLOCK_N = 128
+_MAX_BLOCK_K = 128
 
 
 class TritonLoraKernels(LoraKernels):
@@ -45,51 +48,28 @@ class TritonLoraKernels(LoraKernels):
                     "the environment before the process starts"
                 )
 
-    def shrink(
-        self, x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor, single_slot: int | None = None
+    def gathered_matmul(
+        self, x: torch.Tensor, w: torch.Tensor, slots: torch.Tensor, single_slot: int | None
     ) -> torch.Tensor:
-        x = x.to(a.dtype)
+        x = x.to(w.dtype)
         if single_slot is not None:
-            return x @ a[single_slot]
+            return x @ w[single_slot]
         from adapterserve.server.adapters.kernels import _triton_kernels as k
 
-        batch, seq, in_dim = x.shape
-        rank = a.shape[2]
-        out = torch.empty(batch, seq, rank, dtype=a.dtype, device=x.device)
+        batch, seq, k_dim = x.shape
+        n_dim = w.shape[2]
+        out = torch.empty(batch, seq, n_dim, dtype=w.dtype, device=x.device)
         if out.numel() == 0:
             return out
-        block_r = k.next_power_of_2(rank)
-        block_k = max(16, min(128, _TILE // block_r))
-        shrink, _ = k.jitted(triton_interpreting())
+        # Shrink (N = r, small): one program per token holds the whole rank and loops over K.
+        # Expand (K = r, small): one program per (token, block of N) loops over rank tiles.
+        block_n = max(_MIN_BLOCK, min(k.next_power_of_2(n_dim), _MAX_BLOCK_N))
+        block_k = max(_MIN_BLOCK, min(_MAX_BLOCK_K, k.next_power_of_2(k_dim), _TILE // block_n))
         with _on_device(x):
-            shrink[(batch * seq,)](
-                x, a, slots, out, seq, in_dim, rank,
-                *x.stride(), *a.stride(), *out.stride(),
-                BLOCK_K=block_k, BLOCK_R=block_r,
-            )  # fmt: skip
-        return out
-
-    def expand(
-        self, h: torch.Tensor, b: torch.Tensor, slots: torch.Tensor, single_slot: int | None = None
-    ) -> torch.Tensor:
-        h = h.to(b.dtype)
-        if single_slot is not None:
-            return h @ b[single_slot]
-        from adapterserve.server.adapters.kernels import _triton_kernels as k
-
-        batch, seq, rank = h.shape
-        out_dim = b.shape[2]
-        out = torch.empty(batch, seq, out_dim, dtype=b.dtype, device=h.device)
-        if out.numel() == 0:
-            return out
-        block_r = min(k.next_power_of_2(rank), _MAX_BLOCK_R)
-        block_n = max(32, min(128, _TILE // block_r))
-        _, expand = k.jitted(triton_interpreting())
-        with _on_device(h):
-            expand[(batch * seq, -(-out_dim // block_n))](
-                h, b, slots, out, seq, rank, out_dim,
-                *h.stride(), *b.stride(), *out.stride(),
-                BLOCK_R=block_r, BLOCK_N=block_n,
+            k.jitted(triton_interpreting())[(batch * seq, -(-n_dim // block_n))](
+                x, w, slots, out, seq, k_dim, n_dim,
+                *x.stride(), *w.stride(), *out.stride(),
+                BLOCK_K=block_k, BLOCK_N=block_n,
             )  # fmt: skip
         return out
 

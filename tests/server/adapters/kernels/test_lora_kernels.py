@@ -80,7 +80,7 @@ def _compare(
         (1, 1, 70, 100, 16),  # T = 1 (one decoding row)
         (64, 1, 200, 300, 8),  # T = 64 decoding rows; in/out not multiples of any block size
         (3, 5, 64, 48, 4),  # prefill-shaped rows: the slot is per row, shared by its tokens
-        (4, 2, 33, 130, 128),  # rank above the kernel's rank tile (expand loops over rank tiles)
+        (4, 2, 33, 130, 128),  # rank 128: shrink's K tile shrinks, expand loops over rank tiles
     ],
 )
 @needs_device
