@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import get_args
+
+from adapterserve.server.settings import LoraBackendName
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +30,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--targets", default="q_proj,v_proj", help="LoRA target modules (comma separated)")
     parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument(
+        "--lora-backend",
+        choices=list(get_args(LoraBackendName)),
+        default="torch",
+        help="kernels of the LoRA math in mixed batches (triton: CUDA only; default torch)",
+    )
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument(
         "--repeats", type=int, default=3, help="timed runs of each engine workload, interleaved (default 3)"
@@ -88,6 +97,7 @@ def run_bench(args: argparse.Namespace) -> int:
         peak_bandwidth_gbs=args.peak_bandwidth_gbs,
         lora_targets=tuple(t for t in args.targets.split(",") if t),
         rank=args.rank,
+        lora_backend=args.lora_backend,
         workdir=args.workdir,
         decode_step=args.decode_step,
         compile_decode=args.compile_decode,

@@ -62,6 +62,7 @@ class BenchSettings:
     peak_bandwidth_gbs: float | None = None  # default: looked up from the card's name (CUDA only)
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     rank: int = 8
+    lora_backend: str = "torch"  # EngineSettings.lora_backend: torch or triton (CUDA)
     workdir: Path = Path("/tmp/adapterserve-bench")
     decode_step: str = "auto"  # EngineSettings.decode_step
     compile_decode: bool = False
@@ -278,6 +279,7 @@ def run(settings: BenchSettings) -> dict:
             adapter_slots=settings.adapters,
             decode_step=settings.decode_step,
             compile_decode=settings.compile_decode,
+            lora_backend=settings.lora_backend,
         ),
     )
     graphs = engine.core.decode_graphs

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Quantize = Literal["nf4", "int8", "none"]
+LoraBackendName = Literal["torch", "triton"]  # server/adapters/kernels
 
 ENV_PREFIX = "ADAPTERSERVE_"
 
@@ -48,6 +49,11 @@ class EngineSettings(BaseModel):
     )
     compile_decode: bool = Field(
         False, description="torch.compile the static decode step (decode_step='static' only)"
+    )
+    lora_backend: LoraBackendName = Field(
+        "torch",
+        description="kernels of the LoRA/DoRA/bottleneck math in mixed batches: torch (gather + bmm, any "
+        "device) or triton (gathered BGMV kernels reading slot tensors in place; CUDA only)",
     )
 
 

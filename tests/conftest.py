@@ -12,13 +12,23 @@ from tests.helpers.tiny_model import make_tiny_model_dir
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def pytest_collection_modifyitems(config, items):
+def _cuda_available() -> bool:
     try:
         import torch
 
-        has_cuda = torch.cuda.is_available()
+        return torch.cuda.is_available()
     except ImportError:
-        has_cuda = False
+        return False
+
+
+# Without a GPU the Triton kernels (lora_backend "triton") run in Triton's CPU interpreter, which must be
+# switched on before triton is first imported (its library functions are decorated at import).
+if not _cuda_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    has_cuda = _cuda_available()
     skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if "cuda" in item.keywords and not has_cuda:

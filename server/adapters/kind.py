@@ -25,11 +25,13 @@ import importlib
 import pkgutil
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from adapterserve.server.adapters.kernels import LoraKernels
+from adapterserve.server.adapters.kernels.torch_backend import TorchLoraKernels
 from adapterserve.server.errors import UnsupportedAdapterError
 
 if TYPE_CHECKING:
@@ -85,6 +87,8 @@ class LinearSite:
     dtype: torch.dtype
     device: torch.device
     base: nn.Module | None = None  # the base linear (plain or bitsandbytes), set when the model is wrapped
+    # The low-rank math of LoRA-like kinds (EngineSettings.lora_backend; see server/adapters/kernels).
+    kernels: LoraKernels = field(default_factory=TorchLoraKernels)
 
 
 @dataclass(frozen=True)

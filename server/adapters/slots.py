@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from adapterserve.server.adapters.kernels import lora_kernels
 from adapterserve.server.adapters.kind import (
     BankSite,
     HookSite,
@@ -116,13 +117,24 @@ class AdapterBank:
     Linear kinds get a ModuleSlots per wrapped linear, created when an adapter first writes to it;
     prefill kinds get one PrefillSlots each. `slot_kinds` says which kind holds each occupied slot."""
 
-    def __init__(self, spec: BaseModelSpec, num_slots: int, dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self,
+        spec: BaseModelSpec,
+        num_slots: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        lora_backend: str = "torch",
+    ):
         self.spec = spec
         self.dtype, self.device = dtype, device
+        # Checked here, at engine start: a backend that cannot run on `device` is refused now.
+        self.kernels = lora_kernels(lora_backend, device)
         self.table = SlotTable(num_slots)
         total = num_slots + 1  # + slot 0 = no adapter
         self.sites: dict[ModuleKey, LinearSite] = {
-            (layer, short): LinearSite((layer, short), in_f, out_f, total, dtype, device)
+            (layer, short): LinearSite(
+                (layer, short), in_f, out_f, total, dtype, device, kernels=self.kernels
+            )
             for layer in range(spec.num_layers)
             for short, (in_f, out_f) in spec.linear_shapes.items()
         }

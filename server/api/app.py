@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import BaseModel, ValidationError
 
@@ -22,6 +22,7 @@ from adapterserve.server.settings import (
     CacheSettings,
     EngineSettings,
     LimitSettings,
+    LoraBackendName,
     ServerSettings,
 )
 
@@ -44,6 +45,7 @@ _SECTION_FLAGS: dict[str, tuple[str, str]] = {
     "max_virtual_tokens": ("engine", "max_virtual_tokens"),
     "kv_cache": ("engine", "kv_cache"),
     "decode_step": ("engine", "decode_step"),
+    "lora_backend": ("engine", "lora_backend"),
     "host_cache_bytes": ("cache", "host_cache_bytes"),
     "max_adapter_bytes": ("cache", "max_adapter_bytes"),
     "max_prompt_tokens": ("limits", "max_prompt_tokens"),
@@ -145,6 +147,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     for dest in ("kv_cache", "decode_step"):
         choices = EngineSettings.model_fields[dest].annotation.__args__  # the Literal's values
         eng.add_argument(flag_of(dest), dest=dest, choices=choices, help=section_flag_help(dest))
+    eng.add_argument(
+        "--lora-backend", choices=list(get_args(LoraBackendName)), help=section_flag_help("lora_backend")
+    )
     lim = parser.add_argument_group("request limits")
     for dest in (
         "max_prompt_tokens",

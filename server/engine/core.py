@@ -72,7 +72,7 @@ class EngineCore:
         spec = base.spec
         self.device, self.dtype = base.device, base.dtype
         decode_mode = self._decode_mode()
-        self.bank = AdapterBank(spec, settings.adapter_slots, self.dtype, self.device)
+        self.bank = AdapterBank(spec, settings.adapter_slots, self.dtype, self.device, settings.lora_backend)
         self.context = AdapterContext()
         wrap_model(base.model, self.bank, self.context)
         self.cache = make_kv_cache(settings, spec, self.dtype, self.device)

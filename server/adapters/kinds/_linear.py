@@ -69,19 +69,14 @@ class LowRankSlots:
         return [t for t in (self.a, self.b) if t is not None]
 
     def down(self, x: torch.Tensor, rows: RowSelection) -> torch.Tensor:
-        """x [B, S, in] -> x @ A[slot] [B, S, r_cap]."""
+        """x [B, S, in] -> x @ A[slot] [B, S, r_cap] (through the site's kernel backend)."""
         assert self.a is not None
-        x = x.to(self.a.dtype)
-        if rows.single_slot is not None:
-            return x @ self.a[rows.single_slot]
-        return torch.bmm(x, self.a[rows.slots])
+        return self.site.kernels.shrink(x, self.a, rows.slots, rows.single_slot)
 
     def up(self, h: torch.Tensor, rows: RowSelection) -> torch.Tensor:
-        """h [B, S, r_cap] -> h @ B[slot] [B, S, out]."""
+        """h [B, S, r_cap] -> h @ B[slot] [B, S, out] (through the site's kernel backend)."""
         assert self.b is not None
-        if rows.single_slot is not None:
-            return h @ self.b[rows.single_slot]
-        return torch.bmm(h, self.b[rows.slots])
+        return self.site.kernels.expand(h, self.b, rows.slots, rows.single_slot)
 
     def delta(self, x: torch.Tensor, rows: RowSelection) -> torch.Tensor:
         """x [B, S, in] -> (x @ A) @ B [B, S, out]."""
