@@ -82,20 +82,21 @@ def _pinned(quantize):
     return dequantize_then_linear()
 
 
-@pytest.mark.parametrize("quantize", ["none", "nf4"])
-def test_graph_replays_match_eager_steps_and_peft(tiny_model_dir, adapter_dirs, quantize):
+@pytest.mark.parametrize("quantize,lora_backend", [("none", "torch"), ("nf4", "torch"), ("none", "triton")])
+def test_graph_replays_match_eager_steps_and_peft(tiny_model_dir, adapter_dirs, quantize, lora_backend):
+    """triton: the gathered LoRA kernels inside the captured graph, against the eager torch step."""
     rows = _rows()
     with _pinned(quantize):
         eager = _engine(tiny_model_dir, adapter_dirs, quantize, "eager")
         want = eager.generate(
             [eager.request(p, adapter=a, max_new_tokens=STEPS, ignore_eos=True) for a, p in rows]
         )
-        graphs = _engine(tiny_model_dir, adapter_dirs, quantize, "graphs")
+        graphs = _engine(tiny_model_dir, adapter_dirs, quantize, "graphs", lora_backend=lora_backend)
         got = graphs.generate(
             [graphs.request(p, adapter=a, max_new_tokens=STEPS, ignore_eos=True) for a, p in rows]
         )
         stats = graphs.core.decode_graphs.stats
-        print(f"decode graphs ({quantize}):", stats)
+        print(f"decode graphs ({quantize}, {lora_backend}):", stats)
         assert stats.disabled is None, stats.disabled
         assert stats.captures >= 1 and stats.replays >= STEPS - 1 and stats.static_steps == 0
         for (adapter, _), e, g in zip(rows, want, got, strict=True):
