@@ -154,8 +154,15 @@ class DecodeGraphs:
         if fingerprint != self._fingerprint:
             self._fingerprint = fingerprint
             if self.graphs:
-                self.graphs.clear()
+                self._drop_graphs()
                 self.stats.invalidations += 1
+
+    def _drop_graphs(self) -> None:
+        """Forget every graph. Their memory pool is released with the last of them, and the caching
+        allocator refuses to capture into a released pool again: the next captures get a fresh one."""
+        self.graphs.clear()
+        if self.capture:
+            self.pool = torch.cuda.graph_pool_handle()
 
     def _capture(self, shape: StepShape) -> tuple[Any, torch.Tensor] | None:
         """Warm up `shape` (checking it never syncs with the host) and capture it; None (and graphs off)
@@ -184,7 +191,7 @@ class DecodeGraphs:
             torch.cuda.current_stream().wait_stream(side)
         except Exception as exc:  # the engine decodes eagerly instead
             self.stats.disabled = f"{type(exc).__name__}: {exc}"[:500]
-            self.graphs.clear()
+            self._drop_graphs()
             log.warning("decode graphs turned off, decoding eagerly: %s", self.stats.disabled)
             return None
         self.graphs[shape] = (graph, logits)

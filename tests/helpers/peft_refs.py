@@ -180,7 +180,12 @@ def peft_reference_model(
         from adapterserve.training.bottleneck import load_bottleneck
 
         return load_bottleneck(model, adapter_dir)  # the training-time module's own forward
-    return PeftModel.from_pretrained(model, adapter_dir).eval()
+    peft_model = PeftModel.from_pretrained(model, adapter_dir).eval()
+    if peft_model.active_peft_config.is_prompt_learning:
+        # PEFT keeps the prompt encoder in float32; over a bf16 (or 4-bit) base its virtual tokens or key/
+        # values would meet bf16 ones in attention. The engine serves them in the base's dtype.
+        peft_model.prompt_encoder.to(model.get_input_embeddings().weight.dtype)
+    return peft_model
 
 
 def reference_prompt(base_dir: Path, adapter_dir: Path | None, prompt: list[int]) -> list[int]:
