@@ -70,6 +70,15 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also time the engine workloads with the eager decode step, in the same interleaved rounds",
     )
+    parser.add_argument(
+        "--max-seq-len", type=int, default=None, help="engine row length (default: longest prompt + new + 16)"
+    )
+    parser.add_argument(
+        "--kv-cache-mib",
+        type=int,
+        default=None,
+        help="paged KV pool size in MiB (default: room for every row's max_seq_len)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
 
 
@@ -78,6 +87,11 @@ def run_bench(args: argparse.Namespace) -> int:
 
     if args.requests < 1 or args.adapters < 1 or args.max_new_tokens < 1 or args.repeats < 1:
         print("adapterserve bench: --requests, --adapters, --max-new-tokens and --repeats must be at least 1")
+        return 2
+    if (args.max_seq_len is not None and args.max_seq_len < 16) or (
+        args.kv_cache_mib is not None and args.kv_cache_mib < 1
+    ):
+        print("adapterserve bench: --max-seq-len must be at least 16 and --kv-cache-mib at least 1")
         return 2
     if args.baseline_seconds < 0:
         print("adapterserve bench: --baseline-seconds must be 0 (skip) or more")
@@ -102,6 +116,8 @@ def run_bench(args: argparse.Namespace) -> int:
         decode_step=args.decode_step,
         compile_decode=args.compile_decode,
         eager_too=args.eager_too,
+        max_seq_len=args.max_seq_len,
+        kv_cache_bytes=None if args.kv_cache_mib is None else args.kv_cache_mib << 20,
     )
     report = run(settings)
     print_report(report)

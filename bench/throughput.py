@@ -67,6 +67,8 @@ class BenchSettings:
     decode_step: str = "auto"  # EngineSettings.decode_step
     compile_decode: bool = False
     eager_too: bool = False  # also time both workloads with the eager decode step, in the same rounds
+    max_seq_len: int | None = None  # engine row length (default: longest prompt + new tokens + 16)
+    kv_cache_bytes: int | None = None  # paged KV pool size (default: every row's max_seq_len)
 
 
 @dataclass
@@ -77,6 +79,7 @@ class EngineRun:
     ttft_s: list[float] = field(default_factory=list)
     kv_bytes_per_decode_step: list[float] = field(default_factory=list)
     peak_device_bytes: int | None = None
+    kv_peak_in_use_bytes: int = 0  # KV blocks held at the fullest step (paged: reserved; dense: all)
 
     @property
     def tokens_per_s(self) -> float:
@@ -170,6 +173,7 @@ def run_engine_workload(
     ]
     run = EngineRun(tokens=0, seconds=0.0)
     while core.has_work():
+        run.kv_peak_in_use_bytes = max(run.kv_peak_in_use_bytes, core.cache.bytes_in_use())
         decode_only = not core.waiting and core.num_decoding == len(core.running) and core.num_decoding > 0
         kv_tokens = sum(s.length for s in core.running) if decode_only else 0
         t0 = time.perf_counter()
@@ -273,7 +277,8 @@ def run(settings: BenchSettings) -> dict:
         base,
         EngineSettings(
             max_batch_size=settings.requests,
-            max_seq_len=max(len(p) for p in prompts) + settings.max_new_tokens + 16,
+            max_seq_len=settings.max_seq_len or max(len(p) for p in prompts) + settings.max_new_tokens + 16,
+            kv_cache_bytes=settings.kv_cache_bytes,
             max_prefill_tokens=8192,
             max_queue=settings.requests,
             adapter_slots=settings.adapters,
@@ -321,6 +326,12 @@ def run(settings: BenchSettings) -> dict:
         for name, r in runs.items()
     ]
     engine_stats = engine.core.stats()
+    spec, core = engine.base.spec, engine.core
+    dense_kv_bytes = (
+        core.settings.max_batch_size
+        * core.settings.max_seq_len
+        * kv_bytes_per_token(spec.num_layers, spec.num_key_value_heads, spec.head_dim, core.dtype)
+    )
     del engine
     base_tps = rows[0]["tokens_per_s"]
     if settings.baseline_seconds > 0:
@@ -337,10 +348,22 @@ def run(settings: BenchSettings) -> dict:
         "torch_threads": torch.get_num_threads(),
         "weight_bytes_per_step_mib": round(ctx["weight_bytes"] / 2**20, 1),
         "kv_cache_mib": round(engine_stats.kv_cache_bytes / 2**20, 1),
+        "kv_cache": engine_kv_report(engine_stats.kv_cache_bytes, runs, dense_kv_bytes),
         "peak_bandwidth": peak.source if peak is not None else None,
         "decode_step": _decode_step_label(settings, graphs),
         "decode_graphs": asdict(graphs.stats) if graphs is not None else None,
         "results": rows,
+    }
+
+
+def engine_kv_report(pool_bytes: int, runs: dict[str, list[EngineRun]], dense_bytes: int) -> dict:
+    """The KV cache's memory: the pool, the most any timed run held, and what a dense cache of every
+    row's max_seq_len would need."""
+    peak = max((r.kv_peak_in_use_bytes for rs in runs.values() for r in rs), default=0)
+    return {
+        "pool_mib": round(pool_bytes / 2**20, 1),
+        "peak_in_use_mib": round(peak / 2**20, 1),
+        "dense_equivalent_mib": round(dense_bytes / 2**20, 1),
     }
 
 
@@ -390,6 +413,12 @@ def print_report(report: dict) -> None:
     )
     if report["peak_bandwidth"]:
         print(f"peak bandwidth: {report['peak_bandwidth']}")
+    kv = report.get("kv_cache")
+    if kv:
+        print(
+            f"KV cache: pool {kv['pool_mib']} MiB, at most {kv['peak_in_use_mib']} MiB held; a dense cache "
+            f"of every row's max_seq_len: {kv['dense_equivalent_mib']} MiB"
+        )
     graphs = report.get("decode_graphs")
     print(f"decode step: {report.get('decode_step', 'eager')}", end="")
     if graphs:

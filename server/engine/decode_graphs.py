@@ -107,7 +107,19 @@ class DecodeGraphs:
         self._fingerprint = self._slot_fingerprint()
         self._step = runner.decode_static
         if compile_step:
-            self._step = torch.compile(runner.decode_static, dynamic=False)
+            compiled = torch.compile(runner.decode_static_step, dynamic=False)
+
+            def step(*args):
+                try:
+                    with torch.inference_mode():
+                        return compiled(*args)
+                except Exception as exc:  # a compiler failure: keep serving with the uncompiled step
+                    self.stats.disabled = f"compile failed: {type(exc).__name__}: {exc}"[:500]
+                    log.warning("torch.compile of the decode step failed, running it uncompiled: %s", exc)
+                    self._step = runner.decode_static
+                    return self._step(*args)
+
+            self._step = step
 
     # ----- the engine calls this ------------------------------------------------------------------
     def shape_for(self, positions: list[int], kinds: frozenset[str]) -> StepShape:

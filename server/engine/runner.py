@@ -107,6 +107,18 @@ class ModelRunner:
         """The decode step with static shapes (see decode_graphs.py): every shape depends on R and
         `length` only, nothing reads a tensor's value on the host. Padding rows carry token 0 at
         position 0 of the scratch block. Returns logits [R, V]."""
+        return self.decode_static_step(tokens, positions, table, batch, length)
+
+    def decode_static_step(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        table: torch.Tensor,
+        batch: AdapterBatch,
+        length: int,
+    ) -> torch.Tensor:
+        """`decode_static` without its inference_mode wrapper: what torch.compile traces (called inside
+        inference mode; compiling the decorated method leaves the mode out of the traced graph)."""
         embeds = self.embed(tokens[:, None])  # [R, 1, H]
         x = self._forward(embeds, positions[:, None], 0, batch, table=table, length=length)  # [R, 1, H]
         return self.head(self.inner.norm(x[:, 0]))  # [R, V]

@@ -137,3 +137,63 @@ def test_bad_sizes_are_refused(tiny_model_dir, tmp_path, flag, capsys):
     args = parser.parse_args(["--base-model", str(tiny_model_dir), flag, "0"])
     assert run_bench(args) == 2
     assert "at least 1" in capsys.readouterr().out
+
+
+def test_many_long_context_rows_fit_a_pool_far_below_the_dense_cache(tiny_model_dir, tmp_path, capsys):
+    """64 rows of max_seq_len 2048 in a 1 MiB paged pool (the dense cache would take 64 MiB): every request
+    completes, and the report says how much of the pool the fullest step held."""
+    report = _run(
+        tmp_path,
+        tiny_model_dir,
+        "--requests",
+        "64",
+        "--adapters",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--max-seq-len",
+        "2048",
+        "--kv-cache-mib",
+        "1",
+        "--repeats",
+        "1",
+        "--baseline-seconds",
+        "0",
+    )
+    assert [r["tokens"] for r in report["results"]] == [64 * 4, 64 * 4]
+    kv = report["kv_cache"]
+    assert kv["pool_mib"] <= 1.0 < kv["dense_equivalent_mib"] / 32
+    assert 0 < kv["peak_in_use_mib"] <= kv["pool_mib"]
+    assert "a dense cache of every row's max_seq_len" in capsys.readouterr().out
+
+
+def test_decode_step_modes_are_timed_side_by_side(tiny_model_dir, tmp_path):
+    report = _run(
+        tmp_path,
+        tiny_model_dir,
+        "--requests",
+        "3",
+        "--adapters",
+        "2",
+        "--max-new-tokens",
+        "3",
+        "--decode-step",
+        "static",
+        "--eager-too",
+        "--repeats",
+        "1",
+        "--baseline-seconds",
+        "0",
+    )
+    names = [r["name"] for r in report["results"]]
+    assert names[2:] == [f"{n} (eager step)" for n in names[:2]]
+    assert report["decode_step"] == "static"
+    assert report["decode_graphs"]["static_steps"] > 0 and report["decode_graphs"]["replays"] == 0
+
+
+def test_bad_kv_sizes_are_refused(tiny_model_dir, capsys):
+    parser = argparse.ArgumentParser()
+    add_bench_arguments(parser)
+    args = parser.parse_args(["--base-model", str(tiny_model_dir), "--kv-cache-mib", "0"])
+    assert run_bench(args) == 2
+    assert "--kv-cache-mib at least 1" in capsys.readouterr().out
