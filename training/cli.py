@@ -134,6 +134,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     compare.add_argument(
         "--jobs", dest="compare_jobs", type=int, default=1, help="rows trained at the same time (default 1)"
     )
+    compare.add_argument(
+        "--merge",
+        dest="compare_merge",
+        action="store_true",
+        help="the table also holds the rows recorded under --out-dir by earlier runs (<label>.row.json); "
+        "a row trained now replaces its earlier record. With --methods none and no --lora-ranks: "
+        "only rebuild the table from the records",
+    )
     _add_settings_flags(compare, skip=frozenset({"method"}))
 
 
@@ -229,14 +237,17 @@ def run_train(args: argparse.Namespace) -> int:
 
 def _run_compare(args: argparse.Namespace) -> int:
     from adapterserve.training.compare import (
+        load_rows,
         machine_description,
+        merge_rows,
         method_row,
         rank_rows,
         render_markdown,
         run_compare,
+        write_table_into,
     )
 
-    choices = (*METHODS, "dora", "none")
+    choices = (*METHODS, "none")
     unknown = [m for m in args.compare_methods if m not in choices]
     if unknown:
         return _fail(f"unknown methods {unknown}; choose from {', '.join(choices)}")
@@ -252,13 +263,20 @@ def _run_compare(args: argparse.Namespace) -> int:
     argv = sys.argv[sys.argv.index("compare") :] if "compare" in sys.argv else None
     command = "adapterserve train " + " ".join(shlex.quote(a) for a in argv) if argv else None
     machine = machine_description(shared)
+    earlier = load_rows(args.compare_out_dir) if args.compare_merge else []
+    if not specs and not earlier:
+        return _fail("nothing to do: no rows to train (--methods none, no --lora-ranks) and none recorded")
 
     def write_table(rows: list[Any]) -> str:
         done = f" ({len(rows)} of {len(specs)} rows so far)" if len(rows) < len(specs) else ""
-        table = render_markdown(rows, title=title + done, command=command, machine=machine)
+        failed = [r.label for r in rows if r.error is not None]
+        if failed:
+            done += f" ({', '.join(failed)} did not finish)"
+        table = render_markdown(
+            merge_rows(earlier, rows), title=title + done, command=command, machine=machine
+        )
         if args.compare_out_table is not None:
-            args.compare_out_table.parent.mkdir(parents=True, exist_ok=True)
-            args.compare_out_table.write_text(table)
+            write_table_into(args.compare_out_table, table)
         return table
 
     rows = run_compare(
@@ -269,6 +287,7 @@ def _run_compare(args: argparse.Namespace) -> int:
         specs,
         on_row=write_table,
         jobs=args.compare_jobs,
+        command=command,
     )
     print(write_table(rows))
     if args.compare_out_table is not None:

@@ -8,10 +8,11 @@ class TrainingError(Exception):
 
 
 class DataFormatError(TrainingError, ValueError):
-    """A training or evaluation record is malformed. The message names the file and the line number."""
+    """A training or evaluation record is malformed. The message names the file and the line number
+    (line 0: the whole file, e.g. missing or empty; the message then names the file only)."""
 
     def __init__(self, path: str, line: int, reason: str) -> None:
-        super().__init__(f"{path} line {line}: {reason}")
+        super().__init__(f"{path} line {line}: {reason}" if line > 0 else f"{path}: {reason}")
         self.path = path
         self.line = line
         self.reason = reason

@@ -17,7 +17,9 @@ Stage = Literal["pt", "sft", "dpo"]
 STAGES: tuple[Stage, ...] = ("pt", "sft", "dpo")
 
 Method = str  # a name in training/method_table.py's TRAINING_METHODS (checked by TrainSettings)
-PROMPT_LEARNING_METHODS: frozenset[str] = frozenset(m.name for m in TRAINING_METHODS.values() if m.prompt_learning)
+PROMPT_LEARNING_METHODS: frozenset[str] = frozenset(
+    m.name for m in TRAINING_METHODS.values() if m.prompt_learning
+)
 DEFAULT_LORA_TARGETS: tuple[str, ...] = ("q_proj", "v_proj")
 
 
@@ -32,7 +34,9 @@ class TrainSettings(BaseModel):
         description="pt: raw text, loss on every token; sft: prompt/completion or chat; "
         "dpo: preference pairs (prompt, chosen, rejected)",
     )
-    method: Method = Field("lora", description="training method", json_schema_extra={"choices": list(METHODS)})
+    method: Method = Field(
+        "lora", description="training method", json_schema_extra={"choices": list(METHODS)}
+    )
     base_model: str | None = Field(None, description="base model path or name; None = embedded SmolLM2")
     device: str | None = Field(None, description="None = cuda if available else cpu")
 
@@ -147,6 +151,11 @@ class TrainSettings(BaseModel):
                 f"--stage dpo --method {self.method}: DPO runs through TRL with a PEFT adapter (its reference "
                 f"is the base with that adapter disabled); {self.method} is not a PEFT method"
             )
+        if self.stage == "dpo" and self.method in PROMPT_LEARNING_METHODS:
+            raise ValueError(
+                f"--stage dpo --method {self.method}: this module runs DPO with adapters that wrap linear "
+                "layers only (lora, qlora, dora, adalora, ia3), not prompt-learning methods"
+            )
         if self.stage == "dpo" and (self.val_size or self.early_stop_patience):
             raise ValueError("--stage dpo trains the planned steps (no --val-size / --early-stop-patience)")
         if self.use_dora and self.method not in ("lora", "qlora"):
@@ -156,7 +165,11 @@ class TrainSettings(BaseModel):
         return self
 
     def resolved_learning_rate(self) -> float:
-        return self.learning_rate if self.learning_rate is not None else TRAINING_METHODS[self.method].learning_rate
+        return (
+            self.learning_rate
+            if self.learning_rate is not None
+            else TRAINING_METHODS[self.method].learning_rate
+        )
 
     def resolved_lora_targets(self) -> list[str]:
         return list(self.target_modules or DEFAULT_LORA_TARGETS)

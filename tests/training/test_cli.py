@@ -131,9 +131,25 @@ def test_compare_writes_a_table_with_sft_as_reference(tiny_model_dir, pc_file, t
     )  # fmt: skip
     assert code == 0
     text = table.read_text()
-    rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    first_table = text.split("\n\n| method | started")[0]
+    rows = [line for line in first_table.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert [r.split("|")[1].strip() for r in rows] == list(methods)
     assert "whole model (reference)" in rows[0]
     lora_cells = [c.strip() for c in rows[1].split("|")]
     assert lora_cells[3] == f"{2 * (8 * (64 + 64) + 8 * (64 + 32)):,}"  # trainable params of LoRA r=8 q,v
     assert "## Tiny compare" in text and "Base model without training" in text
+
+
+def test_compare_merge_rebuilds_the_table_from_recorded_rows(tmp_path, capsys):
+    from adapterserve.training.compare import CompareRow, write_row
+
+    runs = tmp_path / "runs"
+    write_row(
+        CompareRow(label="prefix-tuning", method="prefix-tuning", error="stopped at the deadline"), runs
+    )
+    table = tmp_path / "table.md"
+    argv = ["compare", "--data", "t.jsonl", "--eval", "e.jsonl", "--out-dir", str(runs), "--out-table", str(table),
+            "--methods", "none", "--merge", "--title", "Rebuilt"]  # fmt: skip
+    assert run_train(_parse(argv)) == 0
+    assert "| prefix-tuning | **did not finish**: stopped at the deadline |" in table.read_text()
+    assert run_train(_parse([*argv[:-3], "--title", "Nothing"])) != 0  # no --merge: nothing to do

@@ -96,8 +96,9 @@ def test_malformed_records_name_the_line(tmp_path, line, message):
 def test_empty_and_missing_files_are_errors(tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n\n")
-    with pytest.raises(DataFormatError, match="no records"):
+    with pytest.raises(DataFormatError, match="no records") as info:
         read_records(empty)
+    assert str(info.value) == f"{empty}: no records (the file is empty)"  # the file, not "line 0"
     with pytest.raises(DataFormatError, match="file not found"):
         read_records(tmp_path / "missing.jsonl")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from adapterserve.training import TrainSettings, train
-from adapterserve.training.errors import DataFormatError, SettingsError, TrainingError
+from adapterserve.training.errors import DataFormatError, TrainingError
 from adapterserve.training.output import read_manifest
 from adapterserve.training.perplexity import ScoreEvaluator, eval_items
 from adapterserve.training.preference import read_pairs
@@ -57,10 +57,11 @@ def dpo_files(tmp_path_factory):
     return train_file, held
 
 
-def test_pt_lowers_its_loss_and_held_out_perplexity_served_as_peft(fresh_base, pt_files, tmp_path):
+@pytest.mark.parametrize("method", ["lora", "dora"])  # dora: served by the engine too
+def test_pt_lowers_its_loss_and_held_out_perplexity_served_as_peft(fresh_base, pt_files, tmp_path, method):
     train_txt, held = pt_files
     settings = TrainSettings(
-        stage="pt", method="lora", max_steps=8, batch_size=4, max_length=16, learning_rate=1e-2
+        stage="pt", method=method, max_steps=8, batch_size=4, max_length=16, learning_rate=1e-2
     )
     result = train(settings, train_txt, tmp_path / "pt", eval_file=held, base=fresh_base)
     steps = result.loop.step_losses.steps
@@ -72,8 +73,8 @@ def test_pt_lowers_its_loss_and_held_out_perplexity_served_as_peft(fresh_base, p
     assert adapter_ppl.perplexity < base_ppl.perplexity
     # The saved adapter, served by the engine, scores exactly as PEFT's forward of the trained model.
     items = eval_items(held, fresh_base.tokenizer, 16, None)
-    served = ScoreEvaluator(fresh_base, items, "engine").score_output(tmp_path / "pt", "lora", result.model)
-    peft = ScoreEvaluator(fresh_base, items, "peft").score_output(tmp_path / "pt", "lora", result.model)
+    served = ScoreEvaluator(fresh_base, items, "engine").score_output(tmp_path / "pt", method, result.model)
+    peft = ScoreEvaluator(fresh_base, items, "peft").score_output(tmp_path / "pt", method, result.model)
     assert [v for s in served for v in s] == pytest.approx([v for s in peft for v in s], abs=1e-4)
 
 
@@ -146,13 +147,13 @@ def test_every_stage_and_method_trains_or_is_refused_clearly(
         with pytest.raises(ValueError, match="not a PEFT method"):
             TrainSettings(**values)
         return
+    if stage == "dpo" and method in ("prompt-tuning", "p-tuning", "prefix-tuning"):
+        with pytest.raises(ValueError, match="not prompt-learning methods"):  # before anything loads
+            TrainSettings(**values)
+        return
     settings = TrainSettings(**values)
     base = load_base_model(tiny_model_dir, quantize="nf4" if method == "qlora" else "none", device="cpu")
     out = tmp_path / "out"
-    if stage == "dpo" and method in ("prompt-tuning", "p-tuning", "prefix-tuning"):
-        with pytest.raises(SettingsError, match="not prompt-learning methods"):
-            train(settings, data, out, base=base)
-        return
     try:
         result = train(settings, data, out, base=base)
     except TrainingError as exc:  # pragma: no cover - shows which pair failed and why
