@@ -25,3 +25,8 @@ def dequantize_then_linear() -> Iterator[None]:
         yield
     finally:
         ops._gemm_4bit_custom_max_m = saved
+
+
+def pinned_if_nf4(quantize: str) -> contextlib.AbstractContextManager[None]:
+    """`dequantize_then_linear()` over an nf4 base; nothing to pin otherwise."""
+    return dequantize_then_linear() if quantize == "nf4" else contextlib.nullcontext()

@@ -162,6 +162,11 @@ def make_adapter(base_dir: Path, kind: str, out_dir: Path, seed: int = 0) -> Pat
     return out_dir
 
 
+def make_every_kind(base_dir: Path, root: Path) -> dict[str, Path]:
+    """One adapter of every kind in ADAPTER_KINDS on the model in base_dir, each with its own seed."""
+    return {kind: make_adapter(base_dir, kind, root / kind, seed=i) for i, kind in enumerate(ADAPTER_KINDS)}
+
+
 def peft_reference_model(
     base_dir: Path, adapter_dir: Path | None, quantize: str = "none", device: str = "cpu", dtype: str = "auto"
 ):

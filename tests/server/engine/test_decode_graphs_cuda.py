@@ -10,17 +10,16 @@ buckets change, adapters are evicted and reloaded) and the graph engine must sti
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
 from adapterserve.server.engine.offline import OfflineEngine
 from adapterserve.server.model.loading import load_base_model
 from adapterserve.server.settings import EngineSettings
+from tests.helpers.bnb_dispatch import pinned_if_nf4
 from tests.helpers.peft_refs import (
     ADAPTER_KINDS,
-    make_adapter,
+    make_every_kind,
     peft_greedy,
     peft_reference_model,
     reference_prompt,
@@ -38,9 +37,7 @@ def _tolerance(reference: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def adapter_dirs(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("graph-adapters")
-    return {
-        kind: make_adapter(tiny_model_dir, kind, root / kind, seed=i) for i, kind in enumerate(ADAPTER_KINDS)
-    }
+    return make_every_kind(tiny_model_dir, root)
 
 
 def _rows():
@@ -74,19 +71,11 @@ def _assert_same_trajectory(name, eager, graphs):
             return
 
 
-def _pinned(quantize):
-    if quantize != "nf4":
-        return contextlib.nullcontext()
-    from tests.helpers.bnb_dispatch import dequantize_then_linear
-
-    return dequantize_then_linear()
-
-
 @pytest.mark.parametrize("quantize,lora_backend", [("none", "torch"), ("nf4", "torch"), ("none", "triton")])
 def test_graph_replays_match_eager_steps_and_peft(tiny_model_dir, adapter_dirs, quantize, lora_backend):
     """triton: the gathered LoRA kernels inside the captured graph, against the eager torch step."""
     rows = _rows()
-    with _pinned(quantize):
+    with pinned_if_nf4(quantize):
         eager = _engine(tiny_model_dir, adapter_dirs, quantize, "eager")
         want = eager.generate(
             [eager.request(p, adapter=a, max_new_tokens=STEPS, ignore_eos=True) for a, p in rows]

@@ -13,7 +13,7 @@ from adapterserve.server.model.loading import load_base_model
 from adapterserve.server.settings import EngineSettings
 from tests.helpers.peft_refs import (
     ADAPTER_KINDS,
-    make_adapter,
+    make_every_kind,
     peft_greedy,
     peft_reference_model,
     reference_prompt,
@@ -32,9 +32,7 @@ ATOL = {"none": 1e-4, "nf4": 1e-3}
 @pytest.fixture(scope="module")
 def adapter_dirs(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
-    return {
-        kind: make_adapter(tiny_model_dir, kind, root / kind, seed=i) for i, kind in enumerate(ADAPTER_KINDS)
-    }
+    return make_every_kind(tiny_model_dir, root)
 
 
 def _plan():

@@ -13,17 +13,16 @@ where PEFT's own top-two logits are closer than that measured difference (a near
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 
 from adapterserve.server.engine.offline import OfflineEngine
 from adapterserve.server.model.loading import load_base_model
 from adapterserve.server.settings import EngineSettings
+from tests.helpers.bnb_dispatch import pinned_if_nf4
 from tests.helpers.peft_refs import (
     ADAPTER_KINDS,
-    make_adapter,
+    make_every_kind,
     peft_greedy,
     peft_reference_model,
     reference_prompt,
@@ -41,9 +40,7 @@ def _tolerance(reference: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def adapter_dirs(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("cuda-adapters")
-    return {
-        kind: make_adapter(tiny_model_dir, kind, root / kind, seed=i) for i, kind in enumerate(ADAPTER_KINDS)
-    }
+    return make_every_kind(tiny_model_dir, root)
 
 
 def _rows() -> list[tuple[str | None, list[int]]]:
@@ -79,18 +76,10 @@ def _references(tiny_model_dir, adapter_dirs, quantize, rows):
     return out
 
 
-def _pinned(quantize: str):
-    if quantize != "nf4":
-        return contextlib.nullcontext()
-    from tests.helpers.bnb_dispatch import dequantize_then_linear
-
-    return dequantize_then_linear()
-
-
 @pytest.mark.parametrize("quantize", ["none", "nf4"])
 def test_mixed_batch_matches_peft_on_cuda_bf16(tiny_model_dir, adapter_dirs, quantize):
     rows = _rows()
-    with _pinned(quantize):
+    with pinned_if_nf4(quantize):
         results = _engine_first_tokens(tiny_model_dir, adapter_dirs, quantize, rows)
         refs = _references(tiny_model_dir, adapter_dirs, quantize, rows)
     for (adapter, _), result, (want_tokens, want_logits) in zip(rows, results, refs, strict=True):
