@@ -71,6 +71,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="also time the engine workloads with the eager decode step, in the same interleaved rounds",
     )
     parser.add_argument(
+        "--adapter-slots",
+        type=int,
+        default=None,
+        help="device slots (default: one per adapter); fewer than --adapters: the rest wait in the host cache",
+    )
+    parser.add_argument(
         "--max-seq-len", type=int, default=None, help="engine row length (default: longest prompt + new + 16)"
     )
     parser.add_argument(
@@ -87,6 +93,9 @@ def run_bench(args: argparse.Namespace) -> int:
 
     if args.requests < 1 or args.adapters < 1 or args.max_new_tokens < 1 or args.repeats < 1:
         print("adapterserve bench: --requests, --adapters, --max-new-tokens and --repeats must be at least 1")
+        return 2
+    if args.adapter_slots is not None and args.adapter_slots < 1:
+        print("adapterserve bench: --adapter-slots must be at least 1")
         return 2
     if (args.max_seq_len is not None and args.max_seq_len < 16) or (
         args.kv_cache_mib is not None and args.kv_cache_mib < 1
@@ -116,6 +125,7 @@ def run_bench(args: argparse.Namespace) -> int:
         decode_step=args.decode_step,
         compile_decode=args.compile_decode,
         eager_too=args.eager_too,
+        adapter_slots=args.adapter_slots,
         max_seq_len=args.max_seq_len,
         kv_cache_bytes=None if args.kv_cache_mib is None else args.kv_cache_mib << 20,
     )

@@ -67,6 +67,7 @@ class BenchSettings:
     decode_step: str = "auto"  # EngineSettings.decode_step
     compile_decode: bool = False
     eager_too: bool = False  # also time both workloads with the eager decode step, in the same rounds
+    adapter_slots: int | None = None  # device slots (default: one per adapter)
     max_seq_len: int | None = None  # engine row length (default: longest prompt + new tokens + 16)
     kv_cache_bytes: int | None = None  # paged KV pool size (default: every row's max_seq_len)
 
@@ -281,7 +282,7 @@ def run(settings: BenchSettings) -> dict:
             kv_cache_bytes=settings.kv_cache_bytes,
             max_prefill_tokens=8192,
             max_queue=settings.requests,
-            adapter_slots=settings.adapters,
+            adapter_slots=settings.adapter_slots or settings.adapters,
             decode_step=settings.decode_step,
             compile_decode=settings.compile_decode,
             lora_backend=settings.lora_backend,

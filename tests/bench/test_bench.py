@@ -197,3 +197,25 @@ def test_bad_kv_sizes_are_refused(tiny_model_dir, capsys):
     args = parser.parse_args(["--base-model", str(tiny_model_dir), "--kv-cache-mib", "0"])
     assert run_bench(args) == 2
     assert "--kv-cache-mib at least 1" in capsys.readouterr().out
+
+
+def test_more_adapters_than_device_slots(tiny_model_dir, tmp_path):
+    """A store far larger than the device slots: requests wait for slots, adapters are evicted, all finish."""
+    report = _run(
+        tmp_path,
+        tiny_model_dir,
+        "--requests",
+        "6",
+        "--adapters",
+        "12",
+        "--adapter-slots",
+        "2",
+        "--max-new-tokens",
+        "3",
+        "--repeats",
+        "1",
+        "--baseline-seconds",
+        "0",
+    )
+    assert [r["tokens"] for r in report["results"]] == [18, 18]
+    assert report["results"][1]["name"] == "engine, 6 requests over 12 lora adapters"
