@@ -26,11 +26,11 @@ from dataclasses import dataclass
 
 import torch
 
-from adapterserve.server.adapters.kind import HookSite, all_kinds
+from adapterserve.server.adapters.kind import HookSite
 from adapterserve.server.adapters.layers import AdapterBatch, AdapterContext, build_batch, wrap_model
 from adapterserve.server.adapters.slots import NO_ADAPTER, AdapterBank
 from adapterserve.server.engine import faults
-from adapterserve.server.engine.decode_graphs import DecodeGraphs
+from adapterserve.server.engine.decode_graphs import decode_step_mode, make_decode_graphs
 from adapterserve.server.engine.kv_cache import make_kv_cache
 from adapterserve.server.engine.provider import ResolvedAdapter
 from adapterserve.server.engine.runner import ModelRunner, PrefillRow
@@ -71,13 +71,15 @@ class EngineCore:
         self.capture_logits = capture_logits
         spec = base.spec
         self.device, self.dtype = base.device, base.dtype
-        decode_mode = self._decode_mode()
+        decode_mode = decode_step_mode(
+            settings, self.device
+        )  # refused settings fail before the model is touched
         self.bank = AdapterBank(spec, settings.adapter_slots, self.dtype, self.device, settings.lora_backend)
         self.context = AdapterContext()
         wrap_model(base.model, self.bank, self.context)
         self.cache = make_kv_cache(settings, spec, self.dtype, self.device)
         self.runner = ModelRunner(base.model, self.cache, self.context)
-        self.decode_graphs = self._decode_graphs(decode_mode)
+        self.decode_graphs = make_decode_graphs(decode_mode, self.runner, self.cache, self.bank, settings)
         self.eos_ids = eos_token_ids(base.tokenizer, base.model)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # index == cache row: decoding rows, then prefilling rows
@@ -87,34 +89,6 @@ class EngineCore:
         self._controls: deque[tuple[Callable[[], object], Future]] = deque()  # run on the engine thread
         self._final_events: list[tuple[Sequence, TokenEvent]] = []  # sent once their rows are retired
         self.steps = 0
-
-    def _decode_mode(self) -> str:
-        """The decode step the settings ask for on this device (checked before the model is touched)."""
-        mode = self.settings.decode_step
-        if mode == "auto":
-            mode = "graphs" if self.device.type == "cuda" and self.settings.kv_cache == "paged" else "eager"
-        if self.settings.compile_decode and mode != "static":
-            raise InvalidArgumentError("compile_decode needs decode_step='static'")
-        if mode != "eager" and self.settings.kv_cache != "paged":
-            raise InvalidArgumentError(f"decode_step={mode!r} needs kv_cache='paged'")
-        if mode == "graphs" and self.device.type != "cuda":
-            raise InvalidArgumentError("decode_step='graphs' needs a CUDA device")
-        return mode
-
-    def _decode_graphs(self, mode: str) -> DecodeGraphs | None:
-        """The static decode step (decode_graphs.py), or None for the eager one."""
-        if mode == "eager":
-            return None
-        linear = frozenset(k.name for k in all_kinds() if k.hook == HookSite.LINEAR)
-        return DecodeGraphs(
-            self.runner,
-            self.cache,  # type: ignore[arg-type]  # paged, checked above
-            self.bank,
-            linear,
-            self.settings.max_batch_size,
-            capture=mode == "graphs",
-            compile_step=self.settings.compile_decode,
-        )
 
     # ----- called from any thread -------------------------------------------------------------------
     def new_sequence(
@@ -419,10 +393,8 @@ class EngineCore:
     def _decode(self) -> None:
         seqs = self.running[: self.num_decoding]
         if self.decode_graphs is not None:
-            slots = [s.slot for s in seqs]
-            kinds = frozenset(self.bank.slot_kinds[s] for s in set(slots) if s in self.bank.slot_kinds)
             logits = self.decode_graphs.decode(
-                [s.output[-1] for s in seqs], [s.length for s in seqs], slots, kinds
+                [s.output[-1] for s in seqs], [s.length for s in seqs], [s.slot for s in seqs]
             )
         else:
             tokens = torch.tensor([s.output[-1] for s in seqs], dtype=torch.long, device=self.device)

@@ -36,12 +36,47 @@ from typing import Any
 
 import torch
 
-from adapterserve.server.adapters.kind import RowSelection
+from adapterserve.server.adapters.kind import HookSite, RowSelection, all_kinds
 from adapterserve.server.adapters.slots import AdapterBank
 from adapterserve.server.engine.paged_kv_cache import PagedKVCache
 from adapterserve.server.engine.runner import ModelRunner
+from adapterserve.server.errors import InvalidArgumentError
+from adapterserve.server.settings import EngineSettings
 
 log = logging.getLogger(__name__)
+
+
+def decode_step_mode(settings: EngineSettings, device: torch.device) -> str:
+    """The decode step the settings ask for on this device: eager, static or graphs (InvalidArgumentError
+    for a combination that cannot work)."""
+    mode = settings.decode_step
+    if mode == "auto":
+        mode = "graphs" if device.type == "cuda" and settings.kv_cache == "paged" else "eager"
+    if settings.compile_decode and mode != "static":
+        raise InvalidArgumentError("compile_decode needs decode_step='static'")
+    if mode != "eager" and settings.kv_cache != "paged":
+        raise InvalidArgumentError(f"decode_step={mode!r} needs kv_cache='paged'")
+    if mode == "graphs" and device.type != "cuda":
+        raise InvalidArgumentError("decode_step='graphs' needs a CUDA device")
+    return mode
+
+
+def make_decode_graphs(
+    mode: str, runner: ModelRunner, cache, bank: AdapterBank, settings: EngineSettings
+) -> DecodeGraphs | None:
+    """The static decode step for `mode` (from decode_step_mode), or None for the eager one."""
+    if mode == "eager":
+        return None
+    linear = frozenset(k.name for k in all_kinds() if k.hook == HookSite.LINEAR)
+    return DecodeGraphs(
+        runner,
+        cache,
+        bank,
+        linear,
+        settings.max_batch_size,
+        capture=mode == "graphs",
+        compile_step=settings.compile_decode,
+    )
 
 
 def row_buckets(max_rows: int) -> list[int]:
@@ -127,12 +162,11 @@ class DecodeGraphs:
         length = length_bucket(max(positions) + 1, self.cache.block_size, self.cache.max_len)
         return StepShape(rows, length, kinds & self.linear_kinds)
 
-    def decode(
-        self, tokens: list[int], positions: list[int], slots: list[int], kinds: frozenset[str]
-    ) -> torch.Tensor:
-        """One decode step for rows 0..B-1 of the cache (tokens, positions, slots: one per row; kinds:
-        the adapter kinds of those slots). Returns logits [B, V] (valid until the next call)."""
+    def decode(self, tokens: list[int], positions: list[int], slots: list[int]) -> torch.Tensor:
+        """One decode step for rows 0..B-1 of the cache (tokens, positions, adapter slots: one per row).
+        Returns logits [B, V] (valid until the next call)."""
         b = len(tokens)
+        kinds = frozenset(self.bank.slot_kinds[s] for s in set(slots) if s in self.bank.slot_kinds)
         shape = self.shape_for(positions, kinds)
         pad = [0] * (shape.rows - b)
         host = torch.tensor([tokens + pad, positions + pad, slots + pad], dtype=torch.long)  # [3, rows]
