@@ -85,6 +85,12 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="paged KV pool size in MiB (default: room for every row's max_seq_len)",
     )
+    parser.add_argument(
+        "--served",
+        action="store_true",
+        help="measure through the server: `adapterserve serve` in a child process, adapters uploaded and "
+        "requests sent through the SDK, beside the in-process engine in the same rounds",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
 
 
@@ -129,7 +135,12 @@ def run_bench(args: argparse.Namespace) -> int:
         max_seq_len=args.max_seq_len,
         kv_cache_bytes=None if args.kv_cache_mib is None else args.kv_cache_mib << 20,
     )
-    report = run(settings)
+    if args.served:
+        from adapterserve.bench.served import run_served
+
+        report = run_served(settings)
+    else:
+        report = run(settings)
     print_report(report)
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=1) + "\n")

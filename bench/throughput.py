@@ -267,6 +267,21 @@ def _engine_row(name: str, requests: int, runs: list[EngineRun], ratios: list[fl
     return row
 
 
+def engine_rows(runs: dict[str, list[EngineRun]], base_name: str, requests: int, ctx: dict) -> list[dict]:
+    """One report row per workload; ratios are per round against the `base_name` run of that round."""
+    base_runs = runs[base_name]
+    return [
+        _engine_row(
+            name,
+            requests,
+            r,
+            [a.tokens_per_s / b.tokens_per_s for a, b in zip(r, base_runs, strict=True)],
+            ctx,
+        )
+        for name, r in runs.items()
+    ]
+
+
 def _baseline_row(result: baselines.BaselineResult, base_tps: float) -> dict:
     tps = result.tokens / result.seconds if result.seconds else 0.0
     return {
@@ -343,17 +358,7 @@ def run(settings: BenchSettings) -> dict:
         for name in order if round_ % 2 == 0 else reversed(order):
             _log(f"round {round_ + 1}/{settings.repeats}: {name}")
             runs[name].append(timed(name))
-    base_runs = runs["engine, base only"]
-    rows = [
-        _engine_row(
-            name,
-            settings.requests,
-            r,
-            [a.tokens_per_s / b.tokens_per_s for a, b in zip(r, base_runs, strict=True)],
-            ctx,
-        )
-        for name, r in runs.items()
-    ]
+    rows = engine_rows(runs, "engine, base only", settings.requests, ctx)
     engine_stats = engine.core.stats()
     spec, core = engine.base.spec, engine.core
     dense_kv_bytes = (
@@ -436,10 +441,13 @@ def _fmt(value, spec: str) -> str:
 
 
 def print_report(report: dict) -> None:
+    weights = report.get("weight_bytes_per_step_mib")
     print(
         f"base {report['base_model']} quantize={report['quantize']} dtype={report['dtype']} "
-        f"device={report['device']} weights/step={report['weight_bytes_per_step_mib']} MiB"
+        f"device={report['device']}" + ("" if weights is None else f" weights/step={weights} MiB")
     )
+    if report.get("served"):
+        print(f"served: {report['served']['command']}")
     if report["peak_bandwidth"]:
         print(f"peak bandwidth: {report['peak_bandwidth']}")
     kv = report.get("kv_cache")

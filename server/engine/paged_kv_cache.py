@@ -41,8 +41,10 @@ class PagedKVCache:
         self.max_rows = max_rows
         self.max_len = self.blocks_per_row * block_size
         usable = num_blocks if num_blocks is not None else max_rows * self.blocks_per_row
-        shape = (num_layers, usable + 1, kv_heads, block_size, head_dim)  # +1: the scratch block 0
-        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, blocks, kvH, bs, D]
+        # Positions before heads: a row's gathered blocks [nb, bs, kvH, D] are already its keys in order
+        # ([nb * bs, kvH, D] is a view), so a read is one gather and no second copy.
+        shape = (num_layers, usable + 1, block_size, kv_heads, head_dim)  # +1: the scratch block 0
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [L, blocks, bs, kvH, D]
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.table = torch.zeros(
             max_rows, self.blocks_per_row, dtype=torch.long, device=device
@@ -109,8 +111,8 @@ class PagedKVCache:
         blocks = torch.gather(table, 1, positions // self.block_size).reshape(-1)  # [B*S]
         offsets = (positions % self.block_size).reshape(-1)  # [B*S]
         # [B, kvH, S, D] -> [B*S, kvH, D], matching (blocks, offsets) row-major over (B, S)
-        self.k[layer][blocks, :, offsets] = k.transpose(1, 2).reshape(-1, k.shape[1], k.shape[3])
-        self.v[layer][blocks, :, offsets] = v.transpose(1, 2).reshape(-1, v.shape[1], v.shape[3])
+        self.k[layer][blocks, offsets] = k.transpose(1, 2).reshape(-1, k.shape[1], k.shape[3])
+        self.v[layer][blocks, offsets] = v.transpose(1, 2).reshape(-1, v.shape[1], v.shape[3])
 
     def read_blocks(self, layer: int, table: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values [B, kvH, length, D] of the rows whose block tables are `table` [B, >= nb]."""
@@ -118,9 +120,9 @@ class PagedKVCache:
         blocks = table[:, :nb]  # [B, nb]
 
         def gather(pool: torch.Tensor) -> torch.Tensor:
-            paged = pool[layer][blocks]  # [B, nb, kvH, bs, D]
-            r, _, heads, bs, dim = paged.shape
-            return paged.transpose(1, 2).reshape(r, heads, nb * bs, dim)[:, :, :length]
+            paged = pool[layer][blocks]  # [B, nb, bs, kvH, D]: the one copy
+            r, _, bs, heads, dim = paged.shape
+            return paged.view(r, nb * bs, heads, dim)[:, :length].transpose(1, 2)  # a strided view
 
         return gather(self.k), gather(self.v)
 
@@ -130,8 +132,8 @@ class PagedKVCache:
         positions = torch.arange(n, device=self.table.device)
         blocks = self.table[row, positions // self.block_size]  # [n]
         offsets = positions % self.block_size
-        self.k[:, blocks, :, offsets] = keys.permute(2, 0, 1, 3).to(self.k.dtype)  # [n, L, kvH, D]
-        self.v[:, blocks, :, offsets] = values.permute(2, 0, 1, 3).to(self.v.dtype)
+        self.k[:, blocks, offsets] = keys.permute(0, 2, 1, 3).to(self.k.dtype)  # [L, n, kvH, D]
+        self.v[:, blocks, offsets] = values.permute(0, 2, 1, 3).to(self.v.dtype)
 
     def move_row(self, src: int, dst: int, length: int) -> None:
         """Row src becomes row dst (dst was released): its block-table entries move, no data is copied."""

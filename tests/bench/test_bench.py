@@ -24,6 +24,18 @@ def _run(tmp_path, model_dir, *extra: str) -> dict:
     return json.loads(out.read_text())
 
 
+def _without_chat_template(model_dir, tmp_path):
+    """A copy of the base whose tokenizer has no chat template (a non-instruct base)."""
+    plain = tmp_path / "plain-base"
+    shutil.copytree(model_dir, plain)
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    for extra in ("chat_template.jinja", "chat_template.json"):
+        (plain / extra).unlink(missing_ok=True)
+    return plain
+
+
 def test_bench_reports_engine_and_baselines(tiny_model_dir, tmp_path, capsys):
     report = _run(
         tmp_path,
@@ -103,13 +115,7 @@ def test_a_baseline_is_capped_by_time_and_still_reported(tiny_model_dir, tmp_pat
 
 
 def test_a_base_without_chat_template_gets_plain_prompts(tiny_model_dir, tmp_path):
-    plain = tmp_path / "plain-base"
-    shutil.copytree(tiny_model_dir, plain)
-    config = json.loads((plain / "tokenizer_config.json").read_text())
-    config.pop("chat_template", None)
-    (plain / "tokenizer_config.json").write_text(json.dumps(config))
-    for extra in ("chat_template.jinja", "chat_template.json"):
-        (plain / extra).unlink(missing_ok=True)
+    plain = _without_chat_template(tiny_model_dir, tmp_path)
     from transformers import AutoTokenizer
 
     assert not AutoTokenizer.from_pretrained(plain).chat_template
@@ -219,3 +225,41 @@ def test_more_adapters_than_device_slots(tiny_model_dir, tmp_path):
     )
     assert [r["tokens"] for r in report["results"]] == [18, 18]
     assert report["results"][1]["name"] == "engine, 6 requests over 12 lora adapters"
+
+
+@pytest.mark.parametrize("chat", [True, False], ids=["chat-prompts", "plain-prompts"])
+def test_served_bench_measures_through_a_real_server(tiny_model_dir, tmp_path, capsys, chat):
+    """`--served`: a real `adapterserve serve` child process, adapters uploaded through the SDK, every
+    request answered in full with exactly the in-process prompt, the in-process engine timed in the same
+    rounds, the transformers baseline after, and the server stopped cleanly by SIGTERM."""
+    model = tiny_model_dir if chat else _without_chat_template(tiny_model_dir, tmp_path)
+    report = _run(
+        tmp_path,
+        model,
+        "--served",
+        "--requests",
+        "4",
+        "--adapters",
+        "2",
+        "--max-new-tokens",
+        "3",
+        "--repeats",
+        "2",
+        "--baseline-seconds",
+        "10" if chat else "0",
+        "--naive-requests",
+        "1",
+    )
+    rows = {r["name"]: r for r in report["results"]}
+    served_base, served_lora = rows["served, base only"], rows["served, 4 requests over 2 lora adapters"]
+    in_process = rows["in-process engine, base only (no server)"]
+    for row in (served_base, served_lora, in_process):
+        assert row["runs"] == 2 and row["tokens"] == 4 * 3 and row["tokens_per_s"] > 0
+    assert served_base["vs_base_only"] == 1.0 and in_process["decode_step_ms"] is not None
+    assert report["served"]["sigterm_exit_code"] == 0
+    assert (
+        "--served" not in report["served"]["command"] and "serve --base-model" in report["served"]["command"]
+    )
+    if chat:
+        assert any("transformers generate" in n for n in rows)
+    assert "served, base only" in capsys.readouterr().out

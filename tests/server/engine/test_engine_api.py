@@ -137,3 +137,44 @@ async def test_pin_makes_an_adapter_resident_and_keeps_it(tiny_model_dir, lora_d
         assert not engine.is_resident("a", a.version)  # unpinned: evicted like any other
     finally:
         await engine.stop()
+
+
+async def test_event_relay_hands_a_step_over_in_one_wakeup_in_order():
+    """Events emitted on the engine thread reach each handle in order, only after `flush`, and a whole
+    step's events cost the event loop one wake-up (not one per row)."""
+    from adapterserve.server.engine.engine import EventRelay, RequestHandle
+    from adapterserve.server.engine.types import TokenEvent
+
+    loop = asyncio.get_running_loop()
+    wakeups = []
+    real = loop.call_soon_threadsafe
+
+    def counting(callback, *args):
+        if args and isinstance(args[0], list):  # the relay's batches (to_thread schedules its own too)
+            wakeups.append(len(args[0]))
+        return real(callback, *args)
+
+    loop.call_soon_threadsafe = counting
+    try:
+        relay = EventRelay(loop)
+        handles = [RequestHandle(engine=None, request_id=f"r{i}") for i in range(8)]
+
+        def engine_step(step: int) -> None:  # what the engine thread does: emit per row, then flush
+            for handle in handles:
+                relay.emit(
+                    handle,
+                    TokenEvent(token_ids=(step,), text=str(step), prompt_tokens=1, generated_tokens=step),
+                )
+            relay.flush()
+
+        await asyncio.to_thread(engine_step, 1)
+        await asyncio.to_thread(engine_step, 2)
+        await asyncio.sleep(0)
+        assert wakeups == [8, 8]
+        for handle in handles:
+            got = [await asyncio.wait_for(handle._queue.get(), 1) for _ in range(2)]
+            assert [e.token_ids for e in got] == [(1,), (2,)]
+        relay.flush()  # nothing buffered: no wake-up
+        assert wakeups == [8, 8]
+    finally:
+        del loop.call_soon_threadsafe

@@ -1,0 +1,290 @@
+"""Throughput through the server (`adapterserve bench --served`): what a user of the gRPC API gets.
+
+`adapterserve serve` runs in a child process on 127.0.0.1 with the bench's engine settings; the adapters
+are uploaded through the SDK's admin API; each wave sends every request at once as a chat (`messages`,
+the same chat-templated prompts as the in-process bench) from one asyncio SDK client in this process, and
+its throughput is the generated tokens over the wave's wall time (the client's own CPU counts, as it
+would for any server measured from the same machine).
+
+Rounds interleave, as in throughput.py: served base only, served over A adapters, and the in-process
+engine's base only (the same engine without gRPC, in this process while the server idles), so the report
+gives the serving path's cost measured in the same rounds. The in-process baselines (transformers'
+batched `generate`) run after the server has stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from adapterserve.bench.hardware import peak_bandwidth, weight_bytes_per_step
+from adapterserve.bench.throughput import (
+    QUESTIONS,
+    BenchSettings,
+    EngineRun,
+    _baseline_row,
+    _baselines,
+    _device_name,
+    _log,
+    engine_rows,
+    make_adapters,
+    make_prompts,
+    run_engine_workload,
+)
+from adapterserve.server.engine.offline import OfflineEngine
+from adapterserve.server.model.loading import load_base_model, resolve_source
+from adapterserve.server.settings import EngineSettings
+
+SERVED_BASE = "served, base only"
+IN_PROCESS_BASE = "in-process engine, base only (no server)"
+
+
+@dataclass
+class ServerProcess:
+    proc: subprocess.Popen
+    target: str
+    log_path: Path
+
+    def log_tail(self, chars: int = 2000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_command(
+    settings: BenchSettings, model_dir: str, store: Path, port: int, max_seq_len: int, dtype: str
+) -> list[str]:
+    """The `adapterserve serve` command line of the engine settings the in-process bench uses (`dtype`:
+    the in-process base's resolved dtype, since serve's `auto` and bench's `auto` differ on CUDA)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "adapterserve",
+        "serve",
+        "--base-model",
+        model_dir,
+        "--quantize",
+        settings.quantize,
+        "--dtype",
+        dtype,
+        "--store",
+        str(store),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--metrics-port",
+        "0",
+        "--no-http",
+        "--insecure-admin",
+        "--max-batch-size",
+        str(settings.requests),
+        "--max-queue",
+        str(max(settings.requests, 1)),
+        "--max-seq-len",
+        str(max_seq_len),
+        "--max-new-tokens",
+        str(settings.max_new_tokens),
+        "--max-prompt-tokens",
+        str(max_seq_len - settings.max_new_tokens),
+        "--max-prefill-tokens",
+        "8192",
+        "--adapter-slots",
+        str(settings.adapter_slots or settings.adapters),
+        "--decode-step",
+        settings.decode_step,
+        "--lora-backend",
+        settings.lora_backend,
+        "--log-level",
+        "WARNING",
+    ]
+    if settings.device:
+        cmd += ["--device", settings.device]
+    return cmd
+
+
+def start_server(cmd: list[str], port: int, log_path: Path, env: dict[str, str]) -> ServerProcess:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    return ServerProcess(proc=proc, target=f"127.0.0.1:{port}", log_path=log_path)
+
+
+def stop_server(server: ServerProcess) -> int | None:
+    """SIGTERM, then SIGKILL after 30 s. Returns the exit code (None: had to be killed)."""
+    if server.proc.poll() is not None:
+        return server.proc.returncode
+    server.proc.send_signal(signal.SIGTERM)
+    try:
+        return server.proc.wait(30)
+    except subprocess.TimeoutExpired:
+        server.proc.kill()
+        server.proc.wait(10)
+        return None
+
+
+def request_inputs(tokenizer, n: int) -> list[dict]:
+    """The SDK inputs of make_prompts' n prompts: the same chats (the server applies the same chat
+    template), or, for a base without one, the same plain text."""
+    if getattr(tokenizer, "chat_template", None):
+        return [{"messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]} for i in range(n)]
+    return [{"prompt": f"Question: {QUESTIONS[i % len(QUESTIONS)]}\nAnswer:"} for i in range(n)]
+
+
+async def _wave(
+    client, inputs: list[dict], adapters: list[str | None], new_tokens: int, prompt_tokens: list[int]
+) -> EngineRun:
+    """Every request at once; tokens over the wall time until the last one finishes. Each request must
+    have seen exactly its in-process prompt (`prompt_tokens`), so both paths do the same work."""
+
+    async def one(given: dict, adapter: str | None):
+        return await client.generate(
+            **given, adapter=adapter, max_new_tokens=new_tokens, temperature=0.0, ignore_eos=True
+        )
+
+    start = time.perf_counter()
+    results = await asyncio.gather(*(one(m, a) for m, a in zip(inputs, adapters, strict=True)))
+    run = EngineRun(tokens=sum(r.generated_tokens for r in results), seconds=time.perf_counter() - start)
+    run.ttft_s = [r.timings.time_to_first_token_s for r in results]
+    seen = [r.prompt_tokens for r in results]
+    if seen != prompt_tokens:
+        raise RuntimeError(f"the server saw prompts of {seen} tokens, the in-process engine {prompt_tokens}")
+    return run
+
+
+def run_served(settings: BenchSettings) -> dict:
+    """Serve, upload, then interleaved rounds of served base / served adapters / in-process base."""
+    from adapterserve import AsyncClient
+
+    model_dir, label = resolve_source(settings.base_model)
+    settings.workdir.mkdir(parents=True, exist_ok=True)
+    base = load_base_model(
+        model_dir, quantize=settings.quantize, dtype=settings.dtype, device=settings.device
+    )
+    embed_std = float(base.model.get_input_embeddings().weight.float().std())
+    _log(f"preparing {settings.adapters} {settings.kinds} adapters in {settings.workdir}")
+    adapter_dirs = make_adapters(model_dir, settings, embed_std)
+    names = list(adapter_dirs)
+    prompts = make_prompts(base.tokenizer, settings.requests)
+    inputs = request_inputs(base.tokenizer, settings.requests)
+    max_seq_len = settings.max_seq_len or max(len(p) for p in prompts) + settings.max_new_tokens + 16
+    engine = OfflineEngine(
+        base,
+        EngineSettings(
+            max_batch_size=settings.requests,
+            max_seq_len=max_seq_len,
+            max_prefill_tokens=8192,
+            max_queue=settings.requests,
+            adapter_slots=1,
+            decode_step=settings.decode_step,
+            compile_decode=settings.compile_decode,
+            lora_backend=settings.lora_backend,
+        ),
+    )
+    store = settings.workdir / "served-store"
+    shutil.rmtree(store, ignore_errors=True)
+    port = _free_port()
+    dtype = str(base.dtype).removeprefix("torch.")
+    cmd = serve_command(settings, model_dir, store, port, max_seq_len, dtype)
+    if settings.compile_decode:
+        _log("--compile-decode is not a serve flag: the served engine runs uncompiled")
+    server = start_server(cmd, port, settings.workdir / "served.log", dict(os.environ))
+    _log(f"server: {' '.join(cmd[2:])}")
+    workloads: dict[str, list[str | None]] = {
+        SERVED_BASE: [None] * settings.requests,
+        f"served, {settings.requests} requests over {settings.adapters} {settings.kinds} adapters": [
+            names[i % len(names)] for i in range(settings.requests)
+        ],
+        IN_PROCESS_BASE: [None] * settings.requests,
+    }
+    runs: dict[str, list[EngineRun]] = {name: [] for name in workloads}
+    try:
+        asyncio.run(
+            _served_rounds(
+                AsyncClient, server, adapter_dirs, engine, prompts, inputs, workloads, runs, settings
+            )
+        )
+    except BaseException:
+        _log(f"server log tail:\n{server.log_tail()}")
+        raise
+    finally:
+        rc = stop_server(server)
+    ctx = {
+        "weight_bytes": weight_bytes_per_step(base.model),
+        "peak": peak_bandwidth(base.device, settings.peak_bandwidth_gbs),
+    }
+    rows = engine_rows(runs, SERVED_BASE, settings.requests, ctx)
+    del engine
+    base_tps = rows[0]["tokens_per_s"]
+    if settings.baseline_seconds > 0:
+        rows.extend(
+            _baseline_row(b, base_tps) for b in _baselines(settings, model_dir, adapter_dirs, prompts)
+        )
+    return {
+        "base_model": label,
+        "quantize": settings.quantize,
+        "dtype": dtype,
+        "device": _device_name(base.device),
+        "settings": {k: str(v) for k, v in vars(settings).items()},
+        "served": {"command": " ".join(cmd[2:]), "sigterm_exit_code": rc},
+        "weight_bytes_per_step_mib": round(ctx["weight_bytes"] / 2**20, 1),
+        "peak_bandwidth": ctx["peak"].source if ctx["peak"] is not None else None,
+        "decode_step": settings.decode_step,
+        "results": rows,
+    }
+
+
+async def _served_rounds(
+    client_cls, server, adapter_dirs, engine, prompts, inputs, workloads, runs, settings: BenchSettings
+) -> None:
+    async with client_cls(server.target, timeout=600) as client:
+        deadline = time.monotonic() + 600
+        while True:  # the server loads the model first; fail early if it died
+            if server.proc.poll() is not None:
+                raise RuntimeError(f"the server exited with code {server.proc.returncode}")
+            try:
+                await client.wait_until_serving(timeout=5)
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+        _log(f"uploading {len(adapter_dirs)} adapters through the admin API")
+        for name, path in adapter_dirs.items():
+            await client.upload_adapter(path, name)
+
+        async def timed(name: str) -> EngineRun:
+            if name == IN_PROCESS_BASE:
+                return await asyncio.to_thread(
+                    run_engine_workload, engine, prompts, workloads[name], settings.max_new_tokens
+                )
+            return await _wave(
+                client, inputs, workloads[name], settings.max_new_tokens, [len(p) for p in prompts]
+            )
+
+        for name in workloads:
+            _log(f"warm-up at full size: {name}")
+            run = await timed(name)
+            if name != IN_PROCESS_BASE and run.tokens != settings.requests * settings.max_new_tokens:
+                raise RuntimeError(
+                    f"{name}: {run.tokens} tokens, expected {settings.requests * settings.max_new_tokens}"
+                )
+        order = list(workloads)
+        for round_ in range(settings.repeats):
+            for name in order if round_ % 2 == 0 else reversed(order):
+                _log(f"round {round_ + 1}/{settings.repeats}: {name}")
+                runs[name].append(await timed(name))
