@@ -2,9 +2,11 @@
 
 - names.py              strict adapter names (the only request-derived path components)
 - safetensors_check.py  safetensors header checks before any tensor is read; pickle refusal
-- manifest.py           manifest.json: what an adapter is, sha256 and size of each file
-- upload.py             one streamed upload into a private temporary folder
-- store.py              AdapterStore: atomic put/replace/delete, start-up recovery and verification
+- layout.py             the store folder: entry layout, durable renames, start-up recovery, pins file
+- manifest.py           manifest.json: what an adapter is, sha256 and size of each file; re-hash a folder
+- lookup.py             StoreIndex: what is served, resolving a name, listing, steady reads and loads
+- upload.py             uploads: staging in a private folder, validation, atomic publish
+- store.py              AdapterStore: the facade over the four above; delete
 - registry.py           AdapterRegistry: host-RAM LRU by bytes, pinning, single-flight loads (AdapterProvider)
 
 Nothing is imported here so that importing one module (e.g. the loader's safetensors checks) stays cheap.

@@ -1,7 +1,8 @@
 """The small manifest stored next to each adapter's PEFT files: what it is and the hash of every file.
 
-`manifest.json` is written by the store after validation; on start it is read back and every file is
-re-hashed against it, so a truncated or tampered adapter is reported and not served.
+`manifest.json` is written (`write_manifest`) after validation, before the folder is renamed into place;
+on start, and before each load, it is read back and every file re-hashed against it (`verify_dir`), so a
+truncated or tampered adapter is reported and not served.
 """
 
 from __future__ import annotations
@@ -9,13 +10,15 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import os
+import stat
 from pathlib import Path
 from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from adapterserve.server.adapters.types import AdapterInfo
-from adapterserve.server.errors import AdapterValidationError
+from adapterserve.server.errors import AdapterValidationError, BaseMismatchError
+from adapterserve.server.store.layout import ACCEPTED_FILES, read_small_file, write_new_file
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT = 1
@@ -136,3 +139,44 @@ def sha256_file(path: Path) -> FileEntry:
     finally:
         os.close(fd)
     return FileEntry(size=size, sha256=h.hexdigest())
+
+
+def write_manifest(folder: Path, manifest: Manifest) -> None:
+    """Create `folder`/manifest.json (it must not exist) and fsync it."""
+    write_new_file(folder / MANIFEST_FILE, manifest.to_bytes())
+
+
+def check_base(fingerprint: str | None, served: str | None, what: str) -> None:
+    """BaseMismatchError when both fingerprints are known and differ."""
+    if fingerprint and served and fingerprint != served:
+        raise BaseMismatchError(
+            f"{what} was made for base {fingerprint[:16]}..., this server serves {served[:16]}..."
+        )
+
+
+def verify_dir(path: Path, name: str, base_fingerprint: str | None) -> Manifest:
+    """Read the folder's manifest and re-hash every file against it; check it was made for the served
+    base. Raises AdapterValidationError (BaseMismatchError) or OSError."""
+    manifest = Manifest.from_bytes(read_small_file(path / MANIFEST_FILE, MAX_MANIFEST_BYTES))
+    if manifest.name != name:
+        raise AdapterValidationError(f"manifest names {manifest.name!r}, not the folder {name!r}")
+    expected = set(manifest.files)
+    if expected != set(ACCEPTED_FILES):
+        raise AdapterValidationError(f"manifest lists {sorted(expected)}, expected {list(ACCEPTED_FILES)}")
+    present = set(os.listdir(path)) - {MANIFEST_FILE}
+    if present != expected:
+        extra, missing = sorted(present - expected), sorted(expected - present)
+        raise AdapterValidationError(f"files differ from the manifest (extra {extra}, missing {missing})")
+    for fname, entry in manifest.files.items():
+        fpath = path / fname
+        if not stat.S_ISREG(os.lstat(fpath).st_mode):
+            raise AdapterValidationError(f"{fname} is not a regular file")
+        found = sha256_file(fpath)
+        if found.size != entry.size:
+            raise AdapterValidationError(f"{fname} is {found.size} bytes; the manifest says {entry.size}")
+        if found.sha256 != entry.sha256:
+            raise AdapterValidationError(
+                f"{fname} sha256 is {found.sha256[:16]}..., the manifest says {entry.sha256[:16]}..."
+            )
+    check_base(manifest.base_fingerprint, base_fingerprint, f"adapter {name!r}")
+    return manifest

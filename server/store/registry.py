@@ -21,7 +21,8 @@ from adapterserve.server.adapters.types import AdapterInfo
 from adapterserve.server.settings import CacheSettings
 from adapterserve.server.store.manifest import Manifest
 from adapterserve.server.store.names import validate_name
-from adapterserve.server.store.store import AdapterStore, CommitResult
+from adapterserve.server.store.store import AdapterStore
+from adapterserve.server.store.upload import CommitResult
 
 EventKind = Literal["hit", "miss", "load", "load_failed", "evict", "invalidate"]
 

@@ -1,36 +1,85 @@
-"""One upload in progress: (file name, chunk) pairs streamed into a private temporary folder.
+"""Uploads into the store: staging in a private folder, validation, and the atomic publish.
 
-Nothing derived from the request reaches the file system unchecked: each file name is checked against
-the two names a PEFT adapter has, every byte is counted against the cap, and files are created with
-O_EXCL | O_NOFOLLOW inside a folder the store made. `commit()` checks the files (pickle refusal, config
-the store's validator, once: the loader parses the config against the allowlist, reads the
-safetensors file (caps, pickle refusal, the library's format checks) and checks it against the served
-base; the adapter it returns goes into the host cache), writes the manifest and hands the folder to the store for an atomic rename. Any failure removes the
-temporary folder, so a refused upload leaves the store exactly as it was.
+`begin_upload` refuses a bad name, a taken name (without overwrite), a long description or a foreign
+base before any byte is written, and makes a private .upload-<hex> folder. An `UploadSession` streams
+(file name, chunk) pairs into it. Nothing derived from the request reaches the file system unchecked:
+each file name is checked against the two names a PEFT adapter has, every byte is counted against the
+cap, and files are created with O_EXCL | O_NOFOLLOW inside the folder the store made. `commit()` hands
+the files to `publish_upload`, which runs the store's validator once (the loader parses the config
+against the allowlist, reads the safetensors file (caps, pickle refusal, the library's format checks)
+and checks it against the served base; the adapter it returns goes into the host cache), writes the
+manifest and renames the folder into place (layout.move_into_place). Any failure removes the temporary
+folder, so a refused upload leaves the store exactly as it was.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import shutil
+import uuid
+from collections.abc import AsyncIterable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-from adapterserve.server.errors import AdapterValidationError, ResourceExhaustedError
-from adapterserve.server.store.manifest import FileEntry
+from adapterserve.server.adapters.types import AdapterInfo
+from adapterserve.server.errors import (
+    AdapterValidationError,
+    AlreadyExistsError,
+    InvalidArgumentError,
+    ResourceExhaustedError,
+)
+from adapterserve.server.store.layout import (
+    ACCEPTED_FILES,
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    fsync_dir,
+    move_into_place,
+    new_upload_dir,
+)
+from adapterserve.server.store.manifest import FileEntry, Manifest, check_base, write_manifest
+from adapterserve.server.store.names import validate_name
 from adapterserve.server.store.safetensors_check import sniff_pickle
 
 if TYPE_CHECKING:
-    from adapterserve.server.store.store import AdapterStore, CommitResult
+    from adapterserve.server.store.lookup import StoreIndex
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-ACCEPTED_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 # Pickle (and pickle-wrapping) formats, refused by name before a byte is written.
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".joblib", ".npy", ".npz"})
 MAX_FILE_NAME_CHARS = 255
+MAX_DESCRIPTION_CHARS = 1024
+
+
+class ValidatedAdapter(Protocol):
+    """What the injected validator returns (the loader's LoadedAdapter satisfies it)."""
+
+    @property
+    def info(self) -> AdapterInfo: ...
+
+    @property
+    def nbytes(self) -> int: ...
+
+
+# Loads and validates an adapter folder against the served base (shapes, caps, fingerprint), raising
+# AdapterValidationError / UnsupportedAdapterError / BaseMismatchError. In the server this is
+# functools.partial(load_adapter_dir, spec=base.spec, settings=settings.engine).
+AdapterValidator = Callable[[Path], ValidatedAdapter]
+
+
+@dataclass(frozen=True)
+class CommitResult:
+    """A stored upload."""
+
+    manifest: Manifest
+    replaced: Manifest | None  # the previous version, when the name was overwritten
+    received_bytes: int
+    validated: ValidatedAdapter | None = None  # what the validator returned (ready for the host cache)
+
+
+# What `UploadSession.commit` calls with the session and its files: validate and install them.
+Publisher = Callable[["UploadSession", dict[str, FileEntry]], CommitResult]
 
 
 def check_upload_filename(filename: object) -> str:
@@ -71,16 +120,16 @@ class UploadSession:
 
     def __init__(
         self,
-        store: AdapterStore,
         name: str,
         tmp_dir: Path,
         *,
+        publish: Publisher,
         overwrite: bool,
         description: str,
         base_fingerprint: str | None,
         max_bytes: int,
     ) -> None:
-        self.store, self.name, self.tmp_dir = store, name, tmp_dir
+        self.name, self.tmp_dir, self._publish = name, tmp_dir, publish
         self.overwrite, self.description = overwrite, description
         self.base_fingerprint, self.max_bytes = base_fingerprint, max_bytes
         self.received_bytes = 0
@@ -154,9 +203,25 @@ class UploadSession:
             missing = [f for f in ACCEPTED_FILES if f not in self._files]
             if missing:
                 raise AdapterValidationError(f"upload is missing {' and '.join(missing)}")
-            return self.store._install_upload(self, dict(self._files))  # validates, once
+            return self._publish(self, dict(self._files))  # validates, once
         finally:
             self.abort()  # after a successful install the folder is gone and this is a no-op
+
+    def feed(self, files: Iterable[tuple[str, bytes]]) -> CommitResult:
+        """Write every (file name, chunk) pair, then commit (blocking); aborts on any failure."""
+        with self:
+            for filename, chunk in files:
+                self.write(filename, chunk)
+            return self.commit()
+
+    async def feed_async(self, files: AsyncIterable[tuple[str, bytes]]) -> CommitResult:
+        """`feed` from an async stream (e.g. gRPC messages); the blocking work runs in threads."""
+        try:
+            async for filename, chunk in files:
+                await asyncio.to_thread(self.write, filename, chunk)
+            return await asyncio.to_thread(self.commit)
+        finally:
+            await asyncio.to_thread(self.abort)
 
     def abort(self) -> None:
         """Drop the upload: close files, remove the temporary folder. Safe to call more than once."""
@@ -175,3 +240,83 @@ class UploadSession:
 
     def __exit__(self, *exc: object) -> None:
         self.abort()
+
+
+def begin_upload(
+    root: Path,
+    name: str,
+    *,
+    publish: Publisher,
+    overwrite: bool,
+    description: str,
+    base_fingerprint: str | None,
+    served_base: str | None,
+    max_bytes: int | None,
+    max_adapter_bytes: int,
+) -> UploadSession:
+    """Check what can be checked before any byte is written, then make the upload's private folder."""
+    validate_name(name)
+    if not isinstance(description, str) or len(description) > MAX_DESCRIPTION_CHARS:
+        raise InvalidArgumentError(
+            f"description must be a string of at most {MAX_DESCRIPTION_CHARS} characters"
+        )
+    if not overwrite and os.path.lexists(root / name):
+        raise AlreadyExistsError(f"adapter {name!r} already exists (upload with overwrite to replace it)")
+    check_base(base_fingerprint, served_base, "the uploaded adapter")
+    cap = max_adapter_bytes if max_bytes is None else min(max_bytes, max_adapter_bytes)
+    return UploadSession(
+        name,
+        new_upload_dir(root),
+        publish=publish,
+        overwrite=overwrite,
+        description=description,
+        base_fingerprint=base_fingerprint,
+        max_bytes=cap,
+    )
+
+
+def publish_upload(
+    session: UploadSession,
+    files: dict[str, FileEntry],
+    *,
+    index: StoreIndex,
+    validate: AdapterValidator,
+    base_fingerprint: str | None,
+) -> CommitResult:
+    """Validate the session's folder, write its manifest and rename it into place atomically."""
+    name, tmp, root = session.name, session.tmp_dir, index.root
+    fsync_dir(tmp)
+    validated = validate(tmp)
+    with index.mutating:
+        old = index.current(name)
+        exists = os.path.lexists(root / name)
+        if exists and not session.overwrite:
+            raise AlreadyExistsError(f"adapter {name!r} already exists (upload with overwrite to replace it)")
+        manifest = Manifest.build(
+            name=name,
+            version=index.next_version(name),
+            uid=uuid.uuid4().hex,
+            info=validated.info,
+            files=files,
+            base_fingerprint=base_fingerprint or session.base_fingerprint,
+            description=session.description,
+        )
+        write_manifest(tmp, manifest)
+        fsync_dir(tmp)
+        with index.renaming():
+            move_into_place(root, tmp, name, replace=exists)
+            index.served(name, manifest)
+    return CommitResult(
+        manifest=manifest, replaced=old, received_bytes=session.received_bytes, validated=validated
+    )
+
+
+def adapter_dir_chunks(src: Path, chunk_bytes: int) -> Iterator[tuple[str, bytes]]:
+    """(file name, chunk) pairs of a local PEFT adapter folder's accepted files (others are not sent)."""
+    for fname in ACCEPTED_FILES:
+        path = Path(src) / fname
+        if not path.is_file():
+            continue
+        with open(path, "rb") as f:
+            while data := f.read(chunk_bytes):
+                yield fname, data
