@@ -39,6 +39,13 @@ class EngineSettings(BaseModel):
     kv_cache_bytes: int | None = Field(
         None, ge=1, description="paged KV pool size in bytes (default: room for every row's max_seq_len)"
     )
+    prefill_group_cost: int | None = Field(
+        None,
+        ge=0,
+        description="padded token positions one more prefill forward is worth: a chunk of rows of unequal "
+        "lengths runs as groups when that pads less (default: 32 on CPU, 2048 on CUDA; 0: a group per "
+        "distinct length)",
+    )
     decode_step: Literal["auto", "eager", "static", "graphs"] = Field(
         "auto",
         description=(

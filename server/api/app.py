@@ -39,6 +39,7 @@ _SECTION_FLAGS: dict[str, tuple[str, str]] = {
     "max_batch_size": ("engine", "max_batch_size"),
     "max_seq_len": ("engine", "max_seq_len"),
     "max_prefill_tokens": ("engine", "max_prefill_tokens"),
+    "prefill_group_cost": ("engine", "prefill_group_cost"),
     "max_queue": ("engine", "max_queue"),
     "adapter_slots": ("engine", "adapter_slots"),
     "max_lora_rank": ("engine", "max_lora_rank"),
@@ -136,6 +137,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "max_batch_size",
         "max_seq_len",
         "max_prefill_tokens",
+        "prefill_group_cost",
         "max_queue",
         "adapter_slots",
         "max_lora_rank",
@@ -174,7 +176,8 @@ def section_flag_help(dest: str) -> str:
     section, field = _SECTION_FLAGS[dest]
     info = _SECTIONS[section].model_fields[field]
     env = f"{ENV_PREFIX}{section.upper()}__{field.upper()}"
-    return f"{info.description or field.replace('_', ' ')} (default {info.default}; env {env})"
+    default = "" if info.default is None else f"default {info.default}; "  # None: the description says
+    return f"{info.description or field.replace('_', ' ')} ({default}env {env})"
 
 
 def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -> ServerSettings:

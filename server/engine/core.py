@@ -32,6 +32,7 @@ from adapterserve.server.adapters.slots import NO_ADAPTER, AdapterBank
 from adapterserve.server.engine import faults
 from adapterserve.server.engine.decode_graphs import decode_step_mode, make_decode_graphs
 from adapterserve.server.engine.kv_cache import make_kv_cache
+from adapterserve.server.engine.prefill_groups import forward_cost_tokens, plan_groups, prefill_length
 from adapterserve.server.engine.provider import ResolvedAdapter
 from adapterserve.server.engine.runner import ModelRunner, PrefillRow
 from adapterserve.server.engine.sampling import RowSampler, sample_rows
@@ -79,6 +80,7 @@ class EngineCore:
         wrap_model(base.model, self.bank, self.context)
         self.cache = make_kv_cache(settings, spec, self.dtype, self.device)
         self.runner = ModelRunner(base.model, self.cache, self.context)
+        self.prefill_forward_cost = forward_cost_tokens(self.device, settings.prefill_group_cost)
         self.decode_graphs = make_decode_graphs(decode_mode, self.runner, self.cache, self.bank, settings)
         self.eos_ids = eos_token_ids(base.tokenizer, base.model)
         self.waiting: deque[Sequence] = deque()
@@ -305,8 +307,9 @@ class EngineCore:
         return build_batch([s.slot for s in seqs], self.bank.slot_kinds, self.device)
 
     def _start_prefill(self, seqs: list[Sequence]) -> None:
-        """Give admitted requests rows at the end and their prefill inputs (prefix K/V written now)."""
-        for seq in seqs:
+        """Give admitted requests rows at the end, shortest prefill first (see prefill_groups.py), and
+        their prefill inputs (prefix K/V written now)."""
+        for seq in sorted(seqs, key=prefill_length):
             row = len(self.running)
             self.cache.reserve(row, seq.kv_tokens)
             self.running.append(seq)  # on failure, _run_guarded finishes it and retire frees the row
@@ -342,8 +345,14 @@ class EngineCore:
         seqs = [seq for seq, _ in chunk]
         if any(seq.request.score_tokens for seq in seqs):
             logits = self._prefill_scoring(chunk, rows)
-        else:
-            logits = self.runner.prefill(rows, self.num_decoding, self._batch(seqs))  # [B, V]
+        else:  # groups of similar lengths, each padded to its own longest row only
+            groups = plan_groups([take for _, take in chunk], self.prefill_forward_cost)
+            logits = torch.cat(
+                [
+                    self.runner.prefill(rows[a:b], self.num_decoding + a, self._batch(seqs[a:b]))
+                    for a, b in groups
+                ]
+            )  # [B, V]
         complete: list[int] = []
         for i, (seq, take) in enumerate(chunk):
             seq.prefill_done += take

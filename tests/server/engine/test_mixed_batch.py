@@ -61,19 +61,23 @@ def _references(tiny_model_dir, adapter_dirs, quantize, rows):
 
 # decode: eager = the dynamic reference step; static = the static-shape step CUDA graphs capture (rows
 # padded to a bucket, keys to a length bucket, inputs in preallocated buffers); compiled = that step
-# through torch.compile.
+# through torch.compile. group_cost: EngineSettings.prefill_group_cost (None: the device default; 0: the
+# prefill chunk runs as one forward per run of equal lengths).
 @pytest.mark.parametrize(
-    "quantize,prefill_budget,decode",
+    "quantize,prefill_budget,decode,group_cost",
     [
-        ("none", 512, "eager"),
-        ("nf4", 512, "eager"),
-        ("none", 5, "eager"),  # 5: prompts (and virtual tokens) prefilled in chunks
-        ("none", 512, "static"),
-        ("nf4", 512, "static"),
-        ("none", 512, "compiled"),
+        ("none", 512, "eager", None),
+        ("nf4", 512, "eager", None),
+        ("none", 5, "eager", None),  # 5: prompts (and virtual tokens) prefilled in chunks
+        ("none", 512, "eager", 0),
+        ("none", 512, "static", None),
+        ("nf4", 512, "static", None),
+        ("none", 512, "compiled", None),
     ],
 )
-def test_mixed_batch_matches_peft_per_adapter(tiny_model_dir, adapter_dirs, quantize, prefill_budget, decode):
+def test_mixed_batch_matches_peft_per_adapter(
+    tiny_model_dir, adapter_dirs, quantize, prefill_budget, decode, group_cost
+):
     rows = _plan()
     refs = _references(tiny_model_dir, adapter_dirs, quantize, rows)
     base = load_base_model(tiny_model_dir, quantize=quantize, device="cpu")
@@ -86,8 +90,14 @@ def test_mixed_batch_matches_peft_per_adapter(tiny_model_dir, adapter_dirs, quan
             max_prefill_tokens=prefill_budget,
             decode_step="eager" if decode == "eager" else "static",
             compile_decode=decode == "compiled",
+            prefill_group_cost=group_cost,
         ),
         capture_logits=True,
+    )
+    prefill_forwards = []
+    runner_prefill = engine.core.runner.prefill
+    engine.core.runner.prefill = lambda rows, *a: (
+        prefill_forwards.append(len(rows)) or runner_prefill(rows, *a)
     )
     if decode != "eager":
         assert engine.core.decode_graphs is not None
@@ -114,6 +124,8 @@ def test_mixed_batch_matches_peft_per_adapter(tiny_model_dir, adapter_dirs, quan
         _, base_logits = peft_greedy(plain, prompt, 1)
         assert (refs[(kind, tuple(prompt))][1][0] - base_logits[0]).abs().max() > 1e-2, kind
     assert base_tokens  # base rows were part of the batch
+    if group_cost == 0:  # rows of unequal lengths really ran as several forwards, and all of them ran
+        assert len(prefill_forwards) > 1 and sum(prefill_forwards) == len(rows)
     if decode != "eager":
         # every decode step ran the static step (13 rows padded to the 16-row bucket)
         stats = engine.core.decode_graphs.stats

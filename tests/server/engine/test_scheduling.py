@@ -68,14 +68,16 @@ def test_long_prompts_are_prefilled_in_chunks_within_the_budget(tiny_model_dir):
         core.step()
         first_tokens.append([bool(s) for s in sinks])
         assert sum(seq.prefill_done for seq in core.running) <= 40 + 3 * 8
+    # Admitted together, the rows are given shortest prefill first (prefill_groups.py): the three short
+    # prompts take the first 20-token budget, the long one is chunked after them.
     assert first_tokens == [
-        [False, False, False, False],  # 20 tokens of the long prompt, nobody done
-        [True, False, False, False],  # its last 20: first token
-        [True, True, True, False],  # 8 + 8 (+ 4 of the last one) while the first decodes
-        [True, True, True, True],
+        [False, True, True, False],  # 8 + 8 + 4 of the third short prompt
+        [False, True, True, True],  # its last 4, then 16 of the long prompt
+        [False, True, True, True],  # 20 more of the long prompt (36 of 40)
+        [True, True, True, True],  # its last 4: first token
     ]
-    # the long one decoded on while the others prefilled: its 3 tokens came at steps 2, 3 and 4
-    assert sum(len(ev.token_ids) for ev in sinks[0]) == 3 and sinks[0][-1].finish_reason is not None
+    # the short ones decoded on while the long one prefilled: their 3 tokens came at steps 1, 2 and 3
+    assert sum(len(ev.token_ids) for ev in sinks[1]) == 3 and sinks[1][-1].finish_reason is not None
     while core.has_work():
         core.step()
     # Chunking changes nothing in what is generated: the same requests one at a time, unchunked.
