@@ -7,8 +7,9 @@
 #   2. bench, 1B shape, bf16 and nf4, 32 adapters of mixed kinds (graphs; nf4 also eager);
 #   3. the LoRA kernel backends (torch gather+bmm vs Triton) on 1B shapes, if scripts/gpu/lora_kernels.py
 #      exists, and the engine bench with --lora-backend triton;
-#   4. bench, 1B bf16, 1,000 LoRAs in the store and 64 slots (vs the 32-adapter run of stage 1); then the
-#      8B shape, bf16, mixed kinds: the decode step's fraction of the memory-bandwidth limit;
+#   4. bench, 1B bf16, 1,000 LoRAs in the store and 64 slots (vs the 32-adapter run of stage 1); `bench
+#      --served` (through a real server, beside the in-process engine); then the 8B shape, bf16, mixed
+#      kinds: the decode step's fraction of the memory-bandwidth limit;
 #   5. the main job (`serve`, nf4 by default on CUDA) through the SDK (.gpu/served.py), unless check.sh
 #      already ran it;
 #   6. nf4 parity (engine vs PEFT per bitsandbytes dispatch) and 6 QLoRA steps on the 1B shape.
@@ -52,6 +53,12 @@ fi
 
 # #11's store-scale goal: 1,000 adapters in the store, 64 in flight (64 slots), vs the 32-adapter run above.
 bench 1b-bf16-lora-1000 90 "$M" --quantize none --kinds lora --adapters 1000 --adapter-slots 64 --repeats 2 --baseline-seconds 0
+
+# Through the server: `serve` in a child process, adapters uploaded and 64 requests sent through the SDK,
+# beside the in-process engine in the same rounds (the serving path's cost with CUDA-graph steps).
+if python3 -m adapterserve bench --help 2>/dev/null | grep -q -- --served; then
+  bench 1b-bf16-served 100 "$M" --quantize none --kinds lora --served --repeats 2 --baseline-seconds 0
+fi
 
 if [ "$(left)" -gt 150 ]; then
   say "make 8b model"
