@@ -6,7 +6,8 @@
 - manifest.py           manifest.json: what an adapter is, sha256 and size of each file; re-hash a folder
 - lookup.py             StoreIndex: what is served, resolving a name, listing, steady reads and loads
 - upload.py             uploads: staging in a private folder, validation, atomic publish
-- store.py              AdapterStore: the facade over the four above; delete
+- versions.py           the on-disk record of each name's highest version, so versions never repeat
+- store.py              AdapterStore: the facade over the modules above; delete
 - registry.py           AdapterRegistry: host-RAM LRU by bytes, pinning, single-flight loads (AdapterProvider)
 
 Nothing is imported here so that importing one module (e.g. the loader's safetensors checks) stays cheap.

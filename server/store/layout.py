@@ -6,15 +6,18 @@ Layout (`root/`):
     .replaced-<hex32>-<name>/                                              the old folder during a replace
     .deleted-<hex32>-<name>/                                               a folder being deleted
     .pins.json                                                             names pinned through the admin API
+    .versions/<name>                                                       highest version <name> ever had
 
 Every change is a rename inside `root` (atomic on POSIX), after the new files are fsynced:
 - put:     write + fsync into .upload-*, validate, then rename to <name>;
 - replace: rename <name> to .replaced-*-<name>, rename the upload to <name>, remove the old one;
 - delete:  rename <name> to .deleted-*-<name>, then remove it.
+Before a put/replace or a delete renames anything, .versions/<name> is raised to the version concerned
+(temp file, fsync, rename), so versions never repeat, even after a delete and a restart.
 A crash at any point leaves the old or the new state: at start (`recover`), .upload-* and .deleted-*
-folders are removed, and a .replaced-*-<name> folder is renamed back to <name> if the new one never got
-there (else removed). Symlinks are never followed: files are opened O_NOFOLLOW, and removing a symlinked
-entry unlinks the link.
+folders and .versions/.*.tmp files are removed, and a .replaced-*-<name> folder is renamed back to
+<name> if the new one never got there (else removed). Symlinks are never followed: files are opened
+O_NOFOLLOW, and removing a symlinked entry unlinks the link.
 
 This module knows paths and file operations only; manifests are manifest.py's, the served set lookup.py's.
 """
@@ -40,6 +43,7 @@ REPLACED_PREFIX = ".replaced-"
 DELETED_PREFIX = ".deleted-"
 _PARK_ID_CHARS = 33  # "<hex32>-" between a parking prefix and the adapter's name
 PINS_FILE = ".pins.json"  # names pinned through the admin API, kept across restarts
+VERSIONS_DIR = ".versions"  # one record per name: the highest version it ever had (versions.py)
 MAX_PINS_BYTES = 256 << 10
 
 # The two files of a stored adapter (PEFT's names), besides its manifest.json.
@@ -125,9 +129,9 @@ def park_for_delete(root: Path, name: str) -> Path:
 
 
 def recover(root: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """Undo what a crash left: remove uploads, deletions and pins writes in progress; roll back a
-    replace whose new version never arrived. Returns (entries removed, adapter names restored)."""
-    cleaned: list[str] = []
+    """Undo what a crash left: remove uploads, deletions, pins and version-record writes in progress;
+    roll back a replace whose new version never arrived. Returns (entries removed, adapter names restored)."""
+    cleaned: list[str] = _remove_record_temps(root)
     restored: list[str] = []
     for entry in sorted(os.scandir(root), key=lambda e: e.name):
         n = entry.name
@@ -149,6 +153,25 @@ def recover(root: Path) -> tuple[tuple[str, ...], tuple[str, ...]]:
     if cleaned or restored:
         fsync_dir(root)
     return tuple(cleaned), tuple(restored)
+
+
+def _remove_record_temps(root: Path) -> list[str]:
+    """Remove .versions/.*.tmp (version-record writes that never got renamed); their paths in `root`."""
+    folder = root / VERSIONS_DIR
+    if folder.is_symlink() or not folder.is_dir():
+        return []
+    removed = []
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if (
+            entry.name.startswith(".")
+            and entry.name.endswith(".tmp")
+            and entry.is_file(follow_symlinks=False)
+        ):
+            os.unlink(folder / entry.name)
+            removed.append(f"{VERSIONS_DIR}/{entry.name}")
+    if removed:
+        fsync_dir(folder)
+    return removed
 
 
 # ---------------------------------------------------------------------- pins

@@ -6,6 +6,10 @@ folder after `layout.recover`, kept current by uploads and deletes, and re-read 
 for a store shared by several servers. It also holds the two locks every writer takes: `mutating`
 (one install / delete / refresh at a time) and `renaming()` (a rename waits for the folder reads that
 `reading()` holds, so a load never sees a folder move under it).
+
+Versions: `next_version(name)` is above every version of `name` this index has seen (served, deleted
+here, or found gone by `refresh`), the on-disk record (versions.py) and the manifest of the folder on
+disk now, so a (name, version) never names two uploads, across deletes, restarts and processes.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from adapterserve.server.errors import AdapterValidationError, NotFoundError, Se
 from adapterserve.server.store.locks import ReadWriteLock
 from adapterserve.server.store.manifest import Manifest, verify_dir
 from adapterserve.server.store.names import is_valid_name, validate_name
+from adapterserve.server.store.versions import folder_version, read_record
 
 if TYPE_CHECKING:
     from adapterserve.server.store.upload import AdapterValidator, ValidatedAdapter
@@ -35,7 +40,7 @@ class StoreIndex:
         self.base_fingerprint = base_fingerprint
         self._manifests: dict[str, Manifest] = {}
         self._failed: dict[str, str] = {}
-        self._last_version: dict[str, int] = {}  # of deleted names, so versions never repeat in-process
+        self._last_version: dict[str, int] = {}  # of names deleted or found gone (besides the record)
         self.mutating = threading.Lock()  # one install / delete / refresh at a time
         self._folders = ReadWriteLock()  # loads read folders; renames exclude them
         for entry in sorted(os.scandir(root), key=lambda e: e.name):
@@ -120,13 +125,13 @@ class StoreIndex:
 
     def refresh(self, name: str) -> Manifest:
         """Re-read one entry from disk (another process sharing the folder may have changed it):
-        verify it against its manifest and serve what is there now. Raises NotFoundError."""
+        verify it against its manifest and serve what is there now. Raises NotFoundError.
+        An entry found gone is forgotten as a delete here would be: its version is remembered."""
         validate_name(name)
         path = self.root / name
         with self.mutating:
             if os.path.islink(path) or not os.path.isdir(path):
-                self._manifests.pop(name, None)
-                self._failed.pop(name, None)
+                self.removed(name)
             else:
                 try:
                     manifest = self._verify(path, name)
@@ -149,10 +154,20 @@ class StoreIndex:
         """Whether `name` is served or was found but not served."""
         return name in self._manifests or name in self._failed
 
-    def next_version(self, name: str) -> int:
-        """The version the next upload of `name` gets: above the served one and any deleted one."""
+    def known_version(self, name: str) -> int:
+        """The highest version of `name` known here or on disk (0 if none): served, deleted or found
+        gone in this process, the on-disk record, the manifest of the folder now at `root/name`."""
         old = self._manifests.get(name)
-        return max(old.version if old else 0, self._last_version.get(name, 0)) + 1
+        return max(
+            old.version if old else 0,
+            self._last_version.get(name, 0),
+            read_record(self.root, name),
+            folder_version(self.root / name),
+        )
+
+    def next_version(self, name: str) -> int:
+        """The version the next upload of `name` gets: above any it ever had (`known_version`)."""
+        return self.known_version(name) + 1
 
     def served(self, name: str, manifest: Manifest) -> None:
         """Record a folder just renamed into place."""
@@ -164,5 +179,5 @@ class StoreIndex:
         old = self._manifests.pop(name, None)
         self._failed.pop(name, None)
         if old is not None:
-            self._last_version[name] = old.version
+            self._last_version[name] = max(old.version, self._last_version.get(name, 0))
         return old

@@ -5,8 +5,15 @@ hands each call to the module whose job it is:
 - layout.py    the folder layout, the renames that change it and their undo at start (`recover`), pins;
 - manifest.py  manifest.json, and re-hashing a folder against it (`verify_dir`);
 - lookup.py    what is served (`StoreIndex`): listing, resolving a name, steady reads, loads, refresh;
-- upload.py    staging an upload, validating it and publishing it with one rename.
+- upload.py    staging an upload, validating it and publishing it with one rename;
+- versions.py  the on-disk record of each name's highest version.
 Deleting, a short rename under the index's locks, is done here.
+
+Versions: a name's version goes up with every upload and never repeats, whichever process wrote or
+deleted it and across restarts: every put, replace and delete first raises the name's record in
+.versions/ (written atomically, kept after the delete), and the next upload is numbered above it, above
+the folder on disk and above what this process saw (including entries `refresh` found gone). Across
+processes this holds for the documented single writer (writes one after another, not concurrently).
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ from adapterserve.server.store.upload import (
     begin_upload,
     publish_upload,
 )
+from adapterserve.server.store.versions import raise_record
 
 # Names other packages import from here (they predate the split into layout/lookup/upload).
 __all__ = [
@@ -240,11 +248,13 @@ class AdapterStore:
         )
 
     def delete(self, name: str) -> Manifest | None:
-        """Remove an adapter atomically; returns its manifest (None for an entry that was not served)."""
+        """Remove an adapter atomically; returns its manifest (None for an entry that was not served).
+        Its version stays recorded (.versions/<name>): a later upload of the name gets a higher one."""
         validate_name(name)
         with self._index.mutating:
             if not self._index.has_entry(name):
                 raise NotFoundError(f"adapter {name!r} not found")
+            raise_record(self.root, name, self._index.known_version(name))  # a re-upload gets a new version
             with self._index.renaming():
                 parked = park_for_delete(self.root, name)
                 old = self._index.removed(name)

@@ -9,7 +9,8 @@ the files to `publish_upload`, which runs the store's validator once (the loader
 against the allowlist, reads the safetensors file (caps, pickle refusal, the library's format checks)
 and checks it against the served base; the adapter it returns goes into the host cache), writes the
 manifest and renames the folder into place (layout.move_into_place). Any failure removes the temporary
-folder, so a refused upload leaves the store exactly as it was.
+folder, so a refused upload leaves the store exactly as it was. The new version is above any the name
+ever had (`StoreIndex.next_version`) and is recorded on disk before the rename (versions.py).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from adapterserve.server.store.layout import (
 from adapterserve.server.store.manifest import FileEntry, Manifest, check_base, write_manifest
 from adapterserve.server.store.names import validate_name
 from adapterserve.server.store.safetensors_check import sniff_pickle
+from adapterserve.server.store.versions import raise_record
 
 if TYPE_CHECKING:
     from adapterserve.server.store.lookup import StoreIndex
@@ -303,6 +305,7 @@ def publish_upload(
         )
         write_manifest(tmp, manifest)
         fsync_dir(tmp)
+        raise_record(root, name, manifest.version)  # durable before the rename: versions never repeat
         with index.renaming():
             move_into_place(root, tmp, name, replace=exists)
             index.served(name, manifest)

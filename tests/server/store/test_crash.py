@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.server.store.disk import entries, records
+
 REPO = Path(__file__).resolve().parents[3]
 
 CHILD = textwrap.dedent(
@@ -85,7 +87,7 @@ def test_kill9_mid_upload_leaves_only_complete_adapters(make_store, spec, lora_d
     assert store.names() == ["complete"]
     assert store.failed == {}
     assert len(store.scan_report.cleaned) == 1
-    assert sorted(os.listdir(root)) == ["complete"]
+    assert entries(root) == ["complete"] and records(root) == {"complete": 1}
     store.verify("complete")
 
 
@@ -98,9 +100,13 @@ def test_kill9_during_busy_puts_replaces_and_deletes(make_store, spec, lora_dirs
 
     store = make_store()
     assert store.failed == {}
-    assert not [n for n in os.listdir(root) if n.startswith(".")]
-    assert set(os.listdir(root)) == set(store.names())
+    assert entries(root) == store.names()  # no temporary folder left, nothing unserved
+    recorded = records(root)  # no half-written record left
     for name in store.names():
+        assert recorded[name] >= store.manifest(name).version  # the record is never behind the disk
         store.verify(name)
         manifest, loaded = store.load(name)
         assert loaded.info.rank == 2
+    for i in range(7):  # deleted or not, a name's next version is above any it had before the kill
+        name = f"a{i}"
+        assert store.put_dir(lora_dirs[1], name, overwrite=True).manifest.version > recorded.get(name, 0)

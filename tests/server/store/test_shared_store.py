@@ -39,3 +39,32 @@ def test_refresh_of_a_tampered_entry_is_not_found_with_the_reason(tmp_path, spec
         reader.refresh("x")
     with pytest.raises(NotFoundError):
         reader.refresh("never-written")
+
+
+def test_versions_never_repeat_across_replicas_after_a_delete_elsewhere(tmp_path, spec, lora_dirs):
+    """Replica B learns of a delete by refresh; a re-upload through B, then through A, gets a version
+    above every version the name ever had in either view (the engine caches by (name, version))."""
+    root = tmp_path / "shared"
+    a = AdapterStore(root, make_validator(spec))
+    b = AdapterStore(root, make_validator(spec))
+    assert a.put_dir(lora_dirs[0], "a").manifest.version == 1
+    assert b.refresh("a").version == 1
+    a.delete("a")
+    with pytest.raises(NotFoundError):
+        b.refresh("a")
+    via_b = b.put_dir(lora_dirs[1], "a").manifest.version
+    assert via_b >= 2
+    via_a = a.put_dir(lora_dirs[2], "a", overwrite=True).manifest.version  # A has not refreshed
+    assert via_a > via_b
+
+
+def test_versions_never_repeat_after_a_delete_and_a_restart(tmp_path, spec, lora_dirs):
+    """The highest version of a name is kept on disk: a delete, then a restart (or another process
+    that never saw the name), then a re-upload still gets a new version."""
+    root = tmp_path / "shared"
+    first = AdapterStore(root, make_validator(spec))
+    first.put_dir(lora_dirs[0], "a")
+    first.put_dir(lora_dirs[1], "a", overwrite=True)
+    first.delete("a")
+    restarted = AdapterStore(root, make_validator(spec))
+    assert restarted.put_dir(lora_dirs[2], "a").manifest.version == 3

@@ -27,6 +27,7 @@ from adapterserve.server.errors import (
 from adapterserve.server.store.manifest import MANIFEST_FILE, Manifest
 from adapterserve.server.store.store import AdapterStore
 from tests.helpers.peft_adapters import tree_state, write_lora_dir
+from tests.server.store.disk import entries, records
 from tests.server.store.validators import make_validator
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
@@ -50,7 +51,7 @@ def test_put_lists_and_writes_peft_format_plus_manifest(make_store, lora_dirs, t
     assert m.files[WEIGHTS].size == (lora_dirs[0] / WEIGHTS).stat().st_size
     on_disk = Manifest.from_bytes((folder / MANIFEST_FILE).read_bytes())
     assert on_disk == m and len(m.digest) == 64
-    assert not [n for n in os.listdir(store.root) if n.startswith(".")]
+    assert entries(store.root) == ["task-a"] and records(store.root) == {"task-a": 1}
 
 
 def test_real_peft_save_pretrained_dir_is_stored(make_store, peft_adapter_dirs):
@@ -67,7 +68,7 @@ def test_overwrite_replaces_atomically_and_bumps_version(make_store, lora_dirs):
     second = store.put_dir(lora_dirs[1], "a", overwrite=True)
     assert second.replaced == first and second.manifest.version == 2 and second.manifest.uid != first.uid
     assert (store.root / "a" / WEIGHTS).read_bytes() == (lora_dirs[1] / WEIGHTS).read_bytes()
-    assert sorted(os.listdir(store.root)) == ["a"]
+    assert entries(store.root) == ["a"] and records(store.root) == {"a": 2}
 
 
 def test_delete_is_atomic_and_versions_never_repeat(make_store, lora_dirs):
@@ -75,12 +76,13 @@ def test_delete_is_atomic_and_versions_never_repeat(make_store, lora_dirs):
     store.put_dir(lora_dirs[0], "a")
     store.put_dir(lora_dirs[0], "a", overwrite=True)
     assert store.delete("a").version == 2
-    assert os.listdir(store.root) == []
+    assert entries(store.root) == [] and records(store.root) == {"a": 2}  # the record outlives the adapter
     with pytest.raises(NotFoundError, match="'a' not found"):
         store.manifest("a")
     with pytest.raises(NotFoundError):
         store.delete("a")
     assert store.put_dir(lora_dirs[0], "a").manifest.version == 3
+    assert make_store().put_dir(lora_dirs[0], "a", overwrite=True).manifest.version == 4  # after a restart
 
 
 # ------------------------------------------------------------------------------------ refusals
@@ -350,6 +352,8 @@ def test_crash_states_recover_to_old_or_new(make_store, lora_dirs):
     # crash mid-upload: a half-written temporary folder
     (root / ".upload-123").mkdir()
     (root / ".upload-123" / WEIGHTS).write_bytes(b"partial")
+    # crash mid-write of a version record: the temp file never got renamed over the record
+    (root / ".versions" / f".{'d' * 32}.tmp").write_bytes(b"9")
 
     reopened = make_store()
     assert reopened.names() == ["after-replace", "kept", "mid-replace"]
@@ -358,9 +362,11 @@ def test_crash_states_recover_to_old_or_new(make_store, lora_dirs):
         ".upload-123",
         f".replaced-{'b' * 32}-after-replace",
         f".deleted-{'c' * 32}-mid-delete",
+        f".versions/.{'d' * 32}.tmp",
     }
     assert tree_state(root / "mid-replace") == old_mid
-    assert not [n for n in os.listdir(root) if n.startswith(".")]
+    assert not [n for n in entries(root) if n.startswith(".")]
+    assert records(root) == dict.fromkeys(["kept", "mid-replace", "after-replace", "mid-delete"], 1)
     assert reopened.failed == {}
 
 
