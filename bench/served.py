@@ -41,6 +41,7 @@ from adapterserve.bench.throughput import (
 )
 from adapterserve.server.engine.offline import OfflineEngine
 from adapterserve.server.model.loading import load_base_model, resolve_source
+from adapterserve.server.omp_pools import release_openmp_pool, run_releasing_pool
 from adapterserve.server.settings import EngineSettings
 
 SERVED_BASE = "served, base only"
@@ -213,6 +214,7 @@ def run_served(settings: BenchSettings) -> dict:
         IN_PROCESS_BASE: [None] * settings.requests,
     }
     runs: dict[str, list[EngineRun]] = {name: [] for name in workloads}
+    release_openmp_pool()  # this thread loaded the model; the in-process engine runs on another one
     try:
         asyncio.run(
             _served_rounds(
@@ -269,7 +271,8 @@ async def _served_rounds(
 
         async def timed(name: str) -> EngineRun:
             if name == IN_PROCESS_BASE:
-                return await asyncio.to_thread(
+                # on a worker thread, as in the server (its OpenMP pool released after, omp_pools.py)
+                return await run_releasing_pool(
                     run_engine_workload, engine, prompts, workloads[name], settings.max_new_tokens
                 )
             return await _wave(

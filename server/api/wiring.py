@@ -6,7 +6,6 @@ the gRPC port is already listening with health NOT_SERVING.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 from importlib import metadata
@@ -103,10 +102,11 @@ async def start_runtime(settings: ServerSettings) -> StartedRuntime:
     from adapterserve.server.adapters.loader import load_adapter_dir
     from adapterserve.server.engine.engine import Engine
     from adapterserve.server.model.loading import load_base_model
+    from adapterserve.server.omp_pools import run_releasing_pool
     from adapterserve.server.store.registry import AdapterRegistry
     from adapterserve.server.store.store import AdapterStore
 
-    base = await asyncio.to_thread(
+    base = await run_releasing_pool(
         load_base_model,
         settings.base_model,
         quantize=settings.quantize,
@@ -116,7 +116,7 @@ async def start_runtime(settings: ServerSettings) -> StartedRuntime:
     validate = functools.partial(
         load_adapter_dir, spec=base.spec, settings=settings.engine, max_bytes=settings.cache.max_adapter_bytes
     )
-    store = await asyncio.to_thread(
+    store = await run_releasing_pool(
         AdapterStore,
         settings.store,
         validate,
@@ -134,7 +134,7 @@ async def start_runtime(settings: ServerSettings) -> StartedRuntime:
                 src, name, description=f"demo adapter ({kind}; adapterserve --demo-adapters)"
             )
 
-        await asyncio.to_thread(ensure_demo_adapters, base, put, set(store.names()))
+        await run_releasing_pool(ensure_demo_adapters, base, put, set(store.names()))
     registry = AdapterRegistry(store, settings.cache)
     engine = Engine(base, registry, settings.engine)
     await engine.start()

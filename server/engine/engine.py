@@ -20,6 +20,7 @@ from adapterserve.server.engine.provider import AdapterProvider, ResolvedAdapter
 from adapterserve.server.engine.types import GenerationRequest, TokenEvent
 from adapterserve.server.errors import UnavailableError
 from adapterserve.server.model.loading import LoadedBase
+from adapterserve.server.omp_pools import release_openmp_pool
 from adapterserve.server.settings import EngineSettings
 
 log = logging.getLogger(__name__)
@@ -94,6 +95,7 @@ class Engine:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._relay = EventRelay(self._loop)
+        release_openmp_pool()  # the engine thread's pool should be the process's only one (omp_pools.py)
         self._thread = threading.Thread(target=self._run, name="adapterserve-engine", daemon=True)
         self._thread.start()
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from adapterserve.server.adapters.types import AdapterInfo
+from adapterserve.server.omp_pools import run_releasing_pool
 from adapterserve.server.settings import CacheSettings
 from adapterserve.server.store.manifest import Manifest
 from adapterserve.server.store.names import validate_name
@@ -133,7 +134,7 @@ class AdapterRegistry:
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
-            stored, loaded = await asyncio.to_thread(self.store.load, name, verify=self.verify_on_load)
+            stored, loaded = await run_releasing_pool(self.store.load, name, verify=self.verify_on_load)
         except BaseException:
             self._stats.load_failures += 1
             self._emit("load_failed", name, manifest.version, 0)

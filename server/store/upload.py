@@ -32,6 +32,7 @@ from adapterserve.server.errors import (
     InvalidArgumentError,
     ResourceExhaustedError,
 )
+from adapterserve.server.omp_pools import run_releasing_pool
 from adapterserve.server.store.layout import (
     ACCEPTED_FILES,
     CONFIG_FILE,
@@ -221,7 +222,7 @@ class UploadSession:
         try:
             async for filename, chunk in files:
                 await asyncio.to_thread(self.write, filename, chunk)
-            return await asyncio.to_thread(self.commit)
+            return await run_releasing_pool(self.commit)  # validation parses tensors
         finally:
             await asyncio.to_thread(self.abort)
 

@@ -1,0 +1,73 @@
+"""The OpenMP pool of a thread that ran torch ops off the engine thread is freed when asked (omp_pools.py):
+its worker threads leave the process, and torch keeps working in that thread afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+
+import pytest
+import torch
+
+from adapterserve.server.omp_pools import release_openmp_pool, releasing_pool, run_releasing_pool
+
+
+def _threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def _parallel_work() -> torch.Tensor:
+    x = torch.arange(1 << 21, dtype=torch.float32)
+    return (x * 0.5).sin().sum()  # large enough for torch to run it on the OpenMP pool
+
+
+needs_pool = pytest.mark.skipif(
+    not os.path.isdir("/proc/self/task") or torch.get_num_threads() < 2 or not release_openmp_pool(),
+    reason="needs Linux, 2+ torch threads and an OpenMP runtime with omp_pause_resource_all",
+)
+
+
+@needs_pool
+def test_a_released_pool_leaves_the_process_and_torch_still_works():
+    seen = {}
+
+    def worker() -> None:
+        seen["before"] = _threads()
+        seen["value"] = _parallel_work()
+        seen["with_pool"] = _threads()
+        seen["released"] = release_openmp_pool()
+        seen["after"] = _threads()
+        seen["again"] = _parallel_work()  # a new pool, same result
+        release_openmp_pool()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert seen["with_pool"] > seen["before"], "the parallel op ran without a pool of worker threads"
+    assert seen["released"] and seen["after"] < seen["with_pool"]
+    assert torch.equal(seen["value"], seen["again"])
+
+
+@needs_pool
+def test_releasing_pool_frees_it_even_when_the_work_fails():
+    counts = {}
+
+    def failing() -> None:
+        _parallel_work()
+        counts["with_pool"] = _threads()
+        raise ValueError("bad adapter")
+
+    def worker() -> None:
+        with pytest.raises(ValueError, match="bad adapter"):
+            releasing_pool(failing)()
+        counts["after"] = _threads()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert counts["after"] < counts["with_pool"]
+
+
+def test_run_releasing_pool_returns_the_result():
+    assert asyncio.run(run_releasing_pool(lambda a, b=0: a + b, 2, b=3)) == 5
