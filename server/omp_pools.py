@@ -9,10 +9,11 @@ its own: two or more pools, and on the 2-core development machine the engine thr
 205 ms instead of 165 ms (17% of served throughput, the serving path's whole measured cost).
 
 `release_openmp_pool()` frees the calling thread's pool (OpenMP 5.0 `omp_pause_resource_all` with
-`omp_pause_hard`; libgomp >= 9 and Intel's libiomp have it); the thread gets a new pool if it runs a
-parallel region again. `run_releasing_pool` wraps work that runs torch ops off the engine thread, so the
-pool it created goes away with the work. Where no OpenMP runtime with that call is loaded (other builds),
-both do nothing.
+`omp_pause_hard`, which libgomp >= 9 implements for the calling thread only); the thread gets a new pool
+if it runs a parallel region again. Only libgomp is called: LLVM's and Intel's runtimes take a hard pause
+as a shutdown of the whole runtime, unsafe while the engine thread runs. `run_releasing_pool` wraps work
+that runs torch ops off the engine thread, so the pool it created goes away with the work. Where libgomp
+is not loaded (other builds, other systems), both do nothing.
 """
 
 from __future__ import annotations
@@ -20,14 +21,12 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import functools
-import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
 _OMP_PAUSE_HARD = 2
-_RUNTIME_NAMES = ("libgomp", "libiomp")
+_RUNTIME_NAME = "libgomp"
 
 
 @functools.cache
@@ -37,7 +36,7 @@ def _pause_all() -> Callable[[int], int] | None:
 
     try:
         with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if any(n in line for n in _RUNTIME_NAMES)}
+            paths = {line.split()[-1] for line in maps if _RUNTIME_NAME in line}
     except OSError:
         return None
     for path in sorted(paths):
