@@ -46,6 +46,11 @@ class EngineSettings(BaseModel):
         "lengths runs as groups when that pads less (default: 32 on CPU, 2048 on CUDA; 0: a group per "
         "distinct length)",
     )
+    cpu_linear: Literal["auto", "onednn", "torch"] = Field(
+        "auto",
+        description="a CPU engine's base linears: onednn (weights packed once for oneDNN, ~2x faster in "
+        "float32, twice the linear weights' memory), torch (F.linear); auto: onednn where torch has it",
+    )
     decode_step: Literal["auto", "eager", "static", "graphs"] = Field(
         "auto",
         description=(

@@ -83,7 +83,10 @@ class RunEvaluator:
         # The KV cache is preallocated [layers, rows, heads, max_seq_len, dim]: size it to the eval set
         # (+ room for up to 256 virtual tokens), not to a serving default.
         rows = min(EngineSettings().max_batch_size, len(self.examples))
-        return OfflineEngine(base, EngineSettings(max_seq_len=longest + 256, max_batch_size=rows))
+        # cpu_linear="torch": packed copies would not see weights that training changes later
+        return OfflineEngine(
+            base, EngineSettings(max_seq_len=longest + 256, max_batch_size=rows, cpu_linear="torch")
+        )
 
     def release(self) -> None:
         """Drop the engine's base copy and KV cache (training then measures its own memory); the next

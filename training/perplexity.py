@@ -85,7 +85,10 @@ class ScoreEvaluator:
 
         longest = max(len(p) + len(c) for p, c in self.items)
         rows = min(EngineSettings().max_batch_size, len(self.items))
-        return OfflineEngine(base, EngineSettings(max_seq_len=longest + 256, max_batch_size=rows))
+        # cpu_linear="torch": packed copies would not see weights that training changes later
+        return OfflineEngine(
+            base, EngineSettings(max_seq_len=longest + 256, max_batch_size=rows, cpu_linear="torch")
+        )
 
     def score_base(self) -> list[list[float]]:
         from adapterserve.training.evaluate import reload_base

@@ -13,6 +13,7 @@ from torch import nn
 
 from adapterserve.server.adapters.kind import ModuleKey, ModuleSlots, RowSelection
 from adapterserve.server.adapters.slots import NO_ADAPTER, AdapterBank
+from adapterserve.server.model.cpu_linear import PackedLinear, can_pack
 
 AdapterBatch = RowSelection  # one forward's rows: slots [B], kinds present, single shared slot
 
@@ -62,8 +63,26 @@ class MultiAdapterLinear(nn.Module):
         return y
 
 
-def wrap_model(model: nn.Module, bank: AdapterBank, context: AdapterContext) -> None:
-    """Replace every decoder linear of the base model by a MultiAdapterLinear (once, in place)."""
+def pack_base_linears(model: nn.Module) -> int:
+    """Run the wrapped base linears and the lm_head through oneDNN-packed weights (a CPU engine; see
+    server/model/cpu_linear.py). Returns how many linears were packed."""
+    packed = 0
+    for module in model.modules():
+        if isinstance(module, MultiAdapterLinear) and can_pack(module.base):
+            module.base = PackedLinear(module.base)
+            packed += 1
+    head = getattr(model, "lm_head", None)
+    if head is not None and can_pack(head):
+        model.lm_head = PackedLinear(head)
+        packed += 1
+    return packed
+
+
+def wrap_model(
+    model: nn.Module, bank: AdapterBank, context: AdapterContext, *, pack_cpu_linears: bool = False
+) -> None:
+    """Replace every decoder linear of the base model by a MultiAdapterLinear (once, in place); with
+    `pack_cpu_linears`, their base linears and the lm_head then run on oneDNN-packed weights."""
     for layer_idx, layer in enumerate(model.model.layers):
         for short, path in bank.spec.linear_paths.items():
             parent_path, _, attr = path.rpartition(".")
@@ -74,3 +93,5 @@ def wrap_model(model: nn.Module, bank: AdapterBank, context: AdapterContext) -> 
             key = (layer_idx, short)
             bank.sites[key].base = base
             setattr(parent, attr, MultiAdapterLinear(base, key, bank.module_slots[key], context))
+    if pack_cpu_linears:
+        pack_base_linears(model)

@@ -46,6 +46,7 @@ _SECTION_FLAGS: dict[str, tuple[str, str]] = {
     "max_virtual_tokens": ("engine", "max_virtual_tokens"),
     "kv_cache": ("engine", "kv_cache"),
     "decode_step": ("engine", "decode_step"),
+    "cpu_linear": ("engine", "cpu_linear"),
     "lora_backend": ("engine", "lora_backend"),
     "host_cache_bytes": ("cache", "host_cache_bytes"),
     "max_adapter_bytes": ("cache", "max_adapter_bytes"),
@@ -146,7 +147,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "max_adapter_bytes",
     ):
         eng.add_argument(flag_of(dest), dest=dest, type=int, metavar="N", help=section_flag_help(dest))
-    for dest in ("kv_cache", "decode_step"):
+    for dest in ("kv_cache", "decode_step", "cpu_linear"):
         choices = EngineSettings.model_fields[dest].annotation.__args__  # the Literal's values
         eng.add_argument(flag_of(dest), dest=dest, choices=choices, help=section_flag_help(dest))
     eng.add_argument(

@@ -46,6 +46,7 @@ from adapterserve.server.errors import (
     ResourceExhaustedError,
     ServeError,
 )
+from adapterserve.server.model.cpu_linear import use_packed_linears
 from adapterserve.server.model.loading import LoadedBase, eos_token_ids
 from adapterserve.server.settings import EngineSettings
 
@@ -77,7 +78,8 @@ class EngineCore:
         )  # refused settings fail before the model is touched
         self.bank = AdapterBank(spec, settings.adapter_slots, self.dtype, self.device, settings.lora_backend)
         self.context = AdapterContext()
-        wrap_model(base.model, self.bank, self.context)
+        packed = use_packed_linears(settings.cpu_linear, self.device)  # refused settings fail here
+        wrap_model(base.model, self.bank, self.context, pack_cpu_linears=packed)
         self.cache = make_kv_cache(settings, spec, self.dtype, self.device)
         self.runner = ModelRunner(base.model, self.cache, self.context)
         self.prefill_forward_cost = forward_cost_tokens(self.device, settings.prefill_group_cost)

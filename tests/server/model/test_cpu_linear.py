@@ -1,0 +1,64 @@
+"""oneDNN-packed CPU linears: the same outputs as F.linear up to summation order, the original weights
+left in place (tied embeddings, DoRA's norms), and the engine's tokens unchanged."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adapterserve.server.model import cpu_linear
+from adapterserve.server.model.cpu_linear import PackedLinear, can_pack, onednn_linear_available
+
+pytestmark = pytest.mark.skipif(not onednn_linear_available(), reason="torch built without oneDNN")
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-4), (torch.bfloat16, 0.0)])
+@pytest.mark.parametrize("shape", [(1, 96), (7, 96), (5, 1, 96), (3, 11, 96)])
+def test_packed_linear_equals_f_linear(dtype, atol, shape):
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 160, bias=True).to(dtype).requires_grad_(False)
+    x = torch.randn(shape).to(dtype)
+    packed = PackedLinear(linear)
+    got, want = packed(x), F.linear(x, linear.weight, linear.bias)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert torch.allclose(got.float(), want.float(), atol=atol, rtol=1e-5)
+    assert packed.weight is linear.weight and packed.bias is linear.bias
+
+
+def test_only_plain_frozen_cpu_linears_are_packed():
+    frozen = nn.Linear(8, 8).requires_grad_(False)
+    assert can_pack(frozen)
+    assert not can_pack(nn.Linear(8, 8))  # trainable: a packed copy would go stale
+    assert not can_pack(nn.Linear(8, 8).half().requires_grad_(False))  # no fp16 path here
+
+
+def test_the_engine_packs_on_cpu_and_keeps_tokens_and_tied_weights(tiny_model_dir):
+    from adapterserve.server.engine.offline import OfflineEngine
+    from adapterserve.server.model.loading import load_base_model
+    from adapterserve.server.settings import EngineSettings
+
+    outputs, kinds = {}, {}
+    for setting in ("torch", "auto"):
+        base = load_base_model(tiny_model_dir, quantize="none", device="cpu")
+        engine = OfflineEngine(base, EngineSettings(max_batch_size=4, max_seq_len=64, cpu_linear=setting))
+        model = base.model
+        kinds[setting] = type(model.lm_head).__name__, type(model.model.layers[0].mlp.down_proj.base).__name__
+        if setting == "auto" and model.config.tie_word_embeddings:
+            assert model.lm_head.weight is model.model.embed_tokens.weight  # tying kept
+        prompts = [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14]]
+        outputs[setting] = [
+            r.token_ids
+            for r in engine.generate([engine.request(p, max_new_tokens=6, ignore_eos=True) for p in prompts])
+        ]
+    assert kinds["torch"] == ("Linear", "Linear") and kinds["auto"] == ("PackedLinear", "PackedLinear")
+    assert outputs["auto"] == outputs["torch"]
+
+
+def test_onednn_required_but_missing_is_refused(monkeypatch):
+    monkeypatch.setattr(cpu_linear, "onednn_linear_available", lambda: False)
+    with pytest.raises(ValueError, match="oneDNN"):
+        cpu_linear.use_packed_linears("onednn", torch.device("cpu"))
+    assert not cpu_linear.use_packed_linears("auto", torch.device("cpu"))
+    assert not cpu_linear.use_packed_linears("auto", torch.device("meta"))
