@@ -23,16 +23,7 @@ import time
 
 import httpx
 
-QUESTIONS = [  # as bench/throughput.py
-    "What is the capital of France?",
-    "Name three colors.",
-    "Write a haiku about the sea.",
-    "What is 12 times 7?",
-    "Give me a synonym for happy.",
-    "Translate 'good morning' to Spanish.",
-    "What is the boiling point of water?",
-    "Who wrote Hamlet?",
-]
+from adapterserve.bench.throughput import QUESTIONS  # the bench's chats
 
 
 async def wave(client: httpx.AsyncClient, url: str, models: list[str], args) -> tuple[float, list[str]]:
