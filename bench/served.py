@@ -37,6 +37,7 @@ from adapterserve.bench.throughput import (
     engine_rows,
     make_adapters,
     make_prompts,
+    plain_prompt,
     run_engine_workload,
 )
 from adapterserve.server.engine.offline import OfflineEngine
@@ -144,7 +145,7 @@ def request_inputs(tokenizer, n: int) -> list[dict]:
     template), or, for a base without one, the same plain text."""
     if getattr(tokenizer, "chat_template", None):
         return [{"messages": [{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}]} for i in range(n)]
-    return [{"prompt": f"Question: {QUESTIONS[i % len(QUESTIONS)]}\nAnswer:"} for i in range(n)]
+    return [{"prompt": plain_prompt(i)} for i in range(n)]
 
 
 async def _wave(

@@ -155,6 +155,11 @@ def _resample_lora(template: Path, path: Path, seed: int) -> None:
     tmp.rename(path)
 
 
+def plain_prompt(i: int) -> str:
+    """The i-th question as plain text, for a base without a chat template."""
+    return f"Question: {QUESTIONS[i % len(QUESTIONS)]}\nAnswer:"
+
+
 def make_prompts(tokenizer, n: int) -> list[list[int]]:
     """n chat prompts; a tokenizer without a chat template (a non-instruct base) gets plain text."""
     if getattr(tokenizer, "chat_template", None):
@@ -168,9 +173,7 @@ def make_prompts(tokenizer, n: int) -> list[list[int]]:
             )
             for i in range(n)
         ]
-    return [
-        list(tokenizer(f"Question: {QUESTIONS[i % len(QUESTIONS)]}\nAnswer:")["input_ids"]) for i in range(n)
-    ]
+    return [list(tokenizer(plain_prompt(i))["input_ids"]) for i in range(n)]
 
 
 def _sync(device: torch.device) -> None:

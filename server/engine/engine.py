@@ -89,12 +89,10 @@ class Engine:
         self._wake = threading.Event()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
         self._relay: EventRelay | None = None
 
     async def start(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._relay = EventRelay(self._loop)
+        self._relay = EventRelay(asyncio.get_running_loop())
         release_openmp_pool()  # the engine thread's pool should be the process's only one (omp_pools.py)
         self._thread = threading.Thread(target=self._run, name="adapterserve-engine", daemon=True)
         self._thread.start()
