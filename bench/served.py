@@ -1,4 +1,4 @@
-"""Throughput through the server (`adapterserve bench --served`): what a user of the gRPC API gets.
+"""Throughput through the server (`adapterserve bench --served`): what a user of the API gets.
 
 `adapterserve serve` runs in a child process on 127.0.0.1 with the bench's engine settings; the adapters
 are uploaded through the SDK's admin API; each wave sends every request at once as a chat (`messages`,
@@ -6,15 +6,19 @@ the same chat-templated prompts as the in-process bench) from one asyncio SDK cl
 its throughput is the generated tokens over the wave's wall time (the client's own CPU counts, as it
 would for any server measured from the same machine).
 
-Rounds interleave, as in throughput.py: served base only, served over A adapters, and the in-process
-engine's base only (the same engine without gRPC, in this process while the server idles), so the report
-gives the serving path's cost measured in the same rounds. The in-process baselines (transformers'
-batched `generate`) run after the server has stopped.
+Rounds interleave, as in throughput.py: served base only, served over A adapters, the served base
+through the OpenAI-compatible HTTP API (the same chats to /v1/chat/completions from one httpx client;
+only where httpx and the server's [http] extra are installed), and the in-process engine's base only (the
+same engine without a server, in this process while the server idles), so the report gives each front
+end's cost measured in the same rounds. The in-process baselines (transformers' batched `generate`) run
+after the server has stopped.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import importlib.util
 import os
 import shutil
 import signal
@@ -46,6 +50,7 @@ from adapterserve.server.omp_pools import release_openmp_pool, run_releasing_poo
 from adapterserve.server.settings import EngineSettings
 
 SERVED_BASE = "served, base only"
+SERVED_HTTP_BASE = "served over the OpenAI HTTP API, base only"
 IN_PROCESS_BASE = "in-process engine, base only (no server)"
 
 
@@ -54,6 +59,7 @@ class ServerProcess:
     proc: subprocess.Popen
     target: str
     log_path: Path
+    http_url: str | None = None  # the OpenAI-compatible API's base URL, when the server has one
 
     def log_tail(self, chars: int = 2000) -> str:
         try:
@@ -68,11 +74,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def http_available() -> bool:
+    """The served bench can time the HTTP API: httpx (the client) and the server's [http] extra are here."""
+    return all(importlib.util.find_spec(m) is not None for m in ("httpx", "fastapi", "uvicorn"))
+
+
 def serve_command(
-    settings: BenchSettings, model_dir: str, store: Path, port: int, max_seq_len: int, dtype: str
+    settings: BenchSettings,
+    model_dir: str,
+    store: Path,
+    port: int,
+    max_seq_len: int,
+    dtype: str,
+    http_port: int | None = None,
 ) -> list[str]:
     """The `adapterserve serve` command line of the engine settings the in-process bench uses (`dtype`:
-    the in-process base's resolved dtype, since serve's `auto` and bench's `auto` differ on CUDA)."""
+    the in-process base's resolved dtype, since serve's `auto` and bench's `auto` differ on CUDA); the
+    OpenAI-compatible HTTP API on `http_port`, or none."""
     cmd = [
         sys.executable,
         "-m",
@@ -92,7 +110,7 @@ def serve_command(
         str(port),
         "--metrics-port",
         "0",
-        "--no-http",
+        *(["--http-port", str(http_port)] if http_port is not None else ["--no-http"]),
         "--insecure-admin",
         "--max-batch-size",
         str(settings.requests),
@@ -120,11 +138,14 @@ def serve_command(
     return cmd
 
 
-def start_server(cmd: list[str], port: int, log_path: Path, env: dict[str, str]) -> ServerProcess:
+def start_server(
+    cmd: list[str], port: int, log_path: Path, env: dict[str, str], http_port: int | None = None
+) -> ServerProcess:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    return ServerProcess(proc=proc, target=f"127.0.0.1:{port}", log_path=log_path)
+    http_url = None if http_port is None else f"http://127.0.0.1:{http_port}"
+    return ServerProcess(proc=proc, target=f"127.0.0.1:{port}", log_path=log_path, http_url=http_url)
 
 
 def stop_server(server: ServerProcess) -> int | None:
@@ -163,10 +184,47 @@ async def _wave(
     results = await asyncio.gather(*(one(m, a) for m, a in zip(inputs, adapters, strict=True)))
     run = EngineRun(tokens=sum(r.generated_tokens for r in results), seconds=time.perf_counter() - start)
     run.ttft_s = [r.timings.time_to_first_token_s for r in results]
-    seen = [r.prompt_tokens for r in results]
+    _check_prompt_tokens([r.prompt_tokens for r in results], prompt_tokens)
+    return run
+
+
+def _check_prompt_tokens(seen: list[int], prompt_tokens: list[int]) -> None:
     if seen != prompt_tokens:
         raise RuntimeError(f"the server saw prompts of {seen} tokens, the in-process engine {prompt_tokens}")
+
+
+async def _http_wave(
+    http, url: str, model: str, inputs: list[dict], new_tokens: int, prompt_tokens: list[int]
+) -> EngineRun:
+    """_wave through the OpenAI-compatible API: chats to /v1/chat/completions (plain prompts to
+    /v1/completions), greedy, `ignore_eos`, all at once from one httpx client."""
+
+    async def one(given: dict) -> dict:
+        chat = "messages" in given
+        body = {
+            "model": model,
+            **given,
+            "max_tokens": new_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+        }
+        reply = await http.post(f"{url}/v1/{'chat/completions' if chat else 'completions'}", json=body)
+        if reply.status_code != 200:
+            raise RuntimeError(f"HTTP {reply.status_code} from the server: {reply.text[:500]}")
+        return reply.json()["usage"]
+
+    start = time.perf_counter()
+    usages = await asyncio.gather(*(one(m) for m in inputs))
+    run = EngineRun(tokens=sum(u["completion_tokens"] for u in usages), seconds=time.perf_counter() - start)
+    _check_prompt_tokens([u["prompt_tokens"] for u in usages], prompt_tokens)
     return run
+
+
+async def _served_model_name(http, url: str) -> str:
+    """The base model's name on the OpenAI API (the /v1/models entry that is not an adapter)."""
+    reply = await http.get(f"{url}/v1/models")
+    reply.raise_for_status()
+    return next(m["id"] for m in reply.json()["data"] if m.get("parent") is None)
 
 
 def run_served(settings: BenchSettings) -> dict:
@@ -201,17 +259,23 @@ def run_served(settings: BenchSettings) -> dict:
     store = settings.workdir / "served-store"
     shutil.rmtree(store, ignore_errors=True)
     port = _free_port()
+    http_port = _free_port() if http_available() else None
     dtype = str(base.dtype).removeprefix("torch.")
-    cmd = serve_command(settings, model_dir, store, port, max_seq_len, dtype)
+    cmd = serve_command(settings, model_dir, store, port, max_seq_len, dtype, http_port)
     if settings.compile_decode:
         _log("--compile-decode is not a serve flag: the served engine runs uncompiled")
-    server = start_server(cmd, port, settings.workdir / "served.log", dict(os.environ))
+    if http_port is None:
+        _log(
+            "no HTTP row: it needs httpx and the server's [http] extra (pip install 'adapterserve[http]' httpx)"
+        )
+    server = start_server(cmd, port, settings.workdir / "served.log", dict(os.environ), http_port)
     _log(f"server: {' '.join(cmd[2:])}")
     workloads: dict[str, list[str | None]] = {
         SERVED_BASE: [None] * settings.requests,
         f"served, {settings.requests} requests over {settings.adapters} {settings.kinds} adapters": [
             names[i % len(names)] for i in range(settings.requests)
         ],
+        **({SERVED_HTTP_BASE: [None] * settings.requests} if http_port is not None else {}),
         IN_PROCESS_BASE: [None] * settings.requests,
     }
     runs: dict[str, list[EngineRun]] = {name: [] for name in workloads}
@@ -269,26 +333,44 @@ async def _served_rounds(
         _log(f"uploading {len(adapter_dirs)} adapters through the admin API")
         for name, path in adapter_dirs.items():
             await client.upload_adapter(path, name)
+        async with contextlib.AsyncExitStack() as stack:
+            http = None
+            if server.http_url is not None:
+                import httpx
 
-        async def timed(name: str) -> EngineRun:
-            if name == IN_PROCESS_BASE:
-                # on a worker thread, as in the server (its OpenMP pool released after, omp_pools.py)
-                return await run_releasing_pool(
-                    run_engine_workload, engine, prompts, workloads[name], settings.max_new_tokens
+                limits = httpx.Limits(
+                    max_connections=settings.requests, max_keepalive_connections=settings.requests
                 )
-            return await _wave(
-                client, inputs, workloads[name], settings.max_new_tokens, [len(p) for p in prompts]
+                http = await stack.enter_async_context(httpx.AsyncClient(timeout=600, limits=limits))
+                model = await _served_model_name(http, server.http_url)
+            prompt_tokens = [len(p) for p in prompts]
+
+            async def timed(name: str) -> EngineRun:
+                if name == IN_PROCESS_BASE:
+                    # on a worker thread, as in the server (its OpenMP pool released after, omp_pools.py)
+                    return await run_releasing_pool(
+                        run_engine_workload, engine, prompts, workloads[name], settings.max_new_tokens
+                    )
+                if name == SERVED_HTTP_BASE:
+                    return await _http_wave(
+                        http, server.http_url, model, inputs, settings.max_new_tokens, prompt_tokens
+                    )
+                return await _wave(client, inputs, workloads[name], settings.max_new_tokens, prompt_tokens)
+
+            await _timed_rounds(timed, workloads, runs, settings)
+
+
+async def _timed_rounds(timed, workloads, runs, settings: BenchSettings) -> None:
+    """Every workload warmed once at full size, then `repeats` rounds, the order flipped each round."""
+    for name in workloads:
+        _log(f"warm-up at full size: {name}")
+        run = await timed(name)
+        if name != IN_PROCESS_BASE and run.tokens != settings.requests * settings.max_new_tokens:
+            raise RuntimeError(
+                f"{name}: {run.tokens} tokens, expected {settings.requests * settings.max_new_tokens}"
             )
-
-        for name in workloads:
-            _log(f"warm-up at full size: {name}")
-            run = await timed(name)
-            if name != IN_PROCESS_BASE and run.tokens != settings.requests * settings.max_new_tokens:
-                raise RuntimeError(
-                    f"{name}: {run.tokens} tokens, expected {settings.requests * settings.max_new_tokens}"
-                )
-        order = list(workloads)
-        for round_ in range(settings.repeats):
-            for name in order if round_ % 2 == 0 else reversed(order):
-                _log(f"round {round_ + 1}/{settings.repeats}: {name}")
-                runs[name].append(await timed(name))
+    order = list(workloads)
+    for round_ in range(settings.repeats):
+        for name in order if round_ % 2 == 0 else reversed(order):
+            _log(f"round {round_ + 1}/{settings.repeats}: {name}")
+            runs[name].append(await timed(name))

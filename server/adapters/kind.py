@@ -109,6 +109,11 @@ class RowSelection:
     kinds: frozenset[str]
     single_slot: int | None  # every row uses this one slot (plain matmuls replace the gathers)
 
+    def of(self, per_slot: torch.Tensor) -> torch.Tensor:
+        """per_slot [num_slots, ...] -> each row's entry [B, ...] (a copy; `index_select`, which costs
+        a fraction of advanced indexing `per_slot[slots]` on a CPU)."""
+        return per_slot.index_select(0, self.slots)
+
 
 class ModuleSlots(ABC):
     """One linear kind's slot tensors for one wrapped linear. Slot 0 and every slot of another kind

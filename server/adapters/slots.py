@@ -111,6 +111,20 @@ class SlotTable:
         return [(e.key, e.slot, e.refs, e.pinned) for e in self.entries.values()]
 
 
+def linear_slot_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype of the linear kinds' slot tensors (LoRA, DoRA, IA3, bottleneck) over a base of `dtype`.
+
+    The base's dtype, except float32 over a bf16/fp16 base on a CPU: there torch's half-precision bmm
+    of the gathered low-rank shapes runs ~3x slower than the fp32 one (docs/performance.md, "LoRA math
+    on a CPU"), and fp32 is what PEFT computes these adapters in over a half-precision base
+    (`autocast_adapter_dtype`). Each hook casts its result back to the activations' dtype. The prefill
+    kinds' storage (virtual tokens, prefix key/values) stays in the base's dtype: it meets the model's
+    own embeddings and key/values."""
+    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+        return torch.float32
+    return dtype
+
+
 class AdapterBank:
     """All device-side adapter state: each registered kind's slot storage, and the slot table.
 
@@ -131,9 +145,10 @@ class AdapterBank:
         self.kernels = lora_kernels(lora_backend, device)
         self.table = SlotTable(num_slots)
         total = num_slots + 1  # + slot 0 = no adapter
+        self.linear_dtype = linear_slot_dtype(dtype, device)
         self.sites: dict[ModuleKey, LinearSite] = {
             (layer, short): LinearSite(
-                (layer, short), in_f, out_f, total, dtype, device, kernels=self.kernels
+                (layer, short), in_f, out_f, total, self.linear_dtype, device, kernels=self.kernels
             )
             for layer in range(spec.num_layers)
             for short, (in_f, out_f) in spec.linear_shapes.items()

@@ -230,8 +230,9 @@ def test_more_adapters_than_device_slots(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("chat", [True, False], ids=["chat-prompts", "plain-prompts"])
 def test_served_bench_measures_through_a_real_server(tiny_model_dir, tmp_path, capsys, chat):
     """`--served`: a real `adapterserve serve` child process, adapters uploaded through the SDK, every
-    request answered in full with exactly the in-process prompt, the in-process engine timed in the same
-    rounds, the transformers baseline after, and the server stopped cleanly by SIGTERM."""
+    request answered in full with exactly the in-process prompt, through gRPC and through the OpenAI HTTP
+    API (chat completions, or completions for a base without a chat template), the in-process engine
+    timed in the same rounds, the transformers baseline after, and the server stopped cleanly by SIGTERM."""
     model = tiny_model_dir if chat else _without_chat_template(tiny_model_dir, tmp_path)
     report = _run(
         tmp_path,
@@ -253,13 +254,28 @@ def test_served_bench_measures_through_a_real_server(tiny_model_dir, tmp_path, c
     rows = {r["name"]: r for r in report["results"]}
     served_base, served_lora = rows["served, base only"], rows["served, 4 requests over 2 lora adapters"]
     in_process = rows["in-process engine, base only (no server)"]
-    for row in (served_base, served_lora, in_process):
+    served_http = rows["served over the OpenAI HTTP API, base only"]  # the dev extra has httpx and fastapi
+    for row in (served_base, served_lora, served_http, in_process):
         assert row["runs"] == 2 and row["tokens"] == 4 * 3 and row["tokens_per_s"] > 0
     assert served_base["vs_base_only"] == 1.0 and in_process["decode_step_ms"] is not None
     assert report["served"]["sigterm_exit_code"] == 0
     assert (
         "--served" not in report["served"]["command"] and "serve --base-model" in report["served"]["command"]
     )
+    assert "--http-port" in report["served"]["command"] and "--no-http" not in report["served"]["command"]
     if chat:
         assert any("transformers generate" in n for n in rows)
     assert "served, base only" in capsys.readouterr().out
+
+
+def test_served_command_serves_http_only_when_asked(tmp_path):
+    """Without httpx or the [http] extra the bench asks for a gRPC-only server (no HTTP row), and with
+    them the server's OpenAI API listens on the given port."""
+    from adapterserve.bench.served import serve_command
+    from adapterserve.bench.throughput import BenchSettings
+
+    settings = BenchSettings(workdir=tmp_path)
+    grpc_only = serve_command(settings, "model", tmp_path / "s", 5000, 128, "float32")
+    with_http = serve_command(settings, "model", tmp_path / "s", 5000, 128, "float32", http_port=5001)
+    assert "--no-http" in grpc_only and "--http-port" not in grpc_only
+    assert "--no-http" not in with_http and with_http[with_http.index("--http-port") + 1] == "5001"

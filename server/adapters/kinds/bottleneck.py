@@ -124,14 +124,14 @@ class BottleneckModuleSlots(ModuleSlots):
 
     def post(self, x: torch.Tensor, y: torch.Tensor, rows: RowSelection) -> torch.Tensor:
         assert self.down_bias is not None
-        h = self.pairs.down(y, rows) + self.down_bias[rows.slots].unsqueeze(1)  # [B, S, r_cap]
-        acts = self.act[rows.slots]  # [B]
+        h = self.pairs.down(y, rows) + rows.of(self.down_bias).unsqueeze(1)  # [B, S, r_cap]
+        acts = rows.of(self.act)  # [B]
         out = torch.zeros_like(h)
         # Every activation, selected per row: no host sync on which ones are present (the decode step
         # is captured as a CUDA graph); r_cap is small, so the extra elementwise work is negligible.
         for act_id, fn in enumerate(ACTIVATIONS.values()):
             out = torch.where((acts == act_id)[:, None, None], fn(h), out)  # type: ignore[operator]
-        up = self.pairs.up(out, rows) + self.up_bias[rows.slots].unsqueeze(1)  # [B, S, out]
+        up = self.pairs.up(out, rows) + rows.of(self.up_bias).unsqueeze(1)  # [B, S, out]
         return y + up.to(y.dtype)
 
 

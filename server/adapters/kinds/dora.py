@@ -98,7 +98,7 @@ class DoraModuleSlots(ModuleSlots):
         return self.pairs.nbytes() + self.scale.numel() * self.scale.element_size()
 
     def post(self, x: torch.Tensor, y: torch.Tensor, rows: RowSelection) -> torch.Tensor:
-        scale = self.scale[rows.slots].unsqueeze(1).to(y.dtype)  # [B, 1, out]
+        scale = rows.of(self.scale).unsqueeze(1).to(y.dtype)  # [B, 1, out]
         bias = getattr(self.site.base, "bias", None)
         base = y if bias is None else y - bias  # [B, S, out]
         delta = self.pairs.delta(x, rows).to(y.dtype)  # [B, S, out]

@@ -96,12 +96,12 @@ class IA3ModuleSlots(ModuleSlots):
     def pre(self, x: torch.Tensor, rows: RowSelection) -> torch.Tensor:
         if self.scale_in is None:
             return x
-        return x * self.scale_in[rows.slots].unsqueeze(1).to(x.dtype)  # [B, 1, in]
+        return x * rows.of(self.scale_in).unsqueeze(1).to(x.dtype)  # [B, 1, in]
 
     def post(self, x: torch.Tensor, y: torch.Tensor, rows: RowSelection) -> torch.Tensor:
         if self.scale_out is None:
             return y
-        return y * self.scale_out[rows.slots].unsqueeze(1).to(y.dtype)  # [B, 1, out]
+        return y * rows.of(self.scale_out).unsqueeze(1).to(y.dtype)  # [B, 1, out]
 
 
 class IA3Kind(AdapterKind):

@@ -1,6 +1,7 @@
 """The correctness invariant: a request with adapter X inside a mixed, continuously batched run gives
 what PEFT's PeftModel with adapter X alone gives (greedy tokens identical, logits close), for every
-adapter kind, on the plain fp32 base and on the bitsandbytes 4-bit base."""
+adapter kind, on the plain fp32 base and on the bitsandbytes 4-bit base; and in bf16 on a CPU (the
+linear kinds' slots in float32 there, as PEFT computes them)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,12 @@ from adapterserve.server.adapters.kind import kind_names
 from adapterserve.server.engine.offline import OfflineEngine
 from adapterserve.server.model.loading import load_base_model
 from adapterserve.server.settings import EngineSettings
+from tests.helpers.bf16_invariant import (
+    check_rows_match,
+    engine_first_tokens,
+    every_kind_rows,
+    peft_first_tokens,
+)
 from tests.helpers.peft_refs import (
     ADAPTER_KINDS,
     make_every_kind,
@@ -169,3 +176,10 @@ def test_joining_requests_do_not_change_running_outputs(tiny_model_dir, adapter_
 
 
 # The CUDA variant (bf16, plain and nf4) is tests/server/engine/test_mixed_batch_cuda.py.
+
+
+def test_mixed_batch_matches_peft_in_bf16_on_cpu(tiny_model_dir, adapter_dirs):
+    rows = every_kind_rows()
+    results = engine_first_tokens(tiny_model_dir, adapter_dirs, "none", rows, "cpu")
+    refs = peft_first_tokens(tiny_model_dir, adapter_dirs, "none", rows, "cpu")
+    check_rows_match(rows, results, refs)

@@ -16,25 +16,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapterserve.server.engine.offline import OfflineEngine
-from adapterserve.server.model.loading import load_base_model
-from adapterserve.server.settings import EngineSettings
-from tests.helpers.bnb_dispatch import pinned_if_nf4
-from tests.helpers.peft_refs import (
-    ADAPTER_KINDS,
-    make_every_kind,
-    peft_greedy,
-    peft_reference_model,
-    reference_prompt,
+from tests.helpers.bf16_invariant import (
+    check_rows_match,
+    engine_first_tokens,
+    every_kind_rows,
+    peft_first_tokens,
 )
+from tests.helpers.bnb_dispatch import pinned_if_nf4
+from tests.helpers.peft_refs import make_every_kind
 
 pytestmark = pytest.mark.cuda
-PROMPTS = [[5, 6, 7, 8, 9], [40, 41, 42], [100, 17, 250, 3, 77, 12, 9], [60, 61]]
-
-
-def _tolerance(reference: torch.Tensor) -> float:
-    """bf16: 4e-2 of the logits' scale (at least 4e-2), as on the plain base."""
-    return 1e-2 * max(1.0, float(reference.abs().max())) * 4
 
 
 @pytest.fixture(scope="module")
@@ -43,56 +34,20 @@ def adapter_dirs(tiny_model_dir, tmp_path_factory):
     return make_every_kind(tiny_model_dir, root)
 
 
-def _rows() -> list[tuple[str | None, list[int]]]:
-    rows: list[tuple[str | None, list[int]]] = [(None, PROMPTS[0]), (None, PROMPTS[2])]
-    rows += [(kind, PROMPTS[i % len(PROMPTS)]) for i, kind in enumerate(ADAPTER_KINDS)]
-    return rows
-
-
-def _engine_first_tokens(tiny_model_dir, adapter_dirs, quantize, rows):
-    base = load_base_model(tiny_model_dir, quantize=quantize, device="cuda", dtype="bfloat16")
-    engine = OfflineEngine(
-        base,
-        EngineSettings(max_batch_size=16, max_seq_len=64, adapter_slots=len(ADAPTER_KINDS)),
-        capture_logits=True,
-    )
-    for kind, path in adapter_dirs.items():
-        engine.add_adapter(kind, path)
-    return engine.generate([engine.request(p, adapter=a, max_new_tokens=2, ignore_eos=True) for a, p in rows])
-
-
-def _references(tiny_model_dir, adapter_dirs, quantize, rows):
-    out = []
-    for adapter, prompt in rows:
-        ref = peft_reference_model(
-            tiny_model_dir,
-            None if adapter is None else adapter_dirs[adapter],
-            quantize,
-            device="cuda",
-            dtype="bfloat16",
-        )
-        adapter_dir = None if adapter is None else adapter_dirs[adapter]
-        out.append(peft_greedy(ref, reference_prompt(tiny_model_dir, adapter_dir, prompt), 1))
-    return out
-
-
 @pytest.mark.parametrize("quantize", ["none", "nf4"])
 def test_mixed_batch_matches_peft_on_cuda_bf16(tiny_model_dir, adapter_dirs, quantize):
-    rows = _rows()
+    rows = every_kind_rows()
     with pinned_if_nf4(quantize):
-        results = _engine_first_tokens(tiny_model_dir, adapter_dirs, quantize, rows)
-        refs = _references(tiny_model_dir, adapter_dirs, quantize, rows)
-    for (adapter, _), result, (want_tokens, want_logits) in zip(rows, results, refs, strict=True):
-        diff = float((result.logits[0] - want_logits[0]).abs().max())
-        assert diff <= _tolerance(want_logits[0]), f"{adapter}: max logit diff {diff:.3e}"
-        assert result.token_ids[0] == want_tokens[0], adapter
+        results = engine_first_tokens(tiny_model_dir, adapter_dirs, quantize, rows, "cuda")
+        refs = peft_first_tokens(tiny_model_dir, adapter_dirs, quantize, rows, "cuda")
+    check_rows_match(rows, results, refs)
 
 
 def test_nf4_default_kernels_differ_only_at_near_ties(tiny_model_dir, adapter_dirs):
     """bitsandbytes' own kernel choice on both sides: tokens equal except at measured near-ties."""
-    rows = _rows()
-    results = _engine_first_tokens(tiny_model_dir, adapter_dirs, "nf4", rows)
-    refs = _references(tiny_model_dir, adapter_dirs, "nf4", rows)
+    rows = every_kind_rows()
+    results = engine_first_tokens(tiny_model_dir, adapter_dirs, "nf4", rows, "cuda")
+    refs = peft_first_tokens(tiny_model_dir, adapter_dirs, "nf4", rows, "cuda")
     report = []
     for (adapter, _), result, (want_tokens, want_logits) in zip(rows, results, refs, strict=True):
         logits = want_logits[0]
