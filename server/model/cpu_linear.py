@@ -13,6 +13,11 @@ DoRA's weight norms and anything else reading `.weight` see it unchanged) and a 
 model's linear weights take twice their memory. The copy is made once, when the engine wraps the model:
 weights changed afterwards (training) are not seen, which is why `EngineSettings.cpu_linear` exists and
 training's evaluation engines use `torch`.
+
+Under `torch.compile` (`compile_decode`) the call goes through a custom op, `adapterserve::onednn_linear`,
+that inductor runs as an opaque kernel: inductor's own lowering of `mkldnn._linear_pointwise` accepts
+only the weights it packed itself (frozen constants) and failed on ours, which silently turned compilation
+off. Eager calls skip the custom op's dispatch and call oneDNN directly.
 """
 
 from __future__ import annotations
@@ -31,6 +36,21 @@ def onednn_linear_available() -> bool:
         and hasattr(ops, "_reorder_linear_weight")
         and hasattr(ops, "_linear_pointwise")
     )
+
+
+def _onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., in] @ packed [out, in] (oneDNN layout) + bias -> [..., out]."""
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
+
+
+@torch.library.custom_op("adapterserve::onednn_linear", mutates_args=())
+def onednn_linear_op(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return _onednn_linear(x, packed, bias)
+
+
+@onednn_linear_op.register_fake
+def _(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], packed.shape[0]))
 
 
 class PackedLinear(nn.Module):
@@ -52,9 +72,9 @@ class PackedLinear(nn.Module):
         return self.linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(
-            x.contiguous(), self.packed, self.linear.bias, "none", [], ""
-        )
+        if torch.compiler.is_compiling():
+            return onednn_linear_op(x, self.packed, self.linear.bias)
+        return _onednn_linear(x, self.packed, self.linear.bias)
 
 
 def can_pack(linear: nn.Module) -> bool:

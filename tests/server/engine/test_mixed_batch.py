@@ -114,6 +114,8 @@ def test_mixed_batch_matches_peft_per_adapter(
         [engine.request(p, adapter=a, max_new_tokens=STEPS, ignore_eos=True) for a, p in rows]
     )
     assert engine.core.bank.table.stats.evictions == 0  # every adapter stayed resident: one mixed batch
+    if decode == "compiled":  # the compiled step ran: it did not fall back to the uncompiled one
+        assert engine.core.decode_graphs.stats.disabled is None
 
     base_tokens = {tuple(p): refs[(None, tuple(p))][0] for a, p in rows if a is None}
     for (adapter, prompt), result in zip(rows, results, strict=True):
