@@ -74,6 +74,11 @@ class RuntimeSnapshot:
     slots_in_use: int = 0
     slots_total: int = 0
     tiers: dict[str, TierStats] = field(default_factory=dict)
+    decode_step: str = "eager"  # EngineStats.decode_step
+    decode_graph_captures: int = 0
+    decode_graph_replays: int = 0
+    decode_static_steps: int = 0
+    decode_fallback: bool = False  # graphs or compilation were turned off (see the server log for why)
 
 
 class _RuntimeCollector(Collector):
@@ -133,6 +138,33 @@ class _RuntimeCollector(Collector):
         yield from counters.values()
         yield size
         yield entries
+        yield from self._decode_families(snap)
+
+    @staticmethod
+    def _decode_families(snap: RuntimeSnapshot) -> Iterator[Any]:
+        mode = GaugeMetricFamily(
+            "adapterserve_decode_step_info",
+            "The decode step the engine was started with (eager, static, static compiled, graphs)",
+            labels=["mode"],
+        )
+        mode.add_metric([snap.decode_step], 1)
+        yield mode
+        yield GaugeMetricFamily(
+            "adapterserve_decode_fallback",
+            "1 when CUDA-graph capture or compilation was turned off and the engine fell back to the "
+            "uncompiled static step (the reason is in the server log)",
+            value=int(snap.decode_fallback),
+        )
+        for name, help_text, value in (
+            ("decode_graph_captures", "CUDA graphs captured for the decode step", snap.decode_graph_captures),
+            ("decode_graph_replays", "Decode steps run by replaying a CUDA graph", snap.decode_graph_replays),
+            (
+                "decode_static_steps",
+                "Decode steps run by the static step without a graph",
+                snap.decode_static_steps,
+            ),
+        ):
+            yield CounterMetricFamily(f"adapterserve_{name}", help_text, value=value)
 
 
 class ServerMetrics:

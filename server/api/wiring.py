@@ -76,6 +76,11 @@ def snapshot_of(engine: Any, registry: Any) -> RuntimeSnapshot:
         running_requests=stats.running,
         slots_in_use=stats.slots_in_use,
         slots_total=stats.slots_total,
+        decode_step=stats.decode_step,
+        decode_graph_captures=stats.decode_graph_captures,
+        decode_graph_replays=stats.decode_graph_replays,
+        decode_static_steps=stats.decode_static_steps,
+        decode_fallback=stats.decode_fallback is not None,
         tiers={
             "device": TierStats(
                 hits=stats.slot_hits,

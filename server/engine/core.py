@@ -65,6 +65,14 @@ class EngineStats:
     kv_cache_bytes: int
     adapter_device_bytes: int
     steps: int
+    # The decode step: "eager", "static", "static, compiled" or "graphs" (decode_step_mode), and what the
+    # static step did. `decode_fallback`: why graph capture or compilation was turned off (the engine
+    # then decodes with the uncompiled step; on a GPU that is many times slower), None while it runs.
+    decode_step: str = "eager"
+    decode_graph_captures: int = 0
+    decode_graph_replays: int = 0
+    decode_static_steps: int = 0
+    decode_fallback: str | None = None
 
 
 class EngineCore:
@@ -84,6 +92,7 @@ class EngineCore:
         self.runner = ModelRunner(base.model, self.cache, self.context)
         self.prefill_forward_cost = forward_cost_tokens(self.device, settings.prefill_group_cost)
         self.decode_graphs = make_decode_graphs(decode_mode, self.runner, self.cache, self.bank, settings)
+        self.decode_step = decode_mode + (", compiled" if settings.compile_decode else "")
         self.eos_ids = eos_token_ids(base.tokenizer, base.model)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # index == cache row: decoding rows, then prefilling rows
@@ -188,7 +197,20 @@ class EngineCore:
             kv_cache_bytes=self.cache.nbytes(),
             adapter_device_bytes=self.bank.device_bytes(),
             steps=self.steps,
+            decode_step=self.decode_step,
+            **self._decode_graph_stats(),
         )
+
+    def _decode_graph_stats(self) -> dict:
+        graphs = self.decode_graphs
+        if graphs is None:
+            return {}
+        return {
+            "decode_graph_captures": graphs.stats.captures,
+            "decode_graph_replays": graphs.stats.replays,
+            "decode_static_steps": graphs.stats.static_steps,
+            "decode_fallback": graphs.stats.disabled,
+        }
 
     # ----- the engine thread ------------------------------------------------------------------------
     def step(self) -> None:

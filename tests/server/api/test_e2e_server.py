@@ -325,6 +325,10 @@ def test_metrics_endpoint(server, channel, uploaded):
     assert metric(families, "adapterserve_adapter_cache_bytes", tier="disk") > 0
     assert metric(families, "adapterserve_queue_depth") == 0
     assert metric(families, "adapterserve_adapter_slots") >= 1
+    # which decode step serves, and that it has not fallen back (on a GPU: graphs, replays counted)
+    assert metric(families, "adapterserve_decode_step_info", mode="eager") == 1
+    assert metric(families, "adapterserve_decode_fallback") == 0
+    assert metric(families, "adapterserve_decode_graph_replays_total") == 0
 
 
 def test_health_transitions_and_sigterm_drain(tiny_model_dir, tmp_path):

@@ -94,3 +94,38 @@ def test_impossible_decode_settings_are_refused_at_start(tiny_base, settings, er
 def test_auto_is_eager_on_cpu(tiny_model_dir):
     base = load_base_model(tiny_model_dir, quantize="none", device="cpu")
     assert OfflineEngine(base, EngineSettings(max_batch_size=2, max_seq_len=32)).core.decode_graphs is None
+
+
+def test_stats_say_which_decode_step_ran_and_when_compilation_fell_back(tiny_model_dir, monkeypatch):
+    """What an operator reads (EngineStats, then the metrics): the static step counted, and a compiler
+    failure turns compilation off with the reason kept, the engine still answering."""
+    base = load_base_model(tiny_model_dir, quantize="none", device="cpu")
+
+    def broken_compile(fn, **_):
+        def run(*args):
+            raise RuntimeError("the compiler broke")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    engine = OfflineEngine(
+        base,
+        EngineSettings(
+            max_batch_size=4, max_seq_len=32, adapter_slots=1, decode_step="static", compile_decode=True
+        ),
+    )
+    assert engine.core.stats().decode_fallback is None
+    [result] = engine.generate([engine.request([5, 6, 7], max_new_tokens=4, ignore_eos=True)])
+    assert len(result.token_ids) == 4
+    stats = engine.core.stats()
+    assert stats.decode_step == "static, compiled"
+    assert stats.decode_static_steps == 3 and stats.decode_graph_replays == 0
+    assert "the compiler broke" in stats.decode_fallback
+
+
+def test_eager_engine_stats_report_no_static_steps(tiny_model_dir):
+    base = load_base_model(tiny_model_dir, quantize="none", device="cpu")
+    engine = OfflineEngine(base, EngineSettings(max_batch_size=2, max_seq_len=32, adapter_slots=1))
+    engine.generate([engine.request([5, 6], max_new_tokens=3, ignore_eos=True)])
+    stats = engine.core.stats()
+    assert (stats.decode_step, stats.decode_static_steps, stats.decode_fallback) == ("eager", 0, None)
