@@ -48,6 +48,11 @@ class KVCache:
         self.k[:, row, :, :n] = keys
         self.v[:, row, :, :n] = values
 
+    def share_prefix(self, row: int, key, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """The paged cache shares a prefix's blocks between rows; a dense row holds its own copy."""
+        del key
+        self.write_prefix(row, keys, values)
+
     def move_row(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` positions of row src into row dst (compaction when a row leaves)."""
         self.k[:, dst, :, :length] = self.k[:, src, :, :length]

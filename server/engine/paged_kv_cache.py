@@ -13,11 +13,19 @@ moving or swapping rows moves block-table entries, never key/value data.
 
 Block 0 is a scratch block owned by no row: table entries of blocks a row does not own point at it, so
 the padded positions of a right-padded prefill chunk are written there and never read unmasked.
+
+Prefix tuning's key/values are shared (`share_prefix`): the whole blocks of an adapter's prefix are
+written once, and every running row of that adapter points its first table entries at them (reference
+counted; freed with the last row that uses them). A row only writes the prefix's last, partial block
+itself, since its prompt continues in that block. No row ever writes a position below its prefix length,
+so shared blocks are read-only once written. A reservation still counts the blocks of its whole length;
+the blocks a row then shares go straight back to the free list.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable
 
 import torch
 
@@ -49,8 +57,14 @@ class PagedKVCache:
         self.table = torch.zeros(
             max_rows, self.blocks_per_row, dtype=torch.long, device=device
         )  # [rows, bpr]
-        self._owned: list[list[int]] = [[] for _ in range(max_rows)]  # host mirror of each row's blocks
+        # Host mirror of each row's table: its shared prefix blocks, then the blocks it owns.
+        self._owned: list[list[int]] = [[] for _ in range(max_rows)]
+        self._shared: list[list[int]] = [[] for _ in range(max_rows)]
         self._free: list[int] = list(range(usable, 0, -1))  # pop() hands out low ids first
+        self._prefixes: dict[Hashable, list[int]] = {}  # prefix key -> its shared blocks
+        self._prefix_of: dict[int, Hashable] = {}  # first shared block -> its key
+        self._refs: dict[int, int] = {}  # shared block -> rows using it
+        self.prefix_reuses = 0  # rows that found their prefix already written (stats, tests)
 
     # ----- blocks ---------------------------------------------------------------------------------
     def blocks_for(self, tokens: int) -> int:
@@ -76,7 +90,7 @@ class PagedKVCache:
     def reserve(self, row: int, tokens: int) -> None:
         """Give `row` (which owns nothing) the blocks for `tokens` positions."""
         need = self.blocks_for(tokens)
-        if self._owned[row]:
+        if self._owned[row] or self._shared[row]:
             raise RuntimeError(f"row {row} already holds blocks")
         if need > self.blocks_per_row or need > len(self._free):
             raise RuntimeError(f"cannot reserve {need} blocks for row {row} ({len(self._free)} free)")
@@ -85,10 +99,29 @@ class PagedKVCache:
         self.table[row, :need] = torch.tensor(blocks, dtype=torch.long, device=self.table.device)
 
     def release(self, row: int) -> None:
-        """Return `row`'s blocks to the free list (the row leaves the batch)."""
+        """Return `row`'s blocks to the free list (the row leaves the batch); its shared prefix blocks
+        go back with the last row that uses them."""
         self._free.extend(reversed(self._owned[row]))
         self._owned[row] = []
+        self._unshare(self._shared[row])
+        self._shared[row] = []
         self.table[row] = 0
+
+    def _unshare(self, blocks: list[int]) -> None:
+        if not blocks:
+            return
+        for block in blocks:
+            self._refs[block] -= 1
+        if self._refs[blocks[0]] == 0:  # a prefix's blocks are always used together
+            for block in blocks:
+                del self._refs[block]
+            del self._prefixes[self._prefix_of.pop(blocks[0])]
+            self._free.extend(reversed(blocks))
+
+    @property
+    def shared_blocks(self) -> int:
+        """Blocks held by shared prefixes (each counted once)."""
+        return len(self._refs)
 
     # ----- the KVCache interface -----------------------------------------------------------------
     def write(
@@ -128,27 +161,58 @@ class PagedKVCache:
 
         return gather(self.k), gather(self.v)
 
-    def write_prefix(self, row: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Prefix tuning: keys/values [L, kvH, n, D] at positions 0..n-1 of `row` in every layer."""
+    def write_prefix(self, row: int, keys: torch.Tensor, values: torch.Tensor, start: int = 0) -> None:
+        """Prefix tuning: keys/values [L, kvH, n, D] at positions start..n-1 of `row` in every layer."""
         n = keys.shape[2]
-        positions = torch.arange(n, device=self.table.device)
-        blocks = self.table[row, positions // self.block_size]  # [n]
+        if start >= n:
+            return
+        positions = torch.arange(start, n, device=self.table.device)
+        blocks = self.table[row, positions // self.block_size]  # [n - start]
         offsets = positions % self.block_size
-        self.k[:, blocks, offsets] = keys.permute(0, 2, 1, 3).to(self.k.dtype)  # [L, n, kvH, D]
-        self.v[:, blocks, offsets] = values.permute(0, 2, 1, 3).to(self.v.dtype)
+        self.k[:, blocks, offsets] = (
+            keys[:, :, start:].permute(0, 2, 1, 3).to(self.k.dtype)
+        )  # [L, n', kvH, D]
+        self.v[:, blocks, offsets] = values[:, :, start:].permute(0, 2, 1, 3).to(self.v.dtype)
+
+    def share_prefix(self, row: int, key: Hashable, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """write_prefix, with the prefix's whole blocks shared by every row that passes the same `key`
+        (which must name these exact keys/values). `row` has just been reserved and holds no prefix."""
+        full = keys.shape[2] // self.block_size  # whole blocks of the prefix
+        if full == 0 or self._shared[row]:
+            self.write_prefix(row, keys, values)
+            return
+        blocks = self._prefixes.get(key)
+        own = self._owned[row]
+        if blocks is None:  # the first row of this prefix: its own first blocks become the shared ones
+            blocks = own[:full]
+            self.write_prefix(row, keys, values)
+            self._prefixes[key] = blocks
+            self._prefix_of[blocks[0]] = key
+            self._refs.update(dict.fromkeys(blocks, 0))
+        else:  # later rows point at them, and give back the blocks they reserved for those positions
+            self.prefix_reuses += 1
+            self._free.extend(reversed(own[:full]))
+            self.table[row, :full] = torch.tensor(blocks, dtype=torch.long, device=self.table.device)
+            self.write_prefix(row, keys, values, start=full * self.block_size)
+        for block in blocks:
+            self._refs[block] += 1
+        self._owned[row] = own[full:]
+        self._shared[row] = list(blocks)
 
     def move_row(self, src: int, dst: int, length: int) -> None:
         """Row src becomes row dst (dst was released): its block-table entries move, no data is copied."""
         del length  # the whole reservation moves
-        if self._owned[dst]:
+        if self._owned[dst] or self._shared[dst]:
             raise RuntimeError(f"row {dst} still holds blocks")
         self._owned[dst], self._owned[src] = self._owned[src], []
+        self._shared[dst], self._shared[src] = self._shared[src], []
         self.table[dst] = self.table[src]
         self.table[src] = 0
 
     def swap_rows(self, a: int, b: int, length: int) -> None:
         del length
         self._owned[a], self._owned[b] = self._owned[b], self._owned[a]
+        self._shared[a], self._shared[b] = self._shared[b], self._shared[a]
         self.table[[a, b]] = self.table[[b, a]]
 
     def nbytes(self) -> int:

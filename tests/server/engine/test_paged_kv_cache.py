@@ -85,6 +85,53 @@ def _engine(tiny_model_dir, adapters, **settings):
     return engine
 
 
+def test_rows_of_one_prefix_share_its_whole_blocks_until_the_last_one_leaves():
+    cache = PagedKVCache(**DIMS, device=torch.device("cpu"), block_size=4)  # 4 rows x 10 blocks
+    keys, values = torch.randn(2, 2, 10, 8), torch.randn(2, 2, 10, 8)  # 2 whole blocks + 2 positions
+    other = torch.randn(2, 2, 10, 8)
+    for row in range(3):
+        cache.reserve(row, 20)  # 5 blocks each
+    cache.share_prefix(0, "a", keys, values)
+    cache.share_prefix(1, "a", keys, values)
+    cache.share_prefix(2, "b", other, other)
+    assert cache.table[0, :2].tolist() == cache.table[1, :2].tolist() != cache.table[2, :2].tolist()
+    assert cache.table[0, 2] != cache.table[1, 2]  # the partial block is each row's own
+    assert cache.shared_blocks == 4 and cache.free_blocks == 40 - 15 + 2  # row 1 gave its 2 back
+    assert cache.prefix_reuses == 1
+    # each row's prompt continues at position 10, in its own block; the prefix reads back in full
+    cache.write(0, 0, torch.tensor([[10, 11]]), *_kv(1, 2, 1))
+    cache.write(0, 1, torch.tensor([[10, 11]]), *_kv(1, 2, 2))
+    for row in (0, 1):
+        k, v = cache.read(0, row, 1, 12)
+        assert torch.equal(k[0, :, :10], keys[0]) and torch.equal(v[0, :, :10], values[0])
+        assert torch.equal(k[0, :, 10:], _kv(1, 2, row + 1)[0][0])
+    cache.release(0)  # the prefix stays for row 1
+    assert cache.shared_blocks == 4
+    k, _ = cache.read(1, 1, 1, 10)
+    assert torch.equal(k[0], keys[1])
+    cache.move_row(1, 0, 12)  # a row moves with its shared blocks
+    cache.release(0)
+    assert cache.shared_blocks == 2  # only "b" is left
+    cache.release(2)
+    assert cache.shared_blocks == 0 and cache.free_blocks == 40
+    cache.reserve(3, 12)  # the key again, after its blocks were freed: written afresh
+    cache.share_prefix(3, "a", values, keys)
+    k, v = cache.read(0, 3, 1, 10)
+    assert torch.equal(k[0], values[0]) and torch.equal(v[0], keys[0])
+    cache.release(3)
+    assert cache.free_blocks == 40
+
+
+def test_a_prefix_shorter_than_a_block_is_written_per_row():
+    cache = PagedKVCache(**DIMS, device=torch.device("cpu"), block_size=8)
+    keys = torch.randn(2, 2, 5, 8)
+    for row in (0, 1):
+        cache.reserve(row, 10)
+        cache.share_prefix(row, "a", keys, keys)
+    assert cache.shared_blocks == 0 and cache.table[0, 0] != cache.table[1, 0]
+    assert torch.equal(cache.read(1, 1, 1, 5)[0][0], keys[1])
+
+
 @pytest.fixture(scope="module")
 def adapters(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("paged-adapters")
@@ -100,6 +147,7 @@ def test_engine_over_pages_equals_the_dense_engine_for_every_kind(tiny_model_dir
     for name, extra in {
         "dense": {"kv_cache": "dense"},
         "paged": {"kv_cache": "paged", "kv_block_size": 4},
+        "paged-static": {"kv_cache": "paged", "kv_block_size": 4, "decode_step": "static"},
         "paged-small-pool": {
             "kv_cache": "paged",
             "kv_block_size": 4,
@@ -115,10 +163,34 @@ def test_engine_over_pages_equals_the_dense_engine_for_every_kind(tiny_model_dir
         if name == "paged-small-pool":
             assert engine.core.cache.total_blocks == 20
             assert engine.core.cache.free_blocks == 20  # every block returned
-    for name in ("paged", "paged-small-pool"):
+    for name in ("paged", "paged-static", "paged-small-pool"):
         for (want_t, want_l), (got_t, got_l) in zip(outputs["dense"], outputs[name], strict=True):
             assert got_t == want_t
             assert torch.allclose(got_l, want_l, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("decode", ["eager", "static"])
+def test_engine_rows_of_one_prefix_adapter_share_its_blocks_and_equal_the_dense_engine(
+    tiny_model_dir, adapters, decode
+):
+    prompts = [[5, 6, 7, 8, 9], [40, 41, 42], [100, 17, 250, 3, 77, 12, 9], [60, 61]]
+    rows = [("prefix", p) for p in prompts[:3]] + [(None, prompts[3]), ("lora_qv_r4", prompts[0])]
+    outputs = {}
+    for name, extra in {
+        "dense": {"kv_cache": "dense"},
+        "paged": {"kv_cache": "paged", "kv_block_size": 4, "decode_step": decode},
+    }.items():
+        engine = _engine(tiny_model_dir, adapters, **extra)
+        results = engine.generate(
+            [engine.request(p, adapter=a, max_new_tokens=6, ignore_eos=True) for a, p in rows]
+        )
+        outputs[name] = [(r.token_ids, torch.stack(r.logits)) for r in results]
+    cache = engine.core.cache
+    # 5 virtual tokens over blocks of 4: one whole block, written by the first row, used by all three
+    assert cache.prefix_reuses == 2 and cache.shared_blocks == 0 and cache.free_blocks == cache.total_blocks
+    for (want_t, want_l), (got_t, got_l) in zip(outputs["dense"], outputs["paged"], strict=True):
+        assert got_t == want_t
+        assert torch.allclose(got_l, want_l, atol=1e-5, rtol=0)
 
 
 def test_a_request_longer_than_the_whole_pool_is_refused(tiny_model_dir):
