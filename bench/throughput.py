@@ -407,9 +407,12 @@ def engine_kv_report(pool_bytes: int, runs: dict[str, list[EngineRun]], dense_by
 def _decode_step_label(settings: BenchSettings, graphs) -> str:
     if graphs is None:
         return "eager"
+    failed = graphs.stats.disabled is not None  # the engine fell back to the uncompiled static step
     if not graphs.capture:
-        return "static, compiled" if settings.compile_decode else "static"
-    return "CUDA graphs" if graphs.stats.disabled is None else "eager (graph capture failed)"
+        if settings.compile_decode:
+            return "static (compilation failed, ran uncompiled)" if failed else "static, compiled"
+        return "static"
+    return "static, uncaptured (graph capture failed)" if failed else "CUDA graphs"
 
 
 def _baselines(settings: BenchSettings, model_dir: str, adapter_dirs: dict[str, Path], prompts) -> list:

@@ -59,6 +59,12 @@ class EngineSettings(BaseModel):
             "auto: graphs on CUDA with the paged cache, eager otherwise"
         ),
     )
+    max_decode_graphs: int = Field(
+        64,
+        ge=1,
+        description="CUDA graphs of the decode step kept at most (one per row bucket x key-length bucket x "
+        "adapter kinds present); beyond it the least recently used is dropped and recaptured when needed",
+    )
     compile_decode: bool = Field(
         False, description="torch.compile the static decode step (decode_step='static' only)"
     )

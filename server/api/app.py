@@ -46,6 +46,7 @@ _SECTION_FLAGS: dict[str, tuple[str, str]] = {
     "max_virtual_tokens": ("engine", "max_virtual_tokens"),
     "kv_cache": ("engine", "kv_cache"),
     "decode_step": ("engine", "decode_step"),
+    "max_decode_graphs": ("engine", "max_decode_graphs"),
     "cpu_linear": ("engine", "cpu_linear"),
     "lora_backend": ("engine", "lora_backend"),
     "host_cache_bytes": ("cache", "host_cache_bytes"),
@@ -143,6 +144,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "adapter_slots",
         "max_lora_rank",
         "max_virtual_tokens",
+        "max_decode_graphs",
         "host_cache_bytes",
         "max_adapter_bytes",
     ):

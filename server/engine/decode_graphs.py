@@ -18,6 +18,10 @@ How the step is made static:
   captured on first use, all in one memory pool;
 - a graph holds the slot tensors' addresses: when the bank reallocates one (a higher rank, a kind's first
   adapter on a module), every graph is dropped and recaptured on demand (`bank.writes` says when to look);
+- every graph copies its logits into one buffer shared by all graphs ([max_rows, vocab], outside the
+  graphs' pool), so a graph keeps no output memory of its own; at most `max_decode_graphs` graphs are
+  kept, least recently used dropped first (shapes are row bucket x length bucket x linear kinds, so a
+  long-running server with a large batch could otherwise capture hundreds);
 - the first run of each shape is a warm-up under `torch.cuda.set_sync_debug_mode("error")`: a step that
   would synchronise with the host cannot be captured, so graphs are turned off (with a warning) and the
   engine decodes eagerly from then on.
@@ -31,6 +35,7 @@ from __future__ import annotations
 import bisect
 import logging
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,6 +81,7 @@ def make_decode_graphs(
         settings.max_batch_size,
         capture=mode == "graphs",
         compile_step=settings.compile_decode,
+        max_graphs=settings.max_decode_graphs,
     )
 
 
@@ -106,6 +112,7 @@ class DecodeGraphStats:
     replays: int = 0  # steps run by replaying a graph
     static_steps: int = 0  # steps run by the static step without a graph
     invalidations: int = 0  # times the adapter slot tensors moved and every graph was dropped
+    evictions: int = 0  # graphs dropped, least recently used first, to stay within max_decode_graphs
     capture_seconds: float = 0.0
     disabled: str | None = None  # why capture was turned off, if it was
 
@@ -123,6 +130,7 @@ class DecodeGraphs:
         *,
         capture: bool,
         compile_step: bool = False,
+        max_graphs: int = 64,
     ):
         if not isinstance(cache, PagedKVCache):
             raise ValueError("the static decode step needs the paged KV cache (kv_cache='paged')")
@@ -135,7 +143,11 @@ class DecodeGraphs:
         self.capture = capture
         self.meta = torch.zeros(3, max_rows, dtype=torch.long, device=device)  # tokens, positions, slots
         self.table = torch.zeros(max_rows, cache.blocks_per_row, dtype=torch.long, device=device)
-        self.graphs: dict[StepShape, tuple[Any, torch.Tensor]] = {}  # shape -> (CUDAGraph, logits)
+        # shape -> (CUDAGraph, its logits: a view of logits_out), least recently replayed first
+        self.graphs: OrderedDict[StepShape, tuple[Any, torch.Tensor]] = OrderedDict()
+        self.max_graphs = max_graphs
+        self.logits_out: torch.Tensor | None = None  # [max_rows, vocab]: every graph's output
+        self.max_rows = max_rows
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.stats = DecodeGraphStats()
         self._writes_seen = bank.writes
@@ -175,7 +187,11 @@ class DecodeGraphs:
         self.table[b : shape.rows].zero_()  # padding rows: the scratch block
         self._check_slots()
         if self.capture and self.stats.disabled is None:
-            graph = self.graphs.get(shape) or self._capture(shape)
+            graph = self.graphs.get(shape)
+            if graph is not None:
+                self.graphs.move_to_end(shape)
+            else:
+                graph = self._capture(shape)
             if graph is not None:
                 graph[0].replay()
                 self.stats.replays += 1
@@ -211,36 +227,21 @@ class DecodeGraphs:
             self.pool = torch.cuda.graph_pool_handle()
 
     def _capture(self, shape: StepShape) -> tuple[Any, torch.Tensor] | None:
-        """Warm up `shape` (checking it never syncs with the host) and capture it; None (and graphs off)
-        if it cannot be captured. The warm-up writes the same keys/values the replay then writes."""
+        """Capture `shape` (dropping the least recently used graph beyond max_graphs); None (and graphs
+        off) if it cannot be captured."""
         started = time.perf_counter()
         try:
-            # Warm-up and capture on a side stream (capture cannot use the default stream), as
-            # torch.cuda.graph does, without its gc.collect() and empty_cache() at every capture: shapes
-            # are captured lazily while serving. thread_local: other threads' CUDA calls (an upload
-            # parsing tensors) do not invalidate the capture.
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                previous = torch.cuda.get_sync_debug_mode()
-                torch.cuda.set_sync_debug_mode("error")
-                try:
-                    self._run(shape)
-                finally:
-                    torch.cuda.set_sync_debug_mode(previous)
-                graph = torch.cuda.CUDAGraph()
-                graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
-                try:
-                    logits = self._run(shape)
-                finally:
-                    graph.capture_end()
-            torch.cuda.current_stream().wait_stream(side)
+            graph = self._record(shape)
         except Exception as exc:  # the engine decodes eagerly instead
             self.stats.disabled = f"{type(exc).__name__}: {exc}"[:500]
             self._drop_graphs()
             log.warning("decode graphs turned off, decoding eagerly: %s", self.stats.disabled)
             return None
-        self.graphs[shape] = (graph, logits)
+        assert self.logits_out is not None
+        while len(self.graphs) >= max(self.max_graphs, 1):
+            self.graphs.popitem(last=False)  # other graphs still hold the pool, so it stays usable
+            self.stats.evictions += 1
+        self.graphs[shape] = (graph, self.logits_out[: shape.rows])
         self.stats.captures += 1
         self.stats.capture_seconds += time.perf_counter() - started
         log.info(
@@ -251,3 +252,39 @@ class DecodeGraphs:
             time.perf_counter() - started,
         )
         return self.graphs[shape]
+
+    def _output(self, logits: torch.Tensor) -> torch.Tensor:
+        """The shared logits buffer, (re)made for these logits' vocabulary and dtype (outside a capture)."""
+        out = self.logits_out
+        if out is None or out.shape[1] != logits.shape[1] or out.dtype != logits.dtype:
+            if out is not None:  # captured graphs write into the old buffer: none may replay again
+                self._drop_graphs()
+            out = torch.empty(self.max_rows, logits.shape[1], dtype=logits.dtype, device=logits.device)
+            self.logits_out = out
+        return out
+
+    def _record(self, shape: StepShape) -> Any:
+        """Warm up `shape` (checking it never syncs with the host) and capture it into a CUDA graph whose
+        replay leaves the logits in logits_out[:rows]. The warm-up writes the same keys/values the replay
+        then writes."""
+        # Warm-up and capture on a side stream (capture cannot use the default stream), as
+        # torch.cuda.graph does, without its gc.collect() and empty_cache() at every capture: shapes
+        # are captured lazily while serving. thread_local: other threads' CUDA calls (an upload
+        # parsing tensors) do not invalidate the capture.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            previous = torch.cuda.get_sync_debug_mode()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                out = self._output(self._run(shape))
+            finally:
+                torch.cuda.set_sync_debug_mode(previous)
+            graph = torch.cuda.CUDAGraph()
+            graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+            try:
+                out[: shape.rows].copy_(self._run(shape))
+            finally:
+                graph.capture_end()
+        torch.cuda.current_stream().wait_stream(side)
+        return graph

@@ -129,3 +129,49 @@ def test_eager_engine_stats_report_no_static_steps(tiny_model_dir):
     engine.generate([engine.request([5, 6], max_new_tokens=3, ignore_eos=True)])
     stats = engine.core.stats()
     assert (stats.decode_step, stats.decode_static_steps, stats.decode_fallback) == ("eager", 0, None)
+
+
+class _ReplayStep:
+    """A stand-in for a captured graph on the CPU: replay reruns the static step into the shared logits
+    buffer, as the real graph's copy does."""
+
+    def __init__(self, graphs, shape):
+        self.graphs, self.shape = graphs, shape
+        self.replay()
+
+    def replay(self):
+        logits = self.graphs._run(self.shape)
+        self.graphs._output(logits)[: self.shape.rows].copy_(logits)
+
+
+def test_graphs_share_one_logits_buffer_and_the_least_recently_used_is_dropped(tiny_model_dir):
+    """The graph bookkeeping (capture on first use, LRU beyond max_decode_graphs, one output buffer for
+    all graphs) on the CPU, with a stand-in for the CUDA capture; tokens equal the eager engine's."""
+    base = load_base_model(tiny_model_dir, quantize="none", device="cpu")
+    settings = dict(max_batch_size=8, max_seq_len=64, adapter_slots=1)
+    eager = OfflineEngine(base, EngineSettings(**settings))
+    prompts = [[5, 6, 7], [40, 41], [100, 17, 250, 3], [60, 61, 62, 63, 64], [9, 8], [7, 7, 7]]
+    new_tokens = [30, 10, 20, 5, 40, 15]  # rows leave at different steps: row buckets 8, 4, 2, 1
+
+    def requests(engine):
+        return [
+            engine.request(p, max_new_tokens=n, ignore_eos=True)
+            for p, n in zip(prompts, new_tokens, strict=True)
+        ]
+
+    want = [r.token_ids for r in eager.generate(requests(eager))]
+
+    base = load_base_model(tiny_model_dir, quantize="none", device="cpu")
+    engine = OfflineEngine(base, EngineSettings(**settings, decode_step="static", max_decode_graphs=3))
+    graphs = engine.core.decode_graphs
+    graphs.capture = True  # the bookkeeping of decode_step="graphs", with the stand-in below
+    graphs._record = lambda shape: _ReplayStep(graphs, shape)
+    outputs = []
+    got = [r.token_ids for r in engine.generate(requests(engine))]
+    assert got == want
+    # rows leaving and keys crossing the 16/32/64 length buckets: more shapes than are kept
+    assert graphs.stats.captures > 3 and graphs.stats.evictions == graphs.stats.captures - len(graphs.graphs)
+    assert len(graphs.graphs) == 3 and graphs.stats.replays > 0 and graphs.stats.disabled is None
+    for _, logits in graphs.graphs.values():  # every graph's output is a view of the one buffer
+        outputs.append(logits.data_ptr())
+    assert set(outputs) == {graphs.logits_out.data_ptr()}
