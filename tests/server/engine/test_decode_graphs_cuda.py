@@ -103,13 +103,17 @@ def test_graph_replays_match_eager_steps_and_peft(tiny_model_dir, adapter_dirs, 
             assert float((g.logits[0].float() - logits[0].float()).abs().max()) <= _tolerance(logits[0])
 
 
-def test_graphs_follow_joining_rows_and_adapter_reloads(tiny_model_dir, adapter_dirs):
+@pytest.mark.parametrize("max_graphs", [64, 2])
+def test_graphs_follow_joining_rows_and_adapter_reloads(tiny_model_dir, adapter_dirs, max_graphs):
     """Requests join every step (row buckets change, prefilling rows sit behind the padded decode rows)
-    and 3 slots serve 7 adapters (slots are rewritten, some tensors grow: graphs are recaptured)."""
+    and 3 slots serve 7 adapters (slots are rewritten, some tensors grow: graphs are recaptured). With
+    max_graphs=2, graphs are also dropped one at a time from the shared pool while others stay."""
     rows = _rows()
     results = {}
     for mode in ("eager", "graphs"):
-        engine = _engine(tiny_model_dir, {}, "none", mode, adapter_slots=3, max_batch_size=4)
+        engine = _engine(
+            tiny_model_dir, {}, "none", mode, adapter_slots=3, max_batch_size=4, max_decode_graphs=max_graphs
+        )
         for kind, path in adapter_dirs.items():
             engine.add_adapter(kind, path)
         sinks = [[] for _ in rows]
@@ -126,5 +130,7 @@ def test_graphs_follow_joining_rows_and_adapter_reloads(tiny_model_dir, adapter_
             print("decode graphs (joining):", stats)
             assert stats.disabled is None and stats.replays > 0
             assert engine.core.bank.table.stats.evictions > 0
+            if max_graphs == 2:
+                assert stats.evictions > 0 and len(engine.core.decode_graphs.graphs) <= 2
     same = sum(a == b for a, b in zip(results["eager"], results["graphs"], strict=True))
     assert same >= len(rows) - 1, (results["eager"], results["graphs"])  # bf16: allow one near-tie row
