@@ -24,7 +24,7 @@ How the step is made static:
   long-running server with a large batch could otherwise capture hundreds);
 - the first run of each shape is a warm-up under `torch.cuda.set_sync_debug_mode("error")`: a step that
   would synchronise with the host cannot be captured, so graphs are turned off (with a warning) and the
-  engine decodes eagerly from then on.
+  engine decodes with the same static step uncaptured from then on (`adapterserve_decode_fallback`).
 
 Without capture (CPU, or `decode_step="static"`) the same static step runs as is, optionally through
 `torch.compile`; the eager dynamic step (`runner.decode`) stays the reference path.
@@ -232,10 +232,12 @@ class DecodeGraphs:
         started = time.perf_counter()
         try:
             graph = self._record(shape)
-        except Exception as exc:  # the engine decodes eagerly instead
+        except Exception as exc:  # the engine runs the static step uncaptured instead
             self.stats.disabled = f"{type(exc).__name__}: {exc}"[:500]
             self._drop_graphs()
-            log.warning("decode graphs turned off, decoding eagerly: %s", self.stats.disabled)
+            log.warning(
+                "decode graphs turned off, running the decode step uncaptured: %s", self.stats.disabled
+            )
             return None
         assert self.logits_out is not None
         while len(self.graphs) >= max(self.max_graphs, 1):
