@@ -38,6 +38,23 @@ def test_gathered_rows_equal_each_rows_own_product(dtype):
     assert not h[0].any() and not y[0].any()  # slot 0 is exactly zero
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_rows_read_their_slots_in_place_and_equal_the_gathered_bmm(dtype):
+    """One token per row on a CPU: the embedding-bag path, equal to the gather + bmm it replaces, also
+    when the same slots tensor is passed again (cached bag indices) and when a new one is."""
+    x, a, b, slots = _inputs(dtype)
+    x = x[:, :1]  # [B, 1, in]
+    kernels = lora_kernels("torch", "cpu")
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-2, "atol": 1e-3}
+    for rows in (slots, slots, slots.flip(0)):
+        h = kernels.shrink(x, a, rows)
+        y = kernels.expand(h, b, rows)
+        assert h.shape == (6, 1, 8) and y.shape == (6, 1, 80) and y.dtype == dtype
+        torch.testing.assert_close(h, torch.bmm(x, a.index_select(0, rows)), **tol)
+        torch.testing.assert_close(y, torch.bmm(h, b.index_select(0, rows)), **tol)
+        assert not y[rows == 0].any()  # slot 0 is exactly zero
+
+
 def test_single_slot_is_the_plain_matmul():
     x, a, _, slots = _inputs(torch.bfloat16)
     kernels = lora_kernels("torch", "cpu")
