@@ -22,7 +22,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
 
 import torch
 
@@ -38,6 +37,7 @@ from adapterserve.server.engine.runner import ModelRunner, PrefillRow
 from adapterserve.server.engine.sampling import RowSampler, sample_rows
 from adapterserve.server.engine.scoring import chunk_logprobs
 from adapterserve.server.engine.sequence import EventSink, Sequence
+from adapterserve.server.engine.stats import EngineStats, engine_stats
 from adapterserve.server.engine.text import TextTracker
 from adapterserve.server.engine.types import FinishReason, GenerationRequest, TokenEvent
 from adapterserve.server.errors import (
@@ -51,28 +51,6 @@ from adapterserve.server.model.loading import LoadedBase, eos_token_ids
 from adapterserve.server.settings import EngineSettings
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EngineStats:
-    waiting: int
-    running: int
-    slots_in_use: int
-    slots_total: int
-    slot_loads: int
-    slot_hits: int
-    slot_evictions: int
-    kv_cache_bytes: int
-    adapter_device_bytes: int
-    steps: int
-    # The decode step: "eager", "static", "static, compiled" or "graphs" (decode_step_mode), and what the
-    # static step did. `decode_fallback`: why graph capture or compilation was turned off (the engine
-    # then decodes with the uncompiled step; on a GPU that is many times slower), None while it runs.
-    decode_step: str = "eager"
-    decode_graph_captures: int = 0
-    decode_graph_replays: int = 0
-    decode_static_steps: int = 0
-    decode_fallback: str | None = None
 
 
 class EngineCore:
@@ -185,32 +163,7 @@ class EngineCore:
             return bool(self.running or self.waiting or self._cancel or self._controls)
 
     def stats(self) -> EngineStats:
-        table = self.bank.table
-        return EngineStats(
-            waiting=len(self.waiting),
-            running=len(self.running),
-            slots_in_use=sum(1 for e in table.entries.values() if e.refs > 0),
-            slots_total=table.num_slots,
-            slot_loads=table.stats.loads,
-            slot_hits=table.stats.hits,
-            slot_evictions=table.stats.evictions,
-            kv_cache_bytes=self.cache.nbytes(),
-            adapter_device_bytes=self.bank.device_bytes(),
-            steps=self.steps,
-            decode_step=self.decode_step,
-            **self._decode_graph_stats(),
-        )
-
-    def _decode_graph_stats(self) -> dict:
-        graphs = self.decode_graphs
-        if graphs is None:
-            return {}
-        return {
-            "decode_graph_captures": graphs.stats.captures,
-            "decode_graph_replays": graphs.stats.replays,
-            "decode_static_steps": graphs.stats.static_steps,
-            "decode_fallback": graphs.stats.disabled,
-        }
+        return engine_stats(self)
 
     # ----- the engine thread ------------------------------------------------------------------------
     def step(self) -> None:

@@ -15,8 +15,9 @@ import threading
 import uuid
 from collections.abc import AsyncIterator
 
-from adapterserve.server.engine.core import EngineCore, EngineStats
+from adapterserve.server.engine.core import EngineCore
 from adapterserve.server.engine.provider import AdapterProvider, ResolvedAdapter
+from adapterserve.server.engine.stats import EngineStats
 from adapterserve.server.engine.types import GenerationRequest, TokenEvent
 from adapterserve.server.errors import UnavailableError
 from adapterserve.server.model.loading import LoadedBase
