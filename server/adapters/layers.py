@@ -14,6 +14,7 @@ from torch import nn
 from adapterserve.server.adapters.kind import ModuleKey, ModuleSlots, RowSelection
 from adapterserve.server.adapters.slots import NO_ADAPTER, AdapterBank
 from adapterserve.server.model.cpu_linear import PackedLinear, can_pack
+from adapterserve.server.model.family import decoder_parts
 
 AdapterBatch = RowSelection  # one forward's rows: slots [B], kinds present, single shared slot
 
@@ -71,9 +72,9 @@ def pack_base_linears(model: nn.Module) -> int:
         if isinstance(module, MultiAdapterLinear) and can_pack(module.base):
             module.base = PackedLinear(module.base)
             packed += 1
-    head = getattr(model, "lm_head", None)
+    head = model.get_output_embeddings()
     if head is not None and can_pack(head):
-        model.lm_head = PackedLinear(head)
+        model.set_output_embeddings(PackedLinear(head))
         packed += 1
     return packed
 
@@ -83,7 +84,7 @@ def wrap_model(
 ) -> None:
     """Replace every decoder linear of the base model by a MultiAdapterLinear (once, in place); with
     `pack_cpu_linears`, their base linears and the lm_head then run on oneDNN-packed weights."""
-    for layer_idx, layer in enumerate(model.model.layers):
+    for layer_idx, layer in enumerate(decoder_parts(model).layers):
         for short, path in bank.spec.linear_paths.items():
             parent_path, _, attr = path.rpartition(".")
             parent = layer.get_submodule(parent_path) if parent_path else layer

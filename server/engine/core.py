@@ -47,6 +47,7 @@ from adapterserve.server.errors import (
     ServeError,
 )
 from adapterserve.server.model.cpu_linear import use_packed_linears
+from adapterserve.server.model.family import TESTED_FAMILIES
 from adapterserve.server.model.loading import LoadedBase, eos_token_ids
 from adapterserve.server.settings import EngineSettings
 
@@ -68,6 +69,15 @@ class EngineCore:
         wrap_model(base.model, self.bank, self.context, pack_cpu_linears=packed)
         self.cache = make_kv_cache(settings, spec, self.dtype, self.device)
         self.runner = ModelRunner(base.model, self.cache, self.context)
+        self.forward_check = self.runner.verify()  # UnsupportedModelError: refused before serving
+        if spec.model_type not in TESTED_FAMILIES:
+            log.warning(
+                "model_type %r is not among the tested families (%s); its forward matched transformers' "
+                "in the start-up check (max logit difference %s)",
+                spec.model_type,
+                ", ".join(sorted(TESTED_FAMILIES)),
+                self.forward_check,
+            )
         self.prefill_forward_cost = forward_cost_tokens(self.device, settings.prefill_group_cost)
         self.decode_graphs = make_decode_graphs(decode_mode, self.runner, self.cache, self.bank, settings)
         self.decode_step = decode_mode + (", compiled" if settings.compile_decode else "")

@@ -1,9 +1,11 @@
-"""The batched forward over a Llama-family base: our own attention over the KV cache (paged or dense), the
-base model's own modules for everything else (embeddings, norms, rotary, MLP, wrapped linears).
+"""The batched forward over the base model: the model family's own transformers code for everything
+(embeddings, norms, rotary, MLP/MoE, wrapped linears), with the engine's attention over its KV cache
+(paged or dense) plugged in through transformers' attention interface (see attention.py).
 
 Two stages, as in gpt-fast: `prefill` (new rows, a chunk of each prompt, right-padded) and `decode` (one
 token for every running row). Both return the logits of each row's last position; `prefill_states`
 returns every position's final hidden state instead (scoring requests need every position's logits).
+`verify` checks once, at start, that this forward gives the model's own logits.
 """
 
 from __future__ import annotations
@@ -11,21 +13,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from adapterserve.server.adapters.layers import AdapterBatch, AdapterContext
+from adapterserve.server.adapters.layers import AdapterBatch, AdapterContext, build_batch
+from adapterserve.server.adapters.slots import NO_ADAPTER
+from adapterserve.server.engine import attention
+from adapterserve.server.engine.attention import AttentionStep
 from adapterserve.server.engine.kv_cache import KVCache
 from adapterserve.server.engine.paged_kv_cache import PagedKVCache
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, heads, S, D]; cos, sin: [B, S, D] (from the model's rotary embedding)."""
-    return x * cos.unsqueeze(1) + _rotate_half(x) * sin.unsqueeze(1)
+from adapterserve.server.model.family import UnsupportedModelError, decoder_parts, text_config
 
 
 @dataclass
@@ -38,36 +33,41 @@ class PrefillRow:
 
 class ModelRunner:
     def __init__(self, model, cache: KVCache | PagedKVCache, context: AdapterContext):
+        parts = decoder_parts(model)
         self.model = model
-        self.inner = model.model  # LlamaModel-like: embed_tokens, layers, norm, rotary_emb
+        self.model_type = parts.model_type
+        self.decoder = parts.decoder  # embeddings -> layers -> final norm, the family's own forward
+        self.embeddings = model.get_input_embeddings()
+        self.lm_head = model.get_output_embeddings()
+        self.head_softcap = parts.head_softcap
         self.cache = cache
         self.context = context
-        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        self.num_heads = int(config.num_attention_heads)
-        self.kv_heads = int(getattr(config, "num_key_value_heads", None) or self.num_heads)
-        self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // self.num_heads)
+        self.reference_attention = attention.original_implementation(model)
+        self.attention = attention.install(model, parts.layers, cache)
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
-        return self.inner.embed_tokens(token_ids)
+        return self.embeddings(token_ids)
 
     @torch.inference_mode()
     def prefill(self, rows: list[PrefillRow], row_start: int, batch: AdapterBatch) -> torch.Tensor:
         """Run new rows row_start.. through the model, filling their cache. Returns logits [B, V]."""
         x, last = self._prefill_hidden(rows, row_start, batch)
-        return self.head(self.inner.norm(x[torch.arange(len(rows), device=x.device), last]))  # [B, V]
+        return self.head(x[torch.arange(len(rows), device=x.device), last])  # [B, V]
 
     @torch.inference_mode()
     def prefill_states(self, rows: list[PrefillRow], row_start: int, batch: AdapterBatch) -> torch.Tensor:
         """Like `prefill`, but returns the final-norm hidden state of every position [B, S, H] (rows
         right-padded to the longest): `head` of a position's state is its next-token logits."""
         x, _ = self._prefill_hidden(rows, row_start, batch)
-        return self.inner.norm(x)
+        return x
 
     @torch.inference_mode()
     def head(self, states: torch.Tensor) -> torch.Tensor:
         """Next-token logits [..., V] (float32) of final-norm hidden states [..., H]."""
-        return self.model.lm_head(states).float()
-
+        logits = self.lm_head(states).float()
+        if self.head_softcap is not None:  # Gemma-2/3: cap * tanh(logits / cap)
+            logits = torch.tanh(logits / self.head_softcap) * self.head_softcap
+        return logits
     def _prefill_hidden(
         self, rows: list[PrefillRow], row_start: int, batch: AdapterBatch
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,7 +93,7 @@ class ModelRunner:
         """token_ids, positions: [B] for rows 0..B-1. Returns logits [B, V]."""
         embeds = self.embed(token_ids[:, None])  # [B, 1, H]
         x = self._forward(embeds, positions[:, None], 0, batch)  # [B, 1, H]
-        return self.head(self.inner.norm(x[:, 0]))  # [B, V]
+        return self.head(x[:, 0])  # [B, V]
 
     @torch.inference_mode()
     def decode_static(
@@ -121,22 +121,7 @@ class ModelRunner:
         inference mode; compiling the decorated method leaves the mode out of the traced graph)."""
         embeds = self.embed(tokens[:, None])  # [R, 1, H]
         x = self._forward(embeds, positions[:, None], 0, batch, table=table, length=length)  # [R, 1, H]
-        return self.head(self.inner.norm(x[:, 0]))  # [R, V]
-
-    def _attention(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float | None
-    ) -> torch.Tensor:
-        """SDPA of q [B, H, S, D] over k, v [B, kvH, L, D] with mask [B, 1, S, L]. One query position with
-        grouped KV heads (decode): the g = H / kvH query heads of a KV head are folded into the query
-        axis ([B, kvH, g, D], head h reads KV head h // g as in transformers' repeat_kv), a plain
-        attention with no GQA expansion (~15% faster SDPA on a CPU)."""
-        b, h, s, d = q.shape
-        kv_heads = k.shape[1]
-        if s == 1 and h != kv_heads:
-            folded = q.view(b, kv_heads, h // kv_heads, d)
-            out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask, scale=scale)
-            return out.view(b, h, 1, d)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        return self.head(x[:, 0])  # [R, V]
 
     def _forward(
         self,
@@ -148,35 +133,67 @@ class ModelRunner:
         table: torch.Tensor | None = None,  # [B, nb]: the rows' block tables (else rows row_start..)
         length: int | None = None,  # keys attended (else max(positions) + 1, a host sync)
     ) -> torch.Tensor:
-        """The decoder layers over x; returns the last layer's hidden states [B, S, H] (before the
-        final norm)."""
-        b, s, _ = x.shape
+        """The model's decoder over x; returns its final-norm hidden states [B, S, H]."""
         if length is None:
             length = int(positions.max()) + 1
-        cos, sin = self.inner.rotary_emb(x, positions)  # [B, S, D]
-        keys = torch.arange(length, device=x.device)
-        mask = (keys[None, None, :] <= positions[:, :, None]).unsqueeze(1)  # [B, 1, S, length]
         self.context.batch = batch
+        self.attention.step = AttentionStep(positions=positions, length=length, row_start=row_start, table=table)
         try:
-            for layer_idx, layer in enumerate(self.inner.layers):
-                attn = layer.self_attn
-                h = layer.input_layernorm(x)
-                q = attn.q_proj(h).view(b, s, self.num_heads, self.head_dim)
-                k = attn.k_proj(h).view(b, s, self.kv_heads, self.head_dim)
-                v = attn.v_proj(h).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
-                if hasattr(attn, "q_norm"):  # Qwen3-style per-head norms
-                    q, k = attn.q_norm(q), attn.k_norm(k)
-                q = apply_rotary(q.transpose(1, 2), cos, sin)  # [B, H, S, D]
-                k = apply_rotary(k.transpose(1, 2), cos, sin)  # [B, kvH, S, D]
-                if table is None:
-                    self.cache.write(layer_idx, row_start, positions, k, v)
-                    k_all, v_all = self.cache.read(layer_idx, row_start, b, length)  # [B, kvH, length, D]
-                else:
-                    self.cache.write_blocks(layer_idx, table, positions, k, v)
-                    k_all, v_all = self.cache.read_blocks(layer_idx, table, length)
-                out = self._attention(q, k_all, v_all, mask, getattr(attn, "scaling", None))  # [B, H, S, D]
-                x = x + attn.o_proj(out.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
-                x = x + layer.mlp(layer.post_attention_layernorm(x))
+            out = self.decoder(inputs_embeds=x, position_ids=positions, use_cache=False)
         finally:
             self.context.batch = None
-        return x
+            self.attention.step = None
+        return out.last_hidden_state
+
+    @torch.inference_mode()
+    def verify(self, prompt_tokens: int = 10, decode_steps: int = 3) -> float | None:
+        """Check, before serving, that this forward gives the model's own logits: rows prefilled through
+        the cache then decoded for a few steps, against the model's full forward with the attention it
+        was loaded with. Uses cache rows 0 and 1 (nothing may be running). Returns the largest logit
+        difference (None if the cache cannot hold the check); UnsupportedModelError when it is past the
+        dtype's tolerance (a family whose forward the engine would change: refuse rather than serve
+        different text)."""
+        total = min(prompt_tokens + decode_steps, self.cache.capacity_tokens)
+        prompt_tokens = max(total - decode_steps, 1)
+        decode_steps = total - prompt_tokens
+        count = min(2, self.cache.max_rows)
+        if total < 2 or not self.cache.can_reserve([total] * count):
+            return None
+        vocab = int(text_config(self.model).vocab_size)
+        device, dtype = self.embeddings.weight.device, self.embeddings.weight.dtype
+        ids = (torch.arange(count * total, device=device).view(count, total) * 7919 + 13) % max(vocab - 1, 1)
+        ids = ids + 1  # [rows, T], no token 0 (often padding)
+        self.model.set_attn_implementation(self.reference_attention)
+        try:
+            want = self.model(input_ids=ids, use_cache=False).logits.float()  # [rows, T, V]
+        finally:
+            self.model.set_attn_implementation(attention.ATTENTION_NAME)
+        no_adapter = build_batch([NO_ADAPTER] * count, {}, device)
+        rows = [PrefillRow(embeds=self.embed(ids[i, :prompt_tokens]), start=0) for i in range(count)]
+        for row in range(count):
+            self.cache.reserve(row, total)
+        try:
+            got = [self.prefill(rows, 0, no_adapter)]  # [rows, V] each
+            for step in range(decode_steps):
+                pos = torch.full((count,), prompt_tokens + step, dtype=torch.long, device=device)
+                got.append(self.decode(ids[:, prompt_tokens + step], pos, no_adapter))
+        except (NotImplementedError, RuntimeError, TypeError, ValueError, AttributeError) as exc:
+            raise UnsupportedModelError(
+                f"model_type {self.model_type!r} is not supported by the engine: its forward through the "
+                f"engine's KV cache fails ({type(exc).__name__}: {exc})"
+            ) from exc
+        finally:
+            for row in range(count):
+                self.cache.release(row)
+        ours = torch.stack(got, dim=1)  # [rows, steps, V]
+        ref = want[:, prompt_tokens - 1 : prompt_tokens - 1 + ours.shape[1]]
+        diff = float((ours - ref).abs().max())
+        scale = float(ref.abs().max())
+        rel = 1e-3 if dtype == torch.float32 else 5e-2
+        if not diff <= rel * max(scale, 1.0):  # also catches NaN
+            raise UnsupportedModelError(
+                f"model_type {self.model_type!r} is not supported by the engine: its forward through the "
+                f"engine's KV cache differs from transformers' own (max logit difference {diff:.3g} of "
+                f"{scale:.3g}); refusing to serve different text"
+            )
+        return diff

@@ -22,6 +22,8 @@ off. Eager calls skip the custom op's dispatch and call oneDNN directly.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -77,13 +79,27 @@ class PackedLinear(nn.Module):
         return _onednn_linear(x, self.packed, self.linear.bias)
 
 
+@functools.cache
+def packs_dtype(dtype: torch.dtype) -> bool:
+    """Whether oneDNN packs `dtype` weights on this CPU. bfloat16 needs AVX-512 (bw, vl, dq) or
+    AVX-NE-CONVERT; on an AVX2-only CPU the reorder raises, so such weights keep `F.linear`."""
+    if dtype not in _DTYPES or not onednn_linear_available():
+        return False
+    try:
+        with torch.no_grad():
+            torch.ops.mkldnn._reorder_linear_weight(torch.zeros(8, 8, dtype=dtype), _BATCH_HINT)
+    except RuntimeError:
+        return False
+    return True
+
+
 def can_pack(linear: nn.Module) -> bool:
-    """A plain CPU nn.Linear in float32 or bfloat16 (quantized linears keep their own kernels)."""
+    """A plain CPU nn.Linear in a dtype oneDNN packs here (quantized linears keep their own kernels)."""
     return (
         type(linear) is nn.Linear
         and linear.weight.device.type == "cpu"
-        and linear.weight.dtype in _DTYPES
         and not linear.weight.requires_grad
+        and packs_dtype(linear.weight.dtype)
     )
 
 

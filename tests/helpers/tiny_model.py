@@ -68,9 +68,40 @@ def tiny_llama_config(vocab_size: int, **overrides):
 
 ARCHITECTURES = ("llama", "qwen2", "mistral", "qwen3")
 
+# Every decoder family the engine serves (server/model/family.py), each at the Llama fixture's sizes with
+# the features that make it differ from Llama switched on at a size the tests reach: sliding windows
+# (8 positions) shorter than the tests' sequences, soft-capping, alternating layer types, experts.
+FAMILY_OVERRIDES: dict[str, dict] = {
+    "llama": {},
+    "mistral": {"head_dim": 16, "sliding_window": 8},
+    "qwen2": {},
+    "qwen3": {"head_dim": 16},
+    "gemma": {"head_dim": 16},
+    "gemma2": {
+        "head_dim": 16,
+        "sliding_window": 8,
+        "query_pre_attn_scalar": 16,
+        "attn_logit_softcapping": 5.0,  # small enough that the cap really bends random-weight scores
+        "final_logit_softcapping": 4.0,
+        "layer_types": ["sliding_attention", "full_attention"],
+    },
+    "gemma3_text": {
+        "head_dim": 16,
+        "sliding_window": 8,
+        "query_pre_attn_scalar": 16,
+        "layer_types": ["sliding_attention", "full_attention"],
+    },
+    "phi3": {},
+    "olmo2": {},
+    "mixtral": {"head_dim": 16, "num_local_experts": 4, "num_experts_per_tok": 2},
+    "gpt_neox": {},
+}
+FAMILIES = tuple(FAMILY_OVERRIDES)
+_NO_GQA = {"gpt_neox"}  # families whose config has no num_key_value_heads
+
 
 def _tiny_config(arch: str, vocab_size: int, **overrides):
-    """A tiny config of a Llama-family architecture (same sizes as the Llama fixture)."""
+    """A tiny config of a decoder family (same sizes as the Llama fixture)."""
     if arch == "llama":
         return tiny_llama_config(vocab_size, **overrides)
     from transformers import AutoConfig
@@ -89,6 +120,7 @@ def _tiny_config(arch: str, vocab_size: int, **overrides):
             "rms_norm_eps",
             "tie_word_embeddings",
         )
+        if not (arch in _NO_GQA and k in ("num_key_value_heads", "rms_norm_eps"))
     }
     if arch == "qwen3":
         keep["head_dim"] = 16
