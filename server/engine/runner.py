@@ -68,6 +68,7 @@ class ModelRunner:
         if self.head_softcap is not None:  # Gemma-2/3: cap * tanh(logits / cap)
             logits = torch.tanh(logits / self.head_softcap) * self.head_softcap
         return logits
+
     def _prefill_hidden(
         self, rows: list[PrefillRow], row_start: int, batch: AdapterBatch
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,7 +138,9 @@ class ModelRunner:
         if length is None:
             length = int(positions.max()) + 1
         self.context.batch = batch
-        self.attention.step = AttentionStep(positions=positions, length=length, row_start=row_start, table=table)
+        self.attention.step = AttentionStep(
+            positions=positions, length=length, row_start=row_start, table=table
+        )
         try:
             out = self.decoder(inputs_embeds=x, position_ids=positions, use_cache=False)
         finally:
