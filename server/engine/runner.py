@@ -39,7 +39,7 @@ class ModelRunner:
         self.decoder = parts.decoder  # embeddings -> layers -> final norm, the family's own forward
         self.embeddings = model.get_input_embeddings()
         self.lm_head = model.get_output_embeddings()
-        self.head_softcap = parts.head_softcap
+        self.head_scale, self.head_softcap = parts.head_scale, parts.head_softcap
         self.cache = cache
         self.context = context
         self.reference_attention = attention.original_implementation(model)
@@ -65,6 +65,8 @@ class ModelRunner:
     def head(self, states: torch.Tensor) -> torch.Tensor:
         """Next-token logits [..., V] (float32) of final-norm hidden states [..., H]."""
         logits = self.lm_head(states).float()
+        if self.head_scale != 1.0:  # Cohere, Granite
+            logits = logits * self.head_scale
         if self.head_softcap is not None:  # Gemma-2/3: cap * tanh(logits / cap)
             logits = torch.tanh(logits / self.head_softcap) * self.head_softcap
         return logits

@@ -4,7 +4,7 @@ The engine runs each family's own transformers code (embeddings, norms, MLP/MoE,
 order, per-layer sliding windows, soft-capping) and replaces only the attention function (see
 server/engine/attention.py). So a family is served when transformers routes its attention through the
 attention interface (`_supports_attention_backend`), when its decoder layers sit in one `nn.ModuleList`
-of the base model, and when its head is the output embedding (optionally soft-capped). Anything else is
+of the base model, and when its head is the output embedding (optionally scaled or soft-capped). Anything else is
 refused at start with one line naming the `model_type` and what is missing (`UnsupportedModelError`),
 never served with different text.
 
@@ -38,10 +38,6 @@ TESTED_FAMILIES = frozenset(
     }
 )
 
-# Config attributes that change the head's logits in a way `DecoderParts.head_softcap` does not cover
-# (Cohere's logit_scale, Granite's logits_scaling): refused rather than served with other logits.
-_UNHANDLED_HEAD_ATTRS = ("logit_scale", "logits_scaling")
-
 
 class UnsupportedModelError(ModelLoadError):
     """The base model's family cannot be served by the engine; the message names what is missing."""
@@ -55,6 +51,7 @@ class DecoderParts:
     decoder: nn.Module  # the base model (LlamaModel, GPTNeoXModel, ...): embeddings -> final norm
     layers: nn.ModuleList  # its decoder layers, in order
     layers_path: str  # their module path inside the causal LM: "model.layers", "gpt_neox.layers"
+    head_scale: float  # logits multiplied by this: Cohere's logit_scale, 1 / Granite's logits_scaling
     head_softcap: float | None  # Gemma-2/3's final_logit_softcapping
 
 
@@ -80,25 +77,29 @@ def decoder_parts(model: Any) -> DecoderParts:
     if not isinstance(decoder, nn.Module) or decoder is model:
         raise refuse(f"no base model under {prefix!r}")
     layer_count = int(getattr(config, "num_hidden_layers", -1))
-    found = [
+    # The shallowest ModuleList of that length: model.layers, gpt_neox.layers, model.decoder.layers (OPT);
+    # never a deeper one of the same length (a layer's experts).
+    lists = [
         (name, module)
-        for name, module in decoder.named_children()
+        for name, module in decoder.named_modules()
         if isinstance(module, nn.ModuleList) and len(module) == layer_count
     ]
+    depth = min((name.count(".") for name, _ in lists), default=0)
+    found = [(name, module) for name, module in lists if name.count(".") == depth]
     if len(found) != 1:
         raise refuse(f"cannot find one list of its {layer_count} decoder layers")
     [(name, layers)] = found
-    for attr in _UNHANDLED_HEAD_ATTRS:
-        value = getattr(config, attr, None)
-        if value not in (None, 1, 1.0):
-            raise refuse(f"its head scales the logits ({attr}={value})")
     if model.get_output_embeddings() is None:
         raise refuse("it has no output embedding (lm_head)")
     cap = getattr(config, "final_logit_softcapping", None)
+    scale = float(getattr(config, "logit_scale", None) or 1.0) / float(
+        getattr(config, "logits_scaling", None) or 1.0
+    )
     return DecoderParts(
         model_type=model_type,
         decoder=decoder,
         layers=layers,
         layers_path=f"{prefix}.{name}",
+        head_scale=scale,
         head_softcap=float(cap) if cap else None,
     )

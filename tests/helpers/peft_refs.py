@@ -116,15 +116,16 @@ def _template():
     return {"template": "Q: {input}\nA:", "system": "Answer briefly."}
 
 
-def make_adapter(base_dir: Path, kind: str, out_dir: Path, seed: int = 0) -> Path:
+def make_adapter(base_dir: Path, kind: str, out_dir: Path, seed: int = 0, config=None) -> Path:
     """Create adapter `kind` on the model in base_dir with random (non-identity) weights; save it.
+    `config` replaces the kind's registered config (other target modules for other model families).
     Bottleneck adapters (which PEFT lacks) are made by the training module, which is their reference."""
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base_dir)
-    config = ADAPTER_KINDS[kind]()
+    config = ADAPTER_KINDS[kind]() if config is None else config
     if isinstance(config, dict):  # a hard-prompt template: no weights
         from adapterserve.server.adapters.kinds.template import write_template_dir
 
