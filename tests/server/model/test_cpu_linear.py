@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapterserve.server.model import cpu_linear
-from adapterserve.server.model.cpu_linear import PackedLinear, can_pack, onednn_linear_available
+from adapterserve.server.model.cpu_linear import PackedLinear, can_pack, onednn_linear_available, packs_dtype
 
 pytestmark = pytest.mark.skipif(not onednn_linear_available(), reason="torch built without oneDNN")
 
@@ -17,6 +17,8 @@ pytestmark = pytest.mark.skipif(not onednn_linear_available(), reason="torch bui
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-4), (torch.bfloat16, 0.0)])
 @pytest.mark.parametrize("shape", [(1, 96), (7, 96), (5, 1, 96), (3, 11, 96)])
 def test_packed_linear_equals_f_linear(dtype, atol, shape):
+    if not packs_dtype(dtype):
+        pytest.skip(f"oneDNN does not pack {dtype} on this CPU (bf16 needs AVX-512 or AVX-NE-CONVERT)")
     torch.manual_seed(0)
     linear = nn.Linear(96, 160, bias=True).to(dtype).requires_grad_(False)
     x = torch.randn(shape).to(dtype)
@@ -32,6 +34,10 @@ def test_only_plain_frozen_cpu_linears_are_packed():
     assert can_pack(frozen)
     assert not can_pack(nn.Linear(8, 8))  # trainable: a packed copy would go stale
     assert not can_pack(nn.Linear(8, 8).half().requires_grad_(False))  # no fp16 path here
+    bf16 = nn.Linear(8, 8).to(torch.bfloat16).requires_grad_(False)
+    assert can_pack(bf16) == packs_dtype(torch.bfloat16)  # an AVX2-only CPU keeps F.linear for bf16
+    if not packs_dtype(torch.bfloat16):
+        assert cpu_linear.pack(bf16) is bf16
 
 
 def test_the_engine_packs_on_cpu_and_keeps_tokens_and_tied_weights(tiny_model_dir):
