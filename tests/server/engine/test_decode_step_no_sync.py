@@ -49,6 +49,22 @@ class HostReads(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
+def _watch_static_steps(engine: OfflineEngine) -> list[HostReads]:
+    """Record the operators of every static decode step the engine runs from now on (one HostReads each)."""
+    graphs = engine.core.decode_graphs
+    modes: list[HostReads] = []
+    run = graphs._run
+
+    def watched(shape):
+        with HostReads() as mode:
+            logits = run(shape)
+        modes.append(mode)
+        return logits
+
+    graphs._run = watched
+    return modes
+
+
 @pytest.fixture(scope="module")
 def adapter_dirs(tiny_model_dir, tmp_path_factory):
     return make_every_kind(tiny_model_dir, tmp_path_factory.mktemp("adapters"))
@@ -64,17 +80,7 @@ def test_static_decode_step_of_every_kind_never_reads_device_values(tiny_model_d
     )
     served = {engine.add_adapter(kind, path).adapter.kind for kind, path in adapter_dirs.items()}
     assert served == set(kind_names())
-    graphs = engine.core.decode_graphs
-    modes: list[HostReads] = []
-    run = graphs._run
-
-    def watched(shape):
-        with HostReads() as mode:
-            logits = run(shape)
-        modes.append(mode)
-        return logits
-
-    graphs._run = watched
+    modes = _watch_static_steps(engine)
     rows = [None, *ADAPTER_KINDS, "lora_qv_r4"]
     engine.generate(
         [
@@ -108,17 +114,7 @@ def test_static_decode_step_of_each_family_never_reads_device_values(family, tmp
     engine = OfflineEngine(
         base, EngineSettings(max_batch_size=4, max_seq_len=64, adapter_slots=1, decode_step="static")
     )
-    graphs = engine.core.decode_graphs
-    modes: list[HostReads] = []
-    run = graphs._run
-
-    def watched(shape):
-        with HostReads() as mode:
-            logits = run(shape)
-        modes.append(mode)
-        return logits
-
-    graphs._run = watched
+    modes = _watch_static_steps(engine)
     engine.generate([engine.request(list(range(5, 16)), max_new_tokens=3, ignore_eos=True)])
     assert len(modes) == 2 and all(m.ops > 50 for m in modes)
     found = sorted({f for m in modes for f in m.found})
