@@ -18,6 +18,15 @@ Under `torch.compile` (`compile_decode`) the call goes through a custom op, `ada
 that inductor runs as an opaque kernel: inductor's own lowering of `mkldnn._linear_pointwise` accepts
 only the weights it packed itself (frozen constants) and failed on ours, which silently turned compilation
 off. Eager calls skip the custom op's dispatch and call oneDNN directly.
+
+Memory: oneDNN makes a primitive per input shape, and two caches keep them (torch's ideep cache and
+oneDNN's own primitive cache, 1,024 entries each): measured ~0.55 MB per shape and weight shape (JIT
+code and the like, whatever the weight's size), ~1.3 ms to make one. Prefill row counts (rows x padded
+prompt length) take hundreds of values, so a server fed prompts of many lengths grew by ~190 MB and kept
+it (FINDINGS "Soak memory"). Eager calls therefore reach oneDNN as 2-D inputs whose row count is
+`padded_rows`: one position per row (decode, the lm_head) keeps its row count up to EXACT_ROWS (padding
+a decode batch would cost time on every step); several positions per row (prefill) keep it up to
+PREFILL_EXACT_ROWS; above those, rows round up to one of 8 sizes per doubling (at most 1/8 more rows).
 """
 
 from __future__ import annotations
@@ -29,6 +38,17 @@ from torch import nn
 
 _DTYPES = (torch.float32, torch.bfloat16)
 _BATCH_HINT = 64  # rows the reorder is tuned for; any row count works
+EXACT_ROWS = 64  # one position per row (decode): row counts up to this reach oneDNN as they are
+PREFILL_EXACT_ROWS = 16  # several positions per row (prefill): up to this
+
+
+def padded_rows(rows: int, exact: int = EXACT_ROWS) -> int:
+    """The row count oneDNN sees for `rows` rows: `rows` up to `exact`, else the next multiple of 1/8
+    of its power of two (65 -> 72, 129 -> 144, 520 -> 576): 8 shapes per doubling, < 1/8 padding."""
+    if rows <= exact:
+        return rows
+    step = 1 << (rows.bit_length() - 4)
+    return -(-rows // step) * step
 
 
 def onednn_linear_available() -> bool:
@@ -43,6 +63,23 @@ def onednn_linear_available() -> bool:
 def _onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x [..., in] @ packed [out, in] (oneDNN layout) + bias -> [..., out]."""
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
+
+
+def _bucketed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """`_onednn_linear` on x [..., in] flattened to [rows, in] and zero-padded to `padded_rows` rows (a
+    bounded set of shapes for oneDNN's caches); the padding rows' outputs are dropped."""
+    lead, width = x.shape[:-1], x.shape[-1]
+    rows = x.numel() // width if width else 0
+    flat = x.reshape(rows, width)  # [rows, in]
+    one_position = x.dim() < 3 or x.shape[-2] == 1  # [B, in] or [B, 1, in]
+    target = padded_rows(rows, EXACT_ROWS if one_position else PREFILL_EXACT_ROWS)
+    if target != rows:
+        padded = flat.new_empty(target, width)  # [target, in]
+        padded[:rows] = flat
+        padded[rows:].zero_()
+        flat = padded
+    out = _onednn_linear(flat, packed, bias)  # [target, out]
+    return out[:rows].view(*lead, out.shape[-1])
 
 
 @torch.library.custom_op("adapterserve::onednn_linear", mutates_args=())
@@ -75,8 +112,8 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
-            return onednn_linear_op(x, self.packed, self.linear.bias)
-        return _onednn_linear(x, self.packed, self.linear.bias)
+            return onednn_linear_op(x, self.packed, self.linear.bias)  # static shapes already
+        return _bucketed_linear(x, self.packed, self.linear.bias)
 
 
 @functools.cache

@@ -9,13 +9,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapterserve.server.model import cpu_linear
-from adapterserve.server.model.cpu_linear import PackedLinear, can_pack, onednn_linear_available, packs_dtype
+from adapterserve.server.model.cpu_linear import (
+    EXACT_ROWS,
+    PREFILL_EXACT_ROWS,
+    PackedLinear,
+    can_pack,
+    onednn_linear_available,
+    packs_dtype,
+    padded_rows,
+)
 
 pytestmark = pytest.mark.skipif(not onednn_linear_available(), reason="torch built without oneDNN")
 
 
 @pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-4), (torch.bfloat16, 0.0)])
-@pytest.mark.parametrize("shape", [(1, 96), (7, 96), (5, 1, 96), (3, 11, 96)])
+@pytest.mark.parametrize("shape", [(1, 96), (7, 96), (5, 1, 96), (3, 11, 96), (65, 96), (7, 43, 96)])
 def test_packed_linear_equals_f_linear(dtype, atol, shape):
     if not packs_dtype(dtype):
         pytest.skip(f"oneDNN does not pack {dtype} on this CPU (bf16 needs AVX-512 or AVX-NE-CONVERT)")
@@ -27,6 +35,43 @@ def test_packed_linear_equals_f_linear(dtype, atol, shape):
     assert got.shape == want.shape and got.dtype == want.dtype
     assert torch.allclose(got.float(), want.float(), atol=atol, rtol=1e-5)
     assert packed.weight is linear.weight and packed.bias is linear.bias
+
+
+@pytest.mark.parametrize("exact", [EXACT_ROWS, PREFILL_EXACT_ROWS])
+def test_row_counts_are_padded_to_few_buckets(exact):
+    # oneDNN caches a primitive per input shape (torch's ideep cache and oneDNN's own, 1,024 entries
+    # each, ~0.55 MB a shape): every distinct row count a prefill makes would stay in memory.
+    buckets = {padded_rows(n, exact) for n in range(1, 4097)}
+    assert {padded_rows(n, exact) for n in range(1, exact + 1)} == set(range(1, exact + 1))
+    doublings = (4096 // exact).bit_length() - 1
+    assert len(buckets) <= exact + 8 * doublings  # 8 per doubling above `exact`
+    for n in range(1, 4097):
+        assert n <= padded_rows(n, exact) < n * 1.125 + 1  # at most 1/8 more rows
+        assert padded_rows(padded_rows(n, exact), exact) == padded_rows(n, exact)
+
+
+def test_packed_linear_runs_onednn_on_bucketed_shapes_only(monkeypatch):
+    seen: set[tuple[int, ...]] = set()
+    real = cpu_linear._onednn_linear
+
+    def spy(x, packed, bias):
+        seen.add(tuple(x.shape))
+        return real(x, packed, bias)
+
+    monkeypatch.setattr(cpu_linear, "_onednn_linear", spy)
+    linear = nn.Linear(16, 24).requires_grad_(False)
+    packed = PackedLinear(linear)
+    for rows in range(1, 300):
+        for shape in ((rows, 16), (1, rows, 16), (rows, 1, 16)):
+            x = torch.randn(shape)
+            out = packed(x)
+            assert out.shape == (*shape[:-1], 24)
+            assert torch.allclose(out, F.linear(x, linear.weight, linear.bias), atol=1e-5)
+    assert all(len(s) == 2 for s in seen)
+    decode = {padded_rows(n) for n in range(1, 300)}  # [rows, in] and [rows, 1, in]
+    prefill = {padded_rows(n, PREFILL_EXACT_ROWS) for n in range(1, 300)}  # [1, rows, in]
+    assert {s[0] for s in seen} == decode | prefill
+    assert len(seen) < 100
 
 
 def test_only_plain_frozen_cpu_linears_are_packed():
