@@ -16,6 +16,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 from adapterserve.server.engine.core import EngineCore
+from adapterserve.server.engine.idle_memory import IdleTrim
 from adapterserve.server.engine.provider import AdapterProvider, ResolvedAdapter
 from adapterserve.server.engine.stats import EngineStats
 from adapterserve.server.engine.types import GenerationRequest, TokenEvent
@@ -91,6 +92,7 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._relay: EventRelay | None = None
+        self._idle_trim = IdleTrim()  # freed memory back to the system once idle (idle_memory.py)
 
     async def start(self) -> None:
         self._relay = EventRelay(asyncio.get_running_loop())
@@ -161,6 +163,7 @@ class Engine:
     def _run(self) -> None:
         while not self._stopping:
             if not self.core.has_work():
+                self._idle_trim.idle()
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue
@@ -169,5 +172,6 @@ class Engine:
             except Exception:  # a bug in the step itself: log it, keep the loop alive
                 log.exception("engine step crashed")
             finally:
+                self._idle_trim.worked()
                 if self._relay is not None:
                     self._relay.flush()
