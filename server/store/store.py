@@ -19,6 +19,7 @@ processes this holds for the documented single writer (writes one after another,
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -51,6 +52,8 @@ from adapterserve.server.store.upload import (
 )
 from adapterserve.server.store.versions import raise_record
 
+log = logging.getLogger(__name__)
+
 # Names other packages import from here (they predate the split into layout/lookup/upload).
 __all__ = [
     "DELETED_PREFIX",
@@ -76,6 +79,12 @@ class ScanReport:
     restored: tuple[str, ...]  # adapters rolled back from an interrupted replace
 
 
+def _abort_begun(begin: asyncio.Future[UploadSession]) -> None:
+    """Abort the session a cancelled `upload_async` was still beginning, once it is made."""
+    if not begin.cancelled() and begin.exception() is None:
+        begin.result().abort()
+
+
 class AdapterStore:
     """Adapters on disk. Thread-safe; the async helpers run blocking work in threads.
 
@@ -97,6 +106,13 @@ class AdapterStore:
         self.max_adapter_bytes = max_adapter_bytes
         self._validate = validate  # looked up per call (tests swap it)
         cleaned, restored = recover(self.root)
+        log.info(
+            "store %s: removed %d temporary entries left by an interrupted run; rolled back %d "
+            "interrupted replace(s)",
+            self.root,
+            len(cleaned),
+            len(restored),
+        )
         self._index = StoreIndex(self.root, base_fingerprint)
         self.scan_report = ScanReport(tuple(self._index.names()), self._index.failed, cleaned, restored)
 
@@ -217,14 +233,21 @@ class AdapterStore:
         max_bytes: int | None = None,
     ) -> CommitResult:
         """Store an adapter from an async stream of (file name, chunk) pairs (e.g. gRPC messages)."""
-        session = await asyncio.to_thread(
-            self.begin_upload,
-            name,
-            overwrite=overwrite,
-            description=description,
-            base_fingerprint=base_fingerprint,
-            max_bytes=max_bytes,
+        begin = asyncio.ensure_future(
+            asyncio.to_thread(
+                self.begin_upload,
+                name,
+                overwrite=overwrite,
+                description=description,
+                base_fingerprint=base_fingerprint,
+                max_bytes=max_bytes,
+            )
         )
+        try:
+            session = await asyncio.shield(begin)
+        except asyncio.CancelledError:  # the thread still makes the upload's folder: drop it once made
+            begin.add_done_callback(_abort_begun)
+            raise
         return await session.feed_async(files)
 
     def put_dir(

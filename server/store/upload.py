@@ -19,6 +19,7 @@ import asyncio
 import hashlib
 import os
 import shutil
+import threading
 import uuid
 from collections.abc import AsyncIterable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -119,7 +120,9 @@ class _OpenFile:
 
 class UploadSession:
     """Writes one upload into a temporary folder of the store. Use as a context manager, or call
-    `abort()` on failure; `commit()` installs it atomically. Not thread-safe: one writer at a time."""
+    `abort()` on failure; `commit()` installs it atomically. `write`, `commit` and `abort` run one at a
+    time: an abort from another thread (a cancelled async upload) waits for a write or commit still
+    running, so nothing is written into the folder once its removal has begun."""
 
     def __init__(
         self,
@@ -139,17 +142,19 @@ class UploadSession:
         self._files: dict[str, FileEntry] = {}
         self._current: tuple[str, _OpenFile] | None = None
         self._done = False
+        self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ streaming
     def write(self, filename: str, chunk: bytes) -> None:
         """Append `chunk` to `filename`. Chunks of one file arrive together; a file may not come back."""
-        if self._done:
-            raise RuntimeError("upload session is finished")
-        try:
-            self._write(filename, bytes(chunk))
-        except BaseException:
-            self.abort()
-            raise
+        with self._lock:
+            if self._done:
+                raise RuntimeError("upload session is finished")
+            try:
+                self._write(filename, bytes(chunk))
+            except BaseException:
+                self.abort()
+                raise
 
     def _write(self, filename: str, chunk: bytes) -> None:
         check_upload_filename(filename)
@@ -199,16 +204,17 @@ class UploadSession:
     def commit(self) -> CommitResult:
         """Check everything, then install atomically. Raises ServeError subclasses; the store is
         unchanged on any failure."""
-        if self._done:
-            raise RuntimeError("upload session is finished")
-        try:
-            self._close_current()
-            missing = [f for f in ACCEPTED_FILES if f not in self._files]
-            if missing:
-                raise AdapterValidationError(f"upload is missing {' and '.join(missing)}")
-            return self._publish(self, dict(self._files))  # validates, once
-        finally:
-            self.abort()  # after a successful install the folder is gone and this is a no-op
+        with self._lock:
+            if self._done:
+                raise RuntimeError("upload session is finished")
+            try:
+                self._close_current()
+                missing = [f for f in ACCEPTED_FILES if f not in self._files]
+                if missing:
+                    raise AdapterValidationError(f"upload is missing {' and '.join(missing)}")
+                return self._publish(self, dict(self._files))  # validates, once
+            finally:
+                self.abort()  # after a successful install the folder is gone and this is a no-op
 
     def feed(self, files: Iterable[tuple[str, bytes]]) -> CommitResult:
         """Write every (file name, chunk) pair, then commit (blocking); aborts on any failure."""
@@ -227,16 +233,18 @@ class UploadSession:
             await asyncio.to_thread(self.abort)
 
     def abort(self) -> None:
-        """Drop the upload: close files, remove the temporary folder. Safe to call more than once."""
-        if self._current is not None:
-            try:
-                os.close(self._current[1].fd)
-            except OSError:
-                pass
-            self._current = None
-        self._done = True
-        if self.tmp_dir.exists():
-            shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        """Drop the upload: close files, remove the temporary folder. Safe to call more than once, from
+        any thread (it waits for a write or commit in progress)."""
+        with self._lock:
+            if self._current is not None:
+                try:
+                    os.close(self._current[1].fd)
+                except OSError:
+                    pass
+                self._current = None
+            self._done = True
+            if self.tmp_dir.exists():
+                shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
     def __enter__(self) -> UploadSession:
         return self

@@ -6,10 +6,13 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
 import os
 import pickle
 import shutil
 import struct
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -24,6 +27,7 @@ from adapterserve.server.errors import (
     ResourceExhaustedError,
     UnsupportedAdapterError,
 )
+from adapterserve.server.store import upload as upload_module
 from adapterserve.server.store.manifest import MANIFEST_FILE, Manifest
 from adapterserve.server.store.store import AdapterStore
 from tests.helpers.peft_adapters import tree_state, write_lora_dir
@@ -280,6 +284,78 @@ def test_async_upload_in_chunks(make_store, lora_dirs):
     assert result.manifest.description == "d"
 
 
+def uploads_in_progress(root: Path) -> list[str]:
+    return [n for n in os.listdir(root) if n.startswith(".upload-")]
+
+
+def test_abort_waits_for_a_write_still_running_in_its_thread(make_store, lora_dirs, monkeypatch):
+    # A cancelled gRPC upload aborts from one worker thread while its last write may still run in
+    # another: the abort must not remove the folder under that write (a file created after the removal
+    # began kept the folder, a temporary left in a live store).
+    store = make_store()
+    session = store.begin_upload("x")
+    inside, release = threading.Event(), threading.Event()
+    real_write = upload_module.UploadSession._write
+
+    def slow_write(self, filename, chunk):
+        real_write(self, filename, chunk)
+        inside.set()
+        release.wait(10)
+
+    monkeypatch.setattr(upload_module.UploadSession, "_write", slow_write)
+    writer = threading.Thread(target=session.write, args=files_of(lora_dirs[0])[0])
+    writer.start()
+    assert inside.wait(10)
+    aborter = threading.Thread(target=session.abort)
+    aborter.start()
+    time.sleep(0.2)
+    assert aborter.is_alive()  # waits for the write
+    release.set()
+    writer.join(10)
+    aborter.join(10)
+    assert uploads_in_progress(store.root) == []
+    with pytest.raises(RuntimeError, match="finished"):
+        session.write(*files_of(lora_dirs[0])[1])
+    assert uploads_in_progress(store.root) == []
+
+
+@pytest.mark.parametrize("when", ["begin", "writing"])
+def test_a_cancelled_async_upload_leaves_no_temporary(make_store, lora_dirs, monkeypatch, when):
+    store = make_store()
+    before = tree_state(store.root)
+    started = threading.Event()
+    if when == "begin":  # cancelled while its folder is being made in a worker thread
+        real_new_dir = upload_module.new_upload_dir
+
+        def slow_new_dir(root):
+            started.set()
+            time.sleep(0.3)
+            return real_new_dir(root)
+
+        monkeypatch.setattr(upload_module, "new_upload_dir", slow_new_dir)
+
+    async def stream():
+        for fname, data in files_of(lora_dirs[0]):
+            for i in range(0, len(data), 64):
+                started.set()
+                await asyncio.sleep(0.01)
+                yield fname, data[i : i + 64]
+
+    async def cancel_midway():
+        task = asyncio.create_task(store.upload_async("x", stream()))
+        while not started.is_set():
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.6)  # the worker thread finishes what it had started
+
+    asyncio.run(cancel_midway())
+    assert uploads_in_progress(store.root) == []
+    assert tree_state(store.root) == before
+
+
 # ------------------------------------------------------------------------------------ start-up
 def test_restart_verifies_hashes_and_reports_tampered_adapters(make_store, lora_dirs):
     store = make_store()
@@ -335,7 +411,7 @@ def test_symlinks_are_never_followed(make_store, lora_dirs, tmp_path):
     assert (outside / WEIGHTS).exists() and not os.path.lexists(store.root / "linked")
 
 
-def test_crash_states_recover_to_old_or_new(make_store, lora_dirs):
+def test_crash_states_recover_to_old_or_new(make_store, lora_dirs, caplog):
     store = make_store()
     store.put_dir(lora_dirs[0], "kept")
     store.put_dir(lora_dirs[1], "mid-replace")
@@ -355,7 +431,10 @@ def test_crash_states_recover_to_old_or_new(make_store, lora_dirs):
     # crash mid-write of a version record: the temp file never got renamed over the record
     (root / ".versions" / f".{'d' * 32}.tmp").write_bytes(b"9")
 
-    reopened = make_store()
+    with caplog.at_level(logging.INFO, logger="adapterserve.server.store.store"):
+        reopened = make_store()
+    assert f"store {root}: removed 4 temporary entries left by an interrupted run" in caplog.text
+    assert "rolled back 1 interrupted replace" in caplog.text
     assert reopened.names() == ["after-replace", "kept", "mid-replace"]
     assert reopened.scan_report.restored == ("mid-replace",)
     assert set(reopened.scan_report.cleaned) == {
