@@ -3,7 +3,13 @@ out-of-memory error, SIGTERM and a second signal with streams in flight, kill -9
 
 from __future__ import annotations
 
+import random
+import re
 import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import pytest
@@ -11,10 +17,11 @@ import pytest
 from adapterserve import Client
 from adapterserve.errors import NotFound, ResourceExhausted
 from adapterserve.retry import RetryPolicy
-from adapterserve.v1 import generation_pb2, generation_pb2_grpc
-from tests.helpers.server_process import start_server
+from adapterserve.v1 import admin_pb2, admin_pb2_grpc, generation_pb2, generation_pb2_grpc
+from tests.helpers.server_process import free_port, start_server
 from tests.reliability.conftest import (
     ADMIN_TOKEN,
+    AUTH,
     PEFT_KINDS,
     StreamCall,
     metric_sum,
@@ -210,37 +217,156 @@ def test_grace_period_over_cuts_streams_with_the_drain_message(tiny_model_dir, t
     assert "grace period of 1 s over: cancelling 2 call(s) in flight" in server.log_text()
 
 
+STREAMS = 64
+KILL_FLAGS = (*LONG_FLAGS[:-2], "--max-batch-size", str(STREAMS))  # every stream runs at the kill
+TEMPORARY = (".upload-", ".replaced-", ".deleted-")
+REMOVED = re.compile(r"removed (\d+) temporary entries left by an interrupted run")
+
+
+def temporaries(store: Path) -> list[str]:
+    """Entries of the store a crash could leave: upload, replace and delete folders, record temps."""
+    found = [p.name for p in store.iterdir() if p.name.startswith(TEMPORARY) or p.name.endswith(".tmp")]
+    versions = store / ".versions"
+    return found + [f".versions/{p.name}" for p in versions.iterdir() if p.name.endswith(".tmp")]
+
+
+def served_state(client: Client) -> dict[str, tuple[int, str]]:
+    return {a.name: (a.version, a.digest) for a in client.list_adapters()}
+
+
+def every_adapter_generates(client: Client, names) -> None:
+    for name in names:
+        assert client.generate("hello", adapter=name, max_new_tokens=3).generated_tokens == 3, name
+
+
 def test_kill_9_during_generation_then_restart_loses_nothing(tiny_model_dir, tmp_path, kind_dirs):
-    store = tmp_path / "store"
-    server = start_server(
-        tiny_model_dir, store, extra_args=LONG_FLAGS, env={"ADAPTERSERVE_ADMIN_TOKEN": ADMIN_TOKEN}
-    )
+    store, port = tmp_path / "store", free_port()
+    env = {"ADAPTERSERVE_ADMIN_TOKEN": ADMIN_TOKEN}
+    server = start_server(tiny_model_dir, store, extra_args=KILL_FLAGS, port=port, env=env)
     names = [f"k-{kind.lower().replace('_', '-')}" for kind in PEFT_KINDS]
     with admin(server.target) as client:
         for kind, name in zip(PEFT_KINDS, names, strict=True):
             client.upload_adapter(kind_dirs[kind], name)
-        before = {a.name: (a.version, a.digest) for a in client.list_adapters()}
-    calls = [StreamCall(server.target, adapter=name, max_new_tokens=LONG) for name in names]
+        before = served_state(client)
+    calls = [
+        StreamCall(server.target, adapter=names[i % len(names)], max_new_tokens=LONG) for i in range(STREAMS)
+    ]
     for call in calls:
-        assert call.first.wait(30)
+        assert call.first.wait(60)
+    assert engine_load(server)[0] == STREAMS  # all 64 generating
     server.proc.kill()
     assert server.wait(30) == -signal.SIGKILL
     for call in calls:
         assert call.join(30).code == "UNAVAILABLE"
     # A symlink planted while the server was down is reported, never followed or served.
     (store / "planted").symlink_to(kind_dirs["LORA"], target_is_directory=True)
-    restarted = start_server(
-        tiny_model_dir, store, extra_args=LONG_FLAGS, env={"ADAPTERSERVE_ADMIN_TOKEN": ADMIN_TOKEN}
+    # A client that calls while the server is down retries (the SDK's policy) until it is back.
+    retried: list[str] = []
+    policy = RetryPolicy(
+        max_attempts=60, max_backoff=1.0, total_timeout=180, on_retry=lambda e, n, w: retried.append(e.code)
     )
+    with (
+        Client(f"127.0.0.1:{port}", retry=policy, timeout=60) as waiting_client,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        waiting = pool.submit(waiting_client.generate, "hello", adapter=names[0], max_new_tokens=3)
+        wait_until(lambda: bool(retried), timeout=30)
+        restarted = start_server(tiny_model_dir, store, extra_args=KILL_FLAGS, port=port, env=env)
+        try:
+            assert waiting.result(120).generated_tokens == 3
+            assert set(retried) == {"UNAVAILABLE"}
+            with admin(restarted.target) as client:
+                assert served_state(client) == before  # the store is unchanged
+                every_adapter_generates(client, names)
+                with pytest.raises(NotFound) as info:
+                    client.get_adapter("planted")
+                assert "symlink" in info.value.message
+                # every client cut by the kill retries its call, and it succeeds
+                for i in range(STREAMS):
+                    adapter = names[i % len(names)]
+                    assert (
+                        client.generate(
+                            "The capital of France is", adapter=adapter, max_new_tokens=8, ignore_eos=True
+                        ).generated_tokens
+                        == 8
+                    )
+            assert temporaries(store) == []
+        finally:
+            assert restarted.stop() == 0
+
+
+class UploadStorm:
+    """Threads that upload and replace adapters as fast as they can (no retries) until stopped, and
+    one upload held open after its first chunk (so a temporary folder exists when the server dies)."""
+
+    def __init__(self, target: str, dirs: dict[str, Path], names: list[str], threads: int = 4) -> None:
+        self.target, self.dirs, self.names = target, dirs, names
+        self.stop, self.ok = threading.Event(), 0
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
+        self._channel = grpc.insecure_channel(target)
+        self._held = threading.Thread(target=self._hold, daemon=True)
+
+    def __enter__(self) -> UploadStorm:
+        for t in [*self._threads, self._held]:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in [*self._threads, self._held]:
+            t.join(60)
+            assert not t.is_alive()
+        self._channel.close()
+
+    def _run(self, index: int) -> None:
+        rng = random.Random(index)
+        with Client(self.target, admin_token=ADMIN_TOKEN, retry=NO_RETRY, timeout=30) as c:
+            while not self.stop.is_set():
+                kind = rng.choice(PEFT_KINDS)
+                try:
+                    c.upload_adapter(self.dirs[kind], rng.choice(self.names), overwrite=True)
+                    self.ok += 1
+                except Exception:  # UNAVAILABLE once the server is killed
+                    time.sleep(0.05)
+
+    def _hold(self) -> None:
+        config = (self.dirs["LORA"] / "adapter_config.json").read_bytes()
+
+        def messages():
+            yield admin_pb2.UploadAdapterRequest(header=admin_pb2.UploadHeader(name="held", overwrite=True))
+            yield admin_pb2.UploadAdapterRequest(
+                chunk=admin_pb2.FileChunk(filename="adapter_config.json", data=config)
+            )
+            self.stop.wait(120)
+
+        try:
+            admin_pb2_grpc.AdminStub(self._channel).UploadAdapter(messages(), metadata=AUTH, timeout=120)
+        except grpc.RpcError:
+            pass
+
+
+def test_kill_9_during_upload_storms_leaves_no_temporary(tiny_model_dir, tmp_path, kind_dirs):
+    store = tmp_path / "store"
+    env = {"ADAPTERSERVE_ADMIN_TOKEN": ADMIN_TOKEN}
+    flags = ("--upload-chunk-bytes", "4096")
+    names = [f"u-{i}" for i in range(12)]
+    removed = []
+    server = start_server(tiny_model_dir, store, extra_args=flags, env=env)
+    for _ in range(3):
+        with UploadStorm(server.target, kind_dirs, names) as storm:
+            wait_until(lambda: storm.ok >= 5 and any(store.glob(".upload-*")), timeout=60)
+            time.sleep(0.3)
+            server.proc.kill()
+            assert server.wait(30) == -signal.SIGKILL
+        server = start_server(tiny_model_dir, store, extra_args=flags, env=env)
+        removed.append(int(server.wait_for(REMOVED, 10)[1]))
     try:
-        with admin(restarted.target) as client:
-            after = {a.name: (a.version, a.digest) for a in client.list_adapters()}
-            assert after == before
-            for name in names:
-                assert client.generate("hello", adapter=name, max_new_tokens=3).generated_tokens == 3
-            with pytest.raises(NotFound) as info:
-                client.get_adapter("planted")
-            assert "symlink" in info.value.message
-        assert not [p for p in store.iterdir() if p.name.startswith((".upload-", ".replaced-", ".deleted-"))]
+        assert all(n >= 1 for n in removed), removed  # at least the held upload's folder each time
+        assert temporaries(store) == []
+        with admin(server.target) as client:
+            listed = [a.name for a in client.list_adapters()]
+            assert listed and set(listed) <= set(names)
+            every_adapter_generates(client, listed)
+        assert "is not served" not in server.log_text()
     finally:
-        assert restarted.stop() == 0
+        assert server.stop() == 0
