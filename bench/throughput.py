@@ -227,12 +227,6 @@ def run_engine_workload(
     return run
 
 
-def _summary(values: list[float]) -> dict:
-    if not values:
-        return {"median": None, "min": None, "max": None}
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-
 def _log(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 

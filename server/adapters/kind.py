@@ -32,7 +32,6 @@ import torch
 
 from adapterserve.server.adapters.kernels import LoraKernels
 from adapterserve.server.adapters.kernels.torch_backend import TorchLoraKernels
-from adapterserve.server.errors import UnsupportedAdapterError
 
 if TYPE_CHECKING:
     from torch import nn
@@ -238,14 +237,6 @@ def all_kinds() -> list[AdapterKind]:
     """Every registered kind, in name order."""
     _load_kinds()
     return [_KINDS[name] for name in sorted(_KINDS)]
-
-
-def kind_named(name: str) -> AdapterKind:
-    _load_kinds()
-    try:
-        return _KINDS[name]
-    except KeyError:
-        raise UnsupportedAdapterError(f"adapter kind {name!r} is not served") from None
 
 
 def kind_names() -> list[str]:

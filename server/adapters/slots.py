@@ -88,11 +88,6 @@ class SlotTable:
         if entry is not None and entry.refs > 0:
             entry.refs -= 1
 
-    def can_acquire(self, key: SlotKey) -> bool:
-        if key in self.entries or len(self.entries) < self.num_slots:
-            return True
-        return any(e.refs == 0 and not e.pinned for e in self.entries.values())
-
     def set_pinned(self, key: SlotKey, pinned: bool) -> None:
         entry = self.entries.get(key)
         if entry is not None:

@@ -33,10 +33,6 @@ class Lifecycle:
         self._next_cutter = 0
 
     @property
-    def generations_in_flight(self) -> int:
-        return self._generations
-
-    @property
     def calls_in_flight(self) -> int:
         return self._calls
 
