@@ -88,21 +88,19 @@ class EngineRun:
 
 
 def _peft_config(kind: str, settings: BenchSettings):
-    from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig
+    """The PEFT config of one bench adapter of `kind` (lora, ia3, prompt or prefix), from the kind's module."""
+    from adapterserve.server.adapters.kind import all_kinds
 
-    if kind == "lora":
-        return LoraConfig(
-            r=settings.rank,
-            lora_alpha=2 * settings.rank,
-            target_modules=list(settings.lora_targets),
-            init_lora_weights=False,
-            task_type="CAUSAL_LM",
-        )
-    if kind == "ia3":
-        return IA3Config(task_type="CAUSAL_LM", init_ia3_weights=False)
-    if kind == "prompt":
-        return PromptTuningConfig(num_virtual_tokens=8, task_type="CAUSAL_LM")
-    return PrefixTuningConfig(num_virtual_tokens=8, task_type="CAUSAL_LM")
+    fields: dict = {
+        "lora": {
+            "r": settings.rank,
+            "lora_alpha": 2 * settings.rank,
+            "target_modules": list(settings.lora_targets),
+            "init_lora_weights": False,
+        },
+        "ia3": {"init_ia3_weights": False},
+    }.get(kind, {"num_virtual_tokens": 8})
+    return {k.name: k for k in all_kinds()}[kind].peft_config(**fields)
 
 
 def make_adapters(model_dir: str, settings: BenchSettings, embed_std: float) -> dict[str, Path]:

@@ -180,6 +180,17 @@ class AdapterKind(ABC):
     priority: ClassVar[int] = 0
     stores_weights: ClassVar[bool] = True  # False: the adapter is its config alone (templates)
     summary: ClassVar[str] = ""  # one line for docs and `--help`: what it stores, how it is applied
+    # The PEFT method that makes adapters of this kind (a key of peft_configs.PEFT_METHODS); None: no
+    # PEFT method does (bottleneck adapters, templates).
+    peft_method: ClassVar[str | None] = None
+
+    def peft_config(self, **fields: Any) -> Any:
+        """A PEFT config that makes an adapter of this kind (task_type CAUSAL_LM unless given)."""
+        from adapterserve.server.adapters.peft_configs import build_peft_config
+
+        if self.peft_method is None:
+            raise ValueError(f"adapter kind {self.name!r} is not made by a PEFT method")
+        return build_peft_config(self.peft_method, **fields)
 
     def claims(self, raw: dict[str, Any]) -> bool:
         """Whether this kind serves the (decoded, unvalidated) adapter_config.json `raw`."""

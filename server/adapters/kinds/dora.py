@@ -107,6 +107,7 @@ class DoraModuleSlots(ModuleSlots):
 
 class DoraKind(AdapterKind):
     name = "dora"
+    peft_method = "dora"
     configs = {"LORA": DoraAdapterConfig}
     hook = HookSite.LINEAR
     priority = 10  # claims LORA configs with use_dora=True before the LoRA kind sees them

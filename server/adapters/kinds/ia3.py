@@ -106,6 +106,7 @@ class IA3ModuleSlots(ModuleSlots):
 
 class IA3Kind(AdapterKind):
     name = "ia3"
+    peft_method = "ia3"
     configs = {"IA3": IA3AdapterConfig}
     hook = HookSite.LINEAR
     summary = "one vector per adapted linear; scales its input (feed-forward modules) or its output per row"

@@ -283,6 +283,7 @@ class LoraModuleSlots(ModuleSlots):
 
 class LoraKind(AdapterKind):
     name = "lora"
+    peft_method = "lora"
     configs = {"LORA": LoraAdapterConfig, "ADALORA": AdaLoraAdapterConfig}
     hook = HookSite.LINEAR
     summary = (

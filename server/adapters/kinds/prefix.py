@@ -85,6 +85,7 @@ class PrefixSlots(PrefillSlots):
 
 class PrefixKind(AdapterKind):
     name = "prefix"
+    peft_method = "prefix-tuning"
     configs = {"PREFIX_TUNING": PrefixTuningAdapterConfig}
     hook = HookSite.PREFILL
     summary = (

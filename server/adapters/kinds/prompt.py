@@ -117,6 +117,7 @@ class PromptSlots(PrefillSlots):
 
 class PromptKind(AdapterKind):
     name = "prompt"
+    peft_method = "prompt-tuning"
     configs = {"PROMPT_TUNING": PromptTuningAdapterConfig, "P_TUNING": PTuningAdapterConfig}
     hook = HookSite.PREFILL
     summary = "virtual-token embeddings [n, hidden]; spliced before the prompt at prefill (prompt/P-tuning)"

@@ -25,3 +25,14 @@ def test_every_registered_kind_has_its_own_wire_value():
     values = [adapter_kind_to_proto(name) for name in kind_names()]
     assert types_pb2.ADAPTER_KIND_UNSPECIFIED not in values
     assert len(set(values)) == len(values)
+
+
+def test_a_kind_makes_its_peft_config_and_serves_what_it_makes():
+    from adapterserve.server.adapters.kind import all_kinds
+
+    made = {k.name: k.peft_config() for k in all_kinds() if k.peft_method is not None}
+    assert set(made) >= {"lora", "ia3", "prompt", "prefix", "dora"}
+    for kind in all_kinds():
+        if kind.name in made:
+            assert str(made[kind.name].peft_type.value) in kind.configs, kind.name
+    assert made["dora"].use_dora
