@@ -55,3 +55,12 @@ def smollm2_dir() -> Path:
     from adapterserve.server.model.default_model import default_model_dir
 
     return default_model_dir()
+
+
+@pytest.fixture(scope="session")
+def peft_adapter_dirs(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
+    """peft_type -> a directory PEFT saved (adapter_config.json, adapter_model.safetensors, README.md)."""
+    from tests.helpers.peft_adapters import PEFT_TYPES, save_peft_adapter
+
+    root = tmp_path_factory.mktemp("peft-adapters")
+    return {t: save_peft_adapter(tiny_model_dir, root / t.lower(), t) for t in PEFT_TYPES}

@@ -15,11 +15,11 @@ import torch
 
 from adapterserve.server.adapters.config import MAX_CONFIG_BYTES, resolve_config
 from adapterserve.server.adapters.kind import AdapterKind, KindWeights
+from adapterserve.server.adapters.safetensors_check import check_not_pickle, read_safetensors_checked
 from adapterserve.server.adapters.types import AdapterInfo
 from adapterserve.server.errors import AdapterValidationError
 from adapterserve.server.model.spec import BaseModelSpec
 from adapterserve.server.settings import EngineSettings
-from adapterserve.server.store.safetensors_check import check_not_pickle, read_safetensors_checked
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

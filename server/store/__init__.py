@@ -1,7 +1,6 @@
 """Adapters on disk and in host memory.
 
 - names.py              strict adapter names (the only request-derived path components)
-- safetensors_check.py  safetensors header checks before any tensor is read; pickle refusal
 - layout.py             the store folder: entry layout, durable renames, start-up recovery, pins file
 - manifest.py           manifest.json: what an adapter is, sha256 and size of each file; re-hash a folder
 - lookup.py             StoreIndex: what is served, resolving a name, listing, steady reads and loads
@@ -10,5 +9,5 @@
 - store.py              AdapterStore: the facade over the modules above; delete
 - registry.py           AdapterRegistry: host-RAM LRU by bytes, pinning, single-flight loads (AdapterProvider)
 
-Nothing is imported here so that importing one module (e.g. the loader's safetensors checks) stays cheap.
+Nothing is imported here so that importing one module stays cheap.
 """

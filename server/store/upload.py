@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from adapterserve.server.adapters.safetensors_check import sniff_pickle
 from adapterserve.server.adapters.types import AdapterInfo
 from adapterserve.server.errors import (
     AdapterValidationError,
@@ -44,7 +45,6 @@ from adapterserve.server.store.layout import (
 )
 from adapterserve.server.store.manifest import FileEntry, Manifest, check_base, write_manifest
 from adapterserve.server.store.names import validate_name
-from adapterserve.server.store.safetensors_check import sniff_pickle
 from adapterserve.server.store.versions import raise_record
 
 if TYPE_CHECKING:

@@ -19,16 +19,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from adapterserve.server.adapters.config import parse_adapter_config
-from adapterserve.server.api.admin import decode_page_token, upload_chunks
-from adapterserve.server.api.decoding import Undecodable, _tolerant
-from adapterserve.server.errors import AdapterValidationError, ServeError
-from adapterserve.server.settings import EngineSettings, LimitSettings
-from adapterserve.server.store.safetensors_check import (
+from adapterserve.server.adapters.safetensors_check import (
     DTYPE_SIZES,
     check_safetensors_file,
     parse_safetensors_header,
     sniff_pickle,
 )
+from adapterserve.server.api.admin import decode_page_token, upload_chunks
+from adapterserve.server.api.decoding import Undecodable, _tolerant
+from adapterserve.server.errors import AdapterValidationError, ServeError
+from adapterserve.server.settings import EngineSettings, LimitSettings
 from adapterserve.v1 import admin_pb2, generation_pb2
 from tests.helpers.peft_adapters import tree_state
 from tests.reliability.hostile import CONFIG, WEIGHTS, split_safetensors

@@ -7,15 +7,8 @@ from pathlib import Path
 import pytest
 
 from adapterserve.server.store.store import AdapterStore
-from tests.helpers.peft_adapters import PEFT_TYPES, save_peft_adapter, write_lora_dir
+from tests.helpers.peft_adapters import write_lora_dir
 from tests.server.store.validators import make_validator
-
-
-@pytest.fixture(scope="session")
-def peft_adapter_dirs(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
-    """peft_type -> a directory PEFT saved (adapter_config.json, adapter_model.safetensors, README.md)."""
-    root = tmp_path_factory.mktemp("peft-adapters")
-    return {t: save_peft_adapter(tiny_model_dir, root / t.lower(), t) for t in PEFT_TYPES}
 
 
 @pytest.fixture(scope="session")

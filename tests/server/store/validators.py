@@ -13,10 +13,10 @@ import torch
 
 from adapterserve.server.adapters.config import parse_adapter_config
 from adapterserve.server.adapters.kinds.lora import LoraAdapterConfig
+from adapterserve.server.adapters.safetensors_check import read_safetensors_checked
 from adapterserve.server.adapters.types import AdapterInfo
 from adapterserve.server.errors import AdapterValidationError, BaseMismatchError
 from adapterserve.server.model.spec import BaseModelSpec
-from adapterserve.server.store.safetensors_check import read_safetensors_checked
 
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
 

@@ -13,13 +13,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from adapterserve.server.errors import AdapterValidationError
-from adapterserve.server.store.safetensors_check import (
+from adapterserve.server.adapters.safetensors_check import (
     check_not_pickle,
     check_safetensors_file,
     read_safetensors_checked,
     sniff_pickle,
 )
+from adapterserve.server.errors import AdapterValidationError
 
 MB = 1 << 20
 
@@ -92,18 +92,39 @@ def bad(header_changes: dict | None = None, data: bytes = bytes(32), **kw) -> by
         (struct.pack("<Q", 5) + b"{bad}", "not valid JSON"),
         (bad({"a": {"dtype": "I64", "shape": [3], "data_offsets": [0, 24]}}), "dtype 'I64' is not accepted"),
         (bad({"a": {"dtype": "F8_E4M3", "shape": [24], "data_offsets": [0, 24]}}), "dtype 'F8_E4M3'"),
-        (bad({"a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 999]}}), "safetensors refused the file"),
-        (bad({"a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [-8, 24]}}), "safetensors refused the file"),
-        (bad({"a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [24, 0]}}), "safetensors refused the file"),
+        (
+            bad({"a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, 999]}}),
+            "safetensors refused the file",
+        ),
+        (
+            bad({"a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [-8, 24]}}),
+            "safetensors refused the file",
+        ),
+        (
+            bad({"a": {"dtype": "F32", "shape": [2, 3], "data_offsets": [24, 0]}}),
+            "safetensors refused the file",
+        ),
         (
             bad({"a": {"dtype": "F32", "shape": [2, 4], "data_offsets": [0, 24]}}),
             "safetensors refused the file",
         ),
-        (bad({"a": {"dtype": "F32", "shape": [2, -3], "data_offsets": [0, 24]}}), "safetensors refused the file"),
-        (bad({"a": {"dtype": "F32", "shape": [True, 6], "data_offsets": [0, 24]}}), "safetensors refused the file"),
+        (
+            bad({"a": {"dtype": "F32", "shape": [2, -3], "data_offsets": [0, 24]}}),
+            "safetensors refused the file",
+        ),
+        (
+            bad({"a": {"dtype": "F32", "shape": [True, 6], "data_offsets": [0, 24]}}),
+            "safetensors refused the file",
+        ),
         (bad({"a": {"dtype": "F32", "shape": [1] * 9 + [6], "data_offsets": [0, 24]}}), "at most 8"),
-        (bad({"b": {"dtype": "BF16", "shape": [4], "data_offsets": [16, 24]}}), "safetensors refused the file"),
-        (bad({"b": {"dtype": "BF16", "shape": [2], "data_offsets": [28, 32]}}), "safetensors refused the file"),
+        (
+            bad({"b": {"dtype": "BF16", "shape": [4], "data_offsets": [16, 24]}}),
+            "safetensors refused the file",
+        ),
+        (
+            bad({"b": {"dtype": "BF16", "shape": [2], "data_offsets": [28, 32]}}),
+            "safetensors refused the file",
+        ),
         (bad(data=bytes(40)), "safetensors refused the file"),
         (bad({"__metadata__": {"format": 1}}), "safetensors refused the file"),
         (bad({"__metadata__": ["x"]}), "safetensors refused the file"),
