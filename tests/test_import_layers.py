@@ -108,6 +108,10 @@ def test_no_import_cycle_between_packages():
     assert report == [], "\n".join(report)
 
 
+def test_the_engine_never_imports_the_store():
+    assert "adapterserve.server.store" not in package_graph().get("adapterserve.server.engine", {})
+
+
 def test_the_cycle_finder_finds_a_cycle():
     assert cycles({"a": {"b": set()}, "b": {"c": set()}, "c": {"a": set()}, "d": {"a": set()}}) == [
         ["a", "b", "c"]

@@ -1,18 +1,43 @@
-"""Where the engine gets adapters from: the store's host cache in the server, a dict offline."""
+"""Where the engine gets adapters from: the store's host cache in the server (store/registry.py), a dict
+offline. What it gets is a ResolvedAdapter, defined here: the engine never imports the store."""
 
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from adapterserve.server.adapters.loader import LoadedAdapter, load_adapter_dir
+from adapterserve.server.adapters.types import AdapterInfo
 from adapterserve.server.errors import NotFoundError
 from adapterserve.server.model.spec import BaseModelSpec
 from adapterserve.server.settings import EngineSettings
-from adapterserve.server.store.registry import ResolvedAdapter
 
 __all__ = ["AdapterProvider", "ResolvedAdapter", "StaticAdapterProvider"]
+
+
+@dataclass(frozen=True)
+class ResolvedAdapter:
+    """An adapter ready for the engine: identity, what it is, and its host-memory weights. Immutable and
+    keyed by (name, version): a replaced or deleted adapter never changes one a request holds."""
+
+    name: str
+    version: int
+    uid: str  # unique per stored upload (a name re-created after a delete gets a new uid)
+    info: AdapterInfo
+    adapter: LoadedAdapter  # what the loader (the store's validator in the server) returned
+    nbytes: int
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """(name, version): the device slot table's key."""
+        return (self.name, self.version)
+
+    @property
+    def weights(self) -> object:
+        """The served tensors (the LoadedAdapter's `weights`)."""
+        return self.adapter.weights
 
 
 class AdapterProvider(Protocol):

@@ -15,9 +15,9 @@ import asyncio
 from collections import OrderedDict
 from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
-from adapterserve.server.adapters.types import AdapterInfo
+from adapterserve.server.engine.provider import ResolvedAdapter
 from adapterserve.server.omp_pools import run_releasing_pool
 from adapterserve.server.settings import CacheSettings
 from adapterserve.server.store.manifest import Manifest
@@ -26,28 +26,6 @@ from adapterserve.server.store.store import AdapterStore
 from adapterserve.server.store.upload import CommitResult
 
 EventKind = Literal["hit", "miss", "load", "load_failed", "evict", "invalidate"]
-
-
-@dataclass(frozen=True)
-class ResolvedAdapter:
-    """An adapter ready for the engine: identity, what it is, and its host-memory weights."""
-
-    name: str
-    version: int
-    uid: str  # unique per stored upload (a name re-created after a delete gets a new uid)
-    info: AdapterInfo
-    adapter: Any  # what the store's validator returned (the loader's LoadedAdapter: .info, .weights)
-    nbytes: int
-
-    @property
-    def key(self) -> tuple[str, int]:
-        """(name, version): the device slot table's key."""
-        return (self.name, self.version)
-
-    @property
-    def weights(self) -> Any:
-        """The served tensors (the LoadedAdapter's `weights`, when it has them)."""
-        return getattr(self.adapter, "weights", self.adapter)
 
 
 @dataclass(frozen=True)
