@@ -116,3 +116,16 @@ def test_the_cycle_finder_finds_a_cycle():
     assert cycles({"a": {"b": set()}, "b": {"c": set()}, "c": {"a": set()}, "d": {"a": set()}}) == [
         ["a", "b", "c"]
     ]
+
+
+def test_the_architecture_module_map_lists_every_module():
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    section = text[text.index("## Parts and their contracts") :]
+    module_map = section[section.index("```") + 3 :]
+    module_map = module_map[: module_map.index("```")]
+    missing = sorted(
+        str(path.relative_to(ROOT))
+        for name, (path, _) in modules().items()
+        if path.name != "__init__.py" and path.name not in module_map
+    )
+    assert missing == [], f"add to docs/architecture.md's module map: {missing}"
