@@ -6,8 +6,8 @@ Rows: decoding rows first (0..num_decoding-1), then rows still prefilling. One `
   3. prefill: up to `max_prefill_tokens` prompt tokens, in chunks, over the prefilling rows in order
      (a long prompt is spread over several steps: it never stalls decoding for long); a row whose
      prompt is complete samples its first token and joins the decoding rows;
-  4. decode one token for every decoding row; with the paged cache, 3 and 4 are one forward
-     (`EngineSettings.packed_steps`, runner.packed: every token a row of its own, so the weights are
+  4. decode one token for every decoding row; with the paged cache and `EngineSettings.packed_steps`
+     (off by default), 3 and 4 are one forward (runner.packed: every token a row of its own, so the weights are
      read once per step; rows just promoted by this step's prefill decode from the next step);
   5. retire finished rows (holes are filled from the end of each region: a row or two copied, never
      the whole cache).
