@@ -59,6 +59,12 @@ class EngineSettings(BaseModel):
             "auto: graphs on CUDA with the paged cache, eager otherwise"
         ),
     )
+    packed_steps: bool = Field(
+        False,
+        description="a step with both prefill chunks and decode rows runs them in one forward (each token a "
+        "row; the weights read once), not one forward each (paged cache; steps with scoring rows keep two). "
+        "Off by default until measured under a load client (docs/architecture.md)",
+    )
     max_decode_graphs: int = Field(
         64,
         ge=1,

@@ -60,12 +60,28 @@ class AttentionStep:
         return cached
 
 
+@dataclass
+class PackedStep:
+    """One forward over decode rows and prefill chunks together, every input token a row of its own
+    (inputs [T, 1, H]: the Bd decode rows' tokens, then each prefill chunk's tokens in order), so the
+    linears read their weights once for both. Attention splits them again: the decode tokens attend as a
+    decode step, the prefill tokens are laid out padded [Bp, S] and attend as a prefill chunk."""
+
+    token_table: torch.Tensor  # [T, >= blocks] each token's row's block table
+    token_positions: torch.Tensor  # [T, 1] each token's cache position
+    decode_rows: int  # Bd: tokens 0..Bd-1
+    decode: AttentionStep  # the decode rows: positions [Bd, 1], table [Bd, nb]
+    prefill: AttentionStep  # the prefill rows, padded: positions [Bp, S], table [Bp, nb]
+    pad_index: torch.Tensor  # [Bp * S] the prefill token at each padded place (padding: any token)
+    unpad_index: torch.Tensor  # [Tp] each prefill token's place in the padded [Bp * S] layout
+
+
 class AttentionState:
     """The KV cache and the current forward's step, shared by every attention module of one model."""
 
     def __init__(self, cache: KVCache | PagedKVCache):
         self.cache = cache
-        self.step: AttentionStep | None = None
+        self.step: AttentionStep | PackedStep | None = None
 
 
 def attend(
@@ -124,6 +140,8 @@ def cache_attention(
     if state is None or state.step is None:
         raise RuntimeError(f"{type(module).__name__} called the engine's attention outside an engine forward")
     step, cache, layer = state.step, state.cache, getattr(module, _LAYER_ATTR)
+    if isinstance(step, PackedStep):
+        return _packed_attention(step, cache, layer, query, key, value, scaling, sliding_window, softcap), None
     if step.table is None:
         cache.write(layer, step.row_start, step.positions, key, value)
         k_all, v_all = cache.read(layer, step.row_start, key.shape[0], step.length)  # [B, kvH, L, D]
@@ -132,6 +150,35 @@ def cache_attention(
         k_all, v_all = cache.read_blocks(layer, step.table, step.length)
     out = attend(query, k_all, v_all, step.mask(sliding_window), scaling, softcap)  # [B, H, S, D]
     return out.transpose(1, 2).contiguous(), None
+
+
+def _packed_attention(
+    step: PackedStep,
+    cache: PagedKVCache,
+    layer: int,
+    query: torch.Tensor,  # [T, H, 1, D]
+    key: torch.Tensor,  # [T, kvH, 1, D]
+    value: torch.Tensor,  # [T, kvH, 1, D]
+    scaling: float | None,
+    window: int | None,
+    softcap: float | None,
+) -> torch.Tensor:
+    """Attention of a PackedStep: every token's key/value written through its row's block table, then
+    the decode tokens and the (re-padded) prefill chunk attend over their rows' cache. Returns [T, 1, H, D]."""
+    cache.write_blocks(layer, step.token_table, step.token_positions, key, value)
+    heads, dim = query.shape[1], query.shape[3]
+    bd = step.decode_rows
+    parts = []
+    if bd:
+        k, v = cache.read_blocks(layer, step.decode.table, step.decode.length)  # [Bd, kvH, Ld, D]
+        parts.append(attend(query[:bd], k, v, step.decode.mask(window), scaling, softcap)[:, :, 0])  # [Bd, H, D]
+    rows, width = step.prefill.positions.shape
+    padded = query[bd:, :, 0].index_select(0, step.pad_index)  # [Bp * S, H, D]
+    q = padded.view(rows, width, heads, dim).transpose(1, 2)  # [Bp, H, S, D]
+    k, v = cache.read_blocks(layer, step.prefill.table, step.prefill.length)  # [Bp, kvH, Lp, D]
+    out = attend(q, k, v, step.prefill.mask(window), scaling, softcap)  # [Bp, H, S, D]
+    parts.append(out.transpose(1, 2).reshape(rows * width, heads, dim).index_select(0, step.unpad_index))
+    return torch.cat(parts)[:, None]  # [T, 1, H, D]
 
 
 def install(model: nn.Module, layers: nn.ModuleList, cache: KVCache | PagedKVCache) -> AttentionState:

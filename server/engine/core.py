@@ -6,7 +6,9 @@ Rows: decoding rows first (0..num_decoding-1), then rows still prefilling. One `
   3. prefill: up to `max_prefill_tokens` prompt tokens, in chunks, over the prefilling rows in order
      (a long prompt is spread over several steps: it never stalls decoding for long); a row whose
      prompt is complete samples its first token and joins the decoding rows;
-  4. decode one token for every decoding row;
+  4. decode one token for every decoding row; with the paged cache and `EngineSettings.packed_steps`
+     (off by default), 3 and 4 are one forward (runner.packed: every token a row of its own, so the weights are
+     read once per step; rows just promoted by this step's prefill decode from the next step);
   5. retire finished rows (holes are filled from the end of each region: a row or two copied, never
      the whole cache).
 Every step does both prefill and decode work, so neither starves the other. The async `Engine` runs
@@ -31,6 +33,7 @@ from adapterserve.server.adapters.slots import NO_ADAPTER, AdapterBank
 from adapterserve.server.engine import faults
 from adapterserve.server.engine.decode_graphs import decode_step_mode, make_decode_graphs
 from adapterserve.server.engine.kv_cache import make_kv_cache
+from adapterserve.server.engine.paged_kv_cache import PagedKVCache
 from adapterserve.server.engine.prefill_groups import forward_cost_tokens, plan_groups, prefill_length
 from adapterserve.server.engine.provider import ResolvedAdapter
 from adapterserve.server.engine.runner import ModelRunner, PrefillRow
@@ -185,6 +188,11 @@ class EngineCore:
             self._run_guarded(admitted, lambda: self._start_prefill(admitted))
             self._retire_finished()
         chunk = self._prefill_chunk()
+        if chunk and self.num_decoding and self._can_pack(chunk):
+            rows = self.running[: self.num_decoding] + [seq for seq, _ in chunk]
+            self._run_guarded(rows, lambda: self._packed(chunk))
+            self._retire_finished()
+            return
         if chunk:
             self._run_guarded([seq for seq, _ in chunk], lambda: self._prefill(chunk))
             self._retire_finished()
@@ -322,13 +330,41 @@ class EngineCore:
             budget -= take
         return chunk
 
-    def _prefill(self, chunk: list[tuple[Sequence, int]]) -> None:
-        """Run one chunk of each chosen prefilling row (contiguous rows from num_decoding)."""
+    def _can_pack(self, chunk: list[tuple[Sequence, int]]) -> bool:
+        """Whether this step's prefill chunk and decode rows run as one forward (see runner.packed)."""
+        return (
+            self.settings.packed_steps
+            and isinstance(self.cache, PagedKVCache)
+            and not any(seq.request.score_tokens for seq, _ in chunk)
+        )
+
+    def _prefill_rows(self, chunk: list[tuple[Sequence, int]]) -> list[PrefillRow]:
         rows = []
         for seq, take in chunk:
             assert seq.prefill_inputs is not None
             part = seq.prefill_inputs[seq.prefill_done : seq.prefill_done + take]
             rows.append(PrefillRow(embeds=part, start=seq.prefill_start + seq.prefill_done))
+        return rows
+
+    def _packed(self, chunk: list[tuple[Sequence, int]]) -> None:
+        """Decode every decoding row and prefill one chunk of each chosen prefilling row in one forward."""
+        decoding = self.running[: self.num_decoding]
+        slots = [s.slot for s in decoding] + [seq.slot for seq, take in chunk for _ in range(take)]
+        decode_logits, prefill_logits = self.runner.packed(
+            [s.output[-1] for s in decoding],
+            [s.length for s in decoding],
+            self._prefill_rows(chunk),
+            self.num_decoding,
+            build_batch(slots, self.bank.slot_kinds, self.device),
+        )
+        for seq in decoding:
+            seq.length += 1
+        self._accept(decoding, decode_logits)
+        self._prefilled(chunk, prefill_logits)
+
+    def _prefill(self, chunk: list[tuple[Sequence, int]]) -> None:
+        """Run one chunk of each chosen prefilling row (contiguous rows from num_decoding)."""
+        rows = self._prefill_rows(chunk)
         seqs = [seq for seq, _ in chunk]
         if any(seq.request.score_tokens for seq in seqs):
             logits = self._prefill_scoring(chunk, rows)
@@ -340,6 +376,12 @@ class EngineCore:
                     for a, b in groups
                 ]
             )  # [B, V]
+        self._prefilled(chunk, logits)
+
+    def _prefilled(self, chunk: list[tuple[Sequence, int]], logits: torch.Tensor) -> None:
+        """Book a prefill chunk that ran (logits [B, V] of each row's last position): rows whose prompt
+        is complete sample their first token and join the decoding rows."""
+        seqs = [seq for seq, _ in chunk]
         complete: list[int] = []
         for i, (seq, take) in enumerate(chunk):
             seq.prefill_done += take

@@ -17,7 +17,7 @@ import torch
 from adapterserve.server.adapters.layers import AdapterBatch, AdapterContext, build_batch
 from adapterserve.server.adapters.slots import NO_ADAPTER
 from adapterserve.server.engine import attention
-from adapterserve.server.engine.attention import AttentionStep
+from adapterserve.server.engine.attention import AttentionStep, PackedStep
 from adapterserve.server.engine.kv_cache import KVCache
 from adapterserve.server.engine.paged_kv_cache import PagedKVCache
 from adapterserve.server.model.family import UnsupportedModelError, decoder_parts, text_config
@@ -125,6 +125,59 @@ class ModelRunner:
         embeds = self.embed(tokens[:, None])  # [R, 1, H]
         x = self._forward(embeds, positions[:, None], 0, batch, table=table, length=length)  # [R, 1, H]
         return self.head(x[:, 0])  # [R, V]
+
+    @torch.inference_mode()
+    def packed(
+        self,
+        tokens: list[int],  # the decode rows' last tokens (rows 0..Bd-1)
+        positions: list[int],  # their cache positions
+        rows: list[PrefillRow],  # prefill chunks of rows row_start.. (paged cache only)
+        row_start: int,
+        batch: AdapterBatch,  # slots of every token: Bd decode tokens, then each chunk's tokens
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode rows and prefill chunks in one forward: every token is a row of its own ([T, 1, H]), so
+        each linear reads its weights once for both (see attention.PackedStep). Returns the decode rows'
+        logits [Bd, V] and each prefill row's last-position logits [Bp, V]."""
+        cache = self.cache
+        assert isinstance(cache, PagedKVCache)
+        device = cache.table.device
+        bd, sizes = len(tokens), [r.embeds.shape[0] for r in rows]
+        width, offsets = max(sizes), [sum(sizes[:i]) for i in range(len(sizes))]
+        inputs = torch.cat([self.embed(torch.tensor(tokens, dtype=torch.long, device=device)), *[r.embeds for r in rows]])
+        token_positions = positions + [r.start + s for r in rows for s in range(r.embeds.shape[0])]
+        token_rows = list(range(bd)) + [row_start + i for i, n in enumerate(sizes) for _ in range(n)]
+        padded_positions = [
+            [min(r.start + s, cache.max_len - 1) for s in range(width)] for r in rows
+        ]  # [Bp, S]: padding continues past the row's end (masked; never written)
+        pad_index = [offsets[i] + min(s, n - 1) for i, n in enumerate(sizes) for s in range(width)]
+        unpad_index = [i * width + s for i, n in enumerate(sizes) for s in range(n)]
+        as_long = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
+        pos = as_long(token_positions)[:, None]  # [T, 1]
+        step = PackedStep(
+            token_table=cache.table.index_select(0, as_long(token_rows)),
+            token_positions=pos,
+            decode_rows=bd,
+            decode=AttentionStep(
+                positions=pos[:bd], length=max(positions, default=0) + 1, table=cache.table[:bd]
+            ),
+            prefill=AttentionStep(
+                positions=as_long(padded_positions),
+                length=max(r.start + n for r, n in zip(rows, sizes, strict=True)),
+                table=cache.table[row_start : row_start + len(rows)],
+            ),
+            pad_index=as_long(pad_index),
+            unpad_index=as_long(unpad_index),
+        )
+        self.context.batch = batch
+        self.attention.step = step
+        try:
+            states = self.decoder(inputs_embeds=inputs[:, None], position_ids=pos, use_cache=False).last_hidden_state
+        finally:
+            self.context.batch = None
+            self.attention.step = None
+        last = as_long(list(range(bd)) + [bd + o + n - 1 for o, n in zip(offsets, sizes, strict=True)])
+        logits = self.head(states[:, 0].index_select(0, last))  # [Bd + Bp, V]
+        return logits[:bd], logits[bd:]
 
     def _forward(
         self,

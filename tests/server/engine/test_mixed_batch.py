@@ -185,3 +185,46 @@ def test_mixed_batch_matches_peft_in_bf16_on_cpu(tiny_model_dir, adapter_dirs):
     results = engine_first_tokens(tiny_model_dir, adapter_dirs, "none", rows, "cpu")
     refs = peft_first_tokens(tiny_model_dir, adapter_dirs, "none", rows, "cpu")
     check_rows_match(rows, results, refs)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_prefill_chunks_and_decodes_in_one_forward_match_peft(tiny_model_dir, adapter_dirs, packed):
+    """Requests of every kind arrive one per step with small prefill chunks, so most steps hold both
+    prefilling and decoding rows of different kinds: packed (one forward for both, each token a row) or
+    not, every row gives PEFT's tokens and logits."""
+    rows = _plan()
+    refs = _references(tiny_model_dir, adapter_dirs, "none", rows)
+    base = load_base_model(tiny_model_dir, quantize="none", device="cpu")
+    engine = OfflineEngine(
+        base,
+        EngineSettings(
+            max_batch_size=16,
+            max_seq_len=64,
+            adapter_slots=len(ADAPTER_KINDS),
+            max_prefill_tokens=4,
+            packed_steps=packed,
+        ),
+        capture_logits=True,
+    )
+    for kind, path in adapter_dirs.items():
+        engine.add_adapter(kind, path)
+    packed_forwards = []
+    runner_packed = engine.core.runner.packed
+    engine.core.runner.packed = lambda *a: packed_forwards.append(len(a[0])) or runner_packed(*a)
+    sinks = [[] for _ in rows]
+    seqs = []
+    for (adapter, prompt), sink in zip(rows, sinks, strict=True):
+        request = engine.request(prompt, adapter=adapter, max_new_tokens=STEPS, ignore_eos=True)
+        seqs.append(engine.submit(request, sink))
+        engine.core.step()
+    while engine.core.has_work():
+        engine.core.step()
+    for (adapter, prompt), seq, sink in zip(rows, seqs, sinks, strict=True):
+        want_tokens, want_logits = refs[(adapter, tuple(prompt))]
+        assert [t for ev in sink for t in ev.token_ids] == want_tokens, adapter
+        got, want = torch.stack(seq.logits), torch.stack(want_logits)
+        assert torch.allclose(got, want, atol=1e-4, rtol=0), f"{adapter}: {(got - want).abs().max():.2e}"
+    if packed:  # most steps were mixed, with several decode rows beside the chunks
+        assert len(packed_forwards) >= len(rows) and max(packed_forwards) > 3
+    else:
+        assert not packed_forwards
