@@ -132,6 +132,30 @@ class TlsSettings(BaseModel):
         return self
 
 
+class CpuSettings(BaseModel):
+    """A CPU engine's threading (server/cpu_threads.py, server/engine/cpu_governor.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    threads: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="intra-op threads of the engine (default: the CPUs the process may use, from its "
+        "affinity mask and cgroup quota; or OMP_NUM_THREADS when set). Setting it turns the governor off",
+    )
+    wait_policy: Literal["auto", "active", "passive"] = Field(
+        "auto",
+        description="how idle OpenMP threads wait: auto (libgomp's spin-then-sleep, with the governor), "
+        "active (spin), passive (sleep at once; best when the CPUs are always shared)",
+    )
+    governor: bool = Field(
+        True,
+        description="lower the engine's threads while other processes compete for its CPUs, restore them "
+        "when they leave (CPU device, default thread count only)",
+    )
+
+
 class ServerSettings(BaseModel):
     """Everything `adapterserve serve` needs."""
 
@@ -160,6 +184,7 @@ class ServerSettings(BaseModel):
     cache: CacheSettings = Field(default_factory=CacheSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     tls: TlsSettings = Field(default_factory=TlsSettings)
+    cpu: CpuSettings = Field(default_factory=CpuSettings)
 
     @model_validator(mode="after")
     def _prompt_fits(self) -> ServerSettings:

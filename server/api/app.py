@@ -20,6 +20,7 @@ from pydantic import BaseModel, ValidationError
 from adapterserve.server.settings import (
     ENV_PREFIX,
     CacheSettings,
+    CpuSettings,
     EngineSettings,
     LimitSettings,
     LoraBackendName,
@@ -33,6 +34,7 @@ _SECTIONS: dict[str, type[BaseModel]] = {
     "engine": EngineSettings,
     "cache": CacheSettings,
     "limits": LimitSettings,
+    "cpu": CpuSettings,
 }
 # flag dest -> (settings section, field) for the nested settings.
 _SECTION_FLAGS: dict[str, tuple[str, str]] = {
@@ -56,6 +58,9 @@ _SECTION_FLAGS: dict[str, tuple[str, str]] = {
     "max_stop_sequences": ("limits", "max_stop_sequences"),
     "max_concurrent_streams": ("limits", "max_concurrent_streams"),
     "max_upload_bytes": ("limits", "max_upload_bytes"),
+    "cpu_threads": ("cpu", "threads"),
+    "cpu_wait_policy": ("cpu", "wait_policy"),
+    "cpu_governor": ("cpu", "governor"),
     "max_message_bytes": ("limits", "max_message_bytes"),
     "upload_chunk_bytes": ("limits", "upload_chunk_bytes"),
 }
@@ -155,6 +160,18 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     eng.add_argument(
         "--lora-backend", choices=list(get_args(LoraBackendName)), help=section_flag_help("lora_backend")
     )
+    cpu = parser.add_argument_group("CPU threading (CPU device)")
+    cpu.add_argument("--cpu-threads", type=int, metavar="N", help=section_flag_help("cpu_threads"))
+    cpu.add_argument(
+        "--cpu-wait-policy", choices=["auto", "active", "passive"], help=section_flag_help("cpu_wait_policy")
+    )
+    cpu.add_argument(
+        "--no-cpu-governor",
+        dest="cpu_governor",
+        action="store_false",
+        default=None,
+        help="turn off the contention governor, which " + section_flag_help("cpu_governor"),
+    )
     lim = parser.add_argument_group("request limits")
     for dest in (
         "max_prompt_tokens",
@@ -223,6 +240,9 @@ def run_serve(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"adapterserve serve: invalid settings:\n{exc}", file=sys.stderr)
         return 2
+    from adapterserve.server.cpu_threads import apply_wait_policy
+
+    apply_wait_policy(settings.cpu.wait_policy)  # before anything imports torch (libgomp reads it once)
     from adapterserve.server.api.serve import ServeApp
 
     return asyncio.run(ServeApp(settings).run())

@@ -16,6 +16,7 @@ from adapterserve.server.api.catalog import StoreCatalog
 from adapterserve.server.api.convert import adapter_kind_to_proto
 from adapterserve.server.api.metrics import RuntimeSnapshot, TierStats
 from adapterserve.server.api.runtime import Runtime, StartedRuntime
+from adapterserve.server.cpu_threads import ThreadPlan, apply_threads, plan_threads
 from adapterserve.server.engine.types import GenerationRequest, SamplingParams
 from adapterserve.server.settings import LimitSettings, ServerSettings
 from adapterserve.v1 import generation_pb2
@@ -102,6 +103,17 @@ def snapshot_of(engine: Any, registry: Any) -> RuntimeSnapshot:
     )
 
 
+def cpu_plan(settings: ServerSettings, device_type: str) -> ThreadPlan | None:
+    """The engine's CPU thread plan (None on a GPU), logged, and applied to this thread too."""
+    if device_type != "cpu":
+        return None
+    cpu = settings.cpu
+    plan = plan_threads(cpu.threads, cpu.wait_policy, cpu.governor)
+    log.info(plan.describe())
+    apply_threads(plan.threads)
+    return plan
+
+
 async def start_runtime(settings: ServerSettings) -> StartedRuntime:
     """Load the base, open the store, add demo adapters if asked, start and warm the engine."""
     from adapterserve.server.adapters.loader import load_adapter_dir
@@ -141,7 +153,7 @@ async def start_runtime(settings: ServerSettings) -> StartedRuntime:
 
         await run_releasing_pool(ensure_demo_adapters, base, put, set(store.names()))
     registry = AdapterRegistry(store, settings.cache)
-    engine = Engine(base, registry, settings.engine)
+    engine = Engine(base, registry, settings.engine, cpu=cpu_plan(settings, base.device.type))
     await engine.start()
     try:
         await warm_up(engine, base.tokenizer)

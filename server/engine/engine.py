@@ -15,7 +15,9 @@ import threading
 import uuid
 from collections.abc import AsyncIterator
 
+from adapterserve.server.cpu_threads import ThreadPlan, apply_threads
 from adapterserve.server.engine.core import EngineCore
+from adapterserve.server.engine.cpu_governor import CpuGovernor, ProcCounters
 from adapterserve.server.engine.idle_memory import IdleTrim
 from adapterserve.server.engine.provider import AdapterProvider, ResolvedAdapter
 from adapterserve.server.engine.stats import EngineStats
@@ -85,8 +87,18 @@ class RequestHandle:
 
 
 class Engine:
-    def __init__(self, base: LoadedBase, adapters: AdapterProvider, settings: EngineSettings):
+    def __init__(
+        self,
+        base: LoadedBase,
+        adapters: AdapterProvider,
+        settings: EngineSettings,
+        cpu: ThreadPlan | None = None,
+    ):
+        """cpu: the CPU thread plan (server/cpu_threads.py), applied on the engine thread; None keeps
+        torch's thread count as it is (GPU engines, tests)."""
         self.base, self.adapters, self.settings = base, adapters, settings
+        self.cpu = cpu
+        self.governor: CpuGovernor | None = None
         self.core = EngineCore(base, settings)
         self._wake = threading.Event()
         self._stopping = False
@@ -160,9 +172,26 @@ class Engine:
         self.core.cancel(request_id)
         self._wake.set()
 
+    def _start_cpu_threads(self) -> None:
+        """On the engine thread: its intra-op threads, and the contention governor if the plan has one."""
+        plan = self.cpu
+        if plan is None:
+            return
+        apply_threads(plan.threads)
+        if plan.governed and plan.threads > 1:
+            counters = ProcCounters(plan.budget.affinity_cpus)
+            if counters.read() is not None:
+                self.governor = CpuGovernor(plan.threads, plan.budget.affinity, apply_threads, counters.read)
+            else:
+                log.info("CPU contention governor off: this system has no per-thread scheduler counters")
+
     def _run(self) -> None:
+        self._start_cpu_threads()
+        governor = self.governor
         while not self._stopping:
             if not self.core.has_work():
+                if governor is not None:
+                    governor.idle()
                 self._idle_trim.idle()
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
@@ -173,5 +202,7 @@ class Engine:
                 log.exception("engine step crashed")
             finally:
                 self._idle_trim.worked()
+                if governor is not None:
+                    governor.after_step()
                 if self._relay is not None:
                     self._relay.flush()

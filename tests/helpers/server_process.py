@@ -21,7 +21,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -158,11 +158,18 @@ def start_server(
     wait_ready: bool = True,
     timeout: float = 180.0,
     log_path: Path | None = None,
+    unset_env: Iterable[str] = (),
+    new_session: bool = False,
+    preexec_fn: Callable[[], None] | None = None,
 ) -> ServerProcess:
-    """Start the server subprocess; return once it listens (and, with `wait_ready`, is ready)."""
+    """Start the server subprocess; return once it listens (and, with `wait_ready`, is ready).
+    `unset_env`: variables removed from its environment (OMP_NUM_THREADS=1 is set unless removed);
+    `new_session`: in a session of its own; `preexec_fn`: run in the child before the server starts."""
     environ = {k: v for k, v in os.environ.items() if not k.startswith("ADAPTERSERVE_")}
     environ.update({"PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"})
     environ.update(env or {})
+    for name in unset_env:
+        environ.pop(name, None)
     log_path = log_path or Path(store_dir).parent / f"server-{time.monotonic_ns()}.log"
     server_args = list(extra_args)
     proc = subprocess.Popen(
@@ -172,6 +179,8 @@ def start_server(
         text=True,
         env=environ,
         cwd=REPO_ROOT,
+        start_new_session=new_session,
+        preexec_fn=preexec_fn,
     )
     server = ServerProcess(proc=proc, log_path=log_path)
     threading.Thread(target=server._pump, name=f"server-log-{proc.pid}", daemon=True).start()

@@ -1,0 +1,368 @@
+"""The server under real load clients: NVIDIA AIPerf and a light client, on the base, N LoRAs and a kind mix.
+
+    python -m adapterserve.bench.aiperf --aiperf /path/to/venv/bin/aiperf [--scenarios base,lora,mixed]
+        [--placement shared|own-session|quota] [--server-arg=--cpu-wait-policy=passive ...] [--out DIR]
+
+AIPerf (`pip install aiperf==0.13.0`, in a virtual environment of its own: its pins clash with the
+server's) is NVIDIA's load client for OpenAI-compatible servers. For each scenario this starts
+`adapterserve serve` on the embedded model (HTTP API, nothing else set: no OMP_* variables), uploads the
+scenario's adapters (random weights, bench/throughput.py), runs
+
+    aiperf profile --endpoint-type completions --streaming, 128-token synthetic prompts, 32 output tokens
+    (ignore_eos), concurrency 16, 128 requests after 16 warm-up, seed 7, round-robin over the adapters
+
+and then, unless --no-light-client, the same 128 streamed requests from a light client (the `openai`
+package, 16 threads), and writes one table (docs/performance.md shows one). Placement: `shared` runs
+the server in the client's session; `own-session` in a session of its own (the kernel's autogroup
+scheduler then splits the CPUs between the sessions, as a container CPU limit below the host's core
+count would); `quota` in a cgroup (v1 or v2, needs root) with a CPU quota of --quota CPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from adapterserve.bench.served import _free_port
+
+SCENARIOS = ("base", "lora", "mixed")
+_CGROUP_V1 = Path("/sys/fs/cgroup/cpu")
+_CGROUP_V2 = Path("/sys/fs/cgroup")
+
+
+@dataclass
+class AiperfSettings:
+    aiperf: str
+    scenarios: tuple[str, ...] = SCENARIOS
+    adapters: int = 16
+    concurrency: int = 16
+    requests: int = 128
+    warmup: int = 16
+    input_tokens: int = 128
+    output_tokens: int = 32
+    placement: str = "shared"  # shared | own-session | quota
+    quota: float = 1.0  # CPUs, with placement quota
+    server_args: list[str] = field(default_factory=list)
+    server_env: dict[str, str] = field(default_factory=dict)  # e.g. ADAPTERSERVE_ENGINE__PACKED_STEPS
+    light_client: bool = True
+    out: Path = Path("aiperf-results")
+    label: str = ""
+
+
+@dataclass
+class Row:
+    scenario: str
+    client: str
+    tokens_per_s: float
+    ttft_p50_ms: float
+    itl_p50_ms: float | None
+    itl_p99_ms: float | None
+    errors: int
+    governor: str = ""
+
+
+def machine() -> str:
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} CPUs"
+
+
+def _quota_cgroup(cpus: float) -> Path:
+    """A cgroup with a CPU quota of `cpus`; returns the file a pid is written to."""
+    name = f"adapterserve-bench-{os.getpid()}"
+    if (_CGROUP_V1 / "cpu.cfs_quota_us").exists():
+        group = _CGROUP_V1 / name
+        group.mkdir(exist_ok=True)
+        period = int((group / "cpu.cfs_period_us").read_text())
+        (group / "cpu.cfs_quota_us").write_text(str(int(cpus * period)))
+    else:
+        group = _CGROUP_V2 / name
+        group.mkdir(exist_ok=True)
+        (group / "cpu.max").write_text(f"{int(cpus * 100000)} 100000")
+    return group / "cgroup.procs"
+
+
+class Server:
+    """`adapterserve serve` on the embedded model in a temporary store, placed as asked."""
+
+    def __init__(self, settings: AiperfSettings, log_path: Path):
+        self.settings = settings
+        self.port, self.http_port = _free_port(), _free_port()
+        self.store = Path(tempfile.mkdtemp(prefix="adapterserve-aiperf-"))
+        cmd = [sys.executable, "-m", "adapterserve", "serve", "--store", str(self.store), "--port"]
+        cmd += [str(self.port), "--metrics-port", "0", "--http-port", str(self.http_port), "--insecure-admin"]
+        cmd += ["--max-batch-size", str(max(32, settings.concurrency)), *settings.server_args]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "ADAPTERSERVE_", "GOMP_"))}
+        env.update(settings.server_env)
+        procs_file = _quota_cgroup(settings.quota) if settings.placement == "quota" else None
+        self.cgroup = procs_file.parent if procs_file else None
+
+        def place() -> None:  # in the child, before exec
+            if procs_file is not None:
+                procs_file.write_text(str(os.getpid()))
+
+        self.log_path = log_path
+        with log_path.open("w") as log:
+            self.proc = subprocess.Popen(
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=settings.placement == "own-session",
+                preexec_fn=place if procs_file else None,
+            )
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def wait_ready(self, timeout: float = 600) -> str:
+        """The base's served name once the HTTP API answers /v1/models."""
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited: {self.log_path.read_text()[-2000:]}")
+            try:
+                reply = httpx.get(self.url + "/v1/models", timeout=5)
+                if reply.status_code == 200:
+                    return reply.json()["data"][0]["id"]
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise TimeoutError("the server did not become ready")
+
+    def governor_changes(self) -> str:
+        """The governor's thread changes so far, as "2->1, 1->2"."""
+        marker = "CPU contention governor: "
+        lines = [ln.split(marker, 1)[1] for ln in self.log_path.read_text().splitlines() if marker in ln]
+        return ", ".join(ln.split(" engine")[0].replace(" -> ", "->") for ln in lines if ln[:1].isdigit())
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        shutil.rmtree(self.store, ignore_errors=True)
+        if self.cgroup is not None:
+            try:
+                self.cgroup.rmdir()
+            except OSError:
+                pass
+
+
+def _adapters(scenario: str, settings: AiperfSettings, model_dir: str, server: Server) -> list[str]:
+    """Upload the scenario's adapters; their names (empty for the base)."""
+    if scenario == "base":
+        return []
+    from adapterserve import Client
+    from adapterserve.bench.throughput import BenchSettings, make_adapters
+
+    bench = BenchSettings(adapters=settings.adapters, kinds="lora" if scenario == "lora" else "mixed")
+    dirs = make_adapters(model_dir, bench, embed_std=0.02)
+    with Client(f"127.0.0.1:{server.port}") as client:
+        for name, path in dirs.items():
+            client.upload_adapter(path, name, overwrite=True)
+    return list(dirs)
+
+
+def run_aiperf(settings: AiperfSettings, models: list[str], tokenizer: str, url: str, out: Path) -> dict:
+    cmd = [settings.aiperf, "profile", "-m", ",".join(models), "--url", url.removeprefix("http://")]
+    cmd += ["--endpoint-type", "completions", "--streaming", "--tokenizer", tokenizer]
+    cmd += ["--prompt-input-tokens-mean", str(settings.input_tokens), "--prompt-input-tokens-stddev", "0"]
+    cmd += ["--prompt-output-tokens-mean", str(settings.output_tokens), "--prompt-output-tokens-stddev", "0"]
+    cmd += ["--extra-inputs", "ignore_eos:true", "--concurrency", str(settings.concurrency)]
+    cmd += ["--request-count", str(settings.requests), "--warmup-request-count", str(settings.warmup)]
+    cmd += [
+        "--random-seed",
+        "7",
+        "--ui-type",
+        "none",
+        "--no-gpu-telemetry",
+        "--output-artifact-dir",
+        str(out),
+    ]
+    if len(models) > 1:
+        cmd += ["--model-selection-strategy", "round_robin"]
+    with (out.parent / f"{out.name}.log").open("w") as log:
+        subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, timeout=1800)
+    return json.loads((out / "profile_export_aiperf.json").read_text())
+
+
+def aiperf_row(scenario: str, report: dict) -> Row:
+    errors = sum(int(e.get("count", 0)) for e in report.get("error_summary") or [])
+    itl = report.get("inter_token_latency") or {}
+    return Row(
+        scenario=scenario,
+        client="AIPerf",
+        tokens_per_s=report["output_token_throughput"]["avg"],
+        ttft_p50_ms=report["time_to_first_token"]["p50"],
+        itl_p50_ms=itl.get("p50"),
+        itl_p99_ms=itl.get("p99"),
+        errors=errors,
+    )
+
+
+def light_client(settings: AiperfSettings, models: list[str], tokenizer: str, url: str) -> Row:
+    """The same number of streamed completions from the `openai` package on `concurrency` threads:
+    prompts of `input_tokens` tokens (random words, re-tokenized to the exact length)."""
+    import random
+
+    from openai import OpenAI
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    rng = random.Random(7)
+    vocab = [t for t in range(1000, 20000)]
+    prompts = [tok.decode([rng.choice(vocab) for _ in range(settings.input_tokens)]) for _ in range(64)]
+    client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
+
+    def one(i: int) -> tuple[int, float, bool]:
+        start = time.perf_counter()
+        first = None
+        tokens = 0
+        try:
+            stream = client.completions.create(
+                model=models[i % len(models)],
+                prompt=prompts[i % len(prompts)],
+                max_tokens=settings.output_tokens,
+                stream=True,
+                extra_body={"ignore_eos": True},
+                stream_options={"include_usage": True},
+            )
+            for chunk in stream:
+                if chunk.choices and chunk.choices[0].text and first is None:
+                    first = time.perf_counter() - start
+                if chunk.usage is not None:
+                    tokens = chunk.usage.completion_tokens
+            return tokens, first or 0.0, True
+        except Exception:  # counted as an error in the row
+            return 0, 0.0, False
+
+    with ThreadPoolExecutor(settings.concurrency) as pool:
+        list(pool.map(one, range(settings.warmup)))
+        start = time.perf_counter()
+        results = list(pool.map(one, range(settings.requests)))
+        seconds = time.perf_counter() - start
+    return Row(
+        scenario="",
+        client="light (openai pkg)",
+        tokens_per_s=sum(r[0] for r in results) / seconds,
+        ttft_p50_ms=statistics.median(r[1] for r in results if r[2]) * 1e3,
+        itl_p50_ms=None,
+        itl_p99_ms=None,
+        errors=sum(not r[2] for r in results),
+    )
+
+
+def run(settings: AiperfSettings) -> list[Row]:
+    from adapterserve.server.model.default_model import default_model_dir
+
+    model_dir = str(default_model_dir())
+    settings.out.mkdir(parents=True, exist_ok=True)
+    rows: list[Row] = []
+    for scenario in settings.scenarios:
+        stem = f"{settings.label or settings.placement}-{scenario}"
+        server = Server(settings, settings.out / f"{stem}-server.log")
+        try:
+            base_name = server.wait_ready()
+            models = _adapters(scenario, settings, model_dir, server) or [base_name]
+            report = run_aiperf(settings, models, model_dir, server.url, settings.out / stem)
+            row = aiperf_row(scenario, report)
+            row.governor = server.governor_changes()
+            rows.append(row)
+            print(format_row(row, settings), flush=True)
+            if settings.light_client:
+                row = light_client(settings, models, model_dir, server.url)
+                row.scenario = scenario
+                rows.append(row)
+                print(format_row(row, settings), flush=True)
+        finally:
+            server.stop()
+    return rows
+
+
+def format_row(row: Row, settings: AiperfSettings) -> str:
+    def ms(v: float | None) -> str:
+        return "—" if v is None else f"{v:.0f}"
+
+    return (
+        f"| {settings.label or settings.placement} | {row.scenario} | {row.client} | {row.tokens_per_s:.1f} | "
+        f"{row.ttft_p50_ms / 1e3:.2f} s | {ms(row.itl_p50_ms)} | {ms(row.itl_p99_ms)} | {row.errors} | "
+        f"{row.governor or '—'} |"
+    )
+
+
+HEADER = (
+    "| server | workload | client | output tok/s | TTFT p50 | inter-token p50 (ms) | p99 (ms) | errors "
+    "| governor (threads) |\n|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m adapterserve.bench.aiperf", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("--aiperf", required=True, help="the aiperf executable (its own virtual environment)")
+    p.add_argument(
+        "--scenarios", default=",".join(SCENARIOS), help="base, lora (N LoRAs), mixed (N of 4 kinds)"
+    )
+    p.add_argument("--adapters", type=int, default=16)
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--requests", type=int, default=128)
+    p.add_argument("--warmup", type=int, default=16)
+    p.add_argument("--placement", choices=["shared", "own-session", "quota"], default="shared")
+    p.add_argument("--quota", type=float, default=1.0, help="CPUs of the quota (--placement quota)")
+    p.add_argument("--server-arg", action="append", default=[], help="a flag for `serve` (repeatable)")
+    p.add_argument("--server-env", action="append", default=[], help="KEY=VALUE for the server (repeatable)")
+    p.add_argument("--no-light-client", action="store_true")
+    p.add_argument("--label", default="", help="the server column's text (default: the placement)")
+    p.add_argument("--out", type=Path, default=Path("aiperf-results"))
+    a = p.parse_args(argv)
+    settings = AiperfSettings(
+        aiperf=a.aiperf,
+        scenarios=tuple(s for s in a.scenarios.split(",") if s),
+        adapters=a.adapters,
+        concurrency=a.concurrency,
+        requests=a.requests,
+        warmup=a.warmup,
+        placement=a.placement,
+        quota=a.quota,
+        server_args=a.server_arg,
+        server_env=dict(kv.split("=", 1) for kv in a.server_env),
+        light_client=not a.no_light_client,
+        out=a.out,
+        label=a.label,
+    )
+    bad = [s for s in settings.scenarios if s not in SCENARIOS]
+    if bad:
+        p.error(f"unknown scenario(s) {bad}; choose from {SCENARIOS}")
+    print(f"machine: {machine()}; {time.strftime('%Y-%m-%d %H:%M')}\n{HEADER}", flush=True)
+    rows = run(settings)
+    table = "\n".join([HEADER, *(format_row(r, settings) for r in rows)])
+    (settings.out / f"{settings.label or settings.placement}.md").write_text(f"{machine()}\n\n{table}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

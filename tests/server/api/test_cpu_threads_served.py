@@ -1,0 +1,107 @@
+"""The real server sizes its CPU threads from what it may use, and sheds threads beside busy processes
+(server/cpu_threads.py, server/engine/cpu_governor.py)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from adapterserve import Client
+from adapterserve.server.cpu_budget import affinity_cpus
+from tests.helpers.server_process import start_server
+
+PLAN = re.compile(r"CPU threads: (?P<threads>\d+) \((?P<source>[^)]*)\)")
+SHED = re.compile(r"CPU contention governor: (?P<before>\d+) -> (?P<after>\d+) engine thread")
+BUSY = "import time\nend = time.monotonic() + 120\nwhile time.monotonic() < end:\n    pass\n"
+
+
+def _busy_processes(n: int) -> list[subprocess.Popen]:
+    """n single-threaded spinners (ended by the test, or after 120 s at most)."""
+    return [subprocess.Popen([sys.executable, "-c", BUSY]) for _ in range(n)]
+
+
+@pytest.mark.skipif(len(affinity_cpus()) < 2, reason="one CPU: there is no thread to shed")
+def test_in_its_own_session_beside_busy_processes_the_server_sheds_threads_and_keeps_serving(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    cpus = len(affinity_cpus())
+    server = start_server(tiny_model_dir, tmp_path / "store", unset_env=["OMP_NUM_THREADS"], new_session=True)
+    busy: list[subprocess.Popen] = []
+    try:
+        plan = server.wait_for(PLAN, 5)
+        assert (int(plan["threads"]), plan["source"]) == (cpus, "usable CPUs")
+        busy = _busy_processes(cpus)
+        served = 0
+        deadline = time.monotonic() + 60
+        with Client(server.target) as client:
+            while not SHED.search(server.log_text()) and time.monotonic() < deadline:
+                reply = client.generate("def add(a, b):", max_new_tokens=48, ignore_eos=True)
+                assert len(reply.token_ids) == 48
+                served += 1
+        shed = SHED.search(server.log_text())
+        assert shed is not None, f"no thread shed after {served} requests beside {cpus} busy processes"
+        assert int(shed["after"]) < int(shed["before"]) == cpus
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
+        assert server.stop() == 0
+
+
+def _cgroup_with_quota(cpus: float) -> Path | None:
+    """A writable cgroup with a CPU quota (v1 or v2), or None where this process cannot make one."""
+    name = f"adapterserve-test-{os.getpid()}"
+    for root, v1 in ((Path("/sys/fs/cgroup/cpu"), True), (Path("/sys/fs/cgroup"), False)):
+        marker = root / ("cpu.cfs_quota_us" if v1 else "cgroup.controllers")
+        if not marker.exists():
+            continue
+        group = root / name
+        try:
+            group.mkdir(exist_ok=True)
+            if v1:
+                period = int((group / "cpu.cfs_period_us").read_text())
+                (group / "cpu.cfs_quota_us").write_text(str(int(cpus * period)))
+            else:
+                (group / "cpu.max").write_text(f"{int(cpus * 100000)} 100000")
+            return group
+        except OSError:
+            try:
+                group.rmdir()
+            except OSError:
+                pass
+    return None
+
+
+def test_under_a_cpu_quota_the_server_runs_the_quota_s_threads(tiny_model_dir: Path, tmp_path: Path) -> None:
+    group = _cgroup_with_quota(1.0)
+    if group is None:
+        pytest.skip("cannot create a cgroup with a CPU quota here (needs root and a writable cgroup fs)")
+    procs = group / "cgroup.procs"
+    try:
+        server = start_server(
+            tiny_model_dir,
+            tmp_path / "store",
+            unset_env=["OMP_NUM_THREADS"],
+            preexec_fn=lambda: procs.write_text(str(os.getpid())),
+        )
+        try:
+            plan = server.wait_for(PLAN, 5)
+            assert (int(plan["threads"]), plan["source"]) == (1, "usable CPUs")
+            assert "cgroup CPU quota 1" in server.log_text()
+            with Client(server.target) as client:
+                assert (
+                    len(client.generate("def add(a, b):", max_new_tokens=8, ignore_eos=True).token_ids) == 8
+                )
+        finally:
+            assert server.stop() == 0
+    finally:
+        try:
+            group.rmdir()
+        except OSError:
+            pass

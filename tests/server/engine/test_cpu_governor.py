@@ -1,0 +1,96 @@
+"""The contention governor: fewer engine threads while others want the CPUs, all back when they leave."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from adapterserve.server.engine import cpu_governor
+from adapterserve.server.engine.cpu_governor import CpuGovernor, CpuSample, ProcCounters, Window
+
+
+def _governor(max_threads: int = 2, cpus: int = 2) -> tuple[CpuGovernor, list[int]]:
+    applied: list[int] = []
+    return CpuGovernor(max_threads, cpus, applied.append, lambda: None), applied
+
+
+def test_drops_to_the_cpus_the_others_leave_when_our_threads_wait() -> None:
+    governor, applied = _governor(max_threads=8, cpus=8)
+    assert governor.decide(Window(1.0, waiting=0.1, others=2.0)) == 8  # others busy, we are not hurt
+    assert governor.decide(Window(1.0, waiting=1.5, others=2.6)) == 5  # 8 - 2.6 CPUs left: 5 threads
+    assert applied == [5]
+
+
+def test_two_cpus_beside_a_busy_client_run_one_thread_and_come_back_after_calm_windows() -> None:
+    governor, applied = _governor()
+    governor.decide(Window(1.0, waiting=0.9, others=0.3))
+    assert governor.threads == 1
+    for _ in range(5):  # the client still busy: no CPU free beyond our thread
+        governor.decide(Window(1.0, waiting=0.0, others=0.7))
+    assert governor.threads == 1
+    for _ in range(cpu_governor.CALM_WINDOWS - 1):
+        governor.decide(Window(1.0, waiting=0.0, others=0.05))
+    assert governor.threads == 1  # one calm window short
+    governor.decide(Window(1.0, waiting=0.0, others=0.05))
+    assert governor.threads == 2 and applied == [1, 2]
+
+
+def test_never_below_one_nor_above_the_plan() -> None:
+    governor, applied = _governor(max_threads=2, cpus=4)
+    for _ in range(10):
+        governor.decide(Window(1.0, waiting=3.0, others=4.0))
+    assert governor.threads == 1
+    for _ in range(10):
+        governor.decide(Window(1.0, waiting=0.0, others=0.0))
+    assert governor.threads == 2 and applied == [1, 2]
+
+
+def test_windows_come_from_counter_deltas_and_idle_restarts_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [100.0]
+    monkeypatch.setattr(cpu_governor.time, "monotonic", lambda: clock[0])
+    samples = iter(
+        [
+            CpuSample(wall=100.0, run_delay=10.0, cpus_busy=50.0, own_cpu=20.0),
+            CpuSample(wall=101.0, run_delay=10.8, cpus_busy=52.0, own_cpu=21.4),  # waiting .8, others .6
+            CpuSample(wall=300.0, run_delay=11.0, cpus_busy=60.0, own_cpu=25.0),
+            CpuSample(wall=301.0, run_delay=11.0, cpus_busy=61.0, own_cpu=26.0),
+        ]
+    )
+    applied: list[int] = []
+    governor = CpuGovernor(2, 2, applied.append, lambda: next(samples))
+    governor.after_step()
+    clock[0] = 100.5
+    governor.after_step()  # within the window: no read
+    clock[0] = 101.0
+    governor.after_step()
+    assert governor.last_window == Window(1.0, waiting=pytest.approx(0.8), others=pytest.approx(0.6))
+    assert applied == [1]
+    governor.idle()  # the gap while idle is not a window
+    clock[0] = 300.0
+    governor.after_step()
+    assert governor.last_window.seconds == 1.0
+    clock[0] = 301.0
+    governor.after_step()
+    assert governor.last_window.seconds == 1.0 and governor.last_window.others == pytest.approx(0.0)
+
+
+def test_proc_counters_see_a_busy_thread_and_the_run_delay_of_an_oversubscribed_process() -> None:
+    counters = ProcCounters(range(256))
+    first = counters.read()
+    if first is None:
+        pytest.skip("no /proc scheduler statistics on this system")
+    stop = time.monotonic() + 0.6
+    threads = [
+        threading.Thread(target=lambda: [None for _ in iter(lambda: time.monotonic() < stop, False)])
+        for _ in range(4)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    second = counters.read()
+    assert second.own_cpu - first.own_cpu > 0.3  # our spinning threads' CPU time
+    assert second.cpus_busy - first.cpus_busy >= second.own_cpu - first.own_cpu - 0.1
+    assert second.run_delay >= first.run_delay
