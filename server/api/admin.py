@@ -19,14 +19,13 @@ from adapterserve.server.api.errors import map_errors, status_of
 from adapterserve.server.api.lifecycle import Lifecycle
 from adapterserve.server.api.metrics import ServerMetrics
 from adapterserve.server.api.runtime import RuntimeRef
-from adapterserve.server.errors import InvalidArgumentError, ResourceExhaustedError
+from adapterserve.server.errors import AdapterValidationError, InvalidArgumentError, ResourceExhaustedError
 from adapterserve.server.settings import LimitSettings
+from adapterserve.server.store.upload import UploadRequest, check_upload_filename
 from adapterserve.v1 import admin_pb2, admin_pb2_grpc, types_pb2
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
-MAX_DESCRIPTION_CHARS = 1024
-MAX_FILENAME_CHARS = 255
 _TOKEN_PREFIX = "after:"
 
 
@@ -61,21 +60,6 @@ def page_of(
     return page, next_token, len(matching)
 
 
-def check_filename(name: str) -> None:
-    """A plain file name: no directories, no '..', printable, at most 255 characters."""
-    if (
-        not name
-        or len(name) > MAX_FILENAME_CHARS
-        or "/" in name
-        or "\\" in name
-        or name in {".", ".."}
-        or not name.isprintable()
-    ):
-        raise InvalidArgumentError(
-            f"chunk.filename: {name[:80]!r} is not a plain file name (no directories, at most {MAX_FILENAME_CHARS} characters)"
-        )
-
-
 class _UploadCounter:
     """Counts the bytes an upload stream has delivered."""
 
@@ -94,8 +78,11 @@ async def upload_chunks(
         if kind != "chunk":
             raise InvalidArgumentError("header: only the first message of an upload may be a header")
         chunk = message.chunk
-        check_filename(chunk.filename)
         if chunk.filename != current:
+            try:  # the store's own rule (it checks again for uploads that do not come through here)
+                check_upload_filename(chunk.filename)
+            except AdapterValidationError as exc:
+                raise InvalidArgumentError(f"chunk.filename: {exc}") from None
             if chunk.filename in finished:
                 raise InvalidArgumentError(
                     f"chunk.filename: {chunk.filename!r} was already finished; send each file's chunks in one run"
@@ -140,16 +127,14 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                 if first is None or first.WhichOneof("payload") != "header":
                     raise InvalidArgumentError("header: the first message of an upload must be a header")
                 header = first.header
-                if len(header.description) > MAX_DESCRIPTION_CHARS:
-                    raise InvalidArgumentError(
-                        f"header.description: more than {MAX_DESCRIPTION_CHARS} characters"
-                    )
-                result = await self._runtime.get().catalog.upload(
-                    header.name,
-                    upload_chunks(stream, self._limits, counter),
+                request = UploadRequest(
+                    name=header.name,
                     overwrite=header.overwrite,
                     description=header.description,
                     max_bytes=self._limits.max_upload_bytes,
+                )
+                result = await self._runtime.get().catalog.upload(
+                    request, upload_chunks(stream, self._limits, counter)
                 )
         except BaseException as exc:
             self._metrics.record_upload(

@@ -15,6 +15,7 @@ from adapterserve.server.api.contracts import AdapterRecord, StoredFile, UploadR
 from adapterserve.server.errors import ServeError
 from adapterserve.server.store.manifest import Manifest
 from adapterserve.server.store.registry import AdapterRegistry
+from adapterserve.server.store.upload import UploadRequest
 
 log = logging.getLogger(__name__)
 
@@ -64,18 +65,9 @@ class StoreCatalog:
             cache_tier=tier,
         )
 
-    async def upload(
-        self,
-        name: str,
-        files: AsyncIterator[tuple[str, bytes]],
-        *,
-        overwrite: bool,
-        description: str,
-        max_bytes: int,
-    ) -> UploadResult:
-        result = await self.registry.upload(
-            name, files, overwrite=overwrite, description=description, max_bytes=max_bytes
-        )
+    async def upload(self, request: UploadRequest, files: AsyncIterator[tuple[str, bytes]]) -> UploadResult:
+        result = await self.registry.upload(request, files)
+        name = request.name
         if result.replaced is not None:
             await self._forget(result.replaced)
             if self.registry.is_pinned(name):  # the pin follows the name to its new version

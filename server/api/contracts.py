@@ -13,6 +13,7 @@ from typing import Protocol
 
 from adapterserve.server.adapters.types import AdapterInfo
 from adapterserve.server.engine.types import GenerationRequest, TokenEvent
+from adapterserve.server.store.upload import UploadRequest
 
 
 class GenerationHandle(Protocol):
@@ -68,15 +69,7 @@ class UploadResult:
 class AdapterCatalog(Protocol):
     """The adapter store as the Admin servicer sees it. Every method raises ServeError subclasses."""
 
-    async def upload(
-        self,
-        name: str,
-        files: AsyncIterator[tuple[str, bytes]],
-        *,
-        overwrite: bool,
-        description: str,
-        max_bytes: int,
-    ) -> UploadResult:
+    async def upload(self, request: UploadRequest, files: AsyncIterator[tuple[str, bytes]]) -> UploadResult:
         """Store an adapter from (file name, chunk) pairs, atomically; validates against the base."""
         ...
 

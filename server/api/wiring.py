@@ -122,6 +122,7 @@ async def start_runtime(settings: ServerSettings) -> StartedRuntime:
     from adapterserve.server.omp_pools import run_releasing_pool
     from adapterserve.server.store.registry import AdapterRegistry
     from adapterserve.server.store.store import AdapterStore
+    from adapterserve.server.store.upload import UploadRequest
 
     base = await run_releasing_pool(
         load_base_model,
@@ -148,7 +149,7 @@ async def start_runtime(settings: ServerSettings) -> StartedRuntime:
         def put(src: Any, name: str) -> Any:
             kind = "random init" if name.startswith("demo-") else "trained by demo/train_demo_adapters.sh"
             return store.put_dir(
-                src, name, description=f"demo adapter ({kind}; adapterserve --demo-adapters)"
+                src, UploadRequest(name, description=f"demo adapter ({kind}; adapterserve --demo-adapters)")
             )
 
         await run_releasing_pool(ensure_demo_adapters, base, put, set(store.names()))

@@ -23,7 +23,7 @@ from adapterserve.server.settings import CacheSettings
 from adapterserve.server.store.manifest import Manifest
 from adapterserve.server.store.names import validate_name
 from adapterserve.server.store.store import AdapterStore
-from adapterserve.server.store.upload import CommitResult
+from adapterserve.server.store.upload import CommitResult, UploadRequest
 
 EventKind = Literal["hit", "miss", "load", "load_failed", "evict", "invalidate"]
 
@@ -205,26 +205,11 @@ class AdapterRegistry:
         return list(self._entries)
 
     # ------------------------------------------------------------------ changes through the registry
-    async def upload(
-        self,
-        name: str,
-        files: AsyncIterable[tuple[str, bytes]],
-        *,
-        overwrite: bool = False,
-        description: str = "",
-        base_fingerprint: str | None = None,
-        max_bytes: int | None = None,
-    ) -> CommitResult:
+    async def upload(self, request: UploadRequest, files: AsyncIterable[tuple[str, bytes]]) -> CommitResult:
         """Store an upload (see AdapterStore.upload_async), drop any cached older version and put the
         adapter the upload validated into host memory: its first request does not read it again."""
-        result = await self.store.upload_async(
-            name,
-            files,
-            overwrite=overwrite,
-            description=description,
-            base_fingerprint=base_fingerprint,
-            max_bytes=max_bytes,
-        )
+        result = await self.store.upload_async(request, files)
+        name = request.name
         self._drop(name, "invalidate")
         validated, manifest = result.validated, result.manifest
         current = self.store.current(name)

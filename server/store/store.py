@@ -44,6 +44,7 @@ from adapterserve.server.store.upload import (
     MAX_DESCRIPTION_CHARS,
     AdapterValidator,
     CommitResult,
+    UploadRequest,
     UploadSession,
     ValidatedAdapter,
     adapter_dir_chunks,
@@ -58,6 +59,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "DELETED_PREFIX",
     "MAX_DESCRIPTION_CHARS",
+    "UploadRequest",
     "PINS_FILE",
     "REPLACED_PREFIX",
     "UPLOAD_PREFIX",
@@ -175,26 +177,15 @@ class AdapterStore:
         write_pins(self.root, names)
 
     # ------------------------------------------------------------------ writing (upload.py)
-    def begin_upload(
-        self,
-        name: str,
-        *,
-        overwrite: bool = False,
-        description: str = "",
-        base_fingerprint: str | None = None,
-        max_bytes: int | None = None,
-    ) -> UploadSession:
-        """Start an upload. Refuses a bad name, a taken name (without `overwrite`) or a foreign base now,
-        before any byte is written. Feed it with `write(filename, chunk)` then `commit()`."""
+    def begin_upload(self, request: UploadRequest) -> UploadSession:
+        """Start an upload. Refuses a taken name (without `overwrite`) or a foreign base now, before any
+        byte is written (the request checked its name and description when it was made). Feed it with
+        `write(filename, chunk)` then `commit()`."""
         return begin_upload(
             self.root,
-            name,
+            request,
             publish=self._publish,
-            overwrite=overwrite,
-            description=description,
-            base_fingerprint=base_fingerprint,
             served_base=self.base_fingerprint,
-            max_bytes=max_bytes,
             max_adapter_bytes=self.max_adapter_bytes,
         )
 
@@ -203,46 +194,15 @@ class AdapterStore:
             session, files, index=self._index, validate=self._validate, base_fingerprint=self.base_fingerprint
         )
 
-    def upload(
-        self,
-        name: str,
-        files: Iterable[tuple[str, bytes]],
-        *,
-        overwrite: bool = False,
-        description: str = "",
-        base_fingerprint: str | None = None,
-        max_bytes: int | None = None,
-    ) -> CommitResult:
+    def upload(self, request: UploadRequest, files: Iterable[tuple[str, bytes]]) -> CommitResult:
         """Store an adapter from (file name, chunk) pairs (blocking)."""
-        return self.begin_upload(
-            name,
-            overwrite=overwrite,
-            description=description,
-            base_fingerprint=base_fingerprint,
-            max_bytes=max_bytes,
-        ).feed(files)
+        return self.begin_upload(request).feed(files)
 
     async def upload_async(
-        self,
-        name: str,
-        files: AsyncIterable[tuple[str, bytes]],
-        *,
-        overwrite: bool = False,
-        description: str = "",
-        base_fingerprint: str | None = None,
-        max_bytes: int | None = None,
+        self, request: UploadRequest, files: AsyncIterable[tuple[str, bytes]]
     ) -> CommitResult:
         """Store an adapter from an async stream of (file name, chunk) pairs (e.g. gRPC messages)."""
-        begin = asyncio.ensure_future(
-            asyncio.to_thread(
-                self.begin_upload,
-                name,
-                overwrite=overwrite,
-                description=description,
-                base_fingerprint=base_fingerprint,
-                max_bytes=max_bytes,
-            )
-        )
+        begin = asyncio.ensure_future(asyncio.to_thread(self.begin_upload, request))
         try:
             session = await asyncio.shield(begin)
         except asyncio.CancelledError:  # the thread still makes the upload's folder: drop it once made
@@ -250,25 +210,10 @@ class AdapterStore:
             raise
         return await session.feed_async(files)
 
-    def put_dir(
-        self,
-        src: Path,
-        name: str,
-        *,
-        overwrite: bool = False,
-        description: str = "",
-        base_fingerprint: str | None = None,
-        chunk_bytes: int = 1 << 20,
-    ) -> CommitResult:
+    def put_dir(self, src: Path, request: UploadRequest, *, chunk_bytes: int = 1 << 20) -> CommitResult:
         """Store a local PEFT adapter folder (its adapter_config.json and adapter_model.safetensors;
         other files such as PEFT's README.md are not sent)."""
-        return self.upload(
-            name,
-            adapter_dir_chunks(src, chunk_bytes),
-            overwrite=overwrite,
-            description=description,
-            base_fingerprint=base_fingerprint,
-        )
+        return self.upload(request, adapter_dir_chunks(src, chunk_bytes))
 
     def delete(self, name: str) -> Manifest | None:
         """Remove an adapter atomically; returns its manifest (None for an entry that was not served).

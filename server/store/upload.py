@@ -82,6 +82,28 @@ class CommitResult:
     validated: ValidatedAdapter | None = None  # what the validator returned (ready for the host cache)
 
 
+@dataclass(frozen=True)
+class UploadRequest:
+    """One upload's envelope, whichever way it came in (the Admin RPC, a local folder, the demo
+    adapters), checked once, when it is made: the name and the description. The files follow it.
+
+    base_fingerprint: the base the client says the adapter was made for (refused if it is not the
+    served one); max_bytes: the caller's cap on the files (the store's own cap applies as well)."""
+
+    name: str
+    overwrite: bool = False
+    description: str = ""
+    base_fingerprint: str | None = None
+    max_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        validate_name(self.name)
+        if not isinstance(self.description, str) or len(self.description) > MAX_DESCRIPTION_CHARS:
+            raise InvalidArgumentError(
+                f"description must be a string of at most {MAX_DESCRIPTION_CHARS} characters"
+            )
+
+
 # What `UploadSession.commit` calls with the session and its files: validate and install them.
 Publisher = Callable[["UploadSession", dict[str, FileEntry]], CommitResult]
 
@@ -124,20 +146,10 @@ class UploadSession:
     time: an abort from another thread (a cancelled async upload) waits for a write or commit still
     running, so nothing is written into the folder once its removal has begun."""
 
-    def __init__(
-        self,
-        name: str,
-        tmp_dir: Path,
-        *,
-        publish: Publisher,
-        overwrite: bool,
-        description: str,
-        base_fingerprint: str | None,
-        max_bytes: int,
-    ) -> None:
-        self.name, self.tmp_dir, self._publish = name, tmp_dir, publish
-        self.overwrite, self.description = overwrite, description
-        self.base_fingerprint, self.max_bytes = base_fingerprint, max_bytes
+    def __init__(self, request: UploadRequest, tmp_dir: Path, *, publish: Publisher, max_bytes: int) -> None:
+        """max_bytes: the cap on the files, the request's and the store's together."""
+        self.request, self.tmp_dir, self._publish = request, tmp_dir, publish
+        self.name, self.max_bytes = request.name, max_bytes
         self.received_bytes = 0
         self._files: dict[str, FileEntry] = {}
         self._current: tuple[str, _OpenFile] | None = None
@@ -255,35 +267,20 @@ class UploadSession:
 
 def begin_upload(
     root: Path,
-    name: str,
+    request: UploadRequest,
     *,
     publish: Publisher,
-    overwrite: bool,
-    description: str,
-    base_fingerprint: str | None,
     served_base: str | None,
-    max_bytes: int | None,
     max_adapter_bytes: int,
 ) -> UploadSession:
     """Check what can be checked before any byte is written, then make the upload's private folder."""
-    validate_name(name)
-    if not isinstance(description, str) or len(description) > MAX_DESCRIPTION_CHARS:
-        raise InvalidArgumentError(
-            f"description must be a string of at most {MAX_DESCRIPTION_CHARS} characters"
+    if not request.overwrite and os.path.lexists(root / request.name):
+        raise AlreadyExistsError(
+            f"adapter {request.name!r} already exists (upload with overwrite to replace it)"
         )
-    if not overwrite and os.path.lexists(root / name):
-        raise AlreadyExistsError(f"adapter {name!r} already exists (upload with overwrite to replace it)")
-    check_base(base_fingerprint, served_base, "the uploaded adapter")
-    cap = max_adapter_bytes if max_bytes is None else min(max_bytes, max_adapter_bytes)
-    return UploadSession(
-        name,
-        new_upload_dir(root),
-        publish=publish,
-        overwrite=overwrite,
-        description=description,
-        base_fingerprint=base_fingerprint,
-        max_bytes=cap,
-    )
+    check_base(request.base_fingerprint, served_base, "the uploaded adapter")
+    cap = max_adapter_bytes if request.max_bytes is None else min(request.max_bytes, max_adapter_bytes)
+    return UploadSession(request, new_upload_dir(root), publish=publish, max_bytes=cap)
 
 
 def publish_upload(
@@ -301,7 +298,7 @@ def publish_upload(
     with index.mutating:
         old = index.current(name)
         exists = os.path.lexists(root / name)
-        if exists and not session.overwrite:
+        if exists and not session.request.overwrite:
             raise AlreadyExistsError(f"adapter {name!r} already exists (upload with overwrite to replace it)")
         manifest = Manifest.build(
             name=name,
@@ -309,8 +306,8 @@ def publish_upload(
             uid=uuid.uuid4().hex,
             info=validated.info,
             files=files,
-            base_fingerprint=base_fingerprint or session.base_fingerprint,
-            description=session.description,
+            base_fingerprint=base_fingerprint or session.request.base_fingerprint,
+            description=session.request.description,
         )
         write_manifest(tmp, manifest)
         fsync_dir(tmp)

@@ -29,6 +29,7 @@ from adapterserve.server.api.admin import decode_page_token, upload_chunks
 from adapterserve.server.api.decoding import Undecodable, _tolerant
 from adapterserve.server.errors import AdapterValidationError, ServeError
 from adapterserve.server.settings import EngineSettings, LimitSettings
+from adapterserve.server.store.upload import UploadRequest
 from adapterserve.v1 import admin_pb2, generation_pb2
 from tests.helpers.peft_adapters import tree_state
 from tests.reliability.hostile import CONFIG, WEIGHTS, split_safetensors
@@ -222,7 +223,7 @@ def fuzz_store(tiny_base, kind_dirs, tmp_path_factory):
 
     validate = functools.partial(load_adapter_dir, spec=tiny_base.spec, settings=EngineSettings())
     store = AdapterStore(tmp_path_factory.mktemp("fuzz-store"), validate, max_adapter_bytes=1 << 20)
-    store.put_dir(kind_dirs["LORA"], "kept")
+    store.put_dir(kind_dirs["LORA"], UploadRequest("kept"))
     return store
 
 
@@ -249,7 +250,7 @@ def test_mutated_uploads_into_a_real_store(fuzz_store, kind_dirs, config_edits, 
         weights = weights[:cut]
     before = tree_state(fuzz_store.root)
     try:
-        fuzz_store.upload("fuzzed", [(CONFIG, config), (WEIGHTS, weights)])
+        fuzz_store.upload(UploadRequest("fuzzed"), [(CONFIG, config), (WEIGHTS, weights)])
     except ServeError:
         assert tree_state(fuzz_store.root) == before
         return
@@ -266,7 +267,7 @@ def test_mutated_uploads_into_a_real_store(fuzz_store, kind_dirs, config_edits, 
 def test_arbitrary_upload_streams_into_a_real_store(fuzz_store, files, name):
     before = tree_state(fuzz_store.root)
     try:
-        fuzz_store.upload(name or "x", files)
+        fuzz_store.upload(UploadRequest(name or "x"), files)
     except ServeError:
         assert tree_state(fuzz_store.root) == before
         return

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
+from adapterserve.server.store.upload import UploadRequest
 from tests.helpers.peft_adapters import write_lora_dir
 from tests.helpers.server_process import free_port
 
@@ -68,7 +69,7 @@ def put_adapters(store_dir, base, names, seed0: int) -> None:
     store = AdapterStore(store_dir, validate, base_fingerprint=base.fingerprint)
     for i, name in enumerate(names):
         src = write_lora_dir(store_dir.parent / "src" / name, base.spec, seed=seed0 + i, r=4)
-        store.put_dir(src, name)
+        store.put_dir(src, UploadRequest(name))
 
 
 def one_request(client: httpx.Client, adapter: str) -> Outcome:

@@ -16,6 +16,7 @@ from adapterserve.server.engine.offline import OfflineEngine
 from adapterserve.server.errors import AdapterValidationError, InvalidArgumentError
 from adapterserve.server.settings import EngineSettings
 from adapterserve.server.store.store import AdapterStore
+from adapterserve.server.store.upload import UploadRequest
 
 
 @pytest.mark.parametrize("template", ["no placeholder", "{input} and {input}"])
@@ -38,8 +39,12 @@ def test_a_template_holds_no_tensors(tiny_base, tmp_path):
 def test_template_is_stored_versioned_and_applied_to_the_tokens(tiny_model_dir, tiny_base, tmp_path):
     validate = functools.partial(load_adapter_dir, spec=tiny_base.spec, settings=EngineSettings())
     store = AdapterStore(tmp_path / "store", validate)
-    store.put_dir(write_template_dir(tmp_path / "v1", "Q: {input}\nA:", system="Be brief."), "qa")
-    store.put_dir(write_template_dir(tmp_path / "v2", "Question: {input}\nAnswer:"), "qa", overwrite=True)
+    store.put_dir(
+        write_template_dir(tmp_path / "v1", "Q: {input}\nA:", system="Be brief."), UploadRequest("qa")
+    )
+    store.put_dir(
+        write_template_dir(tmp_path / "v2", "Question: {input}\nAnswer:"), UploadRequest("qa", overwrite=True)
+    )
     manifest = store.manifest("qa")
     assert (manifest.kind, manifest.peft_type, manifest.version, manifest.nbytes) == (
         "template",

@@ -25,6 +25,7 @@ from adapterserve.server.errors import (
     QueueFullError,
 )
 from adapterserve.server.settings import ServerSettings
+from adapterserve.server.store.upload import UploadRequest
 from adapterserve.v1 import generation_pb2
 
 
@@ -156,15 +157,8 @@ class FakeCatalog:
 
     records: dict[str, AdapterRecord] = field(default_factory=dict)
 
-    async def upload(
-        self,
-        name: str,
-        files: AsyncIterator[tuple[str, bytes]],
-        *,
-        overwrite: bool,
-        description: str,
-        max_bytes: int,
-    ) -> UploadResult:
+    async def upload(self, request: UploadRequest, files: AsyncIterator[tuple[str, bytes]]) -> UploadResult:
+        name, overwrite, description = request.name, request.overwrite, request.description
         if not name:
             raise AdapterValidationError("name: must not be empty")
         if name in self.records and not overwrite:

@@ -7,6 +7,7 @@ import pytest
 
 from adapterserve.server.api.wiring import start_runtime
 from adapterserve.server.settings import ServerSettings
+from adapterserve.server.store.upload import UploadRequest
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -37,7 +38,7 @@ async def test_pins_survive_restart_and_follow_replacements(tiny_model_dir, tmp_
         for name in ("adapter_config.json", "adapter_model.safetensors"):
             (copy / name).write_bytes((store / "demo-ia3" / name).read_bytes())
         result = await catalog.upload(
-            "demo-ia3", _files(copy), overwrite=True, description="v2", max_bytes=1 << 24
+            UploadRequest("demo-ia3", overwrite=True, description="v2", max_bytes=1 << 24), _files(copy)
         )
         v2 = result.record
         assert result.replaced and v2.version > v1.version and v2.pinned

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from adapterserve.server.store.upload import UploadRequest
 from tests.server.store.disk import entries, records
 
 REPO = Path(__file__).resolve().parents[3]
@@ -25,6 +26,7 @@ CHILD = textwrap.dedent(
     from pathlib import Path
     from adapterserve.server.model.spec import BaseModelSpec
     from adapterserve.server.store.store import AdapterStore
+    from adapterserve.server.store.upload import UploadRequest
     from tests.server.store.validators import make_validator
 
     root, spec_json, lora, mode = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4]
@@ -34,8 +36,8 @@ CHILD = textwrap.dedent(
     config = (lora / "adapter_config.json").read_bytes()
     weights = (lora / "adapter_model.safetensors").read_bytes()
     if mode == "slow":
-        store.put_dir(lora, "complete")
-        session = store.begin_upload("half-written")
+        store.put_dir(lora, UploadRequest("complete"))
+        session = store.begin_upload(UploadRequest("half-written"))
         session.write("adapter_config.json", config)
         session.write("adapter_model.safetensors", weights[: len(weights) // 2])
         print("MID", flush=True)
@@ -45,7 +47,7 @@ CHILD = textwrap.dedent(
         i = 0
         while True:
             name = f"a{i % 7}"
-            store.put_dir(lora, name, overwrite=True)
+            store.put_dir(lora, UploadRequest(name, overwrite=True))
             if i % 3 == 0:
                 store.delete(name)
             i += 1
@@ -109,4 +111,6 @@ def test_kill9_during_busy_puts_replaces_and_deletes(make_store, spec, lora_dirs
         assert loaded.info.rank == 2
     for i in range(7):  # deleted or not, a name's next version is above any it had before the kill
         name = f"a{i}"
-        assert store.put_dir(lora_dirs[1], name, overwrite=True).manifest.version > recorded.get(name, 0)
+        assert store.put_dir(
+            lora_dirs[1], UploadRequest(name, overwrite=True)
+        ).manifest.version > recorded.get(name, 0)

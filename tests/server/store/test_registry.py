@@ -20,6 +20,7 @@ from adapterserve.server.errors import AdapterValidationError, InvalidArgumentEr
 from adapterserve.server.settings import CacheSettings
 from adapterserve.server.store.registry import AdapterRegistry, CacheEvent
 from adapterserve.server.store.store import AdapterStore
+from adapterserve.server.store.upload import UploadRequest
 from tests.helpers.peft_adapters import write_lora_dir
 from tests.server.store.validators import make_validator
 
@@ -31,7 +32,7 @@ def filled_store(make_store, lora_dirs):
     """A store holding a, b, c, d (one LoRA each, same size)."""
     store = make_store()
     for name, d in zip("abcd", lora_dirs, strict=True):
-        store.put_dir(d, name)
+        store.put_dir(d, UploadRequest(name))
     return store
 
 
@@ -111,7 +112,7 @@ async def test_concurrent_gets_of_a_cold_adapter_load_once(spec, make_store, lor
         return inner(path)
 
     store = make_store(validate=inner)
-    store.put_dir(lora_dirs[0], "cold")
+    store.put_dir(lora_dirs[0], UploadRequest("cold"))
     store._validate = slow_validate  # the registry's loads go through the store's validator
     reg = AdapterRegistry(store)
     tasks = [asyncio.create_task(reg.get("cold")) for _ in range(50)]
@@ -128,7 +129,7 @@ async def test_a_cancelled_waiter_does_not_cancel_the_shared_load(spec, make_sto
     inner = make_validator(spec)
     gate = threading.Event()
     store = make_store(validate=inner)
-    store.put_dir(lora_dirs[0], "cold")
+    store.put_dir(lora_dirs[0], UploadRequest("cold"))
     store._validate = lambda p: (gate.wait(5), inner(p))[1]
     reg = AdapterRegistry(store)
     first = asyncio.create_task(reg.get("cold"))
@@ -144,7 +145,7 @@ async def test_a_cancelled_waiter_does_not_cancel_the_shared_load(spec, make_sto
 
 async def test_failed_load_reaches_every_waiter_and_is_retried_later(spec, make_store, lora_dirs):
     store = make_store()
-    store.put_dir(lora_dirs[0], "x")
+    store.put_dir(lora_dirs[0], UploadRequest("x"))
     w = store.root / "x" / WEIGHTS
     good = w.read_bytes()
     w.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
@@ -166,7 +167,7 @@ async def test_replace_during_a_running_request_keeps_its_weights(filled_store, 
         for fname in (CONFIG, WEIGHTS):
             yield fname, (lora_dirs[3] / fname).read_bytes()
 
-    result = await reg.upload("a", stream(), overwrite=True)
+    result = await reg.upload(UploadRequest("a", overwrite=True), stream())
     assert result.manifest.version == 2
     fresh = await reg.get("a")
     assert fresh.version == 2 and fresh is not running and fresh.key == ("a", 2)
@@ -191,7 +192,7 @@ async def test_delete_during_a_running_request(filled_store):
 async def test_store_changed_behind_the_registry_is_not_served_stale(filled_store, lora_dirs):
     reg = AdapterRegistry(filled_store)
     v1 = await reg.get("c")
-    filled_store.put_dir(lora_dirs[0], "c", overwrite=True)  # not through the registry
+    filled_store.put_dir(lora_dirs[0], UploadRequest("c", overwrite=True))  # not through the registry
     v2 = await reg.get("c")
     assert (v1.version, v2.version) == (1, 2) and v2.uid != v1.uid
 
@@ -219,7 +220,10 @@ def test_thousand_adapters_listed_and_served_without_holding_them_all(spec, tmp_
     with ThreadPoolExecutor(8) as pool:  # uploads are fsync-bound: overlap them
         list(
             pool.map(
-                lambda i: store.upload(f"task-{i:04d}", [(CONFIG, config), (WEIGHTS, weights)]), range(1000)
+                lambda i: store.upload(
+                    UploadRequest(f"task-{i:04d}"), [(CONFIG, config), (WEIGHTS, weights)]
+                ),
+                range(1000),
             )
         )
     fill_s = time.perf_counter() - t0
@@ -278,7 +282,7 @@ async def test_pins_are_persisted_and_stale_pin_writes_cleaned(make_store, lora_
     root = tmp_path / "store"
     store = make_store()
     for i, d in enumerate(lora_dirs[:2]):
-        store.put_dir(d, f"a{i}")
+        store.put_dir(d, UploadRequest(f"a{i}"))
     registry = AdapterRegistry(store, CacheSettings())
     await registry.pin("a0")
     await registry.pin("a1")
@@ -303,7 +307,7 @@ async def test_an_upload_is_validated_once_and_its_first_request_is_a_host_hit(s
         for fname in (CONFIG, WEIGHTS):
             yield fname, (lora_dirs[0] / fname).read_bytes()
 
-    result = await reg.upload("fresh", stream())
+    result = await reg.upload(UploadRequest("fresh"), stream())
     assert len(calls) == 1  # the one validation, on the upload's temporary folder
     resolved = await reg.get("fresh")
     assert resolved.adapter is result.validated and resolved.version == result.manifest.version

@@ -30,6 +30,7 @@ from adapterserve.server.errors import (
 from adapterserve.server.store import upload as upload_module
 from adapterserve.server.store.manifest import MANIFEST_FILE, Manifest
 from adapterserve.server.store.store import AdapterStore
+from adapterserve.server.store.upload import UploadRequest
 from tests.helpers.peft_adapters import tree_state, write_lora_dir
 from tests.server.store.disk import entries, records
 from tests.server.store.validators import make_validator
@@ -43,7 +44,7 @@ def files_of(d: Path) -> list[tuple[str, bytes]]:
 
 def test_put_lists_and_writes_peft_format_plus_manifest(make_store, lora_dirs, tiny_base):
     store = make_store()
-    result = store.put_dir(lora_dirs[0], "task-a", description="first")
+    result = store.put_dir(lora_dirs[0], UploadRequest("task-a", description="first"))
     m = result.manifest
     assert result.replaced is None and result.received_bytes == sum(len(b) for _, b in files_of(lora_dirs[0]))
     assert store.names() == ["task-a"] and [x.name for x in store.list()] == ["task-a"]
@@ -60,16 +61,18 @@ def test_put_lists_and_writes_peft_format_plus_manifest(make_store, lora_dirs, t
 
 def test_real_peft_save_pretrained_dir_is_stored(make_store, peft_adapter_dirs):
     store = make_store()
-    store.put_dir(peft_adapter_dirs["LORA"], "peft-lora")  # README.md that PEFT writes is not sent
+    store.put_dir(
+        peft_adapter_dirs["LORA"], UploadRequest("peft-lora")
+    )  # README.md that PEFT writes is not sent
     assert store.manifest("peft-lora").rank == 4
 
 
 def test_overwrite_replaces_atomically_and_bumps_version(make_store, lora_dirs):
     store = make_store()
-    first = store.put_dir(lora_dirs[0], "a").manifest
+    first = store.put_dir(lora_dirs[0], UploadRequest("a")).manifest
     with pytest.raises(AlreadyExistsError, match="'a' already exists"):
-        store.put_dir(lora_dirs[1], "a")
-    second = store.put_dir(lora_dirs[1], "a", overwrite=True)
+        store.put_dir(lora_dirs[1], UploadRequest("a"))
+    second = store.put_dir(lora_dirs[1], UploadRequest("a", overwrite=True))
     assert second.replaced == first and second.manifest.version == 2 and second.manifest.uid != first.uid
     assert (store.root / "a" / WEIGHTS).read_bytes() == (lora_dirs[1] / WEIGHTS).read_bytes()
     assert entries(store.root) == ["a"] and records(store.root) == {"a": 2}
@@ -77,16 +80,18 @@ def test_overwrite_replaces_atomically_and_bumps_version(make_store, lora_dirs):
 
 def test_delete_is_atomic_and_versions_never_repeat(make_store, lora_dirs):
     store = make_store()
-    store.put_dir(lora_dirs[0], "a")
-    store.put_dir(lora_dirs[0], "a", overwrite=True)
+    store.put_dir(lora_dirs[0], UploadRequest("a"))
+    store.put_dir(lora_dirs[0], UploadRequest("a", overwrite=True))
     assert store.delete("a").version == 2
     assert entries(store.root) == [] and records(store.root) == {"a": 2}  # the record outlives the adapter
     with pytest.raises(NotFoundError, match="'a' not found"):
         store.manifest("a")
     with pytest.raises(NotFoundError):
         store.delete("a")
-    assert store.put_dir(lora_dirs[0], "a").manifest.version == 3
-    assert make_store().put_dir(lora_dirs[0], "a", overwrite=True).manifest.version == 4  # after a restart
+    assert store.put_dir(lora_dirs[0], UploadRequest("a")).manifest.version == 3
+    assert (
+        make_store().put_dir(lora_dirs[0], UploadRequest("a", overwrite=True)).manifest.version == 4
+    )  # after a restart
 
 
 # ------------------------------------------------------------------------------------ refusals
@@ -245,12 +250,12 @@ def test_every_refused_upload_has_a_precise_error_and_leaves_the_store_unchanged
     make_store, lora_dirs, other_base_lora
 ):
     store = make_store()
-    store.put_dir(lora_dirs[0], "taken")
+    store.put_dir(lora_dirs[0], UploadRequest("taken"))
     before = tree_state(store.root)
     cases = refusals(lora_dirs[1], other_base_lora)
     for desc, name, files, kwargs, error, fragment in cases:
         with pytest.raises(error) as info:
-            store.upload(name, iter(files), **kwargs)
+            store.upload(UploadRequest(name, **kwargs), iter(files))
         assert fragment in str(info.value), (desc, str(info.value))
         assert tree_state(store.root) == before, desc
     assert store.names() == ["taken"]
@@ -267,7 +272,7 @@ def test_refused_async_upload_midway_leaves_store_unchanged(make_store, lora_dir
         yield "adapter_model.pt", b"\x80\x04"
 
     with pytest.raises(AdapterValidationError, match="pickle"):
-        asyncio.run(store.upload_async("x", stream()))
+        asyncio.run(store.upload_async(UploadRequest("x"), stream()))
     assert tree_state(store.root) == before
 
 
@@ -279,7 +284,7 @@ def test_async_upload_in_chunks(make_store, lora_dirs):
             for i in range(0, len(data), 333):
                 yield fname, data[i : i + 333]
 
-    result = asyncio.run(store.upload_async("chunked", stream(), description="d"))
+    result = asyncio.run(store.upload_async(UploadRequest("chunked", description="d"), stream()))
     assert (store.root / "chunked" / WEIGHTS).read_bytes() == (lora_dirs[2] / WEIGHTS).read_bytes()
     assert result.manifest.description == "d"
 
@@ -293,7 +298,7 @@ def test_abort_waits_for_a_write_still_running_in_its_thread(make_store, lora_di
     # another: the abort must not remove the folder under that write (a file created after the removal
     # began kept the folder, a temporary left in a live store).
     store = make_store()
-    session = store.begin_upload("x")
+    session = store.begin_upload(UploadRequest("x"))
     inside, release = threading.Event(), threading.Event()
     real_write = upload_module.UploadSession._write
 
@@ -342,7 +347,7 @@ def test_a_cancelled_async_upload_leaves_no_temporary(make_store, lora_dirs, mon
                 yield fname, data[i : i + 64]
 
     async def cancel_midway():
-        task = asyncio.create_task(store.upload_async("x", stream()))
+        task = asyncio.create_task(store.upload_async(UploadRequest("x"), stream()))
         while not started.is_set():
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.05)
@@ -360,7 +365,7 @@ def test_a_cancelled_async_upload_leaves_no_temporary(make_store, lora_dirs, mon
 def test_restart_verifies_hashes_and_reports_tampered_adapters(make_store, lora_dirs):
     store = make_store()
     for i, name in enumerate(["good", "flipped", "truncated", "extra", "nomanifest"]):
-        store.put_dir(lora_dirs[i % 4], name)
+        store.put_dir(lora_dirs[i % 4], UploadRequest(name))
     w = store.root / "flipped" / WEIGHTS
     data = bytearray(w.read_bytes())
     data[-1] ^= 0xFF
@@ -380,20 +385,20 @@ def test_restart_verifies_hashes_and_reports_tampered_adapters(make_store, lora_
     with pytest.raises(NotFoundError, match="in the store but not served: .*sha256"):
         reopened.manifest("flipped")
     # A failed adapter can be replaced (with overwrite) or deleted.
-    reopened.put_dir(lora_dirs[0], "flipped", overwrite=True)
+    reopened.put_dir(lora_dirs[0], UploadRequest("flipped", overwrite=True))
     reopened.delete("truncated")
     assert reopened.names() == ["flipped", "good"] and "truncated" not in reopened.failed
 
 
 def test_adapters_of_another_base_are_not_served_after_restart(make_store, lora_dirs):
-    make_store().put_dir(lora_dirs[0], "a")
+    make_store().put_dir(lora_dirs[0], UploadRequest("a"))
     other = make_store(base_fingerprint="0" * 64)
     assert other.names() == [] and "was made for base" in other.failed["a"]
 
 
 def test_symlinks_are_never_followed(make_store, lora_dirs, tmp_path):
     store = make_store()
-    store.put_dir(lora_dirs[0], "real")
+    store.put_dir(lora_dirs[0], UploadRequest("real"))
     outside = tmp_path / "outside"
     shutil.copytree(store.root / "real", outside)
     # an adapter folder that is a symlink to a perfect copy outside the store
@@ -413,10 +418,10 @@ def test_symlinks_are_never_followed(make_store, lora_dirs, tmp_path):
 
 def test_crash_states_recover_to_old_or_new(make_store, lora_dirs, caplog):
     store = make_store()
-    store.put_dir(lora_dirs[0], "kept")
-    store.put_dir(lora_dirs[1], "mid-replace")
-    store.put_dir(lora_dirs[2], "after-replace")
-    store.put_dir(lora_dirs[3], "mid-delete")
+    store.put_dir(lora_dirs[0], UploadRequest("kept"))
+    store.put_dir(lora_dirs[1], UploadRequest("mid-replace"))
+    store.put_dir(lora_dirs[2], UploadRequest("after-replace"))
+    store.put_dir(lora_dirs[3], UploadRequest("mid-delete"))
     root = store.root
     old_mid = tree_state(root / "mid-replace")
     # crash after the old folder was parked but before the new one arrived: roll back
@@ -451,7 +456,7 @@ def test_crash_states_recover_to_old_or_new(make_store, lora_dirs, caplog):
 
 def test_load_rehashes_and_refuses_a_file_changed_after_start(make_store, lora_dirs):
     store = make_store()
-    store.put_dir(lora_dirs[0], "a")
+    store.put_dir(lora_dirs[0], UploadRequest("a"))
     manifest, loaded = store.load("a")
     assert loaded.info.rank == 2 and manifest.name == "a"
     w = store.root / "a" / WEIGHTS
@@ -465,10 +470,12 @@ def test_load_rehashes_and_refuses_a_file_changed_after_start(make_store, lora_d
 def test_validator_runs_on_the_temp_folder_before_install(spec, tmp_path, lora_dirs):
     calls: list[Path] = []
     store = AdapterStore(tmp_path / "s", make_validator(spec, calls=calls))
-    store.put_dir(lora_dirs[0], "a")
+    store.put_dir(lora_dirs[0], UploadRequest("a"))
     assert len(calls) == 1 and calls[0].name.startswith(".upload-") and calls[0].parent == store.root
     with pytest.raises(AdapterValidationError, match="above this server's cap of 1"):
-        AdapterStore(tmp_path / "s2", make_validator(spec, max_rank=1)).put_dir(lora_dirs[0], "a")
+        AdapterStore(tmp_path / "s2", make_validator(spec, max_rank=1)).put_dir(
+            lora_dirs[0], UploadRequest("a")
+        )
 
 
 def test_real_loader_as_validator(make_store, tiny_base, lora_dirs, peft_adapter_dirs):
@@ -481,6 +488,6 @@ def test_real_loader_as_validator(make_store, tiny_base, lora_dirs, peft_adapter
     validate = functools.partial(loader.load_adapter_dir, spec=tiny_base.spec, settings=EngineSettings())
     store = make_store(validate=validate)
     for peft_type, d in peft_adapter_dirs.items():
-        store.put_dir(d, peft_type.lower().replace("_", "-"))
+        store.put_dir(d, UploadRequest(peft_type.lower().replace("_", "-")))
     assert len(store) == len(peft_adapter_dirs)
     assert store.manifest("prefix-tuning").num_virtual_tokens == 4
