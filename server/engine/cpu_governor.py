@@ -9,7 +9,7 @@ threads than free CPUs nothing waits for a descheduled worker.
 How: after engine steps, at most once per `window_s` of work, it reads two counters of the kernel:
 - the run delay of every thread of this process (`/proc/self/task/*/schedstat`, 2nd field: ns spent
   runnable but waiting for a CPU). Divided by the window, it is how many of our threads were waiting on
-  average: the harm itself. At `contended` or more, the engine drops to the CPUs left free by the others
+  average: the harm itself. At `CONTENDED` or more, the engine drops to the CPUs left free by the others
   (at least one thread fewer).
 - the CPU time the other processes used on the CPUs we may run on (`/proc/stat` per CPU minus our own
   `/proc/self/stat`): when it leaves a whole CPU free beyond our threads for `calm_windows` windows in a
@@ -32,7 +32,10 @@ from dataclasses import dataclass
 log = logging.getLogger(__name__)
 
 WINDOW_S = 1.0  # seconds of work between two decisions
-CONTENDED = 0.25  # CPUs' worth of our threads waiting for a CPU: we are in someone's way (or they in ours)
+# CPUs' worth of our threads waiting for a CPU: we are in someone's way (or they in ours). Measured on 2
+# cores: beside NVIDIA AIPerf 0.75-1.0, beside a light client (the openai package, 16 threads) 0.27-0.29,
+# where the full thread count is as fast (docs/performance.md): the threshold sits between.
+CONTENDED = 0.4
 FREE_TO_GROW = 0.75  # a CPU this free (after the others and our threads) is worth one more thread
 CALM_WINDOWS = 3  # windows in a row with that much free before a thread comes back
 
