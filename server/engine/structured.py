@@ -33,11 +33,9 @@ from typing import Any
 
 import torch
 
-from adapterserve.server.engine.types import StructuredKind, StructuredOutput
+from adapterserve.server.engine.types import MAX_SCHEMA_BYTES, StructuredKind, StructuredOutput
 from adapterserve.server.errors import InvalidArgumentError
 
-# Bytes of schema text at most (the API layer refuses bigger ones first, with the field's name).
-MAX_SCHEMA_BYTES = 64 * 1024
 # Distinct compiled schemas kept (a template matcher each: the grammar and its lexer's state cache).
 GRAMMAR_CACHE_SIZE = 64
 MAX_ERROR_CHARS = 600

@@ -32,6 +32,10 @@ class SamplingParams:
     ignore_eos: bool = False
 
 
+# Bytes of a structured output's JSON schema text at most.
+MAX_SCHEMA_BYTES = 64 * 1024
+
+
 class StructuredKind(enum.StrEnum):
     JSON_OBJECT = "json_object"  # any JSON object
     JSON_SCHEMA = "json_schema"  # JSON that validates against `StructuredOutput.schema`
