@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -175,6 +176,10 @@ class GrammarMasks:
         self._worker: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._shifts: dict[torch.device, torch.Tensor] = {}
+        # seconds spent (bench and docs/performance.md): masks computed on the worker; the engine thread
+        # waiting for them; applying them (waits included); steps with grammar rows
+        self.compute_s = self.wait_s = self.apply_s = 0.0
+        self.steps = 0
 
     def row(self, structured: StructuredOutput) -> RowGrammar:
         """A new request's grammar (compiling its schema unless cached); its first mask is started."""
@@ -200,7 +205,9 @@ class GrammarMasks:
         pairs = [(g.matcher, i) for i, g in enumerate(rows)]
 
         def compute() -> None:
+            start = time.perf_counter()
             executor.unsafe_compute_mask_ptr(pairs, buffer.data_ptr(), words * 4, len(rows))
+            self.compute_s += time.perf_counter() - start
 
         future = worker.submit(compute)
         for i, g in enumerate(rows):
@@ -210,6 +217,7 @@ class GrammarMasks:
     def apply(self, logits: torch.Tensor, grammars: Sequence[RowGrammar | None]) -> torch.Tensor:
         """logits [B, V] -> logits with every token the rows' grammars refuse at -inf (rows without a
         grammar unchanged). One masked fill; returns a new tensor (the input may be a graph's output)."""
+        start = time.perf_counter()
         batch, vocab = logits.shape
         rows = [i for i, g in enumerate(grammars) if g is not None]
         masks = []
@@ -218,6 +226,7 @@ class GrammarMasks:
             assert g is not None and g.mask is not None
             g.wait()
             masks.append(g.mask)
+        self.wait_s += time.perf_counter() - start
         device = logits.device
         bits = torch.stack(masks).to(device)  # [n, W] int32
         shifts = self._shifts.get(device)
@@ -234,7 +243,10 @@ class GrammarMasks:
             full = torch.zeros((batch, vocab), dtype=torch.bool, device=device)  # [B, V]
             full[torch.tensor(rows, device=device)] = blocked
             blocked = full
-        return logits.masked_fill(blocked, float("-inf"))
+        out = logits.masked_fill(blocked, float("-inf"))
+        self.steps += 1
+        self.apply_s += time.perf_counter() - start
+        return out
 
     def close(self) -> None:
         with self._lock:
