@@ -119,8 +119,10 @@ def test_the_mask_blocks_refused_tokens_and_vocabulary_padding_and_leaves_free_r
     grammar = masks.row(digit)
     vocab = masks.cache.tokenizer.vocab_size + 40  # the model's logits wider than the tokenizer
     logits = torch.randn(3, vocab)  # [B, V]
+    before = logits.clone()
     out = masks.apply(logits, [None, grammar, None])
-    assert torch.equal(out[0], logits[0]) and torch.equal(out[2], logits[2])
+    assert torch.equal(out[0], before[0]) and torch.equal(out[2], before[2])
+    assert not out.isnan().any() and set(out[1][torch.isfinite(out[1])].tolist()) <= set(before[1].tolist())
     allowed = torch.isfinite(out[1]).nonzero().flatten().tolist()
     assert allowed and all(t < vocab - 40 for t in allowed)
     assert {tok.decode([t]) for t in allowed} <= set("0123456789")
