@@ -65,10 +65,12 @@ def run(engine: OfflineEngine, prompts, adapters, structured, new: int) -> tuple
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--new", type=int, default=32)
     parser.add_argument("--rows", type=int, default=64)
-    parser.add_argument("--adapters", type=int, default=8, help="LoRA adapters the rows spread over (0: base)")
+    parser.add_argument(
+        "--adapters", type=int, default=8, help="LoRA adapters the rows spread over (0: base)"
+    )
     args = parser.parse_args()
     model_dir, _ = resolve_source(None)
     base = load_base_model(model_dir, quantize="none", device="cpu")
@@ -95,19 +97,30 @@ def main() -> None:
     run(engine, prompts, adapters, None, args.new)
     grammars = engine.core.grammars
     rates: dict[str, list[float]] = {"none": [], "half": []}
-    grammar_s = {"compute": 0.0, "wait": 0.0, "apply": 0.0, "steps": 0}
+    grammar_s = {"compute": 0.0, "wait": 0.0, "apply": 0.0, "prefetch": 0.0, "steps": 0}
+    steps_s = {"none": 0.0, "half": 0.0}
     for _ in range(args.rounds):
         for name in ("none", "half"):
-            before = (grammars.compute_s, grammars.wait_s, grammars.apply_s, grammars.steps)
-            seconds, tokens, results = run(engine, prompts, adapters, structured if name == "half" else None, args.new)
+            before = (
+                grammars.compute_s,
+                grammars.wait_s,
+                grammars.apply_s,
+                grammars.steps,
+                grammars.prefetch_s,
+            )
+            seconds, tokens, results = run(
+                engine, prompts, adapters, structured if name == "half" else None, args.new
+            )
             assert tokens == args.rows * args.new, "every row must run to --new tokens"
             assert all(r.finish_reason is FinishReason.LENGTH for r in results)
             rates[name].append(tokens / seconds)
+            steps_s[name] += seconds / args.new  # one decode step per generated token (+ the prefill)
             if name == "half":
                 grammar_s["compute"] += grammars.compute_s - before[0]
                 grammar_s["wait"] += grammars.wait_s - before[1]
                 grammar_s["apply"] += grammars.apply_s - before[2]
                 grammar_s["steps"] += grammars.steps - before[3]
+                grammar_s["prefetch"] += grammars.prefetch_s - before[4]
     ratios = [h / n for h, n in zip(rates["half"], rates["none"], strict=True)]
     steps = max(grammar_s["steps"], 1)
     print(
@@ -126,7 +139,10 @@ def main() -> None:
                     "masks_computed_on_worker": round(1e3 * grammar_s["compute"] / steps, 2),
                     "engine_thread_waited": round(1e3 * grammar_s["wait"] / steps, 2),
                     "apply_incl_wait": round(1e3 * grammar_s["apply"] / steps, 2),
+                    "start_next_masks": round(1e3 * grammar_s["prefetch"] / steps, 2),
                 },
+                "ms_per_step_none": round(1e3 * steps_s["none"] / args.rounds, 1),
+                "ms_per_step_half_schema": round(1e3 * steps_s["half"] / args.rounds, 1),
             },
             indent=1,
         )

@@ -177,8 +177,8 @@ class GrammarMasks:
         self._lock = threading.Lock()
         self._shifts: dict[torch.device, torch.Tensor] = {}
         # seconds spent (bench and docs/performance.md): masks computed on the worker; the engine thread
-        # waiting for them; applying them (waits included); steps with grammar rows
-        self.compute_s = self.wait_s = self.apply_s = 0.0
+        # waiting for them, applying them (waits included), starting the next ones; steps with grammar rows
+        self.compute_s = self.wait_s = self.apply_s = self.prefetch_s = 0.0
         self.steps = 0
 
     def row(self, structured: StructuredOutput) -> RowGrammar:
@@ -199,6 +199,7 @@ class GrammarMasks:
         rows = [g for g in grammars if not g.done]
         if not rows:
             return
+        start = time.perf_counter()
         executor, worker = self._start()
         words = self.cache.words
         buffer = torch.empty((len(rows), words), dtype=torch.int32)  # [n, W], host
@@ -213,6 +214,7 @@ class GrammarMasks:
         for i, g in enumerate(rows):
             g.mask = buffer[i]
             g.pending = future
+        self.prefetch_s += time.perf_counter() - start
 
     def apply(self, logits: torch.Tensor, grammars: Sequence[RowGrammar | None]) -> torch.Tensor:
         """logits [B, V] -> the same tensor, every token a row's grammar refuses set to -inf (rows without a
