@@ -9,9 +9,10 @@ its row's logits, with llguidance (the grammar engine vLLM and SGLang ship).
   (the JSON value is closed) the row ends with finish_reason STOP (or EOS, when the model chose EOS
   where the grammar allowed it).
 - Per step, only for the rows with a grammar: their token bitmasks ([n, ceil(V_tok/32)] int32, one bit
-  per tokenizer token) are unpacked on the logits' device into one [n, V] additive mask (0 or -inf) and
-  applied to the step's logits with ONE `index_add_` (in place) before sampling. Logit columns past the tokenizer's vocabulary (padding of the
-  embedding matrix) are always blocked. A step without grammar rows does no mask work at all.
+  per tokenizer token) are unpacked on the logits' device into one [n, V] additive mask (0 or -inf)
+  and applied to the step's logits with ONE `index_add_` (in place) before sampling. Logit columns past
+  the tokenizer's vocabulary (padding of the embedding matrix) are always blocked. A step without
+  grammar rows does no mask work at all.
 - Overlap: a row's mask for its next step is computed right after its token is accepted, on a worker
   thread (llguidance's `LLExecutor` over the rows of the step, GIL released), while the engine thread
   retires rows, prepares and runs the next forward; the next step waits for it only when it samples.

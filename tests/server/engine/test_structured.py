@@ -128,3 +128,17 @@ def test_the_mask_blocks_refused_tokens_and_vocabulary_padding_and_leaves_free_r
     assert {tok.decode([t]) for t in allowed} <= set("0123456789")
     assert isinstance(grammar, RowGrammar)
     masks.close()
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_the_mask_on_cuda_logits_blocks_the_same_tokens_as_on_the_cpu(tiny_base, dtype):
+    tok = tiny_base.tokenizer
+    masks = GrammarMasks(tok, frozenset({tok.eos_token_id}))
+    grammar = masks.row(JSON_SCHEMA)
+    logits = torch.randn(2, masks.cache.tokenizer.vocab_size + 7)  # [B, V]
+    on_cpu = masks.apply(logits.clone(), [grammar, None])
+    on_cuda = masks.apply(logits.to("cuda", dtype), [grammar, None]).cpu()
+    assert torch.equal(torch.isfinite(on_cuda), torch.isfinite(on_cpu))
+    assert torch.equal(on_cuda[1], logits[1].to(dtype))
+    masks.close()

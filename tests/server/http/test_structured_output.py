@@ -132,3 +132,13 @@ def test_a_bad_schema_over_grpc_is_invalid_argument(server):
         client.generate(
             "hi", max_new_tokens=4, json_schema={"type": "object", "properties": {"a": {"type": "strang"}}}
         )
+
+
+def test_a_streamed_reply_under_a_schema_is_the_unary_reply(oai):
+    kw = {"model": "demo-lora", "messages": _chat("Lima"), "max_tokens": MAX_TOKENS, "temperature": 0}
+    unary = oai.chat.completions.create(response_format=FORMAT, **kw).choices[0]
+    chunks = list(oai.chat.completions.create(response_format=FORMAT, stream=True, **kw))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == unary.message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == unary.finish_reason == "stop"
+    jsonschema.validate(json.loads(streamed), SCHEMA)
