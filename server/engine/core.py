@@ -448,7 +448,7 @@ class EngineCore:
 
     def _accept(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         grammars = [s.grammar for s in seqs]
-        if any(grammars):  # structured output: the rows' grammar masks, one masked fill
+        if any(grammars):  # structured output: the grammar rows get their token masks (one -inf fill)
             logits = self.grammars.apply(logits, grammars)
         tokens = sample_rows(logits, [s.sampler for s in seqs])
         now = time.monotonic()
