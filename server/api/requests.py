@@ -11,6 +11,7 @@ import re
 import uuid
 from typing import Any
 
+from adapterserve.server.api.response_format import structured_from_proto
 from adapterserve.server.engine.types import GenerationRequest, SamplingParams
 from adapterserve.server.errors import InvalidArgumentError
 from adapterserve.server.settings import LimitSettings
@@ -152,4 +153,7 @@ def to_engine_request(
         prompt_ids=prompt_ids,
         adapter=request.adapter or None,
         sampling=sampling,
+        structured=structured_from_proto(request.response_format)
+        if request.HasField("response_format")
+        else None,
     )

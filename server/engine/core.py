@@ -41,6 +41,7 @@ from adapterserve.server.engine.sampling import RowSampler, sample_rows
 from adapterserve.server.engine.scoring import chunk_logprobs
 from adapterserve.server.engine.sequence import EventSink, Sequence
 from adapterserve.server.engine.stats import EngineStats, engine_stats
+from adapterserve.server.engine.structured import GrammarMasks
 from adapterserve.server.engine.text import TextTracker
 from adapterserve.server.engine.types import FinishReason, GenerationRequest, TokenEvent
 from adapterserve.server.errors import (
@@ -85,6 +86,7 @@ class EngineCore:
         self.decode_graphs = make_decode_graphs(decode_mode, self.runner, self.cache, self.bank, settings)
         self.decode_step = decode_mode + (", compiled" if settings.compile_decode else "")
         self.eos_ids = eos_token_ids(base.tokenizer, base.model)
+        self.grammars = GrammarMasks(base.tokenizer, self.eos_ids)  # structured output (structured.py)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # index == cache row: decoding rows, then prefilling rows
         self.num_decoding = 0
@@ -123,6 +125,8 @@ class EngineCore:
             text=TextTracker(self.base.tokenizer, p.stop, frozenset() if p.ignore_eos else self.eos_ids),
             logits=[] if self.capture_logits else None,
         )
+        if request.structured is not None and not request.score_tokens:
+            seq.grammar = self.grammars.row(request.structured)  # InvalidArgumentError: cannot compile
         if request.score_tokens:
             if not 1 <= request.score_tokens < len(request.prompt_ids):
                 raise InvalidArgumentError(
@@ -443,6 +447,9 @@ class EngineCore:
         self._accept(seqs, logits)
 
     def _accept(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        grammars = [s.grammar for s in seqs]
+        if any(grammars):  # structured output: the grammar rows get their token masks (one -inf fill)
+            logits = self.grammars.apply(logits, grammars)
         tokens = sample_rows(logits, [s.sampler for s in seqs])
         now = time.monotonic()
         for i, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
@@ -456,9 +463,12 @@ class EngineCore:
             delta = seq.text.push(token)
             params = seq.request.sampling
             reason = None
+            if seq.grammar is not None and (failed := seq.grammar.consume(token, self.eos_ids)):
+                self._finish(seq, FinishReason.ERROR, error=ServeError(failed))
+                continue
             if token in self.eos_ids and not params.ignore_eos:
                 reason = FinishReason.EOS
-            elif seq.text.stopped:
+            elif seq.text.stopped or (seq.grammar is not None and seq.grammar.done):
                 reason = FinishReason.STOP
             elif len(seq.output) >= params.max_new_tokens:
                 reason = FinishReason.LENGTH
@@ -466,6 +476,8 @@ class EngineCore:
                 seq.emit(self._event(seq, (token,), delta))
             else:
                 self._finish(seq, reason, token_ids=(token,), text=delta + seq.text.flush())
+        if any(grammars):  # the next step's masks, computed while it runs its forward
+            self.grammars.prefetch([s.grammar for s in seqs if s.grammar is not None and not s.finished])
 
     def _event(self, seq: Sequence, token_ids: tuple[int, ...], text: str, **kw) -> TokenEvent:
         return TokenEvent(

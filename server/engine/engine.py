@@ -132,6 +132,8 @@ class Engine:
         resolved = await self.adapters.get(request.adapter) if request.adapter else None
         handle = RequestHandle(self, request.request_id)
         relay = self._relay
+        if request.structured is not None:  # compile the grammar (or find it cached) off the event loop
+            await asyncio.to_thread(self.core.grammars.cache.template, request.structured)
         seq = self.core.new_sequence(request, resolved, lambda event: relay.emit(handle, event))
         self.core.add(seq)
         self._wake.set()

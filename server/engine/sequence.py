@@ -14,6 +14,7 @@ from adapterserve.server.adapters.kind import HookSite
 from adapterserve.server.adapters.slots import NO_ADAPTER
 from adapterserve.server.engine.provider import ResolvedAdapter
 from adapterserve.server.engine.sampling import RowSampler
+from adapterserve.server.engine.structured import RowGrammar
 from adapterserve.server.engine.text import TextTracker
 from adapterserve.server.engine.types import GenerationRequest, TokenEvent
 
@@ -40,6 +41,7 @@ class Sequence:
     prefill_start: int = 0  # cache position of the first prefill input (prefix tuning: after the prefix)
     prefill_done: int = 0  # prefill inputs already in the cache
     scores: list[float] = field(default_factory=list)  # scoring requests: log-probs found so far
+    grammar: RowGrammar | None = None  # structured output (response_format): masks this row's logits
 
     @property
     def prefill_remaining(self) -> int:

@@ -32,6 +32,23 @@ class SamplingParams:
     ignore_eos: bool = False
 
 
+# Bytes of a structured output's JSON schema text at most.
+MAX_SCHEMA_BYTES = 64 * 1024
+
+
+class StructuredKind(enum.StrEnum):
+    JSON_OBJECT = "json_object"  # any JSON object
+    JSON_SCHEMA = "json_schema"  # JSON that validates against `StructuredOutput.schema`
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """Structured output: the generated text is constrained by a grammar (see structured.py)."""
+
+    kind: StructuredKind
+    schema: str = ""  # JSON_SCHEMA: the JSON schema as JSON text (its key order is the output's)
+
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """One request. `prompt_ids` are already tokenized (chat template applied if it was a chat)."""
@@ -43,6 +60,7 @@ class GenerationRequest:
     # > 0: a scoring request. Nothing is generated: the engine prefills the prompt and returns the
     # log-probabilities of its last `score_tokens` tokens (each given the tokens before it).
     score_tokens: int = 0
+    structured: StructuredOutput | None = None  # None: free text
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -133,6 +133,8 @@ class AsyncClient:
         stop: Sequence[str] | None = None,
         ignore_eos: bool = False,
         request_id: str | None = None,
+        response_format: str | Mapping[str, Any] | None = None,
+        json_schema: Mapping[str, Any] | str | None = None,
         timeout: float | None = None,
     ) -> GenerateResult:
         """See `Client.generate`."""
@@ -149,6 +151,8 @@ class AsyncClient:
             stop=stop,
             ignore_eos=ignore_eos,
             request_id=request_id,
+            response_format=response_format,
+            json_schema=json_schema,
         )
         meta = self.connection.generation_metadata()
         deadline = self._timeout(timeout)
@@ -195,6 +199,8 @@ class AsyncClient:
         stop: Sequence[str] | None = None,
         ignore_eos: bool = False,
         request_id: str | None = None,
+        response_format: str | Mapping[str, Any] | None = None,
+        json_schema: Mapping[str, Any] | str | None = None,
         timeout: float | None = None,
     ) -> AsyncIterator[StreamChunk]:
         """See `Client.stream`: `async for chunk in client.stream(...)`. Leaving the loop early cancels
@@ -212,6 +218,8 @@ class AsyncClient:
             stop=stop,
             ignore_eos=ignore_eos,
             request_id=request_id,
+            response_format=response_format,
+            json_schema=json_schema,
         )
         return self._stream(request, self._timeout(timeout))
 

@@ -14,7 +14,7 @@ the client's `RetryPolicy` (see retry.py for which calls are retried).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -140,6 +140,8 @@ class Client:
         stop: Sequence[str] | None = None,
         ignore_eos: bool = False,
         request_id: str | None = None,
+        response_format: str | Mapping[str, Any] | None = None,
+        json_schema: Mapping[str, Any] | str | None = None,
         timeout: float | None = None,
     ) -> GenerateResult:
         """Generate a completion of `prompt` (plain text) or `messages` (a chat, rendered by the server).
@@ -160,6 +162,8 @@ class Client:
             stop=stop,
             ignore_eos=ignore_eos,
             request_id=request_id,
+            response_format=response_format,
+            json_schema=json_schema,
         )
         meta = self.connection.generation_metadata()
         deadline = self._timeout(timeout)
@@ -212,6 +216,8 @@ class Client:
         stop: Sequence[str] | None = None,
         ignore_eos: bool = False,
         request_id: str | None = None,
+        response_format: str | Mapping[str, Any] | None = None,
+        json_schema: Mapping[str, Any] | str | None = None,
         timeout: float | None = None,
     ) -> Iterator[StreamChunk]:
         """Like `generate`, yielding chunks as they are produced; the last one has `finish_reason` set.
@@ -233,6 +239,8 @@ class Client:
             stop=stop,
             ignore_eos=ignore_eos,
             request_id=request_id,
+            response_format=response_format,
+            json_schema=json_schema,
         )
         return self._stream(request, self._timeout(timeout))
 

@@ -5,8 +5,10 @@ Shared by `Client` and `AsyncClient`, so both build exactly the same requests.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC
+from typing import Any
 
 from adapterserve.errors import InvalidArgument
 from adapterserve.fields import UINT64_MAX, check_float, check_uint
@@ -70,6 +72,8 @@ def build_generate_request(
     stop: Sequence[str] | None = None,
     ignore_eos: bool = False,
     request_id: str | None = None,
+    response_format: str | Mapping[str, Any] | None = None,
+    json_schema: Mapping[str, Any] | str | None = None,
 ) -> generation_pb2.GenerateRequest:
     """The GenerateRequest for a prompt or a chat (a list passed as `prompt` is taken as messages).
 
@@ -113,7 +117,51 @@ def build_generate_request(
     else:
         assert messages is not None
         request.messages.CopyFrom(generation_pb2.ChatMessages(messages=[_chat_message(m) for m in messages]))
+    fmt = build_response_format(response_format, json_schema)
+    if fmt is not None:
+        request.response_format.CopyFrom(fmt)
     return request
+
+
+def build_response_format(
+    response_format: str | Mapping[str, Any] | None, json_schema: Mapping[str, Any] | str | None
+) -> generation_pb2.ResponseFormat | None:
+    """The wire ResponseFormat: `json_schema` (a dict or JSON text) alone means type json_schema;
+    `response_format` is "text", "json_object", "json_schema" or OpenAI's dict
+    ({"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}). None: free text."""
+    kind = response_format
+    if isinstance(response_format, Mapping):
+        kind = response_format.get("type")
+        nested = response_format.get("json_schema")
+        if nested is not None:
+            if json_schema is not None:
+                raise InvalidArgument("json_schema: given twice (argument and response_format)")
+            if not isinstance(nested, Mapping) or "schema" not in nested:
+                raise InvalidArgument("response_format.json_schema: expected {'name': ..., 'schema': {...}}")
+            json_schema = nested["schema"]
+    if kind is None and json_schema is not None:
+        kind = "json_schema"
+    if kind is None or kind == "text":
+        if json_schema is not None:
+            raise InvalidArgument("json_schema: only with response_format 'json_schema'")
+        return None
+    if kind == "json_object":
+        if json_schema is not None:
+            raise InvalidArgument("json_schema: only with response_format 'json_schema'")
+        return generation_pb2.ResponseFormat(type=generation_pb2.ResponseFormat.TYPE_JSON_OBJECT)
+    if kind != "json_schema":
+        raise InvalidArgument(f"response_format: expected text, json_object or json_schema, got {kind!r}")
+    if json_schema is None:
+        raise InvalidArgument("json_schema: required with response_format 'json_schema'")
+    if isinstance(json_schema, Mapping):
+        text = json.dumps(json_schema)
+    elif isinstance(json_schema, str):
+        text = json_schema
+    else:
+        raise InvalidArgument(f"json_schema: expected a dict or JSON text, got {type(json_schema).__name__}")
+    return generation_pb2.ResponseFormat(
+        type=generation_pb2.ResponseFormat.TYPE_JSON_SCHEMA, json_schema=text
+    )
 
 
 def build_score_request(

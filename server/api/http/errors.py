@@ -92,7 +92,8 @@ def to_openai_error(exc: BaseException, where: str) -> OpenAIError:
         return exc
     if isinstance(exc, ServeError):
         message = _openai_field_names(str(exc) or type(exc).__name__)
-        return OpenAIError.of_code(exc.grpc_code, message)
+        param = "response_format" if message.startswith("response_format") else None
+        return OpenAIError.of_code(exc.grpc_code, message, param=param)
     if is_out_of_memory(exc):
         log.warning("out of memory in %s; the request failed, the server keeps serving", where)
         return OpenAIError.of_code(

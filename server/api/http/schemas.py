@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # OpenAI's default temperature (the gRPC API's default is greedy, 0).
 DEFAULT_TEMPERATURE = 1.0
@@ -25,6 +25,31 @@ class _Body(BaseModel):
 
 class StreamOptions(_Body):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(_Body):
+    """response_format.json_schema, as OpenAI shapes it. `strict` is accepted: the schema is always
+    enforced (a grammar masks every token that would break it)."""
+
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    """{"type": "text"} | {"type": "json_object"} | {"type": "json_schema", "json_schema": {...}}"""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_iff_json_schema(self) -> ResponseFormat:
+        if self.type == "json_schema" and (self.json_schema is None or self.json_schema.schema_ is None):
+            raise ValueError('type "json_schema" needs json_schema.schema (the JSON schema)')
+        if self.type != "json_schema" and self.json_schema is not None:
+            raise ValueError('json_schema is only allowed with type "json_schema"')
+        return self
 
 
 class _Sampling(_Body):
@@ -43,6 +68,7 @@ class _Sampling(_Body):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
+    response_format: ResponseFormat | None = None  # structured output (JSON)
     # extras (as vLLM names them)
     ignore_eos: bool = False
     top_k: int | None = Field(None, ge=-1)  # -1 or 0 = off

@@ -33,6 +33,7 @@ from adapterserve.server.api.http.schemas import (
 from adapterserve.server.api.lifecycle import Lifecycle
 from adapterserve.server.api.metrics import ServerMetrics
 from adapterserve.server.api.requests import to_engine_request
+from adapterserve.server.api.response_format import response_format_proto
 from adapterserve.server.api.runtime import RuntimeRef
 from adapterserve.server.engine.types import FinishReason, TokenEvent
 from adapterserve.server.errors import NotFoundError, UnavailableError
@@ -193,6 +194,9 @@ class OpenAIService:
         proto = generation_pb2.GenerateRequest(
             adapter=self._adapter_of(req.model), sampling=sampling, request_id=request_id
         )
+        if (fmt := req.response_format) is not None and fmt.type != "text":
+            schema = fmt.json_schema.schema_ if fmt.json_schema is not None else None
+            proto.response_format.CopyFrom(response_format_proto(fmt.type, schema))
         if isinstance(req, ChatCompletionRequest):
             proto.messages.messages.extend(
                 generation_pb2.ChatMessage(role=m.role, content=m.text()) for m in req.messages
