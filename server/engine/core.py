@@ -34,11 +34,11 @@ from adapterserve.server.engine import faults
 from adapterserve.server.engine.decode_graphs import decode_step_mode, make_decode_graphs
 from adapterserve.server.engine.fork import fork, make_choices
 from adapterserve.server.engine.kv_cache import make_kv_cache
+from adapterserve.server.engine.logits_processing import prompt_token_logprobs
 from adapterserve.server.engine.paged_kv_cache import PagedKVCache
 from adapterserve.server.engine.prefill_groups import forward_cost_tokens, plan_groups, prefill_length
 from adapterserve.server.engine.provider import ResolvedAdapter
 from adapterserve.server.engine.runner import ModelRunner, PrefillRow
-from adapterserve.server.engine.logits_processing import prompt_token_logprobs
 from adapterserve.server.engine.sampling import RowSampler, sample_step
 from adapterserve.server.engine.scoring import chunk_logprobs, scored_positions
 from adapterserve.server.engine.sequence import EventSink, Sequence
@@ -257,7 +257,11 @@ class EngineCore:
             rows = {id(seq) for seq in self.running}
             failing = {id(seq) for seq in seqs}
             # choices forked during the failed work (fork.py) fail with the sequence they came from
-            seqs = seqs + [s for s in self.running if s.parent is not None and id(s.parent) in failing and id(s) not in failing]
+            seqs = seqs + [
+                s
+                for s in self.running
+                if s.parent is not None and id(s.parent) in failing and id(s) not in failing
+            ]
             for seq in seqs:
                 if not seq.finished:
                     self._finish(seq, FinishReason.ERROR, error=error)
@@ -477,14 +481,18 @@ class EngineCore:
         assert seq.prefill_inputs is not None and seq.request.prompt_logprobs is not None
         prompt = seq.request.prompt_ids
         virtual_inputs = seq.prefill_inputs.shape[0] - len(prompt)
-        positions = scored_positions(seq.prefill_done, states.shape[0], virtual_inputs, len(prompt), len(prompt) - 1)
+        positions = scored_positions(
+            seq.prefill_done, states.shape[0], virtual_inputs, len(prompt), len(prompt) - 1
+        )
         if not positions:
             return
         index = torch.arange(
             positions.start - seq.prefill_done, positions.stop - seq.prefill_done, device=states.device
         )
         ids = [prompt[p - virtual_inputs + 1] for p in positions]
-        seq.prompt_scores += prompt_token_logprobs(self.runner.head(states[index]), ids, seq.request.prompt_logprobs)
+        seq.prompt_scores += prompt_token_logprobs(
+            self.runner.head(states[index]), ids, seq.request.prompt_logprobs
+        )
 
     def _promote(self, seq: Sequence) -> None:
         """A row whose prefill is complete joins the decoding rows (swapped to their end if needed)."""

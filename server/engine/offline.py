@@ -86,9 +86,7 @@ class OfflineEngine:
     @classmethod
     def _result(cls, seq: Sequence, events: list[TokenEvent]) -> GenerationResult:
         if seq.request.n > 1:
-            choices = [
-                cls._one(seq, [e for e in events if e.index == i]) for i in range(seq.request.n)
-            ]
+            choices = [cls._one(seq, [e for e in events if e.index == i]) for i in range(seq.request.n)]
             return dataclasses.replace(choices[0], choices=choices)
         return cls._one(seq, events)
 

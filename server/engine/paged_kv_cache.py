@@ -89,7 +89,9 @@ class PagedKVCache:
 
     def can_ever_reserve(self, requests: list[int]) -> bool:
         """Whether rows of these token counts fit the whole pool at once (when nothing else runs)."""
-        return len(requests) <= self.max_rows and sum(self.blocks_for(t) for t in requests) <= self.total_blocks
+        return (
+            len(requests) <= self.max_rows and sum(self.blocks_for(t) for t in requests) <= self.total_blocks
+        )
 
     def reserve(self, row: int, tokens: int) -> None:
         """Give `row` (which owns nothing) the blocks for `tokens` positions."""

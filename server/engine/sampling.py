@@ -85,7 +85,9 @@ class RowSampler:
     def greedy(self) -> bool:
         """The plain argmax applies (no temperature, no penalty, no OpenAI processor)."""
         return (
-            self.params.temperature <= 0 and self.params.repetition_penalty == 1.0 and not lp.is_processed(self)
+            self.params.temperature <= 0
+            and self.params.repetition_penalty == 1.0
+            and not lp.is_processed(self)
         )
 
     @property

@@ -40,7 +40,7 @@ def test_n_choices_share_one_prefill_and_match_single_requests(base, lora_dir, k
     assert stats.prefilled_prompts == 2 and stats.forked_choices == 3  # one prefill for 4 choices
     assert plain.finish_reason == FinishReason.LENGTH
     assert len(result.choices) == 4
-    for i, choice in enumerate(result.choices):
+    for _i, choice in enumerate(result.choices):
         assert choice.finish_reason == FinishReason.LENGTH and len(choice.token_ids) == 6
         assert [lp.token_id for lp in choice.token_logprobs] == choice.token_ids
     # choice i is the request with seed 42 + i on its own (its own prefill)
@@ -100,6 +100,8 @@ def test_min_tokens_holds_back_eos_in_the_engine(base):
         ]
     )
     assert early.finish_reason == FinishReason.EOS and early.token_ids == [eos]
-    assert held.finish_reason == FinishReason.EOS and len(held.token_ids) == 6 and eos not in held.token_ids[:5]
+    assert (
+        held.finish_reason == FinishReason.EOS and len(held.token_ids) == 6 and eos not in held.token_ids[:5]
+    )
     with pytest.raises(InvalidArgumentError, match="min_tokens"):
         engine.submit(engine.request(PROMPT, max_new_tokens=2, min_tokens=3), [])

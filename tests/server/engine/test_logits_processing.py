@@ -77,7 +77,7 @@ def test_strong_frequency_penalty_never_repeats_a_token():
 def test_sampled_rows_with_processors_keep_their_support():
     """At a temperature, a -100 bias and the EOS mask still exclude their tokens from the draw."""
     samplers = [_sampler(temperature=1.0, seed=i, logit_bias=((0, -100.0),), min_tokens=50) for i in range(4)]
-    for step in range(30):
+    for _step in range(30):
         logits = torch.zeros(4, 16)
         logits[:, 0] = 5.0
         logits[:, list(EOS)] = 5.0
