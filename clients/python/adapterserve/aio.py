@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -132,6 +132,13 @@ class AsyncClient:
         seed: int | None = None,
         stop: Sequence[str] | None = None,
         ignore_eos: bool = False,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        logit_bias: Mapping[int, float] | None = None,
+        min_tokens: int = 0,
+        logprobs: int | None = None,
+        n: int = 1,
+        prompt_logprobs: int | None = None,
         request_id: str | None = None,
         timeout: float | None = None,
     ) -> GenerateResult:
@@ -148,6 +155,13 @@ class AsyncClient:
             seed=seed,
             stop=stop,
             ignore_eos=ignore_eos,
+            presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty,
+            logit_bias=logit_bias,
+            min_tokens=min_tokens,
+            logprobs=logprobs,
+            n=n,
+            prompt_logprobs=prompt_logprobs,
             request_id=request_id,
         )
         meta = self.connection.generation_metadata()
@@ -194,6 +208,13 @@ class AsyncClient:
         seed: int | None = None,
         stop: Sequence[str] | None = None,
         ignore_eos: bool = False,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        logit_bias: Mapping[int, float] | None = None,
+        min_tokens: int = 0,
+        logprobs: int | None = None,
+        n: int = 1,
+        prompt_logprobs: int | None = None,
         request_id: str | None = None,
         timeout: float | None = None,
     ) -> AsyncIterator[StreamChunk]:
@@ -211,6 +232,13 @@ class AsyncClient:
             seed=seed,
             stop=stop,
             ignore_eos=ignore_eos,
+            presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty,
+            logit_bias=logit_bias,
+            min_tokens=min_tokens,
+            logprobs=logprobs,
+            n=n,
+            prompt_logprobs=prompt_logprobs,
             request_id=request_id,
         )
         return self._stream(request, self._timeout(timeout))

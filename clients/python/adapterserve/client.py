@@ -14,7 +14,7 @@ the client's `RetryPolicy` (see retry.py for which calls are retried).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -139,6 +139,13 @@ class Client:
         seed: int | None = None,
         stop: Sequence[str] | None = None,
         ignore_eos: bool = False,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        logit_bias: Mapping[int, float] | None = None,
+        min_tokens: int = 0,
+        logprobs: int | None = None,
+        n: int = 1,
+        prompt_logprobs: int | None = None,
         request_id: str | None = None,
         timeout: float | None = None,
     ) -> GenerateResult:
@@ -159,6 +166,13 @@ class Client:
             seed=seed,
             stop=stop,
             ignore_eos=ignore_eos,
+            presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty,
+            logit_bias=logit_bias,
+            min_tokens=min_tokens,
+            logprobs=logprobs,
+            n=n,
+            prompt_logprobs=prompt_logprobs,
             request_id=request_id,
         )
         meta = self.connection.generation_metadata()
@@ -211,6 +225,13 @@ class Client:
         seed: int | None = None,
         stop: Sequence[str] | None = None,
         ignore_eos: bool = False,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        logit_bias: Mapping[int, float] | None = None,
+        min_tokens: int = 0,
+        logprobs: int | None = None,
+        n: int = 1,
+        prompt_logprobs: int | None = None,
         request_id: str | None = None,
         timeout: float | None = None,
     ) -> Iterator[StreamChunk]:
@@ -232,6 +253,13 @@ class Client:
             seed=seed,
             stop=stop,
             ignore_eos=ignore_eos,
+            presence_penalty=presence_penalty,
+            frequency_penalty=frequency_penalty,
+            logit_bias=logit_bias,
+            min_tokens=min_tokens,
+            logprobs=logprobs,
+            n=n,
+            prompt_logprobs=prompt_logprobs,
             request_id=request_id,
         )
         return self._stream(request, self._timeout(timeout))

@@ -180,3 +180,44 @@ def test_min_tokens_and_refusals(oai):
         model=SERVED_NAME, prompt=PROMPT, max_tokens=8, temperature=0, extra_body={"min_tokens": 8}
     )
     assert got.usage.completion_tokens == 8
+
+
+def test_grpc_and_sdk_carry_the_same_features(oai, grpc_client, http_server):
+    import asyncio
+
+    from adapterserve import AsyncClient, InvalidArgument
+
+    result = grpc_client.generate(PROMPT, max_new_tokens=5, temperature=0, logprobs=2, prompt_logprobs=1)
+    assert [e.token_id for e in result.logprobs] == result.token_ids
+    assert all(len(e.top) == 2 and e.top[0][0] == e.token_id for e in result.logprobs)
+    assert len(result.prompt_logprobs) == result.prompt_tokens - 1
+    http = oai.completions.create(model=SERVED_NAME, prompt=PROMPT, max_tokens=5, temperature=0, logprobs=2)
+    assert [e.logprob for e in result.logprobs] == pytest.approx(
+        http.choices[0].logprobs.token_logprobs, abs=1e-5
+    )
+
+    many = grpc_client.generate(PROMPT, max_new_tokens=4, temperature=1.0, seed=3, n=3, ignore_eos=True)
+    assert [c.index for c in many.choices] == [0, 1, 2]
+    assert many.text == many.choices[0].text and many.token_ids == many.choices[0].token_ids
+    alone = grpc_client.generate(PROMPT, max_new_tokens=4, temperature=1.0, seed=5, ignore_eos=True)
+    assert many.choices[2].token_ids == alone.token_ids  # choice 2 = seed 3 + 2
+    chunks = list(grpc_client.stream(PROMPT, max_new_tokens=4, temperature=1.0, seed=3, n=3, ignore_eos=True))
+    for choice in many.choices:
+        assert [t for c in chunks if c.choice == choice.index for t in c.token_ids] == choice.token_ids
+    assert sum(c.is_last for c in chunks) == 3
+
+    eos_banned = grpc_client.generate(
+        PROMPT, max_new_tokens=6, temperature=0, min_tokens=6, logit_bias={result.token_ids[0]: -100.0}
+    )
+    assert eos_banned.generated_tokens == 6 and eos_banned.token_ids[0] != result.token_ids[0]
+    with pytest.raises(InvalidArgument, match="frequency_penalty"):
+        grpc_client.generate(PROMPT, frequency_penalty=5.0)
+    with pytest.raises(InvalidArgument, match="max_n"):
+        grpc_client.generate(PROMPT, n=100)
+    assert grpc_client.server_info().limits.max_n == 8
+
+    async def run_async():
+        async with AsyncClient(http_server.target, token=GENERATE_TOKEN) as client:
+            return await client.generate(PROMPT, max_new_tokens=5, temperature=0, logprobs=2)
+
+    assert asyncio.run(run_async()).logprobs == result.logprobs
