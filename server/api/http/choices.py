@@ -4,8 +4,9 @@ for SSE chunks, gathered from the engine's TokenEvents (TokenEvent.index names t
 Logprobs are the model's raw distribution (its logits with the adapter applied, before penalties,
 logit_bias, temperature and top-k/top-p), as vLLM reports them by default. Each token's `token` is its
 text decoded on its own (a byte-level piece of a multi-byte character decodes to U+FFFD; `bytes`
-gives the token's UTF-8 bytes as decoded). An end-of-sequence token that ended a choice is not listed
-(its text is not in the output either).
+gives the token's UTF-8 bytes as decoded). Special tokens decode to "" (as in the output text); an
+end-of-sequence token that ended a choice is listed (as vLLM does: harnesses drop the last entry of an
+echo + max_tokens 1 reply, the generated token, whatever it is).
 
 - /v1/completions (`logprobs: k`): {"tokens", "token_logprobs", "top_logprobs", "text_offset"}, each
   top_logprobs entry a {token text: logprob} map of the k most likely tokens. With `echo`, the prompt
@@ -32,7 +33,7 @@ class TokenTexts:
     def __call__(self, token_id: int) -> str:
         text = self._cache.get(token_id)
         if text is None:
-            text = self._tokenizer.decode([token_id])
+            text = self._tokenizer.decode([token_id], skip_special_tokens=True)
             if len(self._cache) < 200_000:
                 self._cache[token_id] = text
         return text
@@ -51,13 +52,11 @@ class ChoiceState:
     offset: int = 0  # streaming completions: the text offset of its next logprobs entry
 
     def add(self, event: TokenEvent) -> list[TokenLogprob]:
-        """Record an event; returns its token logprobs to report (an ending EOS token's dropped)."""
+        """Record an event; returns its token logprobs to report."""
         self.texts.append(event.text)
         if event.prompt_logprobs:
             self.prompt_logprobs = event.prompt_logprobs
         entries = list(event.token_logprobs)
-        if event.finish_reason is FinishReason.EOS and entries:
-            entries = entries[:-1]
         self.logprobs += entries
         if event.finish_reason is not None:
             self.finish_reason = event.finish_reason
