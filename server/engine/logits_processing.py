@@ -98,10 +98,13 @@ def step_logprobs(
     """logits [B, V] (raw), chosen [B] long (row order), rows: the rows that want logprobs, ks: their
     top-k counts. Returns (a flat float64 tensor to append to the step's one host transfer, K): per row
     [logprob of its chosen token], then [m, K] top values, then [m, K] top ids, K = max(ks)."""
-    device = logits.device
-    index = _upload(rows, torch.long, device)
-    lsm = torch.log_softmax(logits.index_select(0, index).float(), dim=-1)  # [m, V]
-    picked = lsm.gather(1, chosen.index_select(0, index)[:, None])[:, 0]  # [m]
+    if len(rows) == logits.shape[0]:  # every row asks: no gather
+        lsm = torch.log_softmax(logits.float(), dim=-1)  # [B, V]
+        picked = lsm.gather(1, chosen[:, None])[:, 0]  # [B]
+    else:
+        index = _upload(rows, torch.long, logits.device)
+        lsm = torch.log_softmax(logits.index_select(0, index).float(), dim=-1)  # [m, V]
+        picked = lsm.gather(1, chosen.index_select(0, index)[:, None])[:, 0]  # [m]
     k = max(ks)
     parts = [picked.double()]
     if k:

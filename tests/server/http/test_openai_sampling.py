@@ -221,3 +221,19 @@ def test_grpc_and_sdk_carry_the_same_features(oai, grpc_client, http_server):
             return await client.generate(PROMPT, max_new_tokens=5, temperature=0, logprobs=2)
 
     assert asyncio.run(run_async()).logprobs == result.logprobs
+
+
+def test_streamed_completion_logprobs_and_echo_equal_the_unary_reply(oai):
+    args = dict(model="demo-ia3", prompt=PROMPT, max_tokens=6, temperature=0, logprobs=2, echo=True)
+    unary = oai.completions.create(**args).choices[0]
+    text, tokens, values, offsets = "", [], [], []
+    for chunk in oai.completions.create(**args, stream=True):
+        for choice in chunk.choices:
+            text += choice.text
+            if choice.logprobs is not None:
+                tokens += choice.logprobs.tokens
+                values += choice.logprobs.token_logprobs
+                offsets += choice.logprobs.text_offset
+    assert text == unary.text and text.startswith(PROMPT)
+    assert tokens == unary.logprobs.tokens and offsets == unary.logprobs.text_offset
+    assert values[0] is None and values[1:] == pytest.approx(unary.logprobs.token_logprobs[1:], abs=1e-6)
