@@ -98,6 +98,10 @@ class LimitSettings(BaseModel):
     max_prompt_tokens: int = Field(768, ge=1, description="prompt tokens (after the chat template) at most")
     max_new_tokens: int = Field(256, ge=1, description="tokens one request may ask to generate at most")
     max_stop_sequences: int = Field(8, ge=0, description="stop sequences per request at most")
+    max_n: int = Field(8, ge=1, le=128, description="choices (n) one request may ask for at most")
+    max_logprobs: int = Field(
+        20, ge=0, le=1024, description="logprobs alternatives (top_logprobs) per token at most"
+    )
     max_concurrent_streams: int = Field(
         256, ge=1, description="generation calls running at once; past it RESOURCE_EXHAUSTED"
     )

@@ -24,7 +24,7 @@ from adapterserve.server.api.metrics import ServerMetrics
 from adapterserve.server.api.requests import to_engine_request
 from adapterserve.server.api.runtime import RuntimeRef
 from adapterserve.server.api.scoring import collect_scores, score_response, to_scoring_request
-from adapterserve.server.engine.types import FinishReason, GenerationRequest, TokenEvent
+from adapterserve.server.engine.types import FinishReason, GenerationRequest, TokenEvent, TokenLogprob
 from adapterserve.server.errors import ServeError, UnavailableError
 from adapterserve.server.settings import LimitSettings
 from adapterserve.v1 import generation_pb2, generation_pb2_grpc
@@ -37,10 +37,12 @@ class _Progress:
     request: GenerationRequest
     started: float
     first_token_at: float | None = None
-    token_ids: list[int] = field(default_factory=list)
-    finish_reason: FinishReason | None = None
+    token_ids: list[int] = field(default_factory=list)  # choice 0's
+    finish_reason: FinishReason | None = None  # set once every choice has ended
     prompt_tokens: int = 0
     cut: bool = False  # the drain ended this call (the grace period is over)
+    open_choices: int = 1  # choices (GenerateRequest.n) without their final event yet
+    generated: int = 0  # tokens of every choice
 
     def timing(self, now: float) -> generation_pb2.Timing:
         first = self.first_token_at if self.first_token_at is not None else now
@@ -64,6 +66,17 @@ def _cut(progress: _Progress, handle: GenerationHandle) -> None:
     """End a running call for the drain: its engine work stops, its next event ends it."""
     progress.cut = True
     handle.cancel()
+
+
+def logprobs_to_proto(entries: tuple[TokenLogprob, ...]) -> list[generation_pb2.TokenLogprob]:
+    return [
+        generation_pb2.TokenLogprob(
+            token_id=e.token_id,
+            logprob=e.logprob,
+            top=[generation_pb2.TopLogprob(token_id=t, logprob=v) for t, v in e.top],
+        )
+        for e in entries
+    ]
 
 
 class GenerationServicer(generation_pb2_grpc.GenerationServicer):
@@ -98,7 +111,12 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         try:
             runtime = self._runtime.get()
             engine_request = to_engine_request(request, runtime.tokenizer, self._limits)
-            progress = _Progress(engine_request, started, prompt_tokens=len(engine_request.prompt_ids))
+            progress = _Progress(
+                engine_request,
+                started,
+                prompt_tokens=len(engine_request.prompt_ids),
+                open_choices=engine_request.n,
+            )
             handle = await runtime.engine.submit(engine_request)
             uncut = self._lifecycle.on_cut(lambda: _cut(progress, handle))
             label = self._metrics.labels.grant(request.adapter)
@@ -109,12 +127,16 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                     raise _final_error(event)
                 if event.token_ids and progress.first_token_at is None:
                     progress.first_token_at = time.monotonic()
-                progress.token_ids.extend(event.token_ids)
+                if event.index == 0:
+                    progress.token_ids.extend(event.token_ids)
+                progress.generated += len(event.token_ids)
                 if event.finish_reason is not None:
-                    progress.finish_reason = event.finish_reason
+                    progress.open_choices -= 1
+                    if progress.open_choices <= 0:
+                        progress.finish_reason = event.finish_reason
                     progress.prompt_tokens = event.prompt_tokens or progress.prompt_tokens
                 yield event, progress
-                if event.finish_reason is not None:
+                if progress.finish_reason is not None:
                     return
             raise RuntimeError("engine stream ended without a finish reason")
         except (asyncio.CancelledError, GeneratorExit):
@@ -134,7 +156,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 now = time.monotonic()
                 ttft = None if progress.first_token_at is None else progress.first_token_at - started
                 self._metrics.record_generation(
-                    label, progress.prompt_tokens, len(progress.token_ids), ttft, now - started
+                    label, progress.prompt_tokens, progress.generated, ttft, now - started
                 )
 
     @map_errors
@@ -142,23 +164,34 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> generation_pb2.GenerateResponse:
         async with self._lifecycle.call(generation=True):
-            texts: list[str] = []
+            choices: dict[int, generation_pb2.GenerateChoice] = {}
+            prompt_logprobs: tuple[TokenLogprob, ...] = ()
             last: _Progress | None = None
             async with contextlib.aclosing(self._events(request, "Generate", context)) as events:
                 async for event, progress in events:
-                    texts.append(event.text)
+                    choice = choices.setdefault(event.index, generation_pb2.GenerateChoice(index=event.index))
+                    choice.text += event.text
+                    choice.token_ids.extend(event.token_ids)
+                    choice.logprobs.extend(logprobs_to_proto(event.token_logprobs))
+                    if event.finish_reason is not None:
+                        choice.finish_reason = finish_reason_to_proto(event.finish_reason)
+                    prompt_logprobs = event.prompt_logprobs or prompt_logprobs
                     last = progress
             if last is None or last.finish_reason is None:  # _events raises before this can happen
                 raise ServeError("generation ended without a result")
+            first = choices[0]
             return generation_pb2.GenerateResponse(
                 request_id=last.request.request_id,
-                text="".join(texts),
-                token_ids=last.token_ids,
-                finish_reason=finish_reason_to_proto(last.finish_reason),
+                text=first.text,
+                token_ids=first.token_ids,
+                finish_reason=first.finish_reason,
                 prompt_tokens=last.prompt_tokens,
-                generated_tokens=len(last.token_ids),
+                generated_tokens=len(first.token_ids),
                 timing=last.timing(time.monotonic()),
                 adapter=request.adapter,
+                logprobs=first.logprobs,
+                prompt_logprobs=logprobs_to_proto(prompt_logprobs),
+                choices=[choices[i] for i in sorted(choices)] if len(choices) > 1 else [],
             )
 
     @map_errors
@@ -169,12 +202,17 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             async with contextlib.aclosing(self._events(request, "GenerateStream", context)) as events:
                 async for event, progress in events:
                     message = generation_pb2.GenerateStreamResponse(
-                        request_id=progress.request.request_id, text=event.text, token_ids=event.token_ids
+                        request_id=progress.request.request_id,
+                        text=event.text,
+                        token_ids=event.token_ids,
+                        logprobs=logprobs_to_proto(event.token_logprobs),
+                        prompt_logprobs=logprobs_to_proto(event.prompt_logprobs),
+                        index=event.index,
                     )
                     if event.finish_reason is not None:
                         message.finish_reason = finish_reason_to_proto(event.finish_reason)
                         message.prompt_tokens = progress.prompt_tokens
-                        message.generated_tokens = len(progress.token_ids)
+                        message.generated_tokens = event.generated_tokens
                         message.timing.CopyFrom(progress.timing(time.monotonic()))
                     elif not event.text and not event.token_ids:
                         continue

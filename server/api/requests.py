@@ -22,6 +22,9 @@ MAX_TEMPERATURE = 100.0
 MAX_TOP_K = 100_000
 MAX_REPETITION_PENALTY = 10.0
 MAX_STOP_CHARS = 256
+MAX_PENALTY = 2.0  # presence_penalty / frequency_penalty, as OpenAI bounds them
+MAX_LOGIT_BIAS = 100.0
+MAX_LOGIT_BIAS_ENTRIES = 300
 MAX_ROLE_CHARS = 64  # how much of a refused role the error message repeats
 # The chat roles a request may use (what chat templates know); anything else is refused, never
 # handed to the template as is.
@@ -75,6 +78,31 @@ def sampling_from_proto(params: generation_pb2.SamplingParams, limits: LimitSett
     for i, stop in enumerate(params.stop):
         if not 1 <= len(stop) <= MAX_STOP_CHARS:
             raise InvalidArgumentError(f"sampling.stop[{i}]: must be 1..{MAX_STOP_CHARS} characters")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(params, name)
+        if not (math.isfinite(value) and -MAX_PENALTY <= value <= MAX_PENALTY):
+            raise InvalidArgumentError(
+                f"sampling.{name}: {value} is outside -{MAX_PENALTY:g}..{MAX_PENALTY:g}"
+            )
+    if len(params.logit_bias) > MAX_LOGIT_BIAS_ENTRIES:
+        raise InvalidArgumentError(
+            f"sampling.logit_bias: {len(params.logit_bias)} entries, at most {MAX_LOGIT_BIAS_ENTRIES}"
+        )
+    for token, bias in params.logit_bias.items():
+        if not (math.isfinite(bias) and -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS):
+            raise InvalidArgumentError(
+                f"sampling.logit_bias[{token}]: {bias} is outside -{MAX_LOGIT_BIAS:g}..{MAX_LOGIT_BIAS:g}"
+            )
+    if params.min_tokens > max_new:
+        raise InvalidArgumentError(
+            f"sampling.min_tokens: {params.min_tokens} is more than max_new_tokens ({max_new})"
+        )
+    logprobs = params.logprobs if params.HasField("logprobs") else None
+    if logprobs is not None and logprobs > limits.max_logprobs:
+        raise InvalidArgumentError(
+            f"sampling.logprobs: {logprobs} alternatives, at most {limits.max_logprobs} "
+            f"({limit('max_logprobs', limits.max_logprobs)})"
+        )
     return SamplingParams(
         max_new_tokens=max_new,
         temperature=float(temperature),
@@ -84,6 +112,11 @@ def sampling_from_proto(params: generation_pb2.SamplingParams, limits: LimitSett
         seed=int(params.seed) if params.HasField("seed") else None,
         stop=tuple(params.stop),
         ignore_eos=bool(params.ignore_eos),
+        presence_penalty=float(params.presence_penalty),
+        frequency_penalty=float(params.frequency_penalty),
+        logit_bias=tuple(sorted((int(t), float(b)) for t, b in params.logit_bias.items())),
+        min_tokens=int(params.min_tokens),
+        logprobs=logprobs,
     )
 
 
@@ -98,11 +131,26 @@ def _as_ids(encoded: Any) -> list[int]:
     return [int(t) for t in encoded]
 
 
+def _vocab_size(tokenizer: Any) -> int | None:
+    try:
+        return len(tokenizer)
+    except TypeError:
+        return None
+
+
 def prompt_ids_from_proto(request: generation_pb2.GenerateRequest, tokenizer: Any) -> tuple[int, ...]:
     """Tokenize the prompt, or render the chat with the model's chat template and tokenize it."""
     kind = request.WhichOneof("input")
     if kind is None:
         raise InvalidArgumentError("prompt: one of prompt or messages is required")
+    if kind == "prompt_ids":
+        ids = [int(t) for t in request.prompt_ids.ids]
+        if not ids:
+            raise InvalidArgumentError("prompt_ids: at least one token id is required")
+        vocab = _vocab_size(tokenizer)
+        if vocab is not None and any(t >= vocab for t in ids):
+            raise InvalidArgumentError(f"prompt_ids: token ids must be below the vocabulary size ({vocab})")
+        return tuple(ids)
     if kind == "prompt":
         if not request.prompt:
             raise InvalidArgumentError("prompt: must not be empty")
@@ -148,6 +196,22 @@ def to_engine_request(
             f"{field}: {len(prompt_ids)} tokens, more than allowed "
             f"({limit('max_prompt_tokens', limits.max_prompt_tokens)})"
         )
+    n = request.n or 1
+    if n > limits.max_n:
+        raise InvalidArgumentError(f"n: {n} choices, at most {limits.max_n} ({limit('max_n', limits.max_n)})")
+    prompt_logprobs = request.prompt_logprobs if request.HasField("prompt_logprobs") else None
+    if prompt_logprobs is not None and prompt_logprobs > limits.max_logprobs:
+        raise InvalidArgumentError(
+            f"prompt_logprobs: {prompt_logprobs} alternatives, at most {limits.max_logprobs} "
+            f"({limit('max_logprobs', limits.max_logprobs)})"
+        )
+    vocab = _vocab_size(tokenizer)
+    if vocab is not None:
+        for token, _ in sampling.logit_bias:
+            if token >= vocab:
+                raise InvalidArgumentError(
+                    f"sampling.logit_bias: token id {token} is not below the vocabulary size ({vocab})"
+                )
     return GenerationRequest(
         request_id=request_id,
         prompt_ids=prompt_ids,
@@ -156,4 +220,6 @@ def to_engine_request(
         structured=structured_from_proto(request.response_format)
         if request.HasField("response_format")
         else None,
+        n=n,
+        prompt_logprobs=prompt_logprobs,
     )

@@ -32,18 +32,20 @@ from adapterserve.server.adapters.layers import AdapterBatch, AdapterContext, bu
 from adapterserve.server.adapters.slots import NO_ADAPTER, AdapterBank
 from adapterserve.server.engine import faults
 from adapterserve.server.engine.decode_graphs import decode_step_mode, make_decode_graphs
+from adapterserve.server.engine.fork import fork, make_choices
 from adapterserve.server.engine.kv_cache import make_kv_cache
+from adapterserve.server.engine.logits_processing import prompt_token_logprobs
 from adapterserve.server.engine.paged_kv_cache import PagedKVCache
 from adapterserve.server.engine.prefill_groups import forward_cost_tokens, plan_groups, prefill_length
 from adapterserve.server.engine.provider import ResolvedAdapter
 from adapterserve.server.engine.runner import ModelRunner, PrefillRow
-from adapterserve.server.engine.sampling import RowSampler, sample_rows
-from adapterserve.server.engine.scoring import chunk_logprobs
+from adapterserve.server.engine.sampling import RowSampler, sample_step
+from adapterserve.server.engine.scoring import chunk_logprobs, scored_positions
 from adapterserve.server.engine.sequence import EventSink, Sequence
 from adapterserve.server.engine.stats import EngineStats, engine_stats
 from adapterserve.server.engine.structured import GrammarMasks
 from adapterserve.server.engine.text import TextTracker
-from adapterserve.server.engine.types import FinishReason, GenerationRequest, TokenEvent
+from adapterserve.server.engine.types import FinishReason, GenerationRequest, TokenEvent, TokenLogprob
 from adapterserve.server.errors import (
     InvalidArgumentError,
     QueueFullError,
@@ -95,6 +97,8 @@ class EngineCore:
         self._controls: deque[tuple[Callable[[], object], Future]] = deque()  # run on the engine thread
         self._final_events: list[tuple[Sequence, TokenEvent]] = []  # sent once their rows are retired
         self.steps = 0
+        self.prefilled_prompts = 0  # prompts whose prefill completed (n choices of a request: one)
+        self.forked_choices = 0  # choices that took a copy of another's prefill (fork.py)
 
     # ----- called from any thread -------------------------------------------------------------------
     def new_sequence(
@@ -117,12 +121,31 @@ class EngineCore:
             raise InvalidArgumentError(
                 "sampling: temperature >= 0, top_k >= 0, 0 < top_p <= 1, repetition_penalty > 0"
             )
+        if p.min_tokens < 0 or p.min_tokens > p.max_new_tokens:
+            raise InvalidArgumentError(
+                f"min_tokens: {p.min_tokens} must be in 0..max_new_tokens ({p.max_new_tokens})"
+            )
+        vocab_k = min(vocab, 1024)
+        for name, k in (("logprobs", p.logprobs), ("prompt_logprobs", request.prompt_logprobs)):
+            if k is not None and not 0 <= k <= vocab_k:
+                raise InvalidArgumentError(f"{name}: {k} alternatives, must be in 0..{vocab_k}")
+        if request.n < 1 or request.n > self.settings.max_batch_size:
+            raise InvalidArgumentError(
+                f"n: {request.n} choices, must be in 1..{self.settings.max_batch_size} (the engine's rows)"
+            )
+        if request.n > 1 and request.score_tokens:
+            raise InvalidArgumentError("n: a scoring request has one result (n must be 1)")
         seq = Sequence(
             request=request,
             resolved=resolved,
             emit=emit,
-            sampler=RowSampler.create(p, request.prompt_ids, self.device),
-            text=TextTracker(self.base.tokenizer, p.stop, frozenset() if p.ignore_eos else self.eos_ids),
+            sampler=RowSampler.create(p, request.prompt_ids, self.device, tuple(self.eos_ids)),
+            text=TextTracker(
+                self.base.tokenizer,
+                p.stop,
+                frozenset() if p.ignore_eos else self.eos_ids,
+                stop_after=p.min_tokens,
+            ),
             logits=[] if self.capture_logits else None,
         )
         if request.structured is not None and not request.score_tokens:
@@ -153,6 +176,13 @@ class EngineCore:
                 f"max_new_tokens: prompt + max_new_tokens ({need} tokens) exceeds the engine's whole KV cache "
                 f"({self.cache.capacity_tokens} tokens; raise kv_cache_bytes)"
             )
+        if request.n > 1:
+            if not self.cache.can_ever_reserve([need] * request.n):
+                raise InvalidArgumentError(
+                    f"n: {request.n} choices of {need} KV tokens each do not fit the engine's KV cache "
+                    "(raise kv_cache_bytes, or ask for fewer choices or tokens)"
+                )
+            make_choices(self, seq)
         return seq
 
     def add(self, seq: Sequence) -> None:
@@ -229,6 +259,13 @@ class EngineCore:
                 log.exception("engine step failed")
                 error = ServeError("internal engine error")
             rows = {id(seq) for seq in self.running}
+            failing = {id(seq) for seq in seqs}
+            # choices forked during the failed work (fork.py) fail with the sequence they came from
+            seqs = seqs + [
+                s
+                for s in self.running
+                if s.parent is not None and id(s.parent) in failing and id(s) not in failing
+            ]
             for seq in seqs:
                 if not seq.finished:
                     self._finish(seq, FinishReason.ERROR, error=error)
@@ -276,14 +313,17 @@ class EngineCore:
         self._retire_finished()
 
     def _admit(self) -> list[Sequence]:
-        free_rows = self.settings.max_batch_size - len(self.running)
+        # rows and KV tokens promised to the choices of running requests not forked yet (fork.py)
+        promised = [c.kv_tokens for s in self.running for c in s.pending_choices]
+        free_rows = self.settings.max_batch_size - len(self.running) - len(promised)
         admitted: list[Sequence] = []
         slots_full = False  # once a new adapter found no slot, only resident ones can be admitted
         with self._lock:
             skipped: deque[Sequence] = deque()
-            reserving: list[int] = []  # KV tokens of each request admitted in this call
-            while self.waiting and len(admitted) < free_rows:
-                if not self.cache.can_reserve([*reserving, self.waiting[0].kv_tokens]):
+            reserving: list[int] = list(promised)  # KV tokens of each row admitted in this call (+ promised)
+            while self.waiting and len(reserving) - len(promised) + self.waiting[0].request.n <= free_rows:
+                head = self.waiting[0]
+                if not self.cache.can_reserve([*reserving, *[head.kv_tokens] * head.request.n]):
                     break  # FIFO: wait for running requests to free KV blocks
                 seq = self.waiting.popleft()
                 key = seq.slot_key
@@ -298,7 +338,7 @@ class EngineCore:
                         continue
                     seq.slot = slot
                 admitted.append(seq)
-                reserving.append(seq.kv_tokens)
+                reserving += [seq.kv_tokens] * seq.request.n
             self.waiting.extendleft(reversed(skipped))
         return admitted
 
@@ -339,7 +379,7 @@ class EngineCore:
         return (
             self.settings.packed_steps
             and isinstance(self.cache, PagedKVCache)
-            and not any(seq.request.score_tokens for seq, _ in chunk)
+            and not any(seq.scores_prompt for seq, _ in chunk)
         )
 
     def _prefill_rows(self, chunk: list[tuple[Sequence, int]]) -> list[PrefillRow]:
@@ -370,7 +410,7 @@ class EngineCore:
         """Run one chunk of each chosen prefilling row (contiguous rows from num_decoding)."""
         rows = self._prefill_rows(chunk)
         seqs = [seq for seq, _ in chunk]
-        if any(seq.request.score_tokens for seq in seqs):
+        if any(seq.scores_prompt for seq in seqs):
             logits = self._prefill_scoring(chunk, rows)
         else:  # groups of similar lengths, each padded to its own longest row only
             groups = plan_groups([take for _, take in chunk], self.prefill_forward_cost)
@@ -392,15 +432,30 @@ class EngineCore:
             seq.length = seq.prefill_start + seq.prefill_done
             if seq.prefill_remaining == 0:
                 seq.prefill_inputs = None
+                self.prefilled_prompts += 1
                 if seq.request.score_tokens:
-                    self._finish(seq, FinishReason.SCORED, logprobs=tuple(seq.scores))
+                    scores = seq.scores
+                    if seq.request.prompt_logprobs is not None:  # scored as prompt logprobs
+                        scores = [t.logprob for t in seq.prompt_scores[-seq.request.score_tokens :]]
+                    self._finish(
+                        seq,
+                        FinishReason.SCORED,
+                        logprobs=tuple(scores),
+                        prompt_logprobs=tuple(seq.prompt_scores),
+                    )
                 else:
                     complete.append(i)
         if complete:
-            self._accept([seqs[i] for i in complete], logits[complete])
+            accepting: list[Sequence] = []
+            rows: list[int] = []
             for i in complete:
-                if not seqs[i].finished:
-                    self._promote(seqs[i])
+                for s in [seqs[i], *(fork(self, seqs[i]) if seqs[i].pending_choices else [])]:
+                    accepting.append(s)
+                    rows.append(i)  # a request's choices all sample from its last-position logits
+            self._accept(accepting, logits[rows])
+            for s in accepting:
+                if not s.finished:
+                    self._promote(s)
 
     def _prefill_scoring(self, chunk: list[tuple[Sequence, int]], rows: list[PrefillRow]) -> torch.Tensor:
         """A prefill chunk with scoring rows: keep every position's state, record the scored tokens'
@@ -409,7 +464,9 @@ class EngineCore:
         states = self.runner.prefill_states(rows, self.num_decoding, self._batch(seqs))  # [B, S, H]
         last = torch.tensor([take - 1 for _, take in chunk], device=states.device)
         for i, (seq, take) in enumerate(chunk):
-            if seq.request.score_tokens:
+            if seq.request.prompt_logprobs is not None:
+                self._prompt_logprobs(seq, states[i, :take])
+            elif seq.request.score_tokens:
                 assert seq.prefill_inputs is not None  # still prefilling
                 # virtual token embeddings in front of the prompt (prompt tuning), whatever the kind
                 virtual_inputs = seq.prefill_inputs.shape[0] - len(seq.request.prompt_ids)
@@ -422,6 +479,24 @@ class EngineCore:
                     seq.request.score_tokens,
                 )
         return self.runner.head(states[torch.arange(len(chunk), device=states.device), last])
+
+    def _prompt_logprobs(self, seq: Sequence, states: torch.Tensor) -> None:
+        """Record the logprobs (and top-k) of the prompt tokens this chunk's states [take, H] predict."""
+        assert seq.prefill_inputs is not None and seq.request.prompt_logprobs is not None
+        prompt = seq.request.prompt_ids
+        virtual_inputs = seq.prefill_inputs.shape[0] - len(prompt)
+        positions = scored_positions(
+            seq.prefill_done, states.shape[0], virtual_inputs, len(prompt), len(prompt) - 1
+        )
+        if not positions:
+            return
+        index = torch.arange(
+            positions.start - seq.prefill_done, positions.stop - seq.prefill_done, device=states.device
+        )
+        ids = [prompt[p - virtual_inputs + 1] for p in positions]
+        seq.prompt_scores += prompt_token_logprobs(
+            self.runner.head(states[index]), ids, seq.request.prompt_logprobs
+        )
 
     def _promote(self, seq: Sequence) -> None:
         """A row whose prefill is complete joins the decoding rows (swapped to their end if needed)."""
@@ -450,7 +525,7 @@ class EngineCore:
         grammars = [s.grammar for s in seqs]
         if any(grammars):  # structured output: the grammar rows get their token masks (one -inf fill)
             logits = self.grammars.apply(logits, grammars)
-        tokens = sample_rows(logits, [s.sampler for s in seqs])
+        tokens, token_logprobs = sample_step(logits, [s.sampler for s in seqs])
         now = time.monotonic()
         for i, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
             if seq.finished:
@@ -472,10 +547,15 @@ class EngineCore:
                 reason = FinishReason.STOP
             elif len(seq.output) >= params.max_new_tokens:
                 reason = FinishReason.LENGTH
+            extra: dict = {}
+            if token_logprobs[i] is not None:
+                extra["token_logprobs"] = (token_logprobs[i],)
+            if len(seq.output) == 1 and seq.request.prompt_logprobs is not None:
+                extra["prompt_logprobs"] = tuple(seq.prompt_scores)
             if reason is None:
-                seq.emit(self._event(seq, (token,), delta))
+                seq.emit(self._event(seq, (token,), delta, **extra))
             else:
-                self._finish(seq, reason, token_ids=(token,), text=delta + seq.text.flush())
+                self._finish(seq, reason, token_ids=(token,), text=delta + seq.text.flush(), **extra)
         if any(grammars):  # the next step's masks, computed while it runs its forward
             self.grammars.prefetch([s.grammar for s in seqs if s.grammar is not None and not s.finished])
 
@@ -485,6 +565,7 @@ class EngineCore:
             text=text,
             prompt_tokens=len(seq.request.prompt_ids),
             generated_tokens=len(seq.output),
+            index=seq.index,
             **kw,
         )
 
@@ -497,12 +578,27 @@ class EngineCore:
         text: str = "",
         error: BaseException | None = None,
         logprobs: tuple[float, ...] = (),
+        token_logprobs: tuple[TokenLogprob, ...] = (),
+        prompt_logprobs: tuple[TokenLogprob, ...] = (),
     ) -> None:
         seq.finished = True
         # Held back until the row and slot are released, so a caller that sees its last event also
         # sees the engine's stats without it.
-        event = self._event(seq, token_ids, text, finish_reason=reason, error=error, logprobs=logprobs)
+        event = self._event(
+            seq,
+            token_ids,
+            text,
+            finish_reason=reason,
+            error=error,
+            logprobs=logprobs,
+            token_logprobs=token_logprobs,
+            prompt_logprobs=prompt_logprobs,
+        )
         self._final_events.append((seq, event))
+        # choices not forked yet (it ends before its prefill did): they end the same way, hold nothing
+        pending, seq.pending_choices = seq.pending_choices, []
+        for choice in pending:
+            self._finish(choice, reason, error=error)
 
     def _move(self, src: int, dst: int) -> None:
         moved = self.running[src]

@@ -58,13 +58,15 @@ def _deliver(batch: list[tuple[RequestHandle, TokenEvent]]) -> None:
 
 
 class RequestHandle:
-    """One submitted request: `async for event in handle` until the event with a finish_reason."""
+    """One submitted request: `async for event in handle` until the event with a finish_reason (with
+    n choices: until each choice's final event)."""
 
-    def __init__(self, engine: Engine, request_id: str):
+    def __init__(self, engine: Engine, request_id: str, choices: int = 1):
         self.request_id = request_id
         self._engine = engine
         self._queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
         self._done = False
+        self._open = choices  # choices (GenerationRequest.n) without their final event yet
 
     def _put(self, event: TokenEvent) -> None:
         self._queue.put_nowait(event)
@@ -77,7 +79,8 @@ class RequestHandle:
             raise StopAsyncIteration
         event = await self._queue.get()
         if event.finish_reason is not None:
-            self._done = True
+            self._open -= 1  # with n choices, each one's last event (TokenEvent.index) has a reason
+            self._done = self._open <= 0
         return event
 
     def cancel(self) -> None:
@@ -130,7 +133,7 @@ class Engine:
         if not request.request_id:
             request = dataclasses.replace(request, request_id=uuid.uuid4().hex)
         resolved = await self.adapters.get(request.adapter) if request.adapter else None
-        handle = RequestHandle(self, request.request_id)
+        handle = RequestHandle(self, request.request_id, choices=request.n)
         relay = self._relay
         if request.structured is not None:  # compile the grammar (or find it cached) off the event loop
             await asyncio.to_thread(self.core.grammars.cache.template, request.structured)

@@ -58,6 +58,10 @@ class KVCache:
         self.k[:, dst, :, :length] = self.k[:, src, :, :length]
         self.v[:, dst, :, :length] = self.v[:, src, :, :length]
 
+    def copy_row(self, src: int, dst: int, length: int) -> None:
+        """Row dst gets a copy of the first `length` positions of row src (n choices of one prefill)."""
+        self.move_row(src, dst, length)
+
     def swap_rows(self, a: int, b: int, length: int) -> None:
         """Exchange the first `length` positions of rows a and b (a prefilled row joining the decoders)."""
         for buf in (self.k, self.v):
@@ -72,6 +76,9 @@ class KVCache:
 
     def can_reserve(self, requests: list[int]) -> bool:
         return all(tokens <= self.max_len for tokens in requests)
+
+    def can_ever_reserve(self, requests: list[int]) -> bool:
+        return len(requests) <= self.max_rows and self.can_reserve(requests)
 
     def reserve(self, row: int, tokens: int) -> None:
         del row, tokens

@@ -6,8 +6,9 @@ from serving come from the same generation code.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -15,7 +16,13 @@ import torch
 from adapterserve.server.adapters.loader import LoadedAdapter
 from adapterserve.server.engine.core import EngineCore, Sequence
 from adapterserve.server.engine.provider import ResolvedAdapter, StaticAdapterProvider
-from adapterserve.server.engine.types import FinishReason, GenerationRequest, SamplingParams, TokenEvent
+from adapterserve.server.engine.types import (
+    FinishReason,
+    GenerationRequest,
+    SamplingParams,
+    TokenEvent,
+    TokenLogprob,
+)
 from adapterserve.server.model.loading import LoadedBase
 from adapterserve.server.settings import EngineSettings
 
@@ -31,6 +38,10 @@ class GenerationResult:
     error: BaseException | None = None
     logits: list[torch.Tensor] | None = None  # [V] per generated token (capture_logits=True)
     logprobs: tuple[float, ...] = ()  # scoring requests: log-probs of the scored tokens
+    token_logprobs: list[TokenLogprob] = field(default_factory=list)  # SamplingParams.logprobs set
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()  # GenerationRequest.prompt_logprobs set
+    # n > 1: every choice's result, in index order (choices[0] is this result's own choice)
+    choices: list[GenerationResult] = field(default_factory=list)
 
 
 class OfflineEngine:
@@ -72,8 +83,15 @@ class OfflineEngine:
             self.core.step()
         return [self._result(seq, sink) for seq, sink in zip(seqs, sinks, strict=True)]
 
+    @classmethod
+    def _result(cls, seq: Sequence, events: list[TokenEvent]) -> GenerationResult:
+        if seq.request.n > 1:
+            choices = [cls._one(seq, [e for e in events if e.index == i]) for i in range(seq.request.n)]
+            return dataclasses.replace(choices[0], choices=choices)
+        return cls._one(seq, events)
+
     @staticmethod
-    def _result(seq: Sequence, events: list[TokenEvent]) -> GenerationResult:
+    def _one(seq: Sequence, events: list[TokenEvent]) -> GenerationResult:
         last = events[-1]
         return GenerationResult(
             request_id=seq.request.request_id,
@@ -85,6 +103,8 @@ class OfflineEngine:
             error=last.error,
             logits=seq.logits,
             logprobs=last.logprobs,
+            token_logprobs=[lp for ev in events for lp in ev.token_logprobs],
+            prompt_logprobs=next((ev.prompt_logprobs for ev in events if ev.prompt_logprobs), ()),
         )
 
     def score(

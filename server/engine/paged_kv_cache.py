@@ -87,6 +87,12 @@ class PagedKVCache:
         """Whether rows of these token counts (each rounded up to whole blocks) fit in the free blocks."""
         return sum(self.blocks_for(tokens) for tokens in requests) <= len(self._free)
 
+    def can_ever_reserve(self, requests: list[int]) -> bool:
+        """Whether rows of these token counts fit the whole pool at once (when nothing else runs)."""
+        return (
+            len(requests) <= self.max_rows and sum(self.blocks_for(t) for t in requests) <= self.total_blocks
+        )
+
     def reserve(self, row: int, tokens: int) -> None:
         """Give `row` (which owns nothing) the blocks for `tokens` positions."""
         need = self.blocks_for(tokens)
@@ -208,6 +214,14 @@ class PagedKVCache:
         self._shared[dst], self._shared[src] = self._shared[src], []
         self.table[dst] = self.table[src]
         self.table[src] = 0
+
+    def copy_row(self, src: int, dst: int, length: int) -> None:
+        """Row dst (reserved, at least as long) gets a copy of row src's first `length` positions: the
+        blocks that hold them, whole (n choices of one prefill; shared prefix blocks are copied too)."""
+        nb = self.blocks_for(length)
+        src_blocks, dst_blocks = self.table[src, :nb], self.table[dst, :nb]  # [nb]
+        self.k[:, dst_blocks] = self.k[:, src_blocks]  # [L, nb, bs, kvH, D]
+        self.v[:, dst_blocks] = self.v[:, src_blocks]
 
     def swap_rows(self, a: int, b: int, length: int) -> None:
         del length

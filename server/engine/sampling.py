@@ -24,6 +24,8 @@ One call of `sample_rows` handles a whole step with one set of tensor ops and on
   batched forward pass can already change the logits' last bits). Rows without a seed share one draw
   per step from one generator per device.
   The token stream of a given seed differs from the older per-row `torch.multinomial` sampler.
+- OpenAI's presence/frequency penalties, logit_bias and min_tokens, and per-row logprobs: see
+  logits_processing.py (after the repetition penalty; the logprobs ride on the same host transfer).
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
-from adapterserve.server.engine.types import SamplingParams
+from adapterserve.server.engine import logits_processing as lp
+from adapterserve.server.engine.types import SamplingParams, TokenLogprob
 
 _SHARED_GENERATORS: dict[torch.device, torch.Generator] = {}
 
@@ -57,19 +60,35 @@ class RowSampler:
     # [V] bool on the logits' device: prompt + generated ids, for the repetition penalty. Built at the
     # row's first step (when V is known), then a view into the last step's stacked masks.
     seen: torch.Tensor | None = None
+    # OpenAI's processors (logits_processing.py): the EOS ids min_tokens masks (empty with ignore_eos),
+    # tokens generated so far, and a [V] float32 count of them on the logits' device (penalty rows).
+    eos_ids: tuple[int, ...] = ()
+    generated: int = 0
+    counts: torch.Tensor | None = None
 
     @classmethod
-    def create(cls, params: SamplingParams, prompt_ids: tuple[int, ...], device: torch.device) -> RowSampler:
+    def create(
+        cls,
+        params: SamplingParams,
+        prompt_ids: tuple[int, ...],
+        device: torch.device,
+        eos_ids: tuple[int, ...] = (),
+    ) -> RowSampler:
         generator = None
         if params.temperature > 0 and params.seed is not None:
             generator = torch.Generator(device=device)
             generator.manual_seed(params.seed)
-        return cls(params=params, generator=generator, prompt_ids=tuple(prompt_ids))
+        eos = () if params.ignore_eos else tuple(eos_ids)
+        return cls(params=params, generator=generator, prompt_ids=tuple(prompt_ids), eos_ids=eos)
 
     @property
     def greedy(self) -> bool:
-        """The plain argmax applies (no temperature, no penalty)."""
-        return self.params.temperature <= 0 and self.params.repetition_penalty == 1.0
+        """The plain argmax applies (no temperature, no penalty, no OpenAI processor)."""
+        return (
+            self.params.temperature <= 0
+            and self.params.repetition_penalty == 1.0
+            and not lp.is_processed(self)
+        )
 
     @property
     def penalized(self) -> bool:
@@ -133,6 +152,7 @@ def _sample_block(x: torch.Tensor, samplers: list[RowSampler], n_shared: int) ->
         x = apply_repetition_penalty(x, seen, penalty)
     else:
         seen = None
+    x, counts = lp.apply_processors(x, samplers)
     # the rows at temperature 0 (after their penalty)
     chosen = x[n_hot:].argmax(dim=-1) if n_hot < n else None
     if n_hot:
@@ -153,6 +173,7 @@ def _sample_block(x: torch.Tensor, samplers: list[RowSampler], n_shared: int) ->
         q = u.clamp_(min=torch.finfo(u.dtype).tiny).log_().neg_()
         drawn = e.div_(q).argmax(dim=-1)  # the exponential race: P(token) = its kept softmax mass
         chosen = drawn if chosen is None else torch.cat([drawn, chosen])
+    lp.count_chosen(counts, chosen, samplers)
     if seen is not None:
         seen.scatter_(1, chosen[:, None], True)
         for i, s in enumerate(samplers):
@@ -185,8 +206,45 @@ def _stack_seen(samplers: list[RowSampler], vocab: int, device: torch.device) ->
 
 def sample_rows(logits: torch.Tensor, samplers: list[RowSampler]) -> list[int]:
     """logits: [B, V] -> one next token per row. One device->host transfer (the chosen tokens)."""
+    return sample_step(logits, samplers)[0]
+
+
+def sample_step(
+    logits: torch.Tensor, samplers: list[RowSampler]
+) -> tuple[list[int], list[TokenLogprob | None]]:
+    """logits: [B, V] -> (one next token per row, its logprobs for the rows whose params ask for them,
+    else None). One device->host transfer for both."""
+    chosen, order = _choose(logits, samplers)  # [B] long on the device, rows in `order`
+    want = [i for i, s in enumerate(samplers) if s.params.logprobs is not None]
+    if not want:
+        flat = chosen.tolist()
+        extra: list = []
+    else:
+        if order is not None:  # chosen in row order for the logprob rows (a device-side permutation)
+            inverse = torch.empty_like(chosen)
+            inverse[_upload(order, torch.long, chosen.device)] = chosen
+            chosen = inverse
+            order = None
+        ks = [samplers[i].params.logprobs or 0 for i in want]
+        packed, k = lp.step_logprobs(logits, chosen, want, ks)
+        host = torch.cat([chosen.double(), packed]).tolist()
+        flat, extra = [int(t) for t in host[: len(samplers)]], host[len(samplers) :]
+    if order is None:
+        tokens = flat
+    else:
+        tokens = [0] * len(samplers)
+        for i, token in zip(order, flat, strict=True):
+            tokens[i] = token
+    if not want:
+        return tokens, [None] * len(samplers)
+    return tokens, lp.unpack_logprobs(extra, tokens, want, ks, k)
+
+
+def _choose(logits: torch.Tensor, samplers: list[RowSampler]) -> tuple[torch.Tensor, list[int] | None]:
+    """The chosen tokens [B] (long, on the device) in the order of the returned row list (None: rows in
+    order)."""
     if all(s.greedy for s in samplers):  # the common case: the argmax in place
-        return logits.argmax(dim=-1).tolist()
+        return logits.argmax(dim=-1), None
     fast, shared, own, cold = [], [], [], []
     for i, s in enumerate(samplers):
         if s.greedy:
@@ -204,7 +262,4 @@ def sample_rows(logits: torch.Tensor, samplers: list[RowSampler]) -> list[int]:
     chosen = _sample_block(rows[len(fast) :].float(), block, len(shared))
     if fast:
         chosen = torch.cat([rows[: len(fast)].argmax(dim=-1), chosen])
-    out = [0] * len(samplers)
-    for i, token in zip(order, chosen.tolist(), strict=True):
-        out[i] = token
-    return out
+    return chosen, (None if order == list(range(len(samplers))) else order)

@@ -16,7 +16,7 @@ from adapterserve.server.engine.provider import ResolvedAdapter
 from adapterserve.server.engine.sampling import RowSampler
 from adapterserve.server.engine.structured import RowGrammar
 from adapterserve.server.engine.text import TextTracker
-from adapterserve.server.engine.types import GenerationRequest, TokenEvent
+from adapterserve.server.engine.types import GenerationRequest, TokenEvent, TokenLogprob
 
 EventSink = Callable[[TokenEvent], None]
 
@@ -42,6 +42,18 @@ class Sequence:
     prefill_done: int = 0  # prefill inputs already in the cache
     scores: list[float] = field(default_factory=list)  # scoring requests: log-probs found so far
     grammar: RowGrammar | None = None  # structured output (response_format): masks this row's logits
+    # request.prompt_logprobs set: the prompt tokens' logprobs found so far (shared by a fork's choices)
+    prompt_scores: list[TokenLogprob] = field(default_factory=list)
+    # n > 1 (see fork.py): the choice this sequence samples; the first choice's sequence holds the others
+    # until its prefill is done (they get rows, a copy of its KV and its last logits then)
+    index: int = 0
+    pending_choices: list[Sequence] = field(default_factory=list)
+    parent: Sequence | None = None  # a forked choice: the sequence whose prefill it shares
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Whether its prefill keeps every position's state (scoring or prompt logprobs)."""
+        return bool(self.request.score_tokens) or self.request.prompt_logprobs is not None
 
     @property
     def prefill_remaining(self) -> int:

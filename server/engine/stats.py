@@ -30,6 +30,10 @@ class EngineStats:
     decode_graph_replays: int = 0
     decode_static_steps: int = 0
     decode_fallback: str | None = None
+    # prompts whose prefill completed (a request with n choices counts once) and the choices that
+    # shared another's prefill (engine/fork.py)
+    prefilled_prompts: int = 0
+    forked_choices: int = 0
 
 
 def engine_stats(core: EngineCore) -> EngineStats:
@@ -56,5 +60,7 @@ def engine_stats(core: EngineCore) -> EngineStats:
         adapter_device_bytes=core.bank.device_bytes(),
         steps=core.steps,
         decode_step=core.decode_step,
+        prefilled_prompts=core.prefilled_prompts,
+        forked_choices=core.forked_choices,
         **decode,
     )

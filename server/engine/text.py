@@ -32,6 +32,7 @@ class TextTracker:
     text: str = ""  # decoded text of `ids` so far (an incomplete trailing character held back)
     emitted: int = 0  # characters of `text` already released
     stopped: bool = False
+    stop_after: int = 0  # min_tokens: stop sequences are not matched before this many tokens
     _backend: Any = field(default=None, init=False, repr=False)
     _stream: Any = field(default=None, init=False, repr=False)
 
@@ -62,7 +63,7 @@ class TextTracker:
         self.ids.append(token_id)
         self._advance(token_id)
         text = self.text
-        if self.stop:
+        if self.stop and len(self.ids) >= self.stop_after:
             hits = [text.find(s, max(0, self.emitted - len(s) + 1)) for s in self.stop]
             hits = [h for h in hits if h >= 0]
             if hits:

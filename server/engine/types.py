@@ -30,6 +30,25 @@ class SamplingParams:
     seed: int | None = None  # same seed + same request = same tokens
     stop: tuple[str, ...] = ()  # stop sequences, matched on the decoded text
     ignore_eos: bool = False
+    # OpenAI's penalties over the GENERATED tokens (see logits_processing.py): logit -= presence *
+    # (count > 0) + frequency * count. 0 = off.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit), ids unique
+    min_tokens: int = 0  # EOS masked (and stop sequences not matched) until this many tokens are generated
+    # None: no logprobs; k >= 0: each generated token's log-probability under the model's raw
+    # distribution (its logits after adapters, before penalties/bias/temperature) and the k most likely
+    # alternatives
+    logprobs: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token's log-probability and the most likely alternatives at its position (natural log)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
 
 
 # Bytes of a structured output's JSON schema text at most.
@@ -61,6 +80,11 @@ class GenerationRequest:
     # log-probabilities of its last `score_tokens` tokens (each given the tokens before it).
     score_tokens: int = 0
     structured: StructuredOutput | None = None  # None: free text
+    # None: off; k >= 0: the prompt tokens' logprobs (tokens 1.. of the prompt, each given the ones before
+    # it) with k alternatives each, computed during the prefill and carried by the first event
+    # (TokenEvent.prompt_logprobs) of each choice, or by the SCORED event of a scoring request.
+    prompt_logprobs: int | None = None
+    n: int = 1  # choices sampled from one prefill; choice i's events carry TokenEvent.index == i
 
 
 @dataclass(frozen=True)
@@ -79,3 +103,6 @@ class TokenEvent:
     generated_tokens: int = 0
     error: BaseException | None = None  # set when finish_reason is ERROR; a ServeError for users
     logprobs: tuple[float, ...] = ()  # finish_reason SCORED: log p(token | tokens before it), in order
+    index: int = 0  # the choice (0..n-1) this event belongs to
+    token_logprobs: tuple[TokenLogprob, ...] = ()  # SamplingParams.logprobs set: one per token_ids entry
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()  # GenerationRequest.prompt_logprobs set: first event only

@@ -40,6 +40,7 @@ from adapterserve.models import (
     AdapterKind,
     CacheTier,
     ChatMessage,
+    Choice,
     FinishReason,
     GenerateResult,
     HealthStatus,
@@ -48,6 +49,7 @@ from adapterserve.models import (
     ServerInfo,
     StreamChunk,
     Timings,
+    TokenLogprob,
     UploadResult,
 )
 from adapterserve.retry import RetryPolicy
@@ -67,6 +69,7 @@ __all__ = [
     "CacheTier",
     "Cancelled",
     "ChatMessage",
+    "Choice",
     "Client",
     "DataLoss",
     "DeadlineExceeded",
@@ -86,6 +89,7 @@ __all__ = [
     "ScoreResult",
     "StreamChunk",
     "Timings",
+    "TokenLogprob",
     "Unauthenticated",
     "Unavailable",
     "Unimplemented",

@@ -18,6 +18,7 @@ from adapterserve.models import (
     AdapterKind,
     CacheTier,
     ChatMessage,
+    Choice,
     FinishReason,
     GenerateResult,
     Limits,
@@ -25,6 +26,7 @@ from adapterserve.models import (
     ServerInfo,
     StreamChunk,
     Timings,
+    TokenLogprob,
     UploadResult,
 )
 from adapterserve.upload import ProgressTracker, UploadFile, iter_file_chunks
@@ -71,6 +73,13 @@ def build_generate_request(
     seed: int | None = None,
     stop: Sequence[str] | None = None,
     ignore_eos: bool = False,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    logit_bias: Mapping[int, float] | None = None,
+    min_tokens: int = 0,
+    logprobs: int | None = None,
+    n: int = 1,
+    prompt_logprobs: int | None = None,
     request_id: str | None = None,
     response_format: str | Mapping[str, Any] | None = None,
     json_schema: Mapping[str, Any] | str | None = None,
@@ -97,7 +106,14 @@ def build_generate_request(
         top_k=check_uint("top_k", top_k),
         stop=stop,
         ignore_eos=bool(ignore_eos),
+        presence_penalty=check_float("presence_penalty", presence_penalty),
+        frequency_penalty=check_float("frequency_penalty", frequency_penalty),
+        min_tokens=check_uint("min_tokens", min_tokens),
     )
+    for token, bias in (logit_bias or {}).items():
+        sampling.logit_bias[check_uint("logit_bias", token)] = check_float("logit_bias", bias)
+    if logprobs is not None:
+        sampling.logprobs = check_uint("logprobs", logprobs)
     if max_new_tokens is not None:
         sampling.max_new_tokens = check_uint("max_new_tokens", max_new_tokens)
     if top_p is not None:
@@ -110,8 +126,10 @@ def build_generate_request(
         if text is not None and not isinstance(text, str):
             raise InvalidArgument(f"{field}: expected a string, got {text!r}")
     request = generation_pb2.GenerateRequest(
-        adapter=adapter or "", sampling=sampling, request_id=request_id or ""
+        adapter=adapter or "", sampling=sampling, request_id=request_id or "", n=check_uint("n", n)
     )
+    if prompt_logprobs is not None:
+        request.prompt_logprobs = check_uint("prompt_logprobs", prompt_logprobs)
     if prompt is not None:
         request.prompt = prompt
     else:
@@ -202,8 +220,27 @@ def _timings(message: generation_pb2.Timing) -> Timings:
     return Timings(time_to_first_token_s=message.time_to_first_token_s, total_s=message.total_s)
 
 
+def logprobs_from_proto(entries) -> list[TokenLogprob]:
+    return [
+        TokenLogprob(token_id=e.token_id, logprob=e.logprob, top=[(t.token_id, t.logprob) for t in e.top])
+        for e in entries
+    ]
+
+
 def result_from_proto(message: generation_pb2.GenerateResponse) -> GenerateResult:
     return GenerateResult(
+        logprobs=logprobs_from_proto(message.logprobs),
+        prompt_logprobs=logprobs_from_proto(message.prompt_logprobs),
+        choices=[
+            Choice(
+                index=c.index,
+                text=c.text,
+                token_ids=list(c.token_ids),
+                finish_reason=_FINISH.get(c.finish_reason, FinishReason.LENGTH),
+                logprobs=logprobs_from_proto(c.logprobs),
+            )
+            for c in message.choices
+        ],
         request_id=message.request_id,
         text=message.text,
         token_ids=list(message.token_ids),
@@ -226,6 +263,9 @@ def chunk_from_proto(message: generation_pb2.GenerateStreamResponse, index: int)
         prompt_tokens=message.prompt_tokens,
         generated_tokens=message.generated_tokens,
         timings=_timings(message.timing) if reason is not None else None,
+        choice=message.index,
+        logprobs=logprobs_from_proto(message.logprobs),
+        prompt_logprobs=logprobs_from_proto(message.prompt_logprobs),
     )
 
 
@@ -272,6 +312,8 @@ def server_info_from_proto(message: generation_pb2.ServerInfo) -> ServerInfo:
             max_prompt_tokens=lim.max_prompt_tokens,
             max_new_tokens=lim.max_new_tokens,
             max_stop_sequences=lim.max_stop_sequences,
+            max_n=lim.max_n,
+            max_logprobs=lim.max_logprobs,
             max_upload_bytes=lim.max_upload_bytes,
             max_message_bytes=lim.max_message_bytes,
             upload_chunk_bytes=lim.upload_chunk_bytes,

@@ -62,6 +62,25 @@ class Timings(_Frozen):
     total_s: float = 0.0
 
 
+class TokenLogprob(_Frozen):
+    """A token's log-probability (natural log, the model's raw distribution with the adapter applied)
+    and the most likely alternatives at its position: (token id, logprob), most likely first."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = Field(default_factory=list)
+
+
+class Choice(_Frozen):
+    """One of the n choices of a request (`GenerateResult.choices` when n > 1)."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+    logprobs: list[TokenLogprob] = Field(default_factory=list)
+
+
 class GenerateResult(_Frozen):
     """A finished generation."""
 
@@ -73,6 +92,9 @@ class GenerateResult(_Frozen):
     generated_tokens: int
     timings: Timings = Field(default_factory=Timings)
     adapter: str = ""  # the adapter that served it ("" = the base model)
+    logprobs: list[TokenLogprob] = Field(default_factory=list)  # logprobs=k: one per token_ids entry
+    prompt_logprobs: list[TokenLogprob] = Field(default_factory=list)  # prompt tokens after the first
+    choices: list[Choice] = Field(default_factory=list)  # n > 1: every choice (the fields above: choice 0)
 
     @classmethod
     def from_chunks(cls, chunks: Iterable[StreamChunk], adapter: str = "") -> GenerateResult:
@@ -132,6 +154,9 @@ class StreamChunk(_Frozen):
     prompt_tokens: int = 0
     generated_tokens: int = 0
     timings: Timings | None = None
+    choice: int = 0  # n > 1: the choice this chunk belongs to (each choice has its own last chunk)
+    logprobs: list[TokenLogprob] = Field(default_factory=list)  # logprobs=k: one per token_ids entry
+    prompt_logprobs: list[TokenLogprob] = Field(default_factory=list)  # on each choice's first chunk
 
     @property
     def is_last(self) -> bool:
@@ -193,6 +218,8 @@ class Limits(_Frozen):
     max_prompt_tokens: int
     max_new_tokens: int
     max_stop_sequences: int
+    max_n: int = 1  # GenerateRequest n at most (0 from a server without it: read as 1)
+    max_logprobs: int = 0  # logprobs / prompt_logprobs alternatives at most
     max_upload_bytes: int
     max_message_bytes: int
     upload_chunk_bytes: int

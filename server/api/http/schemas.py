@@ -1,10 +1,12 @@
 """Request bodies of the OpenAI-compatible endpoints, as pydantic models.
 
 Unknown fields are refused (a clear 400 naming them), never silently ignored: a client that asks for
-`logprobs` or `tools` learns at once that this server does not do it. A few OpenAI fields are
-accepted only at their neutral value (`n=1`, `echo=false`, penalties 0), so clients that always send
-them keep working. Extras beyond OpenAI's fields, as vLLM accepts them: `ignore_eos`, `top_k`,
-`repetition_penalty`.
+`tools` learns at once that this server does not do it. Supported: `n` (up to the server's --max-n,
+one prefill for all choices), `presence_penalty` / `frequency_penalty` (-2..2, over the generated
+tokens), `logit_bias` (token id -> -100..100), `logprobs` (completions: top-k count; chat: true with
+`top_logprobs`), `echo` (completions; with logprobs, the prompt tokens' logprobs too; `max_tokens: 0`
+then returns the prompt only). `suffix` is refused; `best_of` only at 1. Extras beyond OpenAI's
+fields, as vLLM accepts them: `ignore_eos`, `top_k`, `repetition_penalty`, `min_tokens`.
 """
 
 from __future__ import annotations
@@ -61,39 +63,34 @@ class _Sampling(_Body):
     top_p: float | None = None
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, lt=1 << 64)
-    n: int = 1
+    n: int = Field(1, ge=1)  # at most the server's --max-n (checked with the other limits)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted (OpenAI clients send it); not used
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
     response_format: ResponseFormat | None = None  # structured output (JSON)
     # extras (as vLLM names them)
     ignore_eos: bool = False
     top_k: int | None = Field(None, ge=-1)  # -1 or 0 = off
     repetition_penalty: float | None = None
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError("only n=1 is supported (send several requests for several completions)")
-        return n
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalty(cls, value: float) -> float:
-        if value != 0:
-            raise ValueError("is not supported (only 0); use repetition_penalty instead")
-        return value
+    min_tokens: int = Field(0, ge=0)
 
     @field_validator("logit_bias")
     @classmethod
-    def _no_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        if value:
-            raise ValueError("is not supported")
+    def _bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (value or {}).items():
+            if not key.isdigit():
+                raise ValueError(
+                    f"keys must be token ids (non-negative integers as strings), not {key[:32]!r}"
+                )
+            if not -100 <= bias <= 100:
+                raise ValueError(f"the bias of token {key} is {bias}, outside -100..100")
         return value
+
+    def bias(self) -> dict[int, float]:
+        return {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
 
     def stops(self) -> list[str]:
         if self.stop is None:
@@ -107,13 +104,15 @@ class _Sampling(_Body):
 class CompletionRequest(_Sampling):
     """POST /v1/completions"""
 
-    prompt: str | list[str]
+    # a string, token ids, or a list of one of either
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0)  # 0: only with echo (the prompt and its logprobs)
     echo: bool = False
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0)  # alternatives per token (at most the server's --max-logprobs)
     best_of: int | None = None
     suffix: str | None = None
 
-    @field_validator("logprobs", "suffix")
+    @field_validator("suffix")
     @classmethod
     def _unsupported(cls, value: Any) -> Any:
         if value is not None:
@@ -122,17 +121,22 @@ class CompletionRequest(_Sampling):
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, prompt: str | list[str]) -> str | list[str]:
+    def _one_prompt(cls, prompt: Any) -> Any:
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+            return prompt  # token ids
         if isinstance(prompt, list) and len(prompt) != 1:
-            raise ValueError("exactly one prompt per request is supported (a string or a list of one)")
+            raise ValueError(
+                "exactly one prompt per request is supported (a string, token ids, or a list of one)"
+            )
         return prompt
 
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, echo: bool) -> bool:
-        if echo:
-            raise ValueError("echo=true is not supported")
-        return echo
+    @model_validator(mode="after")
+    def _zero_tokens_need_echo(self) -> CompletionRequest:
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens: 0 is only supported with echo=true (the prompt and its logprobs)")
+        if self.max_tokens == 0 and self.n != 1:
+            raise ValueError("n: max_tokens 0 (echo only) has one choice")
+        return self
 
     @field_validator("best_of")
     @classmethod
@@ -141,8 +145,13 @@ class CompletionRequest(_Sampling):
             raise ValueError("only best_of=1 is supported")
         return best_of
 
-    def prompt_text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+    def prompt_value(self) -> str | list[int]:
+        """The one prompt: its text or its token ids."""
+        if isinstance(self.prompt, str):
+            return self.prompt
+        if self.prompt and isinstance(self.prompt[0], int):
+            return list(self.prompt)  # type: ignore[arg-type]
+        return self.prompt[0]  # type: ignore[return-value]
 
 
 class TextPart(_Body):
@@ -169,13 +178,13 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # newer OpenAI name of max_tokens
     logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0)  # with logprobs; at most the server's --max-logprobs
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, logprobs: bool) -> bool:
-        if logprobs:
-            raise ValueError("logprobs=true is not supported")
-        return logprobs
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs: needs logprobs=true")
+        return self
 
 
 def describe_validation_error(exc: ValidationError | Any) -> tuple[str, str | None]:

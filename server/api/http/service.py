@@ -12,6 +12,7 @@ or server-sent-event frames. The FastAPI app of `serve` (app.py) and the Ray Ser
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 import uuid
@@ -22,6 +23,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from adapterserve.server.api.auth import GENERATION_PREFIX, AuthPolicy, decide
+from adapterserve.server.api.http.choices import ChoiceState, TokenTexts, chat_logprobs, completion_logprobs
 from adapterserve.server.api.http.errors import OpenAIError, to_openai_error
 from adapterserve.server.api.http.schemas import (
     DEFAULT_COMPLETION_MAX_TOKENS,
@@ -44,7 +46,12 @@ from adapterserve.v1 import generation_pb2
 PROTOCOL = "http"
 COMPLETIONS = "completions"
 CHAT = "chat.completions"
-_FINISH = {FinishReason.LENGTH: "length", FinishReason.STOP: "stop", FinishReason.EOS: "stop"}
+_FINISH = {
+    FinishReason.LENGTH: "length",
+    FinishReason.STOP: "stop",
+    FinishReason.EOS: "stop",
+    FinishReason.SCORED: "length",  # echo with max_tokens 0: nothing generated
+}
 OWNER = "adapterserve"
 
 
@@ -88,6 +95,9 @@ class _Run:
     completion_tokens: int = 0
     prompt_tokens: int = 0
     finish_reason: FinishReason | None = None
+    prompt_ids: tuple[int, ...] = ()
+    choices: int = 1  # n
+    open_choices: int = 1  # choices without their final event yet
 
     def usage(self) -> dict[str, int]:
         return {
@@ -98,6 +108,10 @@ class _Run:
 
     def finish(self) -> str | None:
         return None if self.finish_reason is None else _FINISH.get(self.finish_reason, "stop")
+
+
+def finish_of(reason: FinishReason | None) -> str | None:
+    return None if reason is None else _FINISH.get(reason, "stop")
 
 
 class OpenAIService:
@@ -116,6 +130,13 @@ class OpenAIService:
         self._metrics = metrics
         self._lifecycle = lifecycle
         self._served_name = served_model_name
+        self._texts: TokenTexts | None = None
+
+    def _token_texts(self) -> TokenTexts:
+        tokenizer = self._runtime.get().tokenizer
+        if self._texts is None or self._texts._tokenizer is not tokenizer:
+            self._texts = TokenTexts(tokenizer)
+        return self._texts
 
     # ------------------------------------------------------------------ models
     def served_name(self) -> str:
@@ -176,15 +197,26 @@ class OpenAIService:
     def _to_proto(self, req: CompletionRequest | ChatCompletionRequest, request_id: str) -> Any:
         if isinstance(req, ChatCompletionRequest):
             max_tokens = req.max_completion_tokens or req.max_tokens or self._limits.max_new_tokens
+        elif req.max_tokens is None:
+            max_tokens = min(DEFAULT_COMPLETION_MAX_TOKENS, self._limits.max_new_tokens)
         else:
-            max_tokens = req.max_tokens or min(DEFAULT_COMPLETION_MAX_TOKENS, self._limits.max_new_tokens)
+            max_tokens = max(req.max_tokens, 1)  # 0 (echo only) runs as a scoring request: see _events
         sampling = generation_pb2.SamplingParams(
             max_new_tokens=max_tokens,
             temperature=DEFAULT_TEMPERATURE if req.temperature is None else req.temperature,
             top_k=max(req.top_k or 0, 0),
             stop=req.stops(),
             ignore_eos=req.ignore_eos,
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            logit_bias=req.bias(),
+            min_tokens=req.min_tokens,
         )
+        if isinstance(req, ChatCompletionRequest):
+            if req.logprobs:
+                sampling.logprobs = req.top_logprobs or 0
+        elif req.logprobs is not None:
+            sampling.logprobs = req.logprobs
         if req.top_p is not None:
             sampling.top_p = req.top_p
         if req.repetition_penalty is not None:
@@ -192,7 +224,7 @@ class OpenAIService:
         if req.seed is not None:
             sampling.seed = req.seed
         proto = generation_pb2.GenerateRequest(
-            adapter=self._adapter_of(req.model), sampling=sampling, request_id=request_id
+            adapter=self._adapter_of(req.model), sampling=sampling, request_id=request_id, n=req.n
         )
         if (fmt := req.response_format) is not None and fmt.type != "text":
             schema = fmt.json_schema.schema_ if fmt.json_schema is not None else None
@@ -202,7 +234,13 @@ class OpenAIService:
                 generation_pb2.ChatMessage(role=m.role, content=m.text()) for m in req.messages
             )
         else:
-            proto.prompt = req.prompt_text()
+            prompt = req.prompt_value()
+            if isinstance(prompt, str):
+                proto.prompt = prompt
+            else:
+                proto.prompt_ids.ids.extend(prompt)
+            if req.echo and req.logprobs is not None:
+                proto.prompt_logprobs = req.logprobs
         return proto
 
     async def _events(
@@ -224,6 +262,19 @@ class OpenAIService:
                 label = self._metrics.labels.known(adapter)
                 engine_request = to_engine_request(proto, runtime.tokenizer, self._limits)
                 run.prompt_tokens = len(engine_request.prompt_ids)
+                run.prompt_ids = engine_request.prompt_ids
+                run.choices = run.open_choices = engine_request.n
+                if isinstance(req, CompletionRequest) and req.max_tokens == 0:
+                    # echo only: a scoring request over the prompt (its tokens after the first)
+                    if len(engine_request.prompt_ids) < 2:
+                        run.finish_reason = FinishReason.SCORED
+                        yield TokenEvent((), "", FinishReason.SCORED, prompt_tokens=run.prompt_tokens)
+                        return
+                    engine_request = dataclasses.replace(
+                        engine_request,
+                        score_tokens=len(engine_request.prompt_ids) - 1,
+                        prompt_logprobs=engine_request.prompt_logprobs or 0,
+                    )
                 try:
                     handle = await runtime.engine.submit(engine_request)
                 except NotFoundError:
@@ -240,10 +291,12 @@ class OpenAIService:
                         run.first_token_at = time.monotonic()
                     run.completion_tokens += len(event.token_ids)
                     if event.finish_reason is not None:
-                        run.finish_reason = event.finish_reason
+                        run.open_choices -= 1
+                        if run.open_choices <= 0:  # every choice's final event came
+                            run.finish_reason = event.finish_reason
                         run.prompt_tokens = event.prompt_tokens or run.prompt_tokens
                     yield event
-                    if event.finish_reason is not None:
+                    if run.finish_reason is not None:
                         return
                 raise RuntimeError("engine stream ended without a finish reason")
         except (asyncio.CancelledError, GeneratorExit):
@@ -269,25 +322,65 @@ class OpenAIService:
     def _new_run(self, prefix: str, req: Any) -> _Run:
         return _Run(id=f"{prefix}-{uuid.uuid4().hex}", model=req.model, started=time.monotonic())
 
+    def _echo_text(self, req: CompletionRequest, run: _Run) -> str:
+        """The prompt as `echo` repeats it: the prompt text, or its token ids decoded."""
+        prompt = req.prompt_value()
+        if isinstance(prompt, str):
+            return prompt
+        return self._runtime.get().tokenizer.decode(list(run.prompt_ids))
+
+    def _completion_choice(
+        self, req: CompletionRequest, run: _Run, state: ChoiceState, entries: list, text: str, offset: int
+    ) -> dict[str, Any]:
+        """A completions choice (or a chunk's): `entries` are the token logprobs it reports; `offset`
+        the text offset of the first one (with echo: the prompt's, given on the choice's first piece)."""
+        echo = req.echo and not state.started
+        if echo:
+            text = self._echo_text(req, run) + text
+        logprobs = None
+        if req.logprobs is not None:
+            logprobs = completion_logprobs(
+                self._token_texts(),
+                entries,
+                offset,
+                prompt=state.prompt_logprobs if echo else None,
+                first_prompt_token=run.prompt_ids[0] if echo and run.prompt_ids else None,
+            )
+        return {"index": state.index, "text": text, "finish_reason": None, "logprobs": logprobs}
+
     async def complete(self, body: Any) -> dict[str, Any]:
         """POST /v1/completions without streaming."""
         req = self._parse(body, CompletionRequest)
         run = self._new_run("cmpl", req)
-        text = "".join([e.text async for e in self._events(COMPLETIONS, req, run)])
+        states = [ChoiceState(i) for i in range(req.n)]
+        async for event in self._events(COMPLETIONS, req, run):
+            states[event.index].add(event)
+        choices = []
+        for state in states:
+            choice = self._completion_choice(req, run, state, state.logprobs, state.text, 0)
+            choice["finish_reason"] = finish_of(state.finish_reason)
+            choices.append(choice)
         return {
             "id": run.id,
             "object": "text_completion",
             "created": run.created,
             "model": req.model,
-            "choices": [{"index": 0, "text": text, "finish_reason": run.finish(), "logprobs": None}],
+            "choices": choices,
             "usage": run.usage(),
         }
+
+    def _chat_logprobs(self, req: ChatCompletionRequest, entries: list) -> dict[str, Any] | None:
+        if not req.logprobs:
+            return None
+        return chat_logprobs(self._token_texts(), entries, req.top_logprobs or 0)
 
     async def chat(self, body: Any) -> dict[str, Any]:
         """POST /v1/chat/completions without streaming."""
         req = self._parse(body, ChatCompletionRequest)
         run = self._new_run("chatcmpl", req)
-        text = "".join([e.text async for e in self._events(CHAT, req, run)])
+        states = [ChoiceState(i) for i in range(req.n)]
+        async for event in self._events(CHAT, req, run):
+            states[event.index].add(event)
         return {
             "id": run.id,
             "object": "chat.completion",
@@ -295,11 +388,12 @@ class OpenAIService:
             "model": req.model,
             "choices": [
                 {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text},
-                    "finish_reason": run.finish(),
-                    "logprobs": None,
+                    "index": state.index,
+                    "message": {"role": "assistant", "content": state.text},
+                    "finish_reason": finish_of(state.finish_reason),
+                    "logprobs": self._chat_logprobs(req, state.logprobs),
                 }
+                for state in states
             ],
             "usage": run.usage(),
         }
@@ -330,37 +424,62 @@ class OpenAIService:
                 frame["usage"] = usage
             return sse(frame)
 
-        def piece(text: str, finish: str | None, first: bool = False) -> dict[str, Any]:
-            if chat:
-                delta: dict[str, Any] = (
-                    {"role": "assistant", "content": text} if first else ({"content": text} if text else {})
-                )
-                return {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-            return {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+        states = [ChoiceState(i) for i in range(req.n)]
+
+        def pieces(event: TokenEvent) -> list[dict[str, Any]]:
+            """The choice chunks of one event: its text and logprobs (the first with the role, or the
+            echoed prompt), then the finish reason on its last event."""
+            state = states[event.index]
+            entries = state.add(event)
+            out: list[dict[str, Any]] = []
+            if event.text or entries or not state.started:
+                if chat:
+                    delta: dict[str, Any] = (
+                        {"content": event.text}
+                        if state.started
+                        else {"role": "assistant", "content": event.text}
+                    )
+                    out.append(
+                        {
+                            "index": state.index,
+                            "delta": delta,
+                            "finish_reason": None,
+                            "logprobs": self._chat_logprobs(req, entries),
+                        }
+                    )
+                else:
+                    out.append(self._completion_choice(req, run, state, entries, event.text, state.offset))
+                    logprobs = out[-1]["logprobs"]
+                    if logprobs is not None and logprobs["tokens"]:
+                        state.offset = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
+                state.started = True
+            if event.finish_reason is not None:
+                finish = finish_of(event.finish_reason)
+                if chat:
+                    out.append({"index": state.index, "delta": {}, "finish_reason": finish, "logprobs": None})
+                else:
+                    out.append({"index": state.index, "text": "", "finish_reason": finish, "logprobs": None})
+            return out
 
         events = self._events(CHAT if chat else COMPLETIONS, req, run)
         first = await anext(events)  # refusals raise here, before any frame
-        return self._frames(events, first, chunk, piece, req.include_usage(), run)
+        return self._frames(events, first, chunk, pieces, req.include_usage(), run)
 
     async def _frames(
         self,
         events: AsyncIterator[TokenEvent],
         first: TokenEvent,
         chunk: Callable[..., str],
-        piece: Callable[..., dict[str, Any]],
+        pieces: Callable[[TokenEvent], list[dict[str, Any]]],
         include_usage: bool,
         run: _Run,
     ) -> AsyncIterator[str]:
         try:
             event: TokenEvent | None = first
-            is_first = True
             while event is not None:
-                done = event.finish_reason is not None
-                if event.text or is_first:
-                    yield chunk(piece(event.text, None, first=is_first))
-                    is_first = False
-                if done:
-                    yield chunk(piece("", run.finish()))
+                for choice in pieces(event):
+                    yield chunk(choice)
+                if run.finish_reason is not None:
                     break
                 event = await anext(events, None)
             if include_usage:

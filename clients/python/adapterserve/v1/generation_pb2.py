@@ -25,43 +25,55 @@ _sym_db = _symbol_database.Default()
 from adapterserve.v1 import types_pb2 as adapterserve_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n adapterserve/v1/generation.proto\x12\x0f\x61\x64\x61pterserve.v1\x1a\x1b\x61\x64\x61pterserve/v1/types.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\">\n\x0c\x43hatMessages\x12.\n\x08messages\x18\x01 \x03(\x0b\x32\x1c.adapterserve.v1.ChatMessage\"\xf8\x01\n\x0eSamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x42\x11\n\x0f_max_new_tokensB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seed\"\x9c\x01\n\x0eResponseFormat\x12\x32\n\x04type\x18\x01 \x01(\x0e\x32$.adapterserve.v1.ResponseFormat.Type\x12\x13\n\x0bjson_schema\x18\x02 \x01(\t\"A\n\x04Type\x12\r\n\tTYPE_TEXT\x10\x00\x12\x14\n\x10TYPE_JSON_OBJECT\x10\x01\x12\x14\n\x10TYPE_JSON_SCHEMA\x10\x02\"\xf1\x01\n\x0fGenerateRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x31\n\x08messages\x18\x03 \x01(\x0b\x32\x1d.adapterserve.v1.ChatMessagesH\x00\x12\x31\n\x08sampling\x18\x04 \x01(\x0b\x32\x1f.adapterserve.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x38\n\x0fresponse_format\x18\n \x01(\x0b\x32\x1f.adapterserve.v1.ResponseFormatB\x07\n\x05input\"8\n\x06Timing\x12\x1d\n\x15time_to_first_token_s\x18\x01 \x01(\x01\x12\x0f\n\x07total_s\x18\x02 \x01(\x01\"\xe8\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x34\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1d.adapterserve.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x18\n\x10generated_tokens\x18\x06 \x01(\r\x12\'\n\x06timing\x18\x07 \x01(\x0b\x32\x17.adapterserve.v1.Timing\x12\x0f\n\x07\x61\x64\x61pter\x18\x08 \x01(\t\"\xdd\x01\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x34\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1d.adapterserve.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x18\n\x10generated_tokens\x18\x06 \x01(\r\x12\'\n\x06timing\x18\x07 \x01(\x0b\x32\x17.adapterserve.v1.Timing\"\x16\n\x14GetServerInfoRequest\"\xc8\x01\n\x06Limits\x12\x19\n\x11max_prompt_tokens\x18\x01 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\r\x12\x1a\n\x12max_stop_sequences\x18\x03 \x01(\r\x12\x18\n\x10max_upload_bytes\x18\x04 \x01(\x04\x12\x19\n\x11max_message_bytes\x18\x05 \x01(\x04\x12\x1a\n\x12upload_chunk_bytes\x18\x06 \x01(\x04\x12\x1e\n\x16max_concurrent_streams\x18\x07 \x01(\r\"\xed\x01\n\nServerInfo\x12\x16\n\x0eserver_version\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12\x18\n\x10\x62\x61se_fingerprint\x18\x03 \x01(\t\x12\x12\n\nmodel_type\x18\x04 \x01(\t\x12\x10\n\x08quantize\x18\x05 \x01(\t\x12\x33\n\radapter_kinds\x18\x06 \x03(\x0e\x32\x1c.adapterserve.v1.AdapterKind\x12\'\n\x06limits\x18\x07 \x01(\x0b\x32\x17.adapterserve.v1.Limits\x12\x15\n\rchat_template\x18\x08 \x01(\x08\"\x97\x01\n\x0cScoreRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x31\n\x08messages\x18\x03 \x01(\x0b\x32\x1d.adapterserve.v1.ChatMessagesH\x00\x12\x14\n\x0c\x63ontinuation\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\tB\x07\n\x05input\"\xbe\x01\n\rScoreResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\x12\x13\n\x0blogprob_sum\x18\x03 \x01(\x01\x12\x14\n\x0clogprob_mean\x18\x04 \x01(\x01\x12\x1b\n\x13\x63ontinuation_tokens\x18\x05 \x01(\r\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\x12\x11\n\ttoken_ids\x18\x07 \x03(\r\x12\x16\n\x0etoken_logprobs\x18\x08 \x03(\x01*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x32\xd9\x02\n\nGeneration\x12O\n\x08Generate\x12 .adapterserve.v1.GenerateRequest\x1a!.adapterserve.v1.GenerateResponse\x12]\n\x0eGenerateStream\x12 .adapterserve.v1.GenerateRequest\x1a\'.adapterserve.v1.GenerateStreamResponse0\x01\x12S\n\rGetServerInfo\x12%.adapterserve.v1.GetServerInfoRequest\x1a\x1b.adapterserve.v1.ServerInfo\x12\x46\n\x05Score\x12\x1d.adapterserve.v1.ScoreRequest\x1a\x1e.adapterserve.v1.ScoreResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n adapterserve/v1/generation.proto\x12\x0f\x61\x64\x61pterserve.v1\x1a\x1b\x61\x64\x61pterserve/v1/types.proto\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\">\n\x0c\x43hatMessages\x12.\n\x08messages\x18\x01 \x03(\x0b\x32\x1c.adapterserve.v1.ChatMessage\"\xdb\x03\n\x0eSamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x12\n\x05top_p\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x12\n\nignore_eos\x18\x08 \x01(\x08\x12\x18\n\x10presence_penalty\x18\t \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\n \x01(\x02\x12\x42\n\nlogit_bias\x18\x0b \x03(\x0b\x32..adapterserve.v1.SamplingParams.LogitBiasEntry\x12\x12\n\nmin_tokens\x18\x0c \x01(\r\x12\x15\n\x08logprobs\x18\r \x01(\rH\x04\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x11\n\x0f_max_new_tokensB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobs\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"[\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12(\n\x03top\x18\x03 \x03(\x0b\x32\x1b.adapterserve.v1.TopLogprob\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"\x9c\x01\n\x0eResponseFormat\x12\x32\n\x04type\x18\x01 \x01(\x0e\x32$.adapterserve.v1.ResponseFormat.Type\x12\x13\n\x0bjson_schema\x18\x02 \x01(\t\"A\n\x04Type\x12\r\n\tTYPE_TEXT\x10\x00\x12\x14\n\x10TYPE_JSON_OBJECT\x10\x01\x12\x14\n\x10TYPE_JSON_SCHEMA\x10\x02\"\xdf\x02\n\x0fGenerateRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x31\n\x08messages\x18\x03 \x01(\x0b\x32\x1d.adapterserve.v1.ChatMessagesH\x00\x12/\n\nprompt_ids\x18\x08 \x01(\x0b\x32\x19.adapterserve.v1.TokenIdsH\x00\x12\x31\n\x08sampling\x18\x04 \x01(\x0b\x32\x1f.adapterserve.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\t\n\x01n\x18\x06 \x01(\r\x12\x1c\n\x0fprompt_logprobs\x18\x07 \x01(\rH\x01\x88\x01\x01\x12\x38\n\x0fresponse_format\x18\n \x01(\x0b\x32\x1f.adapterserve.v1.ResponseFormatB\x07\n\x05inputB\x12\n\x10_prompt_logprobs\"8\n\x06Timing\x12\x1d\n\x15time_to_first_token_s\x18\x01 \x01(\x01\x12\x0f\n\x07total_s\x18\x02 \x01(\x01\"\x83\x03\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x34\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1d.adapterserve.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x18\n\x10generated_tokens\x18\x06 \x01(\r\x12\'\n\x06timing\x18\x07 \x01(\x0b\x32\x17.adapterserve.v1.Timing\x12\x0f\n\x07\x61\x64\x61pter\x18\x08 \x01(\t\x12/\n\x08logprobs\x18\x14 \x03(\x0b\x32\x1d.adapterserve.v1.TokenLogprob\x12\x36\n\x0fprompt_logprobs\x18\x15 \x03(\x0b\x32\x1d.adapterserve.v1.TokenLogprob\x12\x30\n\x07\x63hoices\x18\x16 \x03(\x0b\x32\x1f.adapterserve.v1.GenerateChoice\"\xa7\x01\n\x0eGenerateChoice\x12\r\n\x05index\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x34\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1d.adapterserve.v1.FinishReason\x12/\n\x08logprobs\x18\x05 \x03(\x0b\x32\x1d.adapterserve.v1.TokenLogprob\"\xd5\x02\n\x16GenerateStreamResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x34\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1d.adapterserve.v1.FinishReason\x12\x15\n\rprompt_tokens\x18\x05 \x01(\r\x12\x18\n\x10generated_tokens\x18\x06 \x01(\r\x12\'\n\x06timing\x18\x07 \x01(\x0b\x32\x17.adapterserve.v1.Timing\x12/\n\x08logprobs\x18\x14 \x03(\x0b\x32\x1d.adapterserve.v1.TokenLogprob\x12\x36\n\x0fprompt_logprobs\x18\x15 \x03(\x0b\x32\x1d.adapterserve.v1.TokenLogprob\x12\r\n\x05index\x18\x16 \x01(\r\"\x16\n\x14GetServerInfoRequest\"\xed\x01\n\x06Limits\x12\x19\n\x11max_prompt_tokens\x18\x01 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x02 \x01(\r\x12\x1a\n\x12max_stop_sequences\x18\x03 \x01(\r\x12\x18\n\x10max_upload_bytes\x18\x04 \x01(\x04\x12\x19\n\x11max_message_bytes\x18\x05 \x01(\x04\x12\x1a\n\x12upload_chunk_bytes\x18\x06 \x01(\x04\x12\x1e\n\x16max_concurrent_streams\x18\x07 \x01(\r\x12\r\n\x05max_n\x18\x08 \x01(\r\x12\x14\n\x0cmax_logprobs\x18\t \x01(\r\"\xed\x01\n\nServerInfo\x12\x16\n\x0eserver_version\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12\x18\n\x10\x62\x61se_fingerprint\x18\x03 \x01(\t\x12\x12\n\nmodel_type\x18\x04 \x01(\t\x12\x10\n\x08quantize\x18\x05 \x01(\t\x12\x33\n\radapter_kinds\x18\x06 \x03(\x0e\x32\x1c.adapterserve.v1.AdapterKind\x12\'\n\x06limits\x18\x07 \x01(\x0b\x32\x17.adapterserve.v1.Limits\x12\x15\n\rchat_template\x18\x08 \x01(\x08\"\x97\x01\n\x0cScoreRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x10\n\x06prompt\x18\x02 \x01(\tH\x00\x12\x31\n\x08messages\x18\x03 \x01(\x0b\x32\x1d.adapterserve.v1.ChatMessagesH\x00\x12\x14\n\x0c\x63ontinuation\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\tB\x07\n\x05input\"\xbe\x01\n\rScoreResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x61pter\x18\x02 \x01(\t\x12\x13\n\x0blogprob_sum\x18\x03 \x01(\x01\x12\x14\n\x0clogprob_mean\x18\x04 \x01(\x01\x12\x1b\n\x13\x63ontinuation_tokens\x18\x05 \x01(\r\x12\x15\n\rprompt_tokens\x18\x06 \x01(\r\x12\x11\n\ttoken_ids\x18\x07 \x03(\r\x12\x16\n\x0etoken_logprobs\x18\x08 \x03(\x01*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x32\xd9\x02\n\nGeneration\x12O\n\x08Generate\x12 .adapterserve.v1.GenerateRequest\x1a!.adapterserve.v1.GenerateResponse\x12]\n\x0eGenerateStream\x12 .adapterserve.v1.GenerateRequest\x1a\'.adapterserve.v1.GenerateStreamResponse0\x01\x12S\n\rGetServerInfo\x12%.adapterserve.v1.GetServerInfoRequest\x1a\x1b.adapterserve.v1.ServerInfo\x12\x46\n\x05Score\x12\x1d.adapterserve.v1.ScoreRequest\x1a\x1e.adapterserve.v1.ScoreResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'adapterserve.v1.generation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2177
-  _globals['_FINISHREASON']._serialized_end=2295
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
+  _globals['_FINISHREASON']._serialized_start=3163
+  _globals['_FINISHREASON']._serialized_end=3281
   _globals['_CHATMESSAGE']._serialized_start=82
   _globals['_CHATMESSAGE']._serialized_end=126
   _globals['_CHATMESSAGES']._serialized_start=128
   _globals['_CHATMESSAGES']._serialized_end=190
   _globals['_SAMPLINGPARAMS']._serialized_start=193
-  _globals['_SAMPLINGPARAMS']._serialized_end=441
-  _globals['_RESPONSEFORMAT']._serialized_start=444
-  _globals['_RESPONSEFORMAT']._serialized_end=600
-  _globals['_RESPONSEFORMAT_TYPE']._serialized_start=535
-  _globals['_RESPONSEFORMAT_TYPE']._serialized_end=600
-  _globals['_GENERATEREQUEST']._serialized_start=603
-  _globals['_GENERATEREQUEST']._serialized_end=844
-  _globals['_TIMING']._serialized_start=846
-  _globals['_TIMING']._serialized_end=902
-  _globals['_GENERATERESPONSE']._serialized_start=905
-  _globals['_GENERATERESPONSE']._serialized_end=1137
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1140
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1361
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=1363
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=1385
-  _globals['_LIMITS']._serialized_start=1388
-  _globals['_LIMITS']._serialized_end=1588
-  _globals['_SERVERINFO']._serialized_start=1591
-  _globals['_SERVERINFO']._serialized_end=1828
-  _globals['_SCOREREQUEST']._serialized_start=1831
-  _globals['_SCOREREQUEST']._serialized_end=1982
-  _globals['_SCORERESPONSE']._serialized_start=1985
-  _globals['_SCORERESPONSE']._serialized_end=2175
-  _globals['_GENERATION']._serialized_start=2298
-  _globals['_GENERATION']._serialized_end=2643
+  _globals['_SAMPLINGPARAMS']._serialized_end=668
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=546
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=594
+  _globals['_TOKENIDS']._serialized_start=670
+  _globals['_TOKENIDS']._serialized_end=693
+  _globals['_TOKENLOGPROB']._serialized_start=695
+  _globals['_TOKENLOGPROB']._serialized_end=786
+  _globals['_TOPLOGPROB']._serialized_start=788
+  _globals['_TOPLOGPROB']._serialized_end=835
+  _globals['_RESPONSEFORMAT']._serialized_start=838
+  _globals['_RESPONSEFORMAT']._serialized_end=994
+  _globals['_RESPONSEFORMAT_TYPE']._serialized_start=929
+  _globals['_RESPONSEFORMAT_TYPE']._serialized_end=994
+  _globals['_GENERATEREQUEST']._serialized_start=997
+  _globals['_GENERATEREQUEST']._serialized_end=1348
+  _globals['_TIMING']._serialized_start=1350
+  _globals['_TIMING']._serialized_end=1406
+  _globals['_GENERATERESPONSE']._serialized_start=1409
+  _globals['_GENERATERESPONSE']._serialized_end=1796
+  _globals['_GENERATECHOICE']._serialized_start=1799
+  _globals['_GENERATECHOICE']._serialized_end=1966
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1969
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=2310
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=2312
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=2334
+  _globals['_LIMITS']._serialized_start=2337
+  _globals['_LIMITS']._serialized_end=2574
+  _globals['_SERVERINFO']._serialized_start=2577
+  _globals['_SERVERINFO']._serialized_end=2814
+  _globals['_SCOREREQUEST']._serialized_start=2817
+  _globals['_SCOREREQUEST']._serialized_end=2968
+  _globals['_SCORERESPONSE']._serialized_start=2971
+  _globals['_SCORERESPONSE']._serialized_end=3161
+  _globals['_GENERATION']._serialized_start=3284
+  _globals['_GENERATION']._serialized_end=3629
 # @@protoc_insertion_point(module_scope)
