@@ -155,7 +155,7 @@ class CpuSettings(BaseModel):
     )
     governor: bool = Field(
         True,
-        description="lower the engine's threads while other processes compete for its CPUs, restore them "
+        description="lowers the engine's threads while other processes compete for its CPUs, restores them "
         "when they leave (CPU device, default thread count only)",
     )
 

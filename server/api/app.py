@@ -62,7 +62,6 @@ _SECTION_FLAGS: dict[str, tuple[str, str]] = {
     "max_upload_bytes": ("limits", "max_upload_bytes"),
     "cpu_threads": ("cpu", "threads"),
     "cpu_wait_policy": ("cpu", "wait_policy"),
-    "cpu_governor": ("cpu", "governor"),
     "max_message_bytes": ("limits", "max_message_bytes"),
     "upload_chunk_bytes": ("limits", "upload_chunk_bytes"),
 }
@@ -172,7 +171,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         dest="cpu_governor",
         action="store_false",
         default=None,
-        help="turn off the contention governor, which " + section_flag_help("cpu_governor"),
+        help="turn off the contention governor, which "
+        + (CpuSettings.model_fields["governor"].description or "")
+        + f" (env {ENV_PREFIX}CPU__GOVERNOR=false)",
     )
     lim = parser.add_argument_group("request limits")
     for dest in (
@@ -215,6 +216,8 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None 
         value = getattr(args, dest, None)
         if value is not None:
             overrides.setdefault(section, {})[field] = value
+    if getattr(args, "cpu_governor", None) is False:  # --no-cpu-governor (a switch, not a section value)
+        overrides.setdefault("cpu", {})["governor"] = False
     for dest, field in _TLS_FLAGS.items():
         value = getattr(args, dest, None)
         if value is not None:
