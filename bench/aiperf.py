@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--aiperf", required=True, help="the aiperf executable (its own virtual environment)")
     p.add_argument(
-        "--scenarios", default=",".join(SCENARIOS), help="base, lora (N LoRAs), mixed (N of 4 kinds)"
+        "--scenarios", default=",".join(SCENARIOS), help="base, lora (N LoRAs), mixed (N of 5 kinds: LoRA, DoRA, IA3, prompt, prefix)"
     )
     p.add_argument("--adapters", type=int, default=16)
     p.add_argument("--concurrency", type=int, default=16)

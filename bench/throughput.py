@@ -43,7 +43,7 @@ QUESTIONS = [
     "What is the boiling point of water?",
     "Who wrote Hamlet?",
 ]
-MIXED_KINDS = ("lora", "ia3", "prompt", "prefix")
+MIXED_KINDS = ("lora", "dora", "ia3", "prompt", "prefix")
 
 
 @dataclass
@@ -54,7 +54,7 @@ class BenchSettings:
     device: str | None = None  # None = cuda if available, else cpu
     requests: int = 64
     adapters: int = 32
-    kinds: str = "lora"  # "lora" or "mixed" (LoRA, IA3, prompt, prefix in turn)
+    kinds: str = "lora"  # "lora" or "mixed" (LoRA, DoRA, IA3, prompt, prefix in turn)
     max_new_tokens: int = 32
     repeats: int = 3  # timed runs of each engine workload, interleaved
     naive_requests: int = 4
@@ -88,16 +88,19 @@ class EngineRun:
 
 
 def _peft_config(kind: str, settings: BenchSettings):
-    """The PEFT config of one bench adapter of `kind` (lora, ia3, prompt or prefix), from the kind's module."""
+    """The PEFT config of one bench adapter of `kind` (lora, dora, ia3, prompt or prefix), from the kind's
+    module."""
     from adapterserve.server.adapters.kind import all_kinds
 
+    low_rank = {
+        "r": settings.rank,
+        "lora_alpha": 2 * settings.rank,
+        "target_modules": list(settings.lora_targets),
+        "init_lora_weights": False,
+    }
     fields: dict = {
-        "lora": {
-            "r": settings.rank,
-            "lora_alpha": 2 * settings.rank,
-            "target_modules": list(settings.lora_targets),
-            "init_lora_weights": False,
-        },
+        "lora": low_rank,
+        "dora": low_rank,
         "ia3": {"init_ia3_weights": False},
     }.get(kind, {"num_virtual_tokens": 8})
     return {k.name: k for k in all_kinds()}[kind].peft_config(**fields)
