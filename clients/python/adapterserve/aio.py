@@ -7,27 +7,24 @@
             print(chunk.text, end="", flush=True)
 
 Create it inside a running event loop (a grpc.aio channel belongs to the loop it was made in).
+What each call sends and how its reply reads is shared with `Client` (convert.py, base.py); this
+module awaits the calls.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 
 from adapterserve import convert, health
-from adapterserve.connection import DEFAULT_TIMEOUT_S, Connection, Tls, resolve_target
-from adapterserve.errors import (
-    AdapterServeError,
-    NotFound,
-    Unavailable,
-    Unimplemented,
-    from_rpc_error,
-)
+from adapterserve.base import ClientBase, UploadAttempts, takes_arguments_of
+from adapterserve.errors import AdapterServeError, NotFound, Unavailable, Unimplemented, from_rpc_error
 from adapterserve.models import (
     AdapterInfo,
     GenerateResult,
@@ -38,12 +35,10 @@ from adapterserve.models import (
     UploadResult,
 )
 from adapterserve.names import check_adapter_name, name_taken
-from adapterserve.retry import GENERATION_CODES, READ_CODES, Attempts, RetryPolicy, acall_with_retry
-from adapterserve.upload import ProgressCallback, ProgressTracker, choose_chunk_bytes, collect_adapter_files
-from adapterserve.v1 import admin_pb2, admin_pb2_grpc, generation_pb2, generation_pb2_grpc
+from adapterserve.retry import Attempts, acall_with_retry
+from adapterserve.upload import ProgressCallback, choose_chunk_bytes, collect_adapter_files
 
 T = TypeVar("T")
-_NO_CODES: frozenset[str] = frozenset()
 
 
 async def _rpc(fn: Callable[[], Awaitable[T]]) -> T:
@@ -54,52 +49,14 @@ async def _rpc(fn: Callable[[], Awaitable[T]]) -> T:
         raise from_rpc_error(err) from None
 
 
-class AsyncClient:
+class AsyncClient(ClientBase):
     """An asyncio client; same arguments and methods as `Client`, each one a coroutine.
 
     `stream()` returns an async iterator (`async for chunk in client.stream(...)`).
     Use `async with AsyncClient(...) as client:` or `await client.close()`.
     """
 
-    def __init__(
-        self,
-        target: str | None = None,
-        *,
-        admin_token: str | None = None,
-        token: str | None = None,
-        timeout: float | None = DEFAULT_TIMEOUT_S,
-        tls: Tls = None,
-        retry: RetryPolicy | None = None,
-        options: Sequence[tuple[str, Any]] = (),
-    ) -> None:
-        self.connection = Connection(
-            target=resolve_target(target),
-            admin_token=admin_token,
-            token=token,
-            timeout=timeout,
-            tls=tls,
-            retry=retry or RetryPolicy(),
-            options=tuple(options),
-        )
-        creds = self.connection.credentials()
-        opts = self.connection.channel_options()
-        self._channel = (
-            grpc.aio.secure_channel(self.connection.target, creds, options=opts)
-            if creds is not None
-            else grpc.aio.insecure_channel(self.connection.target, options=opts)
-        )
-        self._generation = generation_pb2_grpc.GenerationStub(self._channel)
-        self._admin = admin_pb2_grpc.AdminStub(self._channel)
-        self._chunk_limit: int | None = None  # the server's upload_chunk_bytes, asked on first upload
-        self._health = self._channel.unary_unary(
-            health.CHECK_METHOD,
-            request_serializer=lambda b: b,
-            response_deserializer=lambda b: b,
-        )
-
-    @property
-    def target(self) -> str:
-        return self.connection.target
+    _grpc = grpc.aio
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -113,209 +70,77 @@ class AsyncClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    def _timeout(self, timeout: float | None) -> float | None:
-        return self.connection.timeout if timeout is None else timeout
+    async def _unary(self, call: convert.Call[T]) -> T:
+        """Make `call`, retried on its codes under the client's policy; its converted reply."""
+        method, meta, deadline = self._route(call)
+        reply = await acall_with_retry(
+            lambda: _rpc(lambda: method(call.request, timeout=deadline, metadata=meta)),
+            self.connection.retry,
+            call.retry_codes,
+        )
+        return call.reply(reply)
 
     # -- generation ------------------------------------------------------------------------------
 
-    async def generate(
-        self,
-        prompt: str | Sequence[convert.MessageLike] | None = None,
-        *,
-        messages: Sequence[convert.MessageLike] | None = None,
-        adapter: str | None = None,
-        max_new_tokens: int | None = None,
-        temperature: float = 0.0,
-        top_p: float | None = None,
-        top_k: int = 0,
-        repetition_penalty: float | None = None,
-        seed: int | None = None,
-        stop: Sequence[str] | None = None,
-        ignore_eos: bool = False,
-        presence_penalty: float = 0.0,
-        frequency_penalty: float = 0.0,
-        logit_bias: Mapping[int, float] | None = None,
-        min_tokens: int = 0,
-        logprobs: int | None = None,
-        n: int = 1,
-        prompt_logprobs: int | None = None,
-        request_id: str | None = None,
-        response_format: str | Mapping[str, Any] | None = None,
-        json_schema: Mapping[str, Any] | str | None = None,
-        timeout: float | None = None,
-    ) -> GenerateResult:
+    @takes_arguments_of(convert.generate_call)
+    async def generate(self, *args: Any, **kwargs: Any) -> GenerateResult:
         """See `Client.generate`."""
-        request = convert.build_generate_request(
-            prompt,
-            messages,
-            adapter,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            repetition_penalty=repetition_penalty,
-            seed=seed,
-            stop=stop,
-            ignore_eos=ignore_eos,
-            presence_penalty=presence_penalty,
-            frequency_penalty=frequency_penalty,
-            logit_bias=logit_bias,
-            min_tokens=min_tokens,
-            logprobs=logprobs,
-            n=n,
-            prompt_logprobs=prompt_logprobs,
-            request_id=request_id,
-            response_format=response_format,
-            json_schema=json_schema,
-        )
-        meta = self.connection.generation_metadata()
-        deadline = self._timeout(timeout)
-        reply = await acall_with_retry(
-            lambda: _rpc(lambda: self._generation.Generate(request, timeout=deadline, metadata=meta)),
-            self.connection.retry,
-            GENERATION_CODES,
-        )
-        return convert.result_from_proto(reply)
+        return await self._unary(convert.generate_call(*args, **kwargs))
 
-    async def score(
-        self,
-        prompt: str | Sequence[convert.MessageLike] | None = None,
-        continuation: str = "",
-        *,
-        messages: Sequence[convert.MessageLike] | None = None,
-        adapter: str | None = None,
-        request_id: str | None = None,
-        timeout: float | None = None,
-    ) -> ScoreResult:
+    @takes_arguments_of(convert.score_call)
+    async def score(self, *args: Any, **kwargs: Any) -> ScoreResult:
         """See `Client.score`."""
-        request = convert.build_score_request(prompt, messages, continuation, adapter, request_id)
-        meta = self.connection.generation_metadata()
-        deadline = self._timeout(timeout)
-        reply = await acall_with_retry(
-            lambda: _rpc(lambda: self._generation.Score(request, timeout=deadline, metadata=meta)),
-            self.connection.retry,
-            GENERATION_CODES,
-        )
-        return convert.score_from_proto(reply)
+        return await self._unary(convert.score_call(*args, **kwargs))
 
-    def stream(
-        self,
-        prompt: str | Sequence[convert.MessageLike] | None = None,
-        *,
-        messages: Sequence[convert.MessageLike] | None = None,
-        adapter: str | None = None,
-        max_new_tokens: int | None = None,
-        temperature: float = 0.0,
-        top_p: float | None = None,
-        top_k: int = 0,
-        repetition_penalty: float | None = None,
-        seed: int | None = None,
-        stop: Sequence[str] | None = None,
-        ignore_eos: bool = False,
-        presence_penalty: float = 0.0,
-        frequency_penalty: float = 0.0,
-        logit_bias: Mapping[int, float] | None = None,
-        min_tokens: int = 0,
-        logprobs: int | None = None,
-        n: int = 1,
-        prompt_logprobs: int | None = None,
-        request_id: str | None = None,
-        response_format: str | Mapping[str, Any] | None = None,
-        json_schema: Mapping[str, Any] | str | None = None,
-        timeout: float | None = None,
-    ) -> AsyncIterator[StreamChunk]:
+    @takes_arguments_of(convert.generate_call)
+    def stream(self, *args: Any, **kwargs: Any) -> AsyncIterator[StreamChunk]:
         """See `Client.stream`: `async for chunk in client.stream(...)`. Leaving the loop early cancels
         the call once the iterator is closed (`await it.aclose()` closes it at once)."""
-        request = convert.build_generate_request(
-            prompt,
-            messages,
-            adapter,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            repetition_penalty=repetition_penalty,
-            seed=seed,
-            stop=stop,
-            ignore_eos=ignore_eos,
-            presence_penalty=presence_penalty,
-            frequency_penalty=frequency_penalty,
-            logit_bias=logit_bias,
-            min_tokens=min_tokens,
-            logprobs=logprobs,
-            n=n,
-            prompt_logprobs=prompt_logprobs,
-            request_id=request_id,
-            response_format=response_format,
-            json_schema=json_schema,
-        )
-        return self._stream(request, self._timeout(timeout))
+        return self._stream(replace(convert.generate_call(*args, **kwargs), method="GenerateStream"))
 
-    async def _stream(
-        self, request: generation_pb2.GenerateRequest, deadline: float | None
-    ) -> AsyncIterator[StreamChunk]:
-        meta = self.connection.generation_metadata()
+    async def _stream(self, call: convert.Call[Any]) -> AsyncIterator[StreamChunk]:
+        method, meta, deadline = self._route(call)
         attempts = Attempts(self.connection.retry)
         index = 0
         while True:
-            call = self._generation.GenerateStream(request, timeout=deadline, metadata=meta)
+            rpc = method(call.request, timeout=deadline, metadata=meta)
             try:
-                async for message in call:
+                async for message in rpc:
                     yield convert.chunk_from_proto(message, index)
                     index += 1
                 return
             except grpc.RpcError as rpc_err:
-                err = from_rpc_error(rpc_err)
-                wait = attempts.next_wait(err, GENERATION_CODES) if index == 0 else None
-                if wait is None:
-                    raise err from None
+                wait = self._stream_retry_wait(attempts, rpc_err, index)
             finally:
-                call.cancel()
+                rpc.cancel()
             await asyncio.sleep(wait)
 
     async def server_info(self, *, timeout: float | None = None) -> ServerInfo:
         """See `Client.server_info`."""
-        meta = self.connection.generation_metadata()
-        deadline = self._timeout(timeout)
-        reply = await acall_with_retry(
-            lambda: _rpc(
-                lambda: self._generation.GetServerInfo(
-                    generation_pb2.GetServerInfoRequest(), timeout=deadline, metadata=meta
-                )
-            ),
-            self.connection.retry,
-            READ_CODES,
-        )
-        return convert.server_info_from_proto(reply)
+        return await self._unary(convert.server_info_call(timeout))
 
     # -- admin -----------------------------------------------------------------------------------
-
-    async def _admin_call(
-        self, method: Callable[..., Awaitable[T]], request: Any, codes: frozenset[str], timeout: float | None
-    ) -> T:
-        meta = self.connection.admin_metadata()
-        deadline = self._timeout(timeout)
-        return await acall_with_retry(
-            lambda: _rpc(lambda: method(request, timeout=deadline, metadata=meta)),
-            self.connection.retry,
-            codes,
-        )
 
     async def _server_chunk_limit(self) -> int | None:
         """The server's upload chunk limit, asked once; None when it cannot be asked."""
         if self._chunk_limit is None:
             try:  # one attempt, no retries: the upload's own retry policy covers an unreachable server
-                reply = await _rpc(
-                    lambda: self._generation.GetServerInfo(
-                        generation_pb2.GetServerInfoRequest(),
-                        timeout=self._timeout(None),
-                        metadata=self.connection.generation_metadata(),
-                    )
-                )
+                info = await self._unary(replace(convert.server_info_call(None), retry_codes=frozenset()))
             except AdapterServeError:
                 return None
-            self._chunk_limit = convert.server_info_from_proto(reply).limits.upload_chunk_bytes
+            self._chunk_limit = info.limits.upload_chunk_bytes
         return self._chunk_limit
+
+    async def _check_upload_target(self, name: str, overwrite: bool, timeout: float | None) -> None:
+        """See `Client._check_upload_target`."""
+        check_adapter_name(name)
+        if overwrite:
+            return
+        try:
+            await self.get_adapter(name, timeout=timeout)
+        except (NotFound, Unimplemented):  # free, or a server without GetAdapter
+            return
+        raise name_taken(name)
 
     async def upload_adapter(
         self,
@@ -330,28 +155,21 @@ class AsyncClient:
     ) -> UploadResult:
         """See `Client.upload_adapter`."""
         files = collect_adapter_files(path)
-        check_adapter_name(name)
-        if not overwrite:  # a taken name is refused before the first byte (the server checks again)
-            try:
-                await self.get_adapter(name, timeout=timeout)
-            except (NotFound, Unimplemented):  # free, or a server without GetAdapter
-                pass
-            else:
-                raise name_taken(name)
+        await self._check_upload_target(name, overwrite, timeout)
         if chunk_bytes is None:  # the default, capped by the server's own chunk limit
             chunk_bytes = choose_chunk_bytes(None, await self._server_chunk_limit())
-        total = sum(f.size for f in files)
+        upload = UploadAttempts(
+            files, name, overwrite, description, chunk_bytes, progress, self.connection.retry
+        )
         meta = self.connection.admin_metadata()
         deadline = self._timeout(timeout)
-        attempts = Attempts(self.connection.retry)
         while True:
-            tracker = ProgressTracker(total, progress)
-            messages = convert.upload_messages(files, name, overwrite, description, chunk_bytes, tracker)
+            messages = upload.messages()
             try:
                 reply = await _rpc(lambda m=messages: self._stream_upload(m, deadline, meta))
                 return convert.upload_result_from_proto(reply)
             except AdapterServeError as err:
-                wait = attempts.next_wait(err, READ_CODES) if tracker.sent_bytes == 0 else None
+                wait = upload.retry_wait(err)
                 if wait is None:
                     raise
             await asyncio.sleep(wait)
@@ -382,42 +200,26 @@ class AsyncClient:
         out: list[AdapterInfo] = []
         token = ""
         while True:
-            request = admin_pb2.ListAdaptersRequest(
-                page_size=page_size, page_token=token, name_prefix=name_prefix
-            )
-            reply = await self._admin_call(self._admin.ListAdapters, request, READ_CODES, timeout)
-            out.extend(convert.adapter_from_proto(a) for a in reply.adapters)
-            token = reply.next_page_token
+            page, token = await self._unary(convert.list_page_call(name_prefix, page_size, token, timeout))
+            out.extend(page)
             if not token:
                 return out
 
     async def get_adapter(self, name: str, *, timeout: float | None = None) -> AdapterInfo:
         """See `Client.get_adapter`."""
-        reply = await self._admin_call(
-            self._admin.GetAdapter, admin_pb2.GetAdapterRequest(name=name), READ_CODES, timeout
-        )
-        return convert.adapter_from_proto(reply.adapter)
+        return await self._unary(convert.adapter_call("GetAdapter", name, timeout))
 
     async def delete_adapter(self, name: str, *, timeout: float | None = None) -> AdapterInfo:
         """See `Client.delete_adapter` (never retried)."""
-        reply = await self._admin_call(
-            self._admin.DeleteAdapter, admin_pb2.DeleteAdapterRequest(name=name), _NO_CODES, timeout
-        )
-        return convert.adapter_from_proto(reply.adapter)
+        return await self._unary(convert.adapter_call("DeleteAdapter", name, timeout))
 
     async def pin(self, name: str, *, timeout: float | None = None) -> AdapterInfo:
         """See `Client.pin`."""
-        reply = await self._admin_call(
-            self._admin.PinAdapter, admin_pb2.PinAdapterRequest(name=name), READ_CODES, timeout
-        )
-        return convert.adapter_from_proto(reply.adapter)
+        return await self._unary(convert.adapter_call("PinAdapter", name, timeout))
 
     async def unpin(self, name: str, *, timeout: float | None = None) -> AdapterInfo:
         """See `Client.unpin`."""
-        reply = await self._admin_call(
-            self._admin.UnpinAdapter, admin_pb2.UnpinAdapterRequest(name=name), READ_CODES, timeout
-        )
-        return convert.adapter_from_proto(reply.adapter)
+        return await self._unary(convert.adapter_call("UnpinAdapter", name, timeout))
 
     # -- health ----------------------------------------------------------------------------------
 

@@ -8,27 +8,23 @@
         print(result.text)
 
 Every failed call raises a subclass of `adapterserve.AdapterServeError` (see errors.py); retries follow
-the client's `RetryPolicy` (see retry.py for which calls are retried).
+the client's `RetryPolicy` (see retry.py for which calls are retried). What each call sends and how its
+reply reads is shared with `AsyncClient` (convert.py, base.py); this module performs the calls.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
 
 from adapterserve import convert, health
-from adapterserve.connection import DEFAULT_TIMEOUT_S, Connection, Tls, resolve_target
-from adapterserve.errors import (
-    AdapterServeError,
-    NotFound,
-    Unavailable,
-    Unimplemented,
-    from_rpc_error,
-)
+from adapterserve.base import ClientBase, UploadAttempts, takes_arguments_of
+from adapterserve.errors import AdapterServeError, NotFound, Unavailable, Unimplemented, from_rpc_error
 from adapterserve.models import (
     AdapterInfo,
     GenerateResult,
@@ -39,12 +35,10 @@ from adapterserve.models import (
     UploadResult,
 )
 from adapterserve.names import check_adapter_name, name_taken
-from adapterserve.retry import GENERATION_CODES, READ_CODES, Attempts, RetryPolicy, call_with_retry
-from adapterserve.upload import ProgressCallback, ProgressTracker, choose_chunk_bytes, collect_adapter_files
-from adapterserve.v1 import admin_pb2, admin_pb2_grpc, generation_pb2, generation_pb2_grpc
+from adapterserve.retry import Attempts, call_with_retry
+from adapterserve.upload import ProgressCallback, choose_chunk_bytes, collect_adapter_files
 
 T = TypeVar("T")
-_NO_CODES: frozenset[str] = frozenset()
 
 
 def _rpc(fn: Callable[[], T]) -> T:
@@ -55,7 +49,7 @@ def _rpc(fn: Callable[[], T]) -> T:
         raise from_rpc_error(err) from None
 
 
-class Client:
+class Client(ClientBase):
     """A blocking client. Thread-safe: one client (one channel) may serve many threads.
 
     Args:
@@ -68,45 +62,7 @@ class Client:
         options: extra gRPC channel options, e.g. [("grpc.max_receive_message_length", 1 << 26)].
     """
 
-    def __init__(
-        self,
-        target: str | None = None,
-        *,
-        admin_token: str | None = None,
-        token: str | None = None,
-        timeout: float | None = DEFAULT_TIMEOUT_S,
-        tls: Tls = None,
-        retry: RetryPolicy | None = None,
-        options: Sequence[tuple[str, Any]] = (),
-    ) -> None:
-        self.connection = Connection(
-            target=resolve_target(target),
-            admin_token=admin_token,
-            token=token,
-            timeout=timeout,
-            tls=tls,
-            retry=retry or RetryPolicy(),
-            options=tuple(options),
-        )
-        creds = self.connection.credentials()
-        opts = self.connection.channel_options()
-        self._channel = (
-            grpc.secure_channel(self.connection.target, creds, options=opts)
-            if creds is not None
-            else grpc.insecure_channel(self.connection.target, options=opts)
-        )
-        self._generation = generation_pb2_grpc.GenerationStub(self._channel)
-        self._admin = admin_pb2_grpc.AdminStub(self._channel)
-        self._chunk_limit: int | None = None  # the server's upload_chunk_bytes, asked on first upload
-        self._health = self._channel.unary_unary(
-            health.CHECK_METHOD,
-            request_serializer=lambda b: b,
-            response_deserializer=lambda b: b,
-        )
-
-    @property
-    def target(self) -> str:
-        return self.connection.target
+    _grpc = grpc
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -120,84 +76,29 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _timeout(self, timeout: float | None) -> float | None:
-        return self.connection.timeout if timeout is None else timeout
+    def _unary(self, call: convert.Call[T]) -> T:
+        """Make `call`, retried on its codes under the client's policy; its converted reply."""
+        method, meta, deadline = self._route(call)
+        reply = call_with_retry(
+            lambda: _rpc(lambda: method(call.request, timeout=deadline, metadata=meta)),
+            self.connection.retry,
+            call.retry_codes,
+        )
+        return call.reply(reply)
 
     # -- generation ------------------------------------------------------------------------------
 
-    def generate(
-        self,
-        prompt: str | Sequence[convert.MessageLike] | None = None,
-        *,
-        messages: Sequence[convert.MessageLike] | None = None,
-        adapter: str | None = None,
-        max_new_tokens: int | None = None,
-        temperature: float = 0.0,
-        top_p: float | None = None,
-        top_k: int = 0,
-        repetition_penalty: float | None = None,
-        seed: int | None = None,
-        stop: Sequence[str] | None = None,
-        ignore_eos: bool = False,
-        presence_penalty: float = 0.0,
-        frequency_penalty: float = 0.0,
-        logit_bias: Mapping[int, float] | None = None,
-        min_tokens: int = 0,
-        logprobs: int | None = None,
-        n: int = 1,
-        prompt_logprobs: int | None = None,
-        request_id: str | None = None,
-        response_format: str | Mapping[str, Any] | None = None,
-        json_schema: Mapping[str, Any] | str | None = None,
-        timeout: float | None = None,
-    ) -> GenerateResult:
+    @takes_arguments_of(convert.generate_call)
+    def generate(self, *args: Any, **kwargs: Any) -> GenerateResult:
         """Generate a completion of `prompt` (plain text) or `messages` (a chat, rendered by the server).
 
         A list passed as `prompt` is taken as chat messages ({"role": ..., "content": ...} dicts or
         ChatMessage). `adapter=None` uses the base model. Retried on UNAVAILABLE and RESOURCE_EXHAUSTED.
         """
-        request = convert.build_generate_request(
-            prompt,
-            messages,
-            adapter,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            repetition_penalty=repetition_penalty,
-            seed=seed,
-            stop=stop,
-            ignore_eos=ignore_eos,
-            presence_penalty=presence_penalty,
-            frequency_penalty=frequency_penalty,
-            logit_bias=logit_bias,
-            min_tokens=min_tokens,
-            logprobs=logprobs,
-            n=n,
-            prompt_logprobs=prompt_logprobs,
-            request_id=request_id,
-            response_format=response_format,
-            json_schema=json_schema,
-        )
-        meta = self.connection.generation_metadata()
-        deadline = self._timeout(timeout)
-        reply = call_with_retry(
-            lambda: _rpc(lambda: self._generation.Generate(request, timeout=deadline, metadata=meta)),
-            self.connection.retry,
-            GENERATION_CODES,
-        )
-        return convert.result_from_proto(reply)
+        return self._unary(convert.generate_call(*args, **kwargs))
 
-    def score(
-        self,
-        prompt: str | Sequence[convert.MessageLike] | None = None,
-        continuation: str = "",
-        *,
-        messages: Sequence[convert.MessageLike] | None = None,
-        adapter: str | None = None,
-        request_id: str | None = None,
-        timeout: float | None = None,
-    ) -> ScoreResult:
+    @takes_arguments_of(convert.score_call)
+    def score(self, *args: Any, **kwargs: Any) -> ScoreResult:
         """Log-likelihood of `continuation` right after `prompt` (text) or `messages` (a chat, rendered
         with the generation prompt), with `adapter` (None = the base model). Nothing is generated.
 
@@ -205,136 +106,49 @@ class Client:
         evaluation: perplexity (`result.perplexity`), preference margins, multiple choice. Retried on
         UNAVAILABLE and RESOURCE_EXHAUSTED.
         """
-        request = convert.build_score_request(prompt, messages, continuation, adapter, request_id)
-        meta = self.connection.generation_metadata()
-        deadline = self._timeout(timeout)
-        reply = call_with_retry(
-            lambda: _rpc(lambda: self._generation.Score(request, timeout=deadline, metadata=meta)),
-            self.connection.retry,
-            GENERATION_CODES,
-        )
-        return convert.score_from_proto(reply)
+        return self._unary(convert.score_call(*args, **kwargs))
 
-    def stream(
-        self,
-        prompt: str | Sequence[convert.MessageLike] | None = None,
-        *,
-        messages: Sequence[convert.MessageLike] | None = None,
-        adapter: str | None = None,
-        max_new_tokens: int | None = None,
-        temperature: float = 0.0,
-        top_p: float | None = None,
-        top_k: int = 0,
-        repetition_penalty: float | None = None,
-        seed: int | None = None,
-        stop: Sequence[str] | None = None,
-        ignore_eos: bool = False,
-        presence_penalty: float = 0.0,
-        frequency_penalty: float = 0.0,
-        logit_bias: Mapping[int, float] | None = None,
-        min_tokens: int = 0,
-        logprobs: int | None = None,
-        n: int = 1,
-        prompt_logprobs: int | None = None,
-        request_id: str | None = None,
-        response_format: str | Mapping[str, Any] | None = None,
-        json_schema: Mapping[str, Any] | str | None = None,
-        timeout: float | None = None,
-    ) -> Iterator[StreamChunk]:
+    @takes_arguments_of(convert.generate_call)
+    def stream(self, *args: Any, **kwargs: Any) -> Iterator[StreamChunk]:
         """Like `generate`, yielding chunks as they are produced; the last one has `finish_reason` set.
 
         The call is retried (UNAVAILABLE, RESOURCE_EXHAUSTED) only until its first chunk arrived.
         Closing the iterator early (`break`, `.close()`) cancels the call, which frees the server's work.
         The request is checked when this is called; the call starts on the first `next()`.
         """
-        request = convert.build_generate_request(
-            prompt,
-            messages,
-            adapter,
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            repetition_penalty=repetition_penalty,
-            seed=seed,
-            stop=stop,
-            ignore_eos=ignore_eos,
-            presence_penalty=presence_penalty,
-            frequency_penalty=frequency_penalty,
-            logit_bias=logit_bias,
-            min_tokens=min_tokens,
-            logprobs=logprobs,
-            n=n,
-            prompt_logprobs=prompt_logprobs,
-            request_id=request_id,
-            response_format=response_format,
-            json_schema=json_schema,
-        )
-        return self._stream(request, self._timeout(timeout))
+        return self._stream(replace(convert.generate_call(*args, **kwargs), method="GenerateStream"))
 
-    def _stream(
-        self, request: generation_pb2.GenerateRequest, deadline: float | None
-    ) -> Iterator[StreamChunk]:
-        meta = self.connection.generation_metadata()
+    def _stream(self, call: convert.Call[Any]) -> Iterator[StreamChunk]:
+        method, meta, deadline = self._route(call)
         attempts = Attempts(self.connection.retry)
         index = 0
         while True:
-            call = self._generation.GenerateStream(request, timeout=deadline, metadata=meta)
+            rpc = method(call.request, timeout=deadline, metadata=meta)
             try:
-                for message in call:
+                for message in rpc:
                     yield convert.chunk_from_proto(message, index)
                     index += 1
                 return
             except grpc.RpcError as rpc_err:
-                err = from_rpc_error(rpc_err)
-                wait = attempts.next_wait(err, GENERATION_CODES) if index == 0 else None
-                if wait is None:
-                    raise err from None
+                wait = self._stream_retry_wait(attempts, rpc_err, index)
             finally:
-                call.cancel()  # no-op once finished; frees the server's work on early close
+                rpc.cancel()  # no-op once finished; frees the server's work on early close
             time.sleep(wait)
 
     def server_info(self, *, timeout: float | None = None) -> ServerInfo:
         """The served base model and the server's limits (a generation call: uses `token`)."""
-        meta = self.connection.generation_metadata()
-        reply = call_with_retry(
-            lambda: _rpc(
-                lambda: self._generation.GetServerInfo(
-                    generation_pb2.GetServerInfoRequest(), timeout=self._timeout(timeout), metadata=meta
-                )
-            ),
-            self.connection.retry,
-            READ_CODES,
-        )
-        return convert.server_info_from_proto(reply)
+        return self._unary(convert.server_info_call(timeout))
 
     # -- admin -----------------------------------------------------------------------------------
-
-    def _admin_call(
-        self, method: Callable[..., T], request: Any, codes: frozenset[str], timeout: float | None
-    ) -> T:
-        meta = self.connection.admin_metadata()
-        deadline = self._timeout(timeout)
-        return call_with_retry(
-            lambda: _rpc(lambda: method(request, timeout=deadline, metadata=meta)),
-            self.connection.retry,
-            codes,
-        )
 
     def _server_chunk_limit(self) -> int | None:
         """The server's upload chunk limit, asked once; None when it cannot be asked."""
         if self._chunk_limit is None:
             try:  # one attempt, no retries: the upload's own retry policy covers an unreachable server
-                reply = _rpc(
-                    lambda: self._generation.GetServerInfo(
-                        generation_pb2.GetServerInfoRequest(),
-                        timeout=self._timeout(None),
-                        metadata=self.connection.generation_metadata(),
-                    )
-                )
+                info = self._unary(replace(convert.server_info_call(None), retry_codes=frozenset()))
             except AdapterServeError:
                 return None
-            self._chunk_limit = convert.server_info_from_proto(reply).limits.upload_chunk_bytes
+            self._chunk_limit = info.limits.upload_chunk_bytes
         return self._chunk_limit
 
     def _check_upload_target(self, name: str, overwrite: bool, timeout: float | None) -> None:
@@ -373,18 +187,18 @@ class Client:
         self._check_upload_target(name, overwrite, timeout)
         if chunk_bytes is None:  # the default, capped by the server's own chunk limit
             chunk_bytes = choose_chunk_bytes(None, self._server_chunk_limit())
-        total = sum(f.size for f in files)
+        upload = UploadAttempts(
+            files, name, overwrite, description, chunk_bytes, progress, self.connection.retry
+        )
         meta = self.connection.admin_metadata()
         deadline = self._timeout(timeout)
-        attempts = Attempts(self.connection.retry)
         while True:
-            tracker = ProgressTracker(total, progress)
-            messages = convert.upload_messages(files, name, overwrite, description, chunk_bytes, tracker)
+            messages = upload.messages()
             try:
                 reply = _rpc(lambda m=messages: self._admin.UploadAdapter(m, timeout=deadline, metadata=meta))
                 return convert.upload_result_from_proto(reply)
             except AdapterServeError as err:
-                wait = attempts.next_wait(err, READ_CODES) if tracker.sent_bytes == 0 else None
+                wait = upload.retry_wait(err)
                 if wait is None:
                     raise
             time.sleep(wait)
@@ -399,42 +213,26 @@ class Client:
         out: list[AdapterInfo] = []
         token = ""
         while True:
-            request = admin_pb2.ListAdaptersRequest(
-                page_size=page_size, page_token=token, name_prefix=name_prefix
-            )
-            reply = self._admin_call(self._admin.ListAdapters, request, READ_CODES, timeout)
-            out.extend(convert.adapter_from_proto(a) for a in reply.adapters)
-            token = reply.next_page_token
+            page, token = self._unary(convert.list_page_call(name_prefix, page_size, token, timeout))
+            out.extend(page)
             if not token:
                 return out
 
     def get_adapter(self, name: str, *, timeout: float | None = None) -> AdapterInfo:
         """Describe one adapter; NotFound if there is none of that name."""
-        reply = self._admin_call(
-            self._admin.GetAdapter, admin_pb2.GetAdapterRequest(name=name), READ_CODES, timeout
-        )
-        return convert.adapter_from_proto(reply.adapter)
+        return self._unary(convert.adapter_call("GetAdapter", name, timeout))
 
     def delete_adapter(self, name: str, *, timeout: float | None = None) -> AdapterInfo:
         """Delete an adapter; returns it as it was. Never retried."""
-        reply = self._admin_call(
-            self._admin.DeleteAdapter, admin_pb2.DeleteAdapterRequest(name=name), _NO_CODES, timeout
-        )
-        return convert.adapter_from_proto(reply.adapter)
+        return self._unary(convert.adapter_call("DeleteAdapter", name, timeout))
 
     def pin(self, name: str, *, timeout: float | None = None) -> AdapterInfo:
         """Pin an adapter (loaded now, never evicted). Idempotent."""
-        reply = self._admin_call(
-            self._admin.PinAdapter, admin_pb2.PinAdapterRequest(name=name), READ_CODES, timeout
-        )
-        return convert.adapter_from_proto(reply.adapter)
+        return self._unary(convert.adapter_call("PinAdapter", name, timeout))
 
     def unpin(self, name: str, *, timeout: float | None = None) -> AdapterInfo:
         """Unpin an adapter (evictable again). Idempotent."""
-        reply = self._admin_call(
-            self._admin.UnpinAdapter, admin_pb2.UnpinAdapterRequest(name=name), READ_CODES, timeout
-        )
-        return convert.adapter_from_proto(reply.adapter)
+        return self._unary(convert.adapter_call("UnpinAdapter", name, timeout))
 
     # -- health ----------------------------------------------------------------------------------
 

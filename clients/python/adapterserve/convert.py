@@ -1,14 +1,20 @@
 """Pure conversions between SDK arguments/results and the wire messages of adapterserve.v1.
 
-Shared by `Client` and `AsyncClient`, so both build exactly the same requests.
+Shared by `Client` and `AsyncClient`, so both build exactly the same requests: each client method
+turns its arguments into a `Call` here (request, reply conversion, retried codes) and only performs
+it. The generation parameters are declared once, by `generate_call`: a new sampling parameter is
+added there, and both clients' `generate` and `stream` take it (see base.takes_arguments_of).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC
-from typing import Any
+from typing import Any, Generic, TypeVar
+
+from google.protobuf.message import Message
 
 from adapterserve.errors import InvalidArgument
 from adapterserve.fields import UINT64_MAX, check_float, check_uint
@@ -29,10 +35,12 @@ from adapterserve.models import (
     TokenLogprob,
     UploadResult,
 )
+from adapterserve.retry import GENERATION_CODES, READ_CODES
 from adapterserve.upload import ProgressTracker, UploadFile, iter_file_chunks
 from adapterserve.v1 import admin_pb2, generation_pb2, types_pb2
 
 MessageLike = ChatMessage | Mapping[str, str]
+R = TypeVar("R")
 
 _FINISH: dict[int, FinishReason] = {
     generation_pb2.FINISH_REASON_LENGTH: FinishReason.LENGTH,
@@ -60,11 +68,25 @@ def _chat_message(m: MessageLike) -> generation_pb2.ChatMessage:
     raise InvalidArgument(f"messages: each message needs a 'role' and a 'content', got {m!r}")
 
 
-def build_generate_request(
-    prompt: str | Sequence[MessageLike] | None,
-    messages: Sequence[MessageLike] | None,
-    adapter: str | None,
+@dataclass(frozen=True)
+class Call(Generic[R]):
+    """One unary RPC as the SDK makes it, transport aside: the client picks the stub and the token
+    (`admin`), sets the deadline (`timeout`, else its own), retries on `retry_codes` (see retry.py)
+    and hands the reply to `reply`."""
+
+    method: str  # the stub's method, e.g. "Generate"
+    request: Message
+    reply: Callable[[Any], R]  # the wire reply -> the SDK's result
+    retry_codes: frozenset[str]
+    timeout: float | None = None  # the caller's per-call timeout; None: the client's
+    admin: bool = False  # an Admin call (admin token), else a Generation call (generation token)
+
+
+def generate_call(
+    prompt: str | Sequence[MessageLike] | None = None,
     *,
+    messages: Sequence[MessageLike] | None = None,
+    adapter: str | None = None,
     max_new_tokens: int | None = None,
     temperature: float = 0.0,
     top_p: float | None = None,
@@ -83,11 +105,14 @@ def build_generate_request(
     request_id: str | None = None,
     response_format: str | Mapping[str, Any] | None = None,
     json_schema: Mapping[str, Any] | str | None = None,
-) -> generation_pb2.GenerateRequest:
-    """The GenerateRequest for a prompt or a chat (a list passed as `prompt` is taken as messages).
+    timeout: float | None = None,
+) -> Call[GenerateResult]:
+    """The Generate call for a prompt or a chat (a list passed as `prompt` is taken as messages).
 
-    Raises InvalidArgument (locally) unless exactly one of prompt and messages is given, or for a
-    numeric field the wire cannot carry (see fields.py).
+    These are the parameters of `Client.generate`, `Client.stream` and their `AsyncClient` twins,
+    declared here only. Raises InvalidArgument (locally) unless exactly one of prompt and messages is
+    given, or for a numeric field the wire cannot carry (see fields.py). Retried on UNAVAILABLE and
+    RESOURCE_EXHAUSTED.
     """
     if prompt is not None and not isinstance(prompt, str):
         if messages is not None:
@@ -138,7 +163,17 @@ def build_generate_request(
     fmt = build_response_format(response_format, json_schema)
     if fmt is not None:
         request.response_format.CopyFrom(fmt)
-    return request
+    return Call("Generate", request, result_from_proto, GENERATION_CODES, timeout)
+
+
+def build_generate_request(
+    prompt: str | Sequence[MessageLike] | None,
+    messages: Sequence[MessageLike] | None,
+    adapter: str | None,
+    **sampling: Any,
+) -> generation_pb2.GenerateRequest:
+    """The GenerateRequest of `generate_call` (`sampling`: its keyword arguments)."""
+    return generate_call(prompt, messages=messages, adapter=adapter, **sampling).request
 
 
 def build_response_format(
@@ -182,14 +217,17 @@ def build_response_format(
     )
 
 
-def build_score_request(
-    prompt: str | Sequence[MessageLike] | None,
-    messages: Sequence[MessageLike] | None,
-    continuation: str,
-    adapter: str | None,
+def score_call(
+    prompt: str | Sequence[MessageLike] | None = None,
+    continuation: str = "",
+    *,
+    messages: Sequence[MessageLike] | None = None,
+    adapter: str | None = None,
     request_id: str | None = None,
-) -> generation_pb2.ScoreRequest:
-    """The ScoreRequest for a prompt or a chat, and the continuation to score."""
+    timeout: float | None = None,
+) -> Call[ScoreResult]:
+    """The Score call for a prompt or a chat, and the continuation to score (the parameters of
+    `Client.score` and `AsyncClient.score`). Retried on UNAVAILABLE and RESOURCE_EXHAUSTED."""
     if not continuation:
         raise InvalidArgument("continuation: must not be empty")
     generate = build_generate_request(prompt, messages, adapter, request_id=request_id)
@@ -200,7 +238,48 @@ def build_score_request(
         request.prompt = generate.prompt
     else:
         request.messages.CopyFrom(generate.messages)
-    return request
+    return Call("Score", request, score_from_proto, GENERATION_CODES, timeout)
+
+
+def server_info_call(timeout: float | None) -> Call[ServerInfo]:
+    """The GetServerInfo call (a generation call: the generation token). Retried on UNAVAILABLE."""
+    return Call(
+        "GetServerInfo", generation_pb2.GetServerInfoRequest(), server_info_from_proto, READ_CODES, timeout
+    )
+
+
+# The admin calls on one adapter by name: their request and the codes they are retried on. Delete is
+# never retried: a lost reply would turn its success into NOT_FOUND.
+_BY_NAME: dict[str, tuple[Callable[..., Message], frozenset[str]]] = {
+    "GetAdapter": (admin_pb2.GetAdapterRequest, READ_CODES),
+    "DeleteAdapter": (admin_pb2.DeleteAdapterRequest, frozenset()),
+    "PinAdapter": (admin_pb2.PinAdapterRequest, READ_CODES),
+    "UnpinAdapter": (admin_pb2.UnpinAdapterRequest, READ_CODES),
+}
+
+
+def adapter_call(method: str, name: str, timeout: float | None) -> Call[AdapterInfo]:
+    """GetAdapter, DeleteAdapter, PinAdapter or UnpinAdapter on `name`: the adapter they answer with."""
+    request_type, codes = _BY_NAME[method]
+    return Call(method, request_type(name=name), _reply_adapter, codes, timeout, admin=True)
+
+
+def _reply_adapter(message: Any) -> AdapterInfo:
+    return adapter_from_proto(message.adapter)
+
+
+def list_page_call(
+    name_prefix: str, page_size: int, page_token: str, timeout: float | None
+) -> Call[tuple[list[AdapterInfo], str]]:
+    """One page of ListAdapters: its adapters and the next page's token ("" after the last page)."""
+    request = admin_pb2.ListAdaptersRequest(
+        page_size=page_size, page_token=page_token, name_prefix=name_prefix
+    )
+    return Call("ListAdapters", request, _reply_page, READ_CODES, timeout, admin=True)
+
+
+def _reply_page(message: admin_pb2.ListAdaptersResponse) -> tuple[list[AdapterInfo], str]:
+    return [adapter_from_proto(a) for a in message.adapters], message.next_page_token
 
 
 def score_from_proto(message: generation_pb2.ScoreResponse) -> ScoreResult:
