@@ -84,16 +84,27 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} CPUs"
 
 
+def _own_cgroup(v1: bool) -> str:
+    """This process's cgroup (of the cpu controller on v1), relative to the hierarchy's root."""
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if (v1 and "cpu" in controllers.split(",")) or (not v1 and controllers == ""):
+            return path.lstrip("/")
+    return ""
+
+
 def _quota_cgroup(cpus: float) -> Path:
-    """A cgroup with a CPU quota of `cpus`; returns the file a pid is written to."""
+    """A cgroup with a CPU quota of `cpus`, made inside this process's own cgroup (so it keeps whatever
+    share that one has of the machine, as a container's limit sits inside its pod's group); returns the
+    file a pid is written to."""
     name = f"adapterserve-bench-{os.getpid()}"
     if (_CGROUP_V1 / "cpu.cfs_quota_us").exists():
-        group = _CGROUP_V1 / name
+        group = _CGROUP_V1 / _own_cgroup(v1=True) / name
         group.mkdir(exist_ok=True)
         period = int((group / "cpu.cfs_period_us").read_text())
         (group / "cpu.cfs_quota_us").write_text(str(int(cpus * period)))
     else:
-        group = _CGROUP_V2 / name
+        group = _CGROUP_V2 / _own_cgroup(v1=False) / name
         group.mkdir(exist_ok=True)
         (group / "cpu.max").write_text(f"{int(cpus * 100000)} 100000")
     return group / "cgroup.procs"
