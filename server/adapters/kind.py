@@ -107,10 +107,6 @@ class RowSelection:
     slots: torch.Tensor  # [B] long
     kinds: frozenset[str]
     single_slot: int | None  # every row uses this one slot (plain matmuls replace the gathers)
-    # kind -> (its rows [B_k] long, their own selection) for kinds with rows in at most half of the
-    # batch: their hooks run on those rows only (layers.py). Empty: every hook runs over all rows (the
-    # static decode step, whose shapes must not depend on the batch's contents).
-    subsets: dict[str, tuple[torch.Tensor, RowSelection]] = field(default_factory=dict)
 
     def of(self, per_slot: torch.Tensor) -> torch.Tensor:
         """per_slot [num_slots, ...] -> each row's entry [B, ...] (a copy; `index_select`, which costs

@@ -4,8 +4,6 @@ hooks of every linear kind that has rows in the batch (LoRA delta, IA3 scaling, 
 The runner sets the batch's `AdapterBatch` on the shared `AdapterContext` before each forward; every
 wrapped layer reads it. Each kind's slots are the identity for slot 0 and for slots of other kinds, so
 hooks compose: pre-hooks (on the input) in kind order, the base linear, then post-hooks in kind order.
-A kind with rows in at most half of an eager batch runs its hooks on those rows only (gathered, then
-written back): in a mix of kinds each row pays for its own kind's math, not for every kind's.
 """
 
 from __future__ import annotations
@@ -22,26 +20,12 @@ AdapterBatch = RowSelection  # one forward's rows: slots [B], kinds present, sin
 
 
 def build_batch(slot_list: list[int], slot_kinds: dict[int, str], device: torch.device) -> AdapterBatch:
-    """The AdapterBatch of rows using `slot_list` (row -> slot; slot 0 = no adapter). A kind whose rows
-    are at most half of the batch gets a subset of its own, so its hooks skip the other rows."""
+    """The AdapterBatch of rows using `slot_list` (row -> slot; slot 0 = no adapter)."""
     distinct = set(slot_list)
-    rows_of_kind: dict[str, list[int]] = {}
-    for row, slot in enumerate(slot_list):
-        if slot in slot_kinds:
-            rows_of_kind.setdefault(slot_kinds[slot], []).append(row)
-    subsets = {
-        kind: (
-            torch.tensor(rows, dtype=torch.long, device=device),
-            build_batch([slot_list[r] for r in rows], slot_kinds, device),
-        )
-        for kind, rows in rows_of_kind.items()
-        if 2 * len(rows) <= len(slot_list)
-    }
     return RowSelection(
         slots=torch.tensor(slot_list, dtype=torch.long, device=device),
-        kinds=frozenset(rows_of_kind),
+        kinds=frozenset(slot_kinds[s] for s in distinct if s in slot_kinds),
         single_slot=next(iter(distinct)) if len(distinct) == 1 else None,
-        subsets=subsets,
     )
 
 
@@ -68,25 +52,15 @@ class MultiAdapterLinear(nn.Module):
         batch = self.context.batch
         if batch is None or batch.single_slot == NO_ADAPTER or not batch.kinds:
             return self.base(x)
-        active = [(name, ms) for name, ms in sorted(self.slots.items()) if name in batch.kinds]
+        active = [ms for name, ms in sorted(self.slots.items()) if name in batch.kinds]
         if not active:
             return self.base(x)
         h = x
-        for name, ms in active:
-            part = batch.subsets.get(name)
-            if part is None:
-                h = ms.pre(h, batch)
-            else:  # the kind's rows only (its hooks are the identity on the others)
-                rows, selection = part  # [B_k], the rows' own selection
-                h = h.index_copy(0, rows, ms.pre(h.index_select(0, rows), selection))
+        for ms in active:
+            h = ms.pre(h, batch)
         y = self.base(h)  # [B, S, out]
-        for name, ms in active:
-            part = batch.subsets.get(name)
-            if part is None:
-                y = ms.post(x, y, batch)
-            else:  # y is this forward's own tensor: written in place
-                rows, selection = part
-                y.index_copy_(0, rows, ms.post(x.index_select(0, rows), y.index_select(0, rows), selection))
+        for ms in active:
+            y = ms.post(x, y, batch)
         return y
 
 
