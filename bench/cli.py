@@ -26,7 +26,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--kinds",
         choices=["lora", "mixed"],
         default="lora",
-        help="LoRA only, or LoRA/IA3/prompt/prefix in turn",
+        help="LoRA only, or LoRA/DoRA/IA3/prompt/prefix in turn",
     )
     parser.add_argument("--targets", default="q_proj,v_proj", help="LoRA target modules (comma separated)")
     parser.add_argument("--rank", type=int, default=8)

@@ -3,9 +3,9 @@
 Rows: decoding rows first (0..num_decoding-1), then rows still prefilling. One `step()`:
   1. run control calls (pins) and reap cancelled requests (their rows and slots are freed);
   2. admit waiting requests into free rows (bounded by the batch size and the adapter slots);
-  3. prefill: up to `max_prefill_tokens` prompt tokens, in chunks, over the prefilling rows in order
-     (a long prompt is spread over several steps: it never stalls decoding for long); a row whose
-     prompt is complete samples its first token and joins the decoding rows;
+  3. prefill (prefill_phase.py): up to `max_prefill_tokens` prompt tokens, in chunks, over the
+     prefilling rows in order (a long prompt is spread over several steps: it never stalls decoding for
+     long); a row whose prompt is complete samples its first token and joins the decoding rows;
   4. decode one token for every decoding row; with the paged cache and `EngineSettings.packed_steps`
      (off by default), 3 and 4 are one forward (runner.packed: every token a row of its own, so the weights are
      read once per step; rows just promoted by this step's prefill decode from the next step);
@@ -30,17 +30,14 @@ import torch
 from adapterserve.server.adapters.kind import HookSite
 from adapterserve.server.adapters.layers import AdapterBatch, AdapterContext, build_batch, wrap_model
 from adapterserve.server.adapters.slots import NO_ADAPTER, AdapterBank
-from adapterserve.server.engine import faults
+from adapterserve.server.engine import faults, prefill_phase
 from adapterserve.server.engine.decode_graphs import decode_step_mode, make_decode_graphs
-from adapterserve.server.engine.fork import fork, make_choices
+from adapterserve.server.engine.fork import make_choices
 from adapterserve.server.engine.kv_cache import make_kv_cache
-from adapterserve.server.engine.logits_processing import prompt_token_logprobs
-from adapterserve.server.engine.paged_kv_cache import PagedKVCache
-from adapterserve.server.engine.prefill_groups import forward_cost_tokens, plan_groups, prefill_length
+from adapterserve.server.engine.prefill_groups import forward_cost_tokens
 from adapterserve.server.engine.provider import ResolvedAdapter
-from adapterserve.server.engine.runner import ModelRunner, PrefillRow
+from adapterserve.server.engine.runner import ModelRunner
 from adapterserve.server.engine.sampling import RowSampler, sample_step
-from adapterserve.server.engine.scoring import chunk_logprobs, scored_positions
 from adapterserve.server.engine.sequence import EventSink, Sequence
 from adapterserve.server.engine.stats import EngineStats, engine_stats
 from adapterserve.server.engine.structured import GrammarMasks
@@ -219,16 +216,16 @@ class EngineCore:
         self._reap_cancelled()
         admitted = self._admit()
         if admitted:
-            self._run_guarded(admitted, lambda: self._start_prefill(admitted))
+            self._run_guarded(admitted, lambda: prefill_phase.start(self, admitted))
             self._retire_finished()
-        chunk = self._prefill_chunk()
-        if chunk and self.num_decoding and self._can_pack(chunk):
+        chunk = prefill_phase.next_chunk(self)
+        if chunk and self.num_decoding and prefill_phase.can_pack(self, chunk):
             rows = self.running[: self.num_decoding] + [seq for seq, _ in chunk]
-            self._run_guarded(rows, lambda: self._packed(chunk))
+            self._run_guarded(rows, lambda: prefill_phase.run_packed(self, chunk))
             self._retire_finished()
             return
         if chunk:
-            self._run_guarded([seq for seq, _ in chunk], lambda: self._prefill(chunk))
+            self._run_guarded([seq for seq, _ in chunk], lambda: prefill_phase.run(self, chunk))
             self._retire_finished()
         if self.num_decoding:
             rows = self.running[: self.num_decoding]
@@ -241,7 +238,7 @@ class EngineCore:
             waiting, self.waiting = list(self.waiting), deque()
         for seq in waiting + self.running:
             if not seq.finished:
-                self._finish(seq, FinishReason.ERROR, error=error)
+                self.finish(seq, FinishReason.ERROR, error=error)
         self._retire_finished()
 
     def _run_guarded(self, seqs: list[Sequence], work: Callable[[], None]) -> None:
@@ -268,7 +265,7 @@ class EngineCore:
             ]
             for seq in seqs:
                 if not seq.finished:
-                    self._finish(seq, FinishReason.ERROR, error=error)
+                    self.finish(seq, FinishReason.ERROR, error=error)
                 if id(seq) not in rows and seq.slot_key is not None:
                     # admitted (its slot acquired) but the failure came before it got a row:
                     # retiring will not see it, so its slot is released here
@@ -306,10 +303,10 @@ class EngineCore:
                 (dropped if seq.request.request_id in cancel else kept).append(seq)
             self.waiting = kept
         for seq in dropped:
-            self._finish(seq, FinishReason.CANCELLED)
+            self.finish(seq, FinishReason.CANCELLED)
         for seq in self.running:
             if seq.request.request_id in cancel and not seq.finished:
-                self._finish(seq, FinishReason.CANCELLED)
+                self.finish(seq, FinishReason.CANCELLED)
         self._retire_finished()
 
     def _admit(self) -> list[Sequence]:
@@ -342,170 +339,8 @@ class EngineCore:
             self.waiting.extendleft(reversed(skipped))
         return admitted
 
-    def _batch(self, seqs: list[Sequence]) -> AdapterBatch:
+    def adapter_batch(self, seqs: list[Sequence]) -> AdapterBatch:
         return build_batch([s.slot for s in seqs], self.bank.slot_kinds, self.device)
-
-    def _start_prefill(self, seqs: list[Sequence]) -> None:
-        """Give admitted requests rows at the end, shortest prefill first (see prefill_groups.py), and
-        their prefill inputs (prefix K/V written now)."""
-        for seq in sorted(seqs, key=prefill_length):
-            row = len(self.running)
-            self.cache.reserve(row, seq.kv_tokens)
-            self.running.append(seq)  # on failure, _run_guarded finishes it and retire frees the row
-            ids = torch.tensor(seq.request.prompt_ids, dtype=torch.long, device=self.device)
-            embeds = self.runner.embed(ids)  # [n, H]
-            if seq.hook == HookSite.PREFILL:
-                assert seq.resolved is not None
-                storage = self.bank.prefill[seq.resolved.adapter.kind]
-                embeds, seq.prefill_start = storage.prefill(seq.slot, row, embeds, self.cache)  # [m, H]
-            seq.prefill_inputs = embeds
-            seq.length = seq.prefill_start
-
-    def _prefill_chunk(self) -> list[tuple[Sequence, int]]:
-        """(row, tokens) for this step: prefilling rows in row order while the token budget lasts.
-        The first prefilling row always gets some tokens, so a long prompt cannot starve."""
-        budget = self.settings.max_prefill_tokens
-        chunk: list[tuple[Sequence, int]] = []
-        for seq in self.running[self.num_decoding :]:
-            take = min(seq.prefill_remaining, budget)
-            if take <= 0:
-                break
-            chunk.append((seq, take))
-            budget -= take
-        return chunk
-
-    def _can_pack(self, chunk: list[tuple[Sequence, int]]) -> bool:
-        """Whether this step's prefill chunk and decode rows run as one forward (see runner.packed)."""
-        return (
-            self.settings.packed_steps
-            and isinstance(self.cache, PagedKVCache)
-            and not any(seq.scores_prompt for seq, _ in chunk)
-        )
-
-    def _prefill_rows(self, chunk: list[tuple[Sequence, int]]) -> list[PrefillRow]:
-        rows = []
-        for seq, take in chunk:
-            assert seq.prefill_inputs is not None
-            part = seq.prefill_inputs[seq.prefill_done : seq.prefill_done + take]
-            rows.append(PrefillRow(embeds=part, start=seq.prefill_start + seq.prefill_done))
-        return rows
-
-    def _packed(self, chunk: list[tuple[Sequence, int]]) -> None:
-        """Decode every decoding row and prefill one chunk of each chosen prefilling row in one forward."""
-        decoding = self.running[: self.num_decoding]
-        slots = [s.slot for s in decoding] + [seq.slot for seq, take in chunk for _ in range(take)]
-        decode_logits, prefill_logits = self.runner.packed(
-            [s.output[-1] for s in decoding],
-            [s.length for s in decoding],
-            self._prefill_rows(chunk),
-            self.num_decoding,
-            build_batch(slots, self.bank.slot_kinds, self.device),
-        )
-        for seq in decoding:
-            seq.length += 1
-        self._accept(decoding, decode_logits)
-        self._prefilled(chunk, prefill_logits)
-
-    def _prefill(self, chunk: list[tuple[Sequence, int]]) -> None:
-        """Run one chunk of each chosen prefilling row (contiguous rows from num_decoding)."""
-        rows = self._prefill_rows(chunk)
-        seqs = [seq for seq, _ in chunk]
-        if any(seq.scores_prompt for seq in seqs):
-            logits = self._prefill_scoring(chunk, rows)
-        else:  # groups of similar lengths, each padded to its own longest row only
-            groups = plan_groups([take for _, take in chunk], self.prefill_forward_cost)
-            logits = torch.cat(
-                [
-                    self.runner.prefill(rows[a:b], self.num_decoding + a, self._batch(seqs[a:b]))
-                    for a, b in groups
-                ]
-            )  # [B, V]
-        self._prefilled(chunk, logits)
-
-    def _prefilled(self, chunk: list[tuple[Sequence, int]], logits: torch.Tensor) -> None:
-        """Book a prefill chunk that ran (logits [B, V] of each row's last position): rows whose prompt
-        is complete sample their first token and join the decoding rows."""
-        seqs = [seq for seq, _ in chunk]
-        complete: list[int] = []
-        for i, (seq, take) in enumerate(chunk):
-            seq.prefill_done += take
-            seq.length = seq.prefill_start + seq.prefill_done
-            if seq.prefill_remaining == 0:
-                seq.prefill_inputs = None
-                self.prefilled_prompts += 1
-                if seq.request.score_tokens:
-                    scores = seq.scores
-                    if seq.request.prompt_logprobs is not None:  # scored as prompt logprobs
-                        scores = [t.logprob for t in seq.prompt_scores[-seq.request.score_tokens :]]
-                    self._finish(
-                        seq,
-                        FinishReason.SCORED,
-                        logprobs=tuple(scores),
-                        prompt_logprobs=tuple(seq.prompt_scores),
-                    )
-                else:
-                    complete.append(i)
-        if complete:
-            accepting: list[Sequence] = []
-            rows: list[int] = []
-            for i in complete:
-                for s in [seqs[i], *(fork(self, seqs[i]) if seqs[i].pending_choices else [])]:
-                    accepting.append(s)
-                    rows.append(i)  # a request's choices all sample from its last-position logits
-            self._accept(accepting, logits[rows])
-            for s in accepting:
-                if not s.finished:
-                    self._promote(s)
-
-    def _prefill_scoring(self, chunk: list[tuple[Sequence, int]], rows: list[PrefillRow]) -> torch.Tensor:
-        """A prefill chunk with scoring rows: keep every position's state, record the scored tokens'
-        log-probs (see scoring.py). Returns each row's last-position logits [B, V], as prefill does."""
-        seqs = [seq for seq, _ in chunk]
-        states = self.runner.prefill_states(rows, self.num_decoding, self._batch(seqs))  # [B, S, H]
-        last = torch.tensor([take - 1 for _, take in chunk], device=states.device)
-        for i, (seq, take) in enumerate(chunk):
-            if seq.request.prompt_logprobs is not None:
-                self._prompt_logprobs(seq, states[i, :take])
-            elif seq.request.score_tokens:
-                assert seq.prefill_inputs is not None  # still prefilling
-                # virtual token embeddings in front of the prompt (prompt tuning), whatever the kind
-                virtual_inputs = seq.prefill_inputs.shape[0] - len(seq.request.prompt_ids)
-                seq.scores += chunk_logprobs(
-                    self.runner.head,
-                    states[i, :take],
-                    seq.prefill_done,
-                    virtual_inputs,
-                    seq.request.prompt_ids,
-                    seq.request.score_tokens,
-                )
-        return self.runner.head(states[torch.arange(len(chunk), device=states.device), last])
-
-    def _prompt_logprobs(self, seq: Sequence, states: torch.Tensor) -> None:
-        """Record the logprobs (and top-k) of the prompt tokens this chunk's states [take, H] predict."""
-        assert seq.prefill_inputs is not None and seq.request.prompt_logprobs is not None
-        prompt = seq.request.prompt_ids
-        virtual_inputs = seq.prefill_inputs.shape[0] - len(prompt)
-        positions = scored_positions(
-            seq.prefill_done, states.shape[0], virtual_inputs, len(prompt), len(prompt) - 1
-        )
-        if not positions:
-            return
-        index = torch.arange(
-            positions.start - seq.prefill_done, positions.stop - seq.prefill_done, device=states.device
-        )
-        ids = [prompt[p - virtual_inputs + 1] for p in positions]
-        seq.prompt_scores += prompt_token_logprobs(
-            self.runner.head(states[index]), ids, seq.request.prompt_logprobs
-        )
-
-    def _promote(self, seq: Sequence) -> None:
-        """A row whose prefill is complete joins the decoding rows (swapped to their end if needed)."""
-        row, target = self.running.index(seq), self.num_decoding
-        if row != target:
-            other = self.running[target]
-            self.cache.swap_rows(row, target, max(seq.length, other.length))
-            self.running[row], self.running[target] = other, seq
-        self.num_decoding += 1
 
     def _decode(self) -> None:
         seqs = self.running[: self.num_decoding]
@@ -516,12 +351,12 @@ class EngineCore:
         else:
             tokens = torch.tensor([s.output[-1] for s in seqs], dtype=torch.long, device=self.device)
             positions = torch.tensor([s.length for s in seqs], dtype=torch.long, device=self.device)
-            logits = self.runner.decode(tokens, positions, self._batch(seqs))  # [B, V]
+            logits = self.runner.decode(tokens, positions, self.adapter_batch(seqs))  # [B, V]
         for seq in seqs:
             seq.length += 1
-        self._accept(seqs, logits)
+        self.accept_tokens(seqs, logits)
 
-    def _accept(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+    def accept_tokens(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         grammars = [s.grammar for s in seqs]
         if any(grammars):  # structured output: the grammar rows get their token masks (one -inf fill)
             logits = self.grammars.apply(logits, grammars)
@@ -539,7 +374,7 @@ class EngineCore:
             params = seq.request.sampling
             reason = None
             if seq.grammar is not None and (failed := seq.grammar.consume(token, self.eos_ids)):
-                self._finish(seq, FinishReason.ERROR, error=ServeError(failed))
+                self.finish(seq, FinishReason.ERROR, error=ServeError(failed))
                 continue
             if token in self.eos_ids and not params.ignore_eos:
                 reason = FinishReason.EOS
@@ -555,7 +390,7 @@ class EngineCore:
             if reason is None:
                 seq.emit(self._event(seq, (token,), delta, **extra))
             else:
-                self._finish(seq, reason, token_ids=(token,), text=delta + seq.text.flush(), **extra)
+                self.finish(seq, reason, token_ids=(token,), text=delta + seq.text.flush(), **extra)
         if any(grammars):  # the next step's masks, computed while it runs its forward
             self.grammars.prefetch([s.grammar for s in seqs if s.grammar is not None and not s.finished])
 
@@ -569,7 +404,7 @@ class EngineCore:
             **kw,
         )
 
-    def _finish(
+    def finish(
         self,
         seq: Sequence,
         reason: FinishReason,
@@ -598,7 +433,7 @@ class EngineCore:
         # choices not forked yet (it ends before its prefill did): they end the same way, hold nothing
         pending, seq.pending_choices = seq.pending_choices, []
         for choice in pending:
-            self._finish(choice, reason, error=error)
+            self.finish(choice, reason, error=error)
 
     def _move(self, src: int, dst: int) -> None:
         moved = self.running[src]

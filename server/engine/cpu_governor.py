@@ -12,8 +12,14 @@ How: after engine steps, at most once per `window_s` of work, it reads two count
   average: the harm itself. At `CONTENDED` or more, the engine drops to the CPUs left free by the others
   (at least one thread fewer).
 - the CPU time the other processes used on the CPUs we may run on (`/proc/stat` per CPU minus our own
-  `/proc/self/stat`): when it leaves a whole CPU free beyond our threads for `calm_windows` windows in a
+  `/proc/self/stat`): when it leaves a whole CPU free beyond our threads for `CALM_WINDOWS` windows in a
   row, the engine takes one thread back.
+- Busy CPUs are not always in our way: work at a lower priority (a nice'd batch job, a process in a
+  cgroup with fewer CPU shares) fills every idle cycle yet yields at once. So after `PROBE_WINDOWS`
+  windows in a row in which our threads hardly waited, the engine tries one thread back although the
+  CPUs look busy: if the next window shows it waiting (`CONTENDED`), it drops again and waits twice as
+  many windows before the next try (at most `PROBE_WINDOWS_MAX`; after `NEW_LOAD_IDLE_S` of idle,
+  a new load, the tries start over); if not, the thread stays.
 Threads never exceed the planned count and never go below one. Where the counters cannot be read (not
 Linux, schedstat off), the governor does nothing. The thread count is set on the engine thread (OpenMP's
 count is per thread), between steps.
@@ -38,6 +44,10 @@ WINDOW_S = 1.0  # seconds of work between two decisions
 CONTENDED = 0.4
 FREE_TO_GROW = 0.75  # a CPU this free (after the others and our threads) is worth one more thread
 CALM_WINDOWS = 3  # windows in a row with that much free before a thread comes back
+QUIET = CONTENDED / 2  # our threads' waiting below this: the CPUs we have are not fought over
+PROBE_WINDOWS = 3  # quiet windows in a row before a thread is tried back beside busy CPUs
+PROBE_WINDOWS_MAX = 48  # the wait doubles after each failed try, up to this
+NEW_LOAD_IDLE_S = 2.0  # idle this long: the load that made tries fail may be gone (tries start over)
 
 
 @dataclass(frozen=True)
@@ -129,12 +139,20 @@ class CpuGovernor:
         self._apply, self._read = apply, read
         self._last: CpuSample | None = None
         self._calm = 0
+        self._quiet = 0  # quiet windows in a row (below max_threads)
+        self._probe_after = PROBE_WINDOWS
+        self._probing = False  # the last thread added was a try beside busy CPUs
+        self._idle_since: float | None = None
         self.changes = 0
         self.last_window: Window | None = None
 
     def after_step(self) -> None:
         """Call after each engine step: decides once per window of work."""
         now = time.monotonic()
+        if self._idle_since is not None:
+            if now - self._idle_since >= NEW_LOAD_IDLE_S:
+                self._probe_after, self._quiet = PROBE_WINDOWS, 0
+            self._idle_since = None
         if self._last is not None and now - self._last.wall < self.window_s:
             return
         sample = self._read()
@@ -161,27 +179,44 @@ class CpuGovernor:
         self.decide(window)
 
     def idle(self) -> None:
-        """The engine has no work: the next window starts with the next step."""
+        """The engine has no work: the next window starts with the next step. A long idle (a new load
+        may follow) starts the tries of a thread back over (`NEW_LOAD_IDLE_S`)."""
         self._last = None
+        if self._idle_since is None:
+            self._idle_since = time.monotonic()
 
     def decide(self, window: Window) -> int:
         """The thread count after `window` (applied if it changed)."""
-        target = self.threads
-        if window.waiting >= CONTENDED and self.threads > 1:
+        target, why = self.threads, ""
+        contended = window.waiting >= CONTENDED
+        if self._probing and not contended:  # the thread tried back is not in anyone's way: it stays
+            self._probing, self._probe_after = False, PROBE_WINDOWS
+        if contended and self.threads > 1:
             left = math.floor(self.cpus - window.others + 0.25)  # CPUs the others leave us
-            target = max(1, min(self.threads - 1, left))
-            self._calm = 0
+            target, why = max(1, min(self.threads - 1, left)), "contended"
+            if self._probing:  # the try failed: the next one waits twice as long
+                self._probe_after = min(2 * self._probe_after, PROBE_WINDOWS_MAX)
+                why = "the thread tried back waited for a CPU"
+            self._calm = self._quiet = 0
+            self._probing = False
         elif self.threads < self.max_threads:
             free = self.cpus - window.others - self.threads
             self._calm = self._calm + 1 if free >= FREE_TO_GROW else 0
+            self._quiet = self._quiet + 1 if window.waiting < QUIET else 0
             if self._calm >= CALM_WINDOWS:
-                target, self._calm = self.threads + 1, 0
+                target, why = self.threads + 1, "a CPU is free"
+            elif self._quiet >= self._probe_after:
+                target, why = self.threads + 1, "trying one back: the busy CPUs do not hold our threads up"
+                self._probing = True
+            if target != self.threads:
+                self._calm = self._quiet = 0
         if target != self.threads:
             log.info(
-                "CPU contention governor: %d -> %d engine thread(s) (our threads waiting for a CPU: %.2f, "
-                "other processes busy: %.2f of %d CPUs)",
+                "CPU contention governor: %d -> %d engine thread(s), %s (our threads waiting for a CPU: "
+                "%.2f, other processes busy: %.2f of %d CPUs)",
                 self.threads,
                 target,
+                why,
                 window.waiting,
                 window.others,
                 self.cpus,

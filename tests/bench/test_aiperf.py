@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from adapterserve.bench.aiperf import HEADER, AiperfSettings, Server, aiperf_row, format_row
+import pytest
+
+from adapterserve.bench.aiperf import HEADER, AiperfSettings, Server, aiperf_row, format_row, run_aiperf
 
 
 def test_a_report_becomes_a_table_row() -> None:
@@ -37,3 +40,39 @@ def test_the_governor_column_lists_thread_changes_not_the_start_up_plan(tmp_path
     server = Server.__new__(Server)  # only the log is read
     server.log_path = log
     assert server.governor_changes() == "2->1, 1->2"
+
+
+def _fake_aiperf(tmp_path: Path, exit_code: int, writes_export: bool) -> str:
+    """An `aiperf` stand-in: writes a report into --output-artifact-dir (or not) and exits `exit_code`."""
+    report = {
+        "output_token_throughput": {"avg": 42.7},
+        "time_to_first_token": {"p50": 2900.0},
+        "inter_token_latency": {"p50": 310.0, "p99": 450.0},
+    }
+    script = tmp_path / "aiperf"
+    write = (
+        'mkdir -p "$out" && printf %s \'' + json.dumps(report) + '\' > "$out/profile_export_aiperf.json"'
+        if writes_export
+        else ":"
+    )
+    script.write_text(
+        "#!/bin/sh\n"
+        'while [ $# -gt 0 ]; do [ "$1" = --output-artifact-dir ] && out=$2; shift; done\n'
+        f"{write}\necho 'DEGRADED: 1 result producer(s) died before reporting'\nexit {exit_code}\n"
+    )
+    script.chmod(0o755)
+    return str(script)
+
+
+def test_an_aiperf_that_exits_non_zero_after_writing_its_records_still_gives_a_row(tmp_path: Path) -> None:
+    settings = AiperfSettings(aiperf=_fake_aiperf(tmp_path, 1, writes_export=True), label="before")
+    report = run_aiperf(settings, ["base"], "tok", "http://127.0.0.1:1", tmp_path / "run")
+    row = aiperf_row("base", report)
+    assert row.tokens_per_s == 42.7 and row.note == "aiperf exit 1"
+    assert format_row(row, settings).endswith("| — (aiperf exit 1) |")
+
+
+def test_an_aiperf_that_fails_without_records_is_an_error_naming_its_log(tmp_path: Path) -> None:
+    settings = AiperfSettings(aiperf=_fake_aiperf(tmp_path, 2, writes_export=False))
+    with pytest.raises(RuntimeError, match=r"aiperf exited 2 without results; see .*run\.log"):
+        run_aiperf(settings, ["base"], "tok", "http://127.0.0.1:1", tmp_path / "run")

@@ -27,14 +27,74 @@ def test_two_cpus_beside_a_busy_client_run_one_thread_and_come_back_after_calm_w
     governor, applied = _governor()
     governor.decide(Window(1.0, waiting=0.9, others=0.3))
     assert governor.threads == 1
-    for _ in range(5):  # the client still busy: no CPU free beyond our thread
-        governor.decide(Window(1.0, waiting=0.0, others=0.7))
+    for _ in range(cpu_governor.PROBE_WINDOWS - 1):  # the client still busy: no CPU free beyond ours
+        governor.decide(Window(1.0, waiting=0.3, others=0.7))  # and our one thread waits now and then
     assert governor.threads == 1
     for _ in range(cpu_governor.CALM_WINDOWS - 1):
         governor.decide(Window(1.0, waiting=0.0, others=0.05))
     assert governor.threads == 1  # one calm window short
     governor.decide(Window(1.0, waiting=0.0, others=0.05))
     assert governor.threads == 2 and applied == [1, 2]
+
+
+def test_a_thread_is_tried_back_beside_busy_cpus_and_kept_when_nobody_is_in_its_way() -> None:
+    """Low-priority work (nice'd, fewer cgroup shares) keeps the CPUs busy but yields: our threads do not
+    wait, so the thread tried back stays."""
+    governor, applied = _governor()
+    governor.decide(Window(1.0, waiting=0.9, others=0.9))  # a real competitor: down to one
+    for _ in range(cpu_governor.PROBE_WINDOWS):  # now only low-priority work: busy, but we never wait
+        governor.decide(Window(1.0, waiting=0.02, others=1.0))
+    assert governor.threads == 2 and applied == [1, 2]
+    for _ in range(10):
+        governor.decide(Window(1.0, waiting=0.05, others=0.95))
+    assert governor.threads == 2 and applied == [1, 2]
+
+
+def test_a_failed_try_drops_back_and_the_next_waits_twice_as_long() -> None:
+    """Beside a competitor at our priority one thread does not wait but two do: each try costs one
+    window, and the tries get rarer (3, 6, 12 ... quiet windows, at most PROBE_WINDOWS_MAX)."""
+    governor, applied = _governor()
+    governor.decide(Window(1.0, waiting=0.9, others=0.9))
+    waits = []
+    for _ in range(5):
+        quiet = 0
+        while governor.threads == 1:
+            governor.decide(Window(1.0, waiting=0.05, others=0.95))
+            quiet += 1
+        waits.append(quiet)
+        governor.decide(Window(1.0, waiting=0.8, others=0.95))  # the try: two threads wait
+        assert governor.threads == 1
+    p = cpu_governor.PROBE_WINDOWS
+    assert waits == [min(p * 2**i, cpu_governor.PROBE_WINDOWS_MAX) for i in range(5)]
+    assert applied == [1] + [2, 1] * 5
+
+
+def test_a_long_idle_starts_the_tries_over(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [0.0]
+    monkeypatch.setattr(cpu_governor.time, "monotonic", lambda: clock[0])
+    governor, _ = _governor()
+    governor.decide(Window(1.0, waiting=0.9, others=0.9))
+    for _ in range(3):  # three failed tries: the next waits 24 windows
+        while governor.threads == 1:
+            governor.decide(Window(1.0, waiting=0.05, others=0.95))
+        governor.decide(Window(1.0, waiting=0.8, others=0.95))
+
+    def quiet_windows_to_a_try() -> int:
+        n = 0
+        while governor.threads == 1:
+            governor.decide(Window(1.0, waiting=0.05, others=0.95))
+            n += 1
+        governor.decide(Window(1.0, waiting=0.8, others=0.95))
+        return n
+
+    governor.idle()  # a short pause between requests changes nothing
+    clock[0] += cpu_governor.NEW_LOAD_IDLE_S / 4
+    governor.after_step()
+    assert quiet_windows_to_a_try() == 8 * cpu_governor.PROBE_WINDOWS
+    governor.idle()  # a long one: the load may have changed
+    clock[0] += cpu_governor.NEW_LOAD_IDLE_S
+    governor.after_step()
+    assert quiet_windows_to_a_try() == cpu_governor.PROBE_WINDOWS
 
 
 def test_never_below_one_nor_above_the_plan() -> None:

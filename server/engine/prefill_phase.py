@@ -1,0 +1,204 @@
+"""The prefill phase of an engine step (functions of the EngineCore, as fork.py's are).
+
+- `start`: admitted requests get rows at the end of the batch, shortest prefill first, and their prefill
+  inputs (a prefix adapter's K/V written now, a prompt adapter's virtual tokens in front);
+- `next_chunk`: this step's prompt tokens, over the prefilling rows in order within the token budget;
+- `run`: the chunk's forwards (rows grouped by length; scoring rows keep every position's state);
+  `run_packed`: the chunk and the decoding rows in one forward (EngineSettings.packed_steps);
+- a row whose prompt is complete samples its first token (its n choices fork from it, fork.py) and
+  joins the decoding rows.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from adapterserve.server.adapters.kind import HookSite
+from adapterserve.server.adapters.layers import build_batch
+from adapterserve.server.engine.fork import fork
+from adapterserve.server.engine.logits_processing import prompt_token_logprobs
+from adapterserve.server.engine.paged_kv_cache import PagedKVCache
+from adapterserve.server.engine.prefill_groups import plan_groups, prefill_length
+from adapterserve.server.engine.runner import PrefillRow
+from adapterserve.server.engine.scoring import chunk_logprobs, scored_positions
+from adapterserve.server.engine.sequence import Sequence
+from adapterserve.server.engine.types import FinishReason
+
+if TYPE_CHECKING:
+    from adapterserve.server.engine.core import EngineCore
+
+
+def start(core: EngineCore, seqs: list[Sequence]) -> None:
+    """Give admitted requests rows at the end, shortest prefill first (see prefill_groups.py), and
+    their prefill inputs (prefix K/V written now)."""
+    for seq in sorted(seqs, key=prefill_length):
+        row = len(core.running)
+        core.cache.reserve(row, seq.kv_tokens)
+        core.running.append(seq)  # on failure, _run_guarded finishes it and retire frees the row
+        ids = torch.tensor(seq.request.prompt_ids, dtype=torch.long, device=core.device)
+        embeds = core.runner.embed(ids)  # [n, H]
+        if seq.hook == HookSite.PREFILL:
+            assert seq.resolved is not None
+            storage = core.bank.prefill[seq.resolved.adapter.kind]
+            embeds, seq.prefill_start = storage.prefill(seq.slot, row, embeds, core.cache)  # [m, H]
+        seq.prefill_inputs = embeds
+        seq.length = seq.prefill_start
+
+
+def next_chunk(core: EngineCore) -> list[tuple[Sequence, int]]:
+    """(row, tokens) for this step: prefilling rows in row order while the token budget lasts.
+    The first prefilling row always gets some tokens, so a long prompt cannot starve."""
+    budget = core.settings.max_prefill_tokens
+    chunk: list[tuple[Sequence, int]] = []
+    for seq in core.running[core.num_decoding :]:
+        take = min(seq.prefill_remaining, budget)
+        if take <= 0:
+            break
+        chunk.append((seq, take))
+        budget -= take
+    return chunk
+
+
+def can_pack(core: EngineCore, chunk: list[tuple[Sequence, int]]) -> bool:
+    """Whether this step's prefill chunk and decode rows run as one forward (see runner.packed)."""
+    return (
+        core.settings.packed_steps
+        and isinstance(core.cache, PagedKVCache)
+        and not any(seq.scores_prompt for seq, _ in chunk)
+    )
+
+
+def _rows(core: EngineCore, chunk: list[tuple[Sequence, int]]) -> list[PrefillRow]:
+    rows = []
+    for seq, take in chunk:
+        assert seq.prefill_inputs is not None
+        part = seq.prefill_inputs[seq.prefill_done : seq.prefill_done + take]
+        rows.append(PrefillRow(embeds=part, start=seq.prefill_start + seq.prefill_done))
+    return rows
+
+
+def run_packed(core: EngineCore, chunk: list[tuple[Sequence, int]]) -> None:
+    """Decode every decoding row and prefill one chunk of each chosen prefilling row in one forward."""
+    decoding = core.running[: core.num_decoding]
+    slots = [s.slot for s in decoding] + [seq.slot for seq, take in chunk for _ in range(take)]
+    decode_logits, prefill_logits = core.runner.packed(
+        [s.output[-1] for s in decoding],
+        [s.length for s in decoding],
+        _rows(core, chunk),
+        core.num_decoding,
+        build_batch(slots, core.bank.slot_kinds, core.device),
+    )
+    for seq in decoding:
+        seq.length += 1
+    core.accept_tokens(decoding, decode_logits)
+    _prefilled(core, chunk, prefill_logits)
+
+
+def run(core: EngineCore, chunk: list[tuple[Sequence, int]]) -> None:
+    """Run one chunk of each chosen prefilling row (contiguous rows from num_decoding)."""
+    rows = _rows(core, chunk)
+    seqs = [seq for seq, _ in chunk]
+    if any(seq.scores_prompt for seq in seqs):
+        logits = _scoring_logits(core, chunk, rows)
+    else:  # groups of similar lengths, each padded to its own longest row only
+        groups = plan_groups([take for _, take in chunk], core.prefill_forward_cost)
+        logits = torch.cat(
+            [
+                core.runner.prefill(rows[a:b], core.num_decoding + a, core.adapter_batch(seqs[a:b]))
+                for a, b in groups
+            ]
+        )  # [B, V]
+    _prefilled(core, chunk, logits)
+
+
+def _prefilled(core: EngineCore, chunk: list[tuple[Sequence, int]], logits: torch.Tensor) -> None:
+    """Book a prefill chunk that ran (logits [B, V] of each row's last position): rows whose prompt
+    is complete sample their first token and join the decoding rows."""
+    seqs = [seq for seq, _ in chunk]
+    complete: list[int] = []
+    for i, (seq, take) in enumerate(chunk):
+        seq.prefill_done += take
+        seq.length = seq.prefill_start + seq.prefill_done
+        if seq.prefill_remaining == 0:
+            seq.prefill_inputs = None
+            core.prefilled_prompts += 1
+            if seq.request.score_tokens:
+                scores = seq.scores
+                if seq.request.prompt_logprobs is not None:  # scored as prompt logprobs
+                    scores = [t.logprob for t in seq.prompt_scores[-seq.request.score_tokens :]]
+                core.finish(
+                    seq,
+                    FinishReason.SCORED,
+                    logprobs=tuple(scores),
+                    prompt_logprobs=tuple(seq.prompt_scores),
+                )
+            else:
+                complete.append(i)
+    if complete:
+        accepting: list[Sequence] = []
+        rows: list[int] = []
+        for i in complete:
+            for s in [seqs[i], *(fork(core, seqs[i]) if seqs[i].pending_choices else [])]:
+                accepting.append(s)
+                rows.append(i)  # a request's choices all sample from its last-position logits
+        core.accept_tokens(accepting, logits[rows])
+        for s in accepting:
+            if not s.finished:
+                _promote(core, s)
+
+
+def _scoring_logits(
+    core: EngineCore, chunk: list[tuple[Sequence, int]], rows: list[PrefillRow]
+) -> torch.Tensor:
+    """A prefill chunk with scoring rows: keep every position's state, record the scored tokens'
+    log-probs (see scoring.py). Returns each row's last-position logits [B, V], as prefill does."""
+    seqs = [seq for seq, _ in chunk]
+    states = core.runner.prefill_states(rows, core.num_decoding, core.adapter_batch(seqs))  # [B, S, H]
+    last = torch.tensor([take - 1 for _, take in chunk], device=states.device)
+    for i, (seq, take) in enumerate(chunk):
+        if seq.request.prompt_logprobs is not None:
+            _prompt_logprobs(core, seq, states[i, :take])
+        elif seq.request.score_tokens:
+            assert seq.prefill_inputs is not None  # still prefilling
+            # virtual token embeddings in front of the prompt (prompt tuning), whatever the kind
+            virtual_inputs = seq.prefill_inputs.shape[0] - len(seq.request.prompt_ids)
+            seq.scores += chunk_logprobs(
+                core.runner.head,
+                states[i, :take],
+                seq.prefill_done,
+                virtual_inputs,
+                seq.request.prompt_ids,
+                seq.request.score_tokens,
+            )
+    return core.runner.head(states[torch.arange(len(chunk), device=states.device), last])
+
+
+def _prompt_logprobs(core: EngineCore, seq: Sequence, states: torch.Tensor) -> None:
+    """Record the logprobs (and top-k) of the prompt tokens this chunk's states [take, H] predict."""
+    assert seq.prefill_inputs is not None and seq.request.prompt_logprobs is not None
+    prompt = seq.request.prompt_ids
+    virtual_inputs = seq.prefill_inputs.shape[0] - len(prompt)
+    positions = scored_positions(
+        seq.prefill_done, states.shape[0], virtual_inputs, len(prompt), len(prompt) - 1
+    )
+    if not positions:
+        return
+    index = torch.arange(
+        positions.start - seq.prefill_done, positions.stop - seq.prefill_done, device=states.device
+    )
+    ids = [prompt[p - virtual_inputs + 1] for p in positions]
+    seq.prompt_scores += prompt_token_logprobs(
+        core.runner.head(states[index]), ids, seq.request.prompt_logprobs
+    )
+
+
+def _promote(core: EngineCore, seq: Sequence) -> None:
+    """A row whose prefill is complete joins the decoding rows (swapped to their end if needed)."""
+    row, target = core.running.index(seq), core.num_decoding
+    if row != target:
+        other = core.running[target]
+        core.cache.swap_rows(row, target, max(seq.length, other.length))
+        core.running[row], core.running[target] = other, seq
+    core.num_decoding += 1
