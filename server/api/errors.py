@@ -36,6 +36,15 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return False
 
 
+def status_name(exc: BaseException) -> str:
+    """The gRPC status code name an exception maps to, for any transport (what metrics record)."""
+    if isinstance(exc, ServeError):
+        return exc.grpc_code
+    if is_out_of_memory(exc):
+        return "RESOURCE_EXHAUSTED"
+    return "INTERNAL"
+
+
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and the client-facing message for an exception (no logging)."""
     if isinstance(exc, ServeError):
