@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from adapterserve.server.api.grpc.requests import structured_from_proto
 from adapterserve.server.api.http.errors import to_openai_error
 from adapterserve.server.api.http.schemas import (
     ChatCompletionRequest,
@@ -14,7 +15,6 @@ from adapterserve.server.api.http.schemas import (
     describe_validation_error,
 )
 from adapterserve.server.api.http.service import _structured
-from adapterserve.server.api.requests import structured_from_proto
 from adapterserve.server.engine.types import MAX_SCHEMA_BYTES, StructuredKind, StructuredOutput
 from adapterserve.server.errors import InvalidArgumentError
 from adapterserve.v1 import generation_pb2

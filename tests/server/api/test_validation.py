@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from adapterserve.server.api.grpc.requests import to_engine_request
 from adapterserve.server.api.http.schemas import ChatCompletionRequest, CompletionRequest
 from adapterserve.server.api.http.service import OpenAIService
 from adapterserve.server.api.lifecycle import Lifecycle
 from adapterserve.server.api.metrics import ServerMetrics
-from adapterserve.server.api.requests import to_engine_request
 from adapterserve.server.api.runtime import RuntimeRef
 from adapterserve.server.errors import InvalidArgumentError, NotFoundError
 from adapterserve.server.settings import LimitSettings

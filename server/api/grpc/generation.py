@@ -2,7 +2,7 @@
 (log-likelihood of a continuation; see scoring.py).
 
 Each call is validated and tokenized (requests.py, scoring.py) and runs through a GenerationSession
-(session.py: admission, engine, cancel, metrics, timing), the same as an HTTP call; this module only
+(../session.py: admission, engine, cancel, metrics, timing), the same as an HTTP call; this module only
 turns the session's TokenEvents into the wire replies.
 """
 
@@ -14,13 +14,13 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
-from adapterserve.server.api.convert import finish_reason_to_proto
-from adapterserve.server.api.errors import map_errors
+from adapterserve.server.api.grpc.convert import finish_reason_to_proto
+from adapterserve.server.api.grpc.errors import map_errors
+from adapterserve.server.api.grpc.requests import to_engine_request
+from adapterserve.server.api.grpc.scoring import score_response, to_scoring_request
 from adapterserve.server.api.lifecycle import Lifecycle
 from adapterserve.server.api.metrics import ServerMetrics
-from adapterserve.server.api.requests import to_engine_request
 from adapterserve.server.api.runtime import RuntimeRef
-from adapterserve.server.api.scoring import score_response, to_scoring_request
 from adapterserve.server.api.session import GenerationSession, Sessions
 from adapterserve.server.engine.types import FinishReason, TokenLogprob
 from adapterserve.server.errors import ServeError

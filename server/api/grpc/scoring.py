@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from adapterserve.server.api.grpc.requests import prompt_ids_from_proto
 from adapterserve.server.api.prompts import as_ids
-from adapterserve.server.api.requests import prompt_ids_from_proto
 from adapterserve.server.api.validation import GRPC_NAMES, check_request, request_id_or_new
 from adapterserve.server.engine.types import GenerationRequest, SamplingParams
 from adapterserve.server.errors import InvalidArgumentError
