@@ -1,24 +1,19 @@
-"""Bearer-token auth and the starting/draining gate, as one grpc.aio server interceptor.
+"""Bearer-token auth: who may call what, for both transports.
 
 Admin calls need the admin token (`authorization: Bearer <token>`); generation calls need the
 generation token when one is configured. Tokens are compared in constant time. Health checks and
-reflection are always open. While the server is starting or draining, API calls get UNAVAILABLE.
+reflection are always open. gRPC applies `decide` in its gate interceptor (grpc/gate.py, which also
+refuses calls while starting or draining); HTTP applies it to the `Authorization` header
+(http/service.bearer_refusal).
 """
 
 from __future__ import annotations
 
 import hmac
-import logging
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
-
-from adapterserve.server.api.decoding import refuse_undecodable
-from adapterserve.server.api.lifecycle import Lifecycle
-
-log = logging.getLogger(__name__)
 
 ADMIN_PREFIX = "/adapterserve.v1.Admin/"
 GENERATION_PREFIX = "/adapterserve.v1.Generation/"
@@ -70,59 +65,3 @@ def decide(policy: AuthPolicy, method: str, metadata: Any) -> tuple[grpc.StatusC
     if method.startswith(GENERATION_PREFIX) and policy.generate_token:
         return check_token(bearer_token(metadata), policy.generate_token, "generation")
     return None
-
-
-def _deny(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as `handler` that aborts every call with (code, message)."""
-
-    async def abort_unary(_request: Any, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(code, message)
-
-    kwargs = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(abort_unary, **kwargs)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(abort_unary, **kwargs)
-    if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(abort_unary, **kwargs)
-    return grpc.stream_stream_rpc_method_handler(abort_unary, **kwargs)
-
-
-class GateInterceptor(grpc.aio.ServerInterceptor):
-    """Refuses API calls while starting/draining (UNAVAILABLE) and without the right token."""
-
-    def __init__(
-        self,
-        policy: AuthPolicy,
-        lifecycle: Lifecycle,
-        on_refused: Callable[[str, grpc.StatusCode], None] | None = None,
-    ) -> None:
-        self._policy = policy
-        self._lifecycle = lifecycle
-        self._on_refused = on_refused  # (full method name, code): counted in metrics
-
-    def _refuse(self, handler: grpc.RpcMethodHandler, method: str, code: grpc.StatusCode, message: str):
-        if self._on_refused is not None:
-            self._on_refused(method, code)
-        return _deny(handler, code, message)
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or not method.startswith((ADMIN_PREFIX, GENERATION_PREFIX)):
-            return handler
-        reason = self._lifecycle.refusal()
-        if reason is not None:
-            return self._refuse(handler, method, grpc.StatusCode.UNAVAILABLE, reason)
-        refusal = decide(self._policy, method, handler_call_details.invocation_metadata)
-        if refusal is not None:
-            log.info("refused %s: %s", method, refusal[0].name)
-            return self._refuse(handler, method, *refusal)
-        return refuse_undecodable(handler)

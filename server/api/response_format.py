@@ -1,7 +1,8 @@
-"""The wire `ResponseFormat` (gRPC field, and what the HTTP API's `response_format` becomes) as the
-engine's `StructuredOutput`. Checks what needs no grammar engine (the type, the schema's size and JSON
-shape); the engine compiles the schema when it validates the request (structured.py) and refuses one
-llguidance cannot compile, before it is queued."""
+"""Structured output as the engine's `StructuredOutput`, checked the same for both transports: what needs
+no grammar engine (the schema's size and JSON shape). Each transport reads its own wire shape (gRPC's
+ResponseFormat in grpc/requests, OpenAI's `response_format` in http/service) and calls this; the engine
+compiles the schema when it validates the request (structured.py) and refuses one llguidance cannot
+compile, before it is queued."""
 
 from __future__ import annotations
 
@@ -9,49 +10,23 @@ import json
 
 from adapterserve.server.engine.types import MAX_SCHEMA_BYTES, StructuredKind, StructuredOutput
 from adapterserve.server.errors import InvalidArgumentError
-from adapterserve.v1 import generation_pb2
 
-_TYPES = {
-    generation_pb2.ResponseFormat.TYPE_JSON_OBJECT: StructuredKind.JSON_OBJECT,
-    generation_pb2.ResponseFormat.TYPE_JSON_SCHEMA: StructuredKind.JSON_SCHEMA,
-}
+SCHEMA_FIELD = "response_format.json_schema"
 
 
-def response_format_proto(kind: str, schema: dict | None = None) -> generation_pb2.ResponseFormat:
-    """The wire ResponseFormat of OpenAI's `response_format` ("text", "json_object", "json_schema")."""
-    if kind == "json_schema":
-        return generation_pb2.ResponseFormat(
-            type=generation_pb2.ResponseFormat.TYPE_JSON_SCHEMA, json_schema=json.dumps(schema)
-        )
-    if kind == "json_object":
-        return generation_pb2.ResponseFormat(type=generation_pb2.ResponseFormat.TYPE_JSON_OBJECT)
-    return generation_pb2.ResponseFormat(type=generation_pb2.ResponseFormat.TYPE_TEXT)
-
-
-def structured_from_proto(fmt: generation_pb2.ResponseFormat) -> StructuredOutput | None:
-    """None for free text (TYPE_TEXT); InvalidArgumentError naming the field for a bad format."""
-    if fmt.type == generation_pb2.ResponseFormat.TYPE_TEXT:
-        if fmt.json_schema:
-            raise InvalidArgumentError("response_format.json_schema: only with type TYPE_JSON_SCHEMA")
-        return None
-    kind = _TYPES.get(fmt.type)
-    if kind is None:
-        raise InvalidArgumentError(f"response_format.type: unknown type {fmt.type}")
-    if kind == StructuredKind.JSON_OBJECT:
-        if fmt.json_schema:
-            raise InvalidArgumentError("response_format.json_schema: only with type TYPE_JSON_SCHEMA")
+def structured_output(kind: StructuredKind, schema: str = "") -> StructuredOutput:
+    """The engine's StructuredOutput of a JSON object or a JSON schema (its text, key order kept)."""
+    if kind is StructuredKind.JSON_OBJECT:
         return StructuredOutput(kind)
-    schema = fmt.json_schema
     if not schema:
-        raise InvalidArgumentError("response_format.json_schema: required with type TYPE_JSON_SCHEMA")
-    if len(schema.encode()) > MAX_SCHEMA_BYTES:
-        raise InvalidArgumentError(
-            f"response_format.json_schema: {len(schema.encode())} bytes, at most {MAX_SCHEMA_BYTES}"
-        )
+        raise InvalidArgumentError(f"{SCHEMA_FIELD}: required with a JSON schema response format")
+    size = len(schema.encode())
+    if size > MAX_SCHEMA_BYTES:
+        raise InvalidArgumentError(f"{SCHEMA_FIELD}: {size} bytes, at most {MAX_SCHEMA_BYTES}")
     try:
         parsed = json.loads(schema)
     except ValueError as exc:
-        raise InvalidArgumentError(f"response_format.json_schema: not valid JSON: {exc}") from None
+        raise InvalidArgumentError(f"{SCHEMA_FIELD}: not valid JSON: {exc}") from None
     if not isinstance(parsed, dict):
-        raise InvalidArgumentError("response_format.json_schema: a JSON schema must be a JSON object")
+        raise InvalidArgumentError(f"{SCHEMA_FIELD}: a JSON schema must be a JSON object")
     return StructuredOutput(kind, schema)

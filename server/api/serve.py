@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from adapterserve.server.api.auth import AuthPolicy
-from adapterserve.server.api.grpc_server import GrpcServer, build_grpc_server
+from adapterserve.server.api.grpc.server import GrpcServer, build_grpc_server
 from adapterserve.server.api.lifecycle import Lifecycle, Phase
 from adapterserve.server.api.metrics import RuntimeSnapshot, ServerMetrics
 from adapterserve.server.api.runtime import RuntimeFactory, RuntimeRef, StartedRuntime

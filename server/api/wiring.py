@@ -13,7 +13,7 @@ from typing import Any
 
 from adapterserve.server.adapters.kind import kind_names
 from adapterserve.server.api.catalog import StoreCatalog
-from adapterserve.server.api.convert import adapter_kind_to_proto
+from adapterserve.server.api.grpc.convert import adapter_kind_to_proto
 from adapterserve.server.api.metrics import RuntimeSnapshot, TierStats
 from adapterserve.server.api.runtime import Runtime, StartedRuntime
 from adapterserve.server.cpu_threads import ThreadPlan, apply_threads, plan_threads

@@ -25,8 +25,8 @@ from adapterserve.server.adapters.safetensors_check import (
     parse_safetensors_header,
     sniff_pickle,
 )
-from adapterserve.server.api.admin import decode_page_token, upload_chunks
-from adapterserve.server.api.decoding import Undecodable, _tolerant
+from adapterserve.server.api.grpc.admin import decode_page_token, upload_chunks
+from adapterserve.server.api.grpc.decoding import Undecodable, _tolerant
 from adapterserve.server.errors import AdapterValidationError, ServeError
 from adapterserve.server.settings import EngineSettings, LimitSettings
 from adapterserve.server.store.upload import UploadRequest

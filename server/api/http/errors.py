@@ -68,30 +68,12 @@ class OpenAIError(Exception):
         )
 
 
-# Field names of the gRPC request (as requests.py writes them in messages) -> the OpenAI field names.
-_FIELD_NAMES = (
-    ("sampling.max_new_tokens", "max_tokens"),
-    ("sampling.temperature", "temperature"),
-    ("sampling.top_p", "top_p"),
-    ("sampling.top_k", "top_k"),
-    ("sampling.repetition_penalty", "repetition_penalty"),
-    ("sampling.stop", "stop"),
-    ("sampling.seed", "seed"),
-)
-
-
-def _openai_field_names(message: str) -> str:
-    for grpc_name, http_name in _FIELD_NAMES:
-        message = message.replace(grpc_name, http_name)
-    return message
-
-
 def to_openai_error(exc: BaseException, where: str) -> OpenAIError:
     """The OpenAIError for any exception; bugs are logged with a reference the client also gets."""
     if isinstance(exc, OpenAIError):
         return exc
     if isinstance(exc, ServeError):
-        message = _openai_field_names(str(exc) or type(exc).__name__)
+        message = str(exc) or type(exc).__name__
         param = "response_format" if message.startswith("response_format") else None
         return OpenAIError.of_code(exc.grpc_code, message, param=param)
     if is_out_of_memory(exc):

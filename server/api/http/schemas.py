@@ -1,7 +1,9 @@
 """Request bodies of the OpenAI-compatible endpoints, as pydantic models.
 
 Unknown fields are refused (a clear 400 naming them), never silently ignored: a client that asks for
-`tools` learns at once that this server does not do it. Supported: `n` (up to the server's --max-n,
+`tools` learns at once that this server does not do it. These models check the JSON's shape and types
+only; the ranges and the server's limits are checked by validation.check_request, the one check both
+transports use (the same 400 and message as gRPC's INVALID_ARGUMENT, naming the OpenAI field). Supported: `n` (up to the server's --max-n,
 one prefill for all choices), `presence_penalty` / `frequency_penalty` (-2..2, over the generated
 tokens), `logit_bias` (token id -> -100..100), `logprobs` (completions: top-k count; chat: true with
 `top_logprobs`), `echo` (completions; with logprobs, the prompt tokens' logprobs too; `max_tokens: 0`
@@ -58,35 +60,33 @@ class _Sampling(_Body):
     """Fields both endpoints share."""
 
     model: str = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0)
+    max_tokens: int | None = None
+    temperature: float | None = None
     top_p: float | None = None
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, lt=1 << 64)
-    n: int = Field(1, ge=1)  # at most the server's --max-n (checked with the other limits)
+    seed: int | None = None
+    n: int = 1  # 1..the server's --max-n
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted (OpenAI clients send it); not used
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     response_format: ResponseFormat | None = None  # structured output (JSON)
     # extras (as vLLM names them)
     ignore_eos: bool = False
-    top_k: int | None = Field(None, ge=-1)  # -1 or 0 = off
+    top_k: int | None = None  # -1 or 0 = off
     repetition_penalty: float | None = None
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: int = 0
 
     @field_validator("logit_bias")
     @classmethod
     def _bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
-        for key, bias in (value or {}).items():
-            if not key.isdigit():
+        for key in value or {}:
+            if not (key.isascii() and key.isdigit() and len(key) <= 12):
                 raise ValueError(
                     f"keys must be token ids (non-negative integers as strings), not {key[:32]!r}"
                 )
-            if not -100 <= bias <= 100:
-                raise ValueError(f"the bias of token {key} is {bias}, outside -100..100")
         return value
 
     def bias(self) -> dict[int, float]:
@@ -106,9 +106,9 @@ class CompletionRequest(_Sampling):
 
     # a string, token ids, or a list of one of either
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(None, ge=0)  # 0: only with echo (the prompt and its logprobs)
+    max_tokens: int | None = None  # 0: only with echo (the prompt and its logprobs)
     echo: bool = False
-    logprobs: int | None = Field(None, ge=0)  # alternatives per token (at most the server's --max-logprobs)
+    logprobs: int | None = None  # alternatives per token (at most the server's --max-logprobs)
     best_of: int | None = None
     suffix: str | None = None
 
@@ -176,9 +176,9 @@ class ChatCompletionRequest(_Sampling):
     """POST /v1/chat/completions"""
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)  # newer OpenAI name of max_tokens
+    max_completion_tokens: int | None = None  # newer OpenAI name of max_tokens
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0)  # with logprobs; at most the server's --max-logprobs
+    top_logprobs: int | None = None  # with logprobs; at most the server's --max-logprobs
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self) -> ChatCompletionRequest:

@@ -1,8 +1,9 @@
 """The OpenAI-compatible protocol over the engine, without a web framework.
 
-`OpenAIService` turns a parsed JSON body into an engine request (through the same validation, limits
-and tokenization as gRPC: requests.to_engine_request), runs it, and builds OpenAI's response objects
-or server-sent-event frames. The FastAPI app of `serve` (app.py) and the Ray Serve replicas
+`OpenAIService` turns a parsed JSON body into the engine's request (tokenized by prompts.py and checked
+by validation.check_request, the same checks and limits as gRPC), runs it through a GenerationSession
+(session.py: admission, engine, cancel, metrics and timing, the same as gRPC's), and builds OpenAI's
+response objects or server-sent-event frames. The FastAPI app of `serve` (app.py) and the Ray Serve replicas
 (adapterserve.server.scaleout) both call it, so every transport gives the same answers.
 
 `model` names an adapter, or the base model's served name for no adapter; anything else is a 404
@@ -11,13 +12,12 @@ or server-sent-event frames. The FastAPI app of `serve` (app.py) and the Ray Ser
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
+import functools
 import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from pydantic import ValidationError
@@ -34,14 +34,22 @@ from adapterserve.server.api.http.schemas import (
 )
 from adapterserve.server.api.lifecycle import Lifecycle
 from adapterserve.server.api.metrics import ServerMetrics
-from adapterserve.server.api.requests import to_engine_request
-from adapterserve.server.api.response_format import response_format_proto
+from adapterserve.server.api.prompts import checked_ids, ids_of_chat, ids_of_text, vocab_size
+from adapterserve.server.api.response_format import structured_output
 from adapterserve.server.api.runtime import RuntimeRef
-from adapterserve.server.engine.types import FinishReason, TokenEvent
+from adapterserve.server.api.session import GenerationSession, Sessions
+from adapterserve.server.api.validation import FieldNames, check_request
+from adapterserve.server.engine.types import (
+    FinishReason,
+    GenerationRequest,
+    SamplingParams,
+    StructuredKind,
+    StructuredOutput,
+    TokenEvent,
+)
 from adapterserve.server.errors import NotFoundError, UnavailableError
 from adapterserve.server.settings import LimitSettings
 from adapterserve.server.store.names import is_valid_name
-from adapterserve.v1 import generation_pb2
 
 PROTOCOL = "http"
 COMPLETIONS = "completions"
@@ -85,29 +93,40 @@ def bearer_refusal(policy: AuthPolicy, authorization: str | None) -> OpenAIError
 
 @dataclass
 class _Run:
-    """One request's progress and timings (monotonic seconds)."""
+    """One HTTP request: its OpenAI id and model, and the session that runs it (progress and timings)."""
 
     id: str
     model: str
-    started: float
+    session: GenerationSession
     created: int = field(default_factory=lambda: int(time.time()))
-    first_token_at: float | None = None
-    completion_tokens: int = 0
-    prompt_tokens: int = 0
-    finish_reason: FinishReason | None = None
-    prompt_ids: tuple[int, ...] = ()
-    choices: int = 1  # n
-    open_choices: int = 1  # choices without their final event yet
 
     def usage(self) -> dict[str, int]:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
-        }
+        prompt, completion = self.session.prompt_tokens, self.session.generated_tokens
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    def finish(self) -> str | None:
-        return None if self.finish_reason is None else _FINISH.get(self.finish_reason, "stop")
+    @property
+    def prompt_ids(self) -> tuple[int, ...]:
+        return () if self.session.request is None else self.session.request.prompt_ids
+
+    @property
+    def n(self) -> int:
+        return 1 if self.session.request is None else self.session.request.n
+
+
+def _echo_only(req: CompletionRequest | ChatCompletionRequest) -> bool:
+    """A completion with max_tokens 0 (and echo): the prompt and its logprobs, nothing generated."""
+    return isinstance(req, CompletionRequest) and req.max_tokens == 0
+
+
+def _structured(req: CompletionRequest | ChatCompletionRequest) -> StructuredOutput | None:
+    """OpenAI's response_format as the engine's StructuredOutput (checked as gRPC's is)."""
+    fmt = req.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return structured_output(StructuredKind.JSON_OBJECT)
+    schema = fmt.json_schema.schema_ if fmt.json_schema is not None else None
+    return structured_output(StructuredKind.JSON_SCHEMA, json.dumps(schema))
 
 
 def finish_of(reason: FinishReason | None) -> str | None:
@@ -127,8 +146,8 @@ class OpenAIService:
     ) -> None:
         self._runtime = runtime
         self._limits = limits
-        self._metrics = metrics
         self._lifecycle = lifecycle
+        self._sessions = Sessions(runtime, metrics, lifecycle)
         self._served_name = served_model_name
         self._texts: TokenTexts | None = None
 
@@ -191,136 +210,95 @@ class OpenAIService:
         if model == self.served_name():
             return ""
         if not is_valid_name(model):
-            raise OpenAIError.model_not_found(model)
+            raise NotFoundError(f"model {model!r} is not an adapter name")  # the service answers 404
         return model
 
-    def _to_proto(self, req: CompletionRequest | ChatCompletionRequest, request_id: str) -> Any:
+    def engine_request(
+        self, req: CompletionRequest | ChatCompletionRequest, request_id: str, tokenizer: Any
+    ) -> GenerationRequest:
+        """The engine request of a parsed body, tokenized and checked (validation.check_request)."""
+        chat = isinstance(req, ChatCompletionRequest)
+        max_name = "max_tokens"
         if isinstance(req, ChatCompletionRequest):
-            max_tokens = req.max_completion_tokens or req.max_tokens or self._limits.max_new_tokens
-        elif req.max_tokens is None:
-            max_tokens = min(DEFAULT_COMPLETION_MAX_TOKENS, self._limits.max_new_tokens)
+            if req.max_completion_tokens is not None:
+                max_name, max_tokens = "max_completion_tokens", req.max_completion_tokens
+            else:
+                max_tokens = self._limits.max_new_tokens if req.max_tokens is None else req.max_tokens
+            logprobs = (req.top_logprobs or 0) if req.logprobs else None
         else:
-            max_tokens = max(req.max_tokens, 1)  # 0 (echo only) runs as a scoring request: see _events
-        sampling = generation_pb2.SamplingParams(
+            if req.max_tokens is None:
+                max_tokens = min(DEFAULT_COMPLETION_MAX_TOKENS, self._limits.max_new_tokens)
+            else:  # 0 (echo only): nothing is generated, the prompt is scored (see _echo_only)
+                max_tokens = req.max_tokens or 1
+            logprobs = req.logprobs
+        sampling = SamplingParams(
             max_new_tokens=max_tokens,
             temperature=DEFAULT_TEMPERATURE if req.temperature is None else req.temperature,
-            top_k=max(req.top_k or 0, 0),
-            stop=req.stops(),
+            top_k=0 if req.top_k in (None, -1) else req.top_k,  # -1 or 0: off
+            top_p=1.0 if req.top_p is None else req.top_p,
+            repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+            seed=req.seed,
+            stop=tuple(req.stops()),
             ignore_eos=req.ignore_eos,
             presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0,
-            logit_bias=req.bias(),
+            logit_bias=tuple(sorted(req.bias().items())),
             min_tokens=req.min_tokens,
+            logprobs=logprobs,
         )
+        prompt_logprobs = None
         if isinstance(req, ChatCompletionRequest):
-            if req.logprobs:
-                sampling.logprobs = req.top_logprobs or 0
-        elif req.logprobs is not None:
-            sampling.logprobs = req.logprobs
-        if req.top_p is not None:
-            sampling.top_p = req.top_p
-        if req.repetition_penalty is not None:
-            sampling.repetition_penalty = req.repetition_penalty
-        if req.seed is not None:
-            sampling.seed = req.seed
-        proto = generation_pb2.GenerateRequest(
-            adapter=self._adapter_of(req.model), sampling=sampling, request_id=request_id, n=req.n
-        )
-        if (fmt := req.response_format) is not None and fmt.type != "text":
-            schema = fmt.json_schema.schema_ if fmt.json_schema is not None else None
-            proto.response_format.CopyFrom(response_format_proto(fmt.type, schema))
-        if isinstance(req, ChatCompletionRequest):
-            proto.messages.messages.extend(
-                generation_pb2.ChatMessage(role=m.role, content=m.text()) for m in req.messages
-            )
+            prompt_field = "messages"
+            prompt_ids = ids_of_chat(tokenizer, [(m.role, m.text()) for m in req.messages], prompt_field)
         else:
+            prompt_field = "prompt"
             prompt = req.prompt_value()
             if isinstance(prompt, str):
-                proto.prompt = prompt
+                prompt_ids = ids_of_text(tokenizer, prompt, prompt_field)
             else:
-                proto.prompt_ids.ids.extend(prompt)
+                prompt_ids = checked_ids(tokenizer, prompt, prompt_field)
             if req.echo and req.logprobs is not None:
-                proto.prompt_logprobs = req.logprobs
-        return proto
+                prompt_logprobs = req.logprobs
+        request = GenerationRequest(
+            request_id=request_id,
+            prompt_ids=prompt_ids,
+            adapter=self._adapter_of(req.model) or None,
+            sampling=sampling,
+            structured=_structured(req),
+            n=req.n,
+            prompt_logprobs=prompt_logprobs,
+        )
+        names = FieldNames(
+            sampling={"max_new_tokens": max_name, "logprobs": "top_logprobs" if chat else "logprobs"},
+            request={"prompt_logprobs": "logprobs"},
+        )
+        check_request(request, self._limits, names, prompt_field=prompt_field, vocab=vocab_size(tokenizer))
+        if _echo_only(req) and len(prompt_ids) >= 2:
+            # a scoring request over the prompt (its tokens after the first)
+            request = replace(request, score_tokens=len(prompt_ids) - 1, prompt_logprobs=prompt_logprobs or 0)
+        return request
 
-    async def _events(
-        self, method: str, req: CompletionRequest | ChatCompletionRequest, run: _Run
-    ) -> AsyncIterator[TokenEvent]:
-        """Admit, submit and relay the engine's events; refusals raise OpenAIError before the first event.
+    def _events(self, req: CompletionRequest | ChatCompletionRequest, run: _Run) -> AsyncIterator[TokenEvent]:
+        """The session's events (admission, limits and drain shared with gRPC; metrics; cancel on an early
+        end). Its errors are mapped to OpenAI's by `_openai_error`."""
+        build = functools.partial(self.engine_request, req, run.id)
 
-        Counts the call in the lifecycle (limits and drain shared with gRPC) and in the metrics; whatever
-        ends the iteration early (client gone, error) cancels the engine work at once.
-        """
-        label = self._metrics.labels.known(req.model)
-        status = "OK"
-        handle = None
-        try:
-            async with self._lifecycle.call(generation=True):
-                runtime = self._runtime.get()
-                proto = self._to_proto(req, run.id)
-                adapter = proto.adapter
-                label = self._metrics.labels.known(adapter)
-                engine_request = to_engine_request(proto, runtime.tokenizer, self._limits)
-                run.prompt_tokens = len(engine_request.prompt_ids)
-                run.prompt_ids = engine_request.prompt_ids
-                run.choices = run.open_choices = engine_request.n
-                if isinstance(req, CompletionRequest) and req.max_tokens == 0:
-                    # echo only: a scoring request over the prompt (its tokens after the first)
-                    if len(engine_request.prompt_ids) < 2:
-                        run.finish_reason = FinishReason.SCORED
-                        yield TokenEvent((), "", FinishReason.SCORED, prompt_tokens=run.prompt_tokens)
-                        return
-                    engine_request = dataclasses.replace(
-                        engine_request,
-                        score_tokens=len(engine_request.prompt_ids) - 1,
-                        prompt_logprobs=engine_request.prompt_logprobs or 0,
-                    )
-                try:
-                    handle = await runtime.engine.submit(engine_request)
-                except NotFoundError:
-                    raise OpenAIError.model_not_found(req.model) from None
-                label = self._metrics.labels.grant(adapter)
-                async for event in handle:
-                    if event.finish_reason is FinishReason.ERROR:
-                        raise event.error or RuntimeError("engine reported an error without details")
-                    if event.finish_reason is FinishReason.CANCELLED:
-                        raise UnavailableError(
-                            "generation was cancelled by the server (shutting down); retry"
-                        )
-                    if event.token_ids and run.first_token_at is None:
-                        run.first_token_at = time.monotonic()
-                    run.completion_tokens += len(event.token_ids)
-                    if event.finish_reason is not None:
-                        run.open_choices -= 1
-                        if run.open_choices <= 0:  # every choice's final event came
-                            run.finish_reason = event.finish_reason
-                        run.prompt_tokens = event.prompt_tokens or run.prompt_tokens
-                    yield event
-                    if run.finish_reason is not None:
-                        return
-                raise RuntimeError("engine stream ended without a finish reason")
-        except (asyncio.CancelledError, GeneratorExit):
-            status = "CANCELLED"
-            raise
-        except OpenAIError as err:
-            status = err.grpc_code
-            raise
-        except Exception as exc:
-            err = to_openai_error(exc, method)
-            status = err.grpc_code
-            raise err from exc
-        finally:
-            if handle is not None and run.finish_reason is None:
-                handle.cancel()
-            self._metrics.record_request(method, label, status, protocol=PROTOCOL)
-            if status == "OK" and run.finish_reason is not None:
-                ttft = None if run.first_token_at is None else run.first_token_at - run.started
-                self._metrics.record_generation(
-                    label, run.prompt_tokens, run.completion_tokens, ttft, time.monotonic() - run.started
-                )
+        def local(request: GenerationRequest) -> TokenEvent | None:
+            if _echo_only(req) and not request.score_tokens:  # a one-token prompt: nothing to score
+                return TokenEvent((), "", FinishReason.SCORED, prompt_tokens=len(request.prompt_ids))
+            return None
 
-    def _new_run(self, prefix: str, req: Any) -> _Run:
-        return _Run(id=f"{prefix}-{uuid.uuid4().hex}", model=req.model, started=time.monotonic())
+        return run.session.events(build, local)
+
+    @staticmethod
+    def _openai_error(exc: BaseException, run: _Run) -> OpenAIError:
+        if isinstance(exc, NotFoundError):
+            return OpenAIError.model_not_found(run.model)
+        return to_openai_error(exc, run.session.method)
+
+    def _new_run(self, prefix: str, req: Any, method: str) -> _Run:
+        session = self._sessions.open(method, req.model, protocol=PROTOCOL)
+        return _Run(id=f"{prefix}-{uuid.uuid4().hex}", model=req.model, session=session)
 
     def _echo_text(self, req: CompletionRequest, run: _Run) -> str:
         """The prompt as `echo` repeats it: the prompt text, or its token ids decoded."""
@@ -348,13 +326,22 @@ class OpenAIService:
             )
         return {"index": state.index, "text": text, "finish_reason": None, "logprobs": logprobs}
 
+    async def _collect(self, req: CompletionRequest | ChatCompletionRequest, run: _Run) -> list[ChoiceState]:
+        """Run a request to its end; each choice's text, logprobs and finish reason."""
+        states: dict[int, ChoiceState] = {}
+        try:
+            async for event in self._events(req, run):
+                state = states.get(event.index) or states.setdefault(event.index, ChoiceState(event.index))
+                state.add(event)
+        except Exception as exc:
+            raise self._openai_error(exc, run) from exc
+        return [states.get(i) or ChoiceState(i) for i in range(run.n)]
+
     async def complete(self, body: Any) -> dict[str, Any]:
         """POST /v1/completions without streaming."""
         req = self._parse(body, CompletionRequest)
-        run = self._new_run("cmpl", req)
-        states = [ChoiceState(i) for i in range(req.n)]
-        async for event in self._events(COMPLETIONS, req, run):
-            states[event.index].add(event)
+        run = self._new_run("cmpl", req, COMPLETIONS)
+        states = await self._collect(req, run)
         choices = []
         for state in states:
             choice = self._completion_choice(req, run, state, state.logprobs, state.text, 0)
@@ -377,10 +364,8 @@ class OpenAIService:
     async def chat(self, body: Any) -> dict[str, Any]:
         """POST /v1/chat/completions without streaming."""
         req = self._parse(body, ChatCompletionRequest)
-        run = self._new_run("chatcmpl", req)
-        states = [ChoiceState(i) for i in range(req.n)]
-        async for event in self._events(CHAT, req, run):
-            states[event.index].add(event)
+        run = self._new_run("chatcmpl", req, CHAT)
+        states = await self._collect(req, run)
         return {
             "id": run.id,
             "object": "chat.completion",
@@ -409,7 +394,7 @@ class OpenAIService:
         """
         chat = endpoint == CHAT
         req = self._parse(body, ChatCompletionRequest if chat else CompletionRequest)
-        run = self._new_run("chatcmpl" if chat else "cmpl", req)
+        run = self._new_run("chatcmpl" if chat else "cmpl", req, CHAT if chat else COMPLETIONS)
         obj = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(choice: dict[str, Any] | None, usage: dict[str, int] | None = None) -> str:
@@ -424,12 +409,12 @@ class OpenAIService:
                 frame["usage"] = usage
             return sse(frame)
 
-        states = [ChoiceState(i) for i in range(req.n)]
+        states: dict[int, ChoiceState] = {}
 
         def pieces(event: TokenEvent) -> list[dict[str, Any]]:
             """The choice chunks of one event: its text and logprobs (the first with the role, or the
             echoed prompt), then the finish reason on its last event."""
-            state = states[event.index]
+            state = states.get(event.index) or states.setdefault(event.index, ChoiceState(event.index))
             entries = state.add(event)
             out: list[dict[str, Any]] = []
             if event.text or entries or not state.started:
@@ -461,8 +446,11 @@ class OpenAIService:
                     out.append({"index": state.index, "text": "", "finish_reason": finish, "logprobs": None})
             return out
 
-        events = self._events(CHAT if chat else COMPLETIONS, req, run)
-        first = await anext(events)  # refusals raise here, before any frame
+        events = self._events(req, run)
+        try:
+            first = await anext(events)  # refusals raise here, before any frame
+        except Exception as exc:
+            raise self._openai_error(exc, run) from exc
         return self._frames(events, first, chunk, pieces, req.include_usage(), run)
 
     async def _frames(
@@ -479,13 +467,13 @@ class OpenAIService:
             while event is not None:
                 for choice in pieces(event):
                     yield chunk(choice)
-                if run.finish_reason is not None:
+                if run.session.finish_reason is not None:
                     break
                 event = await anext(events, None)
             if include_usage:
                 yield chunk(None, usage=run.usage())
             yield SSE_DONE
-        except OpenAIError as err:
-            yield sse(err.body())
+        except Exception as exc:
+            yield sse(self._openai_error(exc, run).body())
         finally:
             await events.aclose()

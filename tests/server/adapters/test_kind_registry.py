@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from adapterserve.models import AdapterKind
 from adapterserve.server.adapters.kind import kind_names
-from adapterserve.server.api.convert import adapter_kind_to_proto
+from adapterserve.server.api.grpc.convert import adapter_kind_to_proto
 from adapterserve.v1 import types_pb2
 
 

@@ -1,4 +1,4 @@
-"""response_format on the wire: OpenAI's HTTP shapes -> the gRPC ResponseFormat -> the engine's
+"""response_format on the wire: OpenAI's HTTP shapes and the gRPC ResponseFormat -> the same engine
 StructuredOutput, and the refusals that need no grammar engine (each names its field)."""
 
 from __future__ import annotations
@@ -7,13 +7,14 @@ import json
 
 import pytest
 
+from adapterserve.server.api.grpc.requests import structured_from_proto
 from adapterserve.server.api.http.errors import to_openai_error
 from adapterserve.server.api.http.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
     describe_validation_error,
 )
-from adapterserve.server.api.response_format import response_format_proto, structured_from_proto
+from adapterserve.server.api.http.service import _structured
 from adapterserve.server.engine.types import MAX_SCHEMA_BYTES, StructuredKind, StructuredOutput
 from adapterserve.server.errors import InvalidArgumentError
 from adapterserve.v1 import generation_pb2
@@ -54,15 +55,27 @@ def test_malformed_response_formats_are_400s_naming_the_field(fmt, words):
     assert words in message and param.startswith("response_format"), message
 
 
-def test_proto_round_trip_keeps_the_schema_text_in_order():
-    fmt = response_format_proto("json_schema", SCHEMA)
-    structured = structured_from_proto(fmt)
+def test_both_transports_give_the_engine_the_same_format_with_the_schema_text_in_order():
+    def http(fmt: dict) -> StructuredOutput | None:
+        return _structured(ChatCompletionRequest.model_validate({**CHAT, "response_format": fmt}))
+
+    def grpc(kind: int, schema: str = "") -> StructuredOutput | None:
+        return structured_from_proto(generation_pb2.ResponseFormat(type=kind, json_schema=schema))
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}}
+    structured = http(fmt)
     assert structured == StructuredOutput(StructuredKind.JSON_SCHEMA, json.dumps(SCHEMA))
+    assert structured == grpc(generation_pb2.ResponseFormat.TYPE_JSON_SCHEMA, json.dumps(SCHEMA))
     assert list(json.loads(structured.schema)["properties"]) == ["b", "a"]  # the output's key order
-    assert structured_from_proto(response_format_proto("json_object")) == StructuredOutput(
+    assert http({"type": "json_object"}) == StructuredOutput(StructuredKind.JSON_OBJECT)
+    assert grpc(generation_pb2.ResponseFormat.TYPE_JSON_OBJECT) == StructuredOutput(
         StructuredKind.JSON_OBJECT
     )
-    assert structured_from_proto(response_format_proto("text")) is None
+    assert http({"type": "text"}) is None and grpc(generation_pb2.ResponseFormat.TYPE_TEXT) is None
+    big = {"type": "object", "description": " " * MAX_SCHEMA_BYTES}
+    with pytest.raises(InvalidArgumentError, match="at most") as info:
+        http({"type": "json_schema", "json_schema": {"name": "x", "schema": big}})
+    assert to_openai_error(info.value, "chat.completions").param == "response_format"
 
 
 @pytest.mark.parametrize(

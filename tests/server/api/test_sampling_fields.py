@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from adapterserve.server.api.requests import to_engine_request
+from adapterserve.server.api.grpc.requests import to_engine_request
 from adapterserve.server.errors import InvalidArgumentError
 from adapterserve.server.settings import LimitSettings
 from adapterserve.v1 import generation_pb2

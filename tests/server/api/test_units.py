@@ -7,12 +7,12 @@ import argparse
 import grpc
 import pytest
 
-from adapterserve.server.api.admin import decode_page_token, encode_page_token, page_of
 from adapterserve.server.api.app import add_serve_arguments, settings_from_args
 from adapterserve.server.api.auth import AuthPolicy, bearer_token, decide
-from adapterserve.server.api.errors import status_of
+from adapterserve.server.api.grpc.admin import decode_page_token, encode_page_token, page_of
+from adapterserve.server.api.grpc.errors import status_of
+from adapterserve.server.api.grpc.requests import sampling_from_proto
 from adapterserve.server.api.metrics import OTHER_LABEL, AdapterLabels
-from adapterserve.server.api.requests import sampling_from_proto
 from adapterserve.server.errors import InvalidArgumentError, NotFoundError, QueueFullError
 from adapterserve.server.settings import LimitSettings
 from adapterserve.v1 import generation_pb2

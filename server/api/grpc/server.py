@@ -9,9 +9,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from adapterserve.server.api.admin import AdminServicer
-from adapterserve.server.api.auth import AuthPolicy, GateInterceptor
-from adapterserve.server.api.generation import GenerationServicer
+from adapterserve.server.api.auth import AuthPolicy
+from adapterserve.server.api.grpc.admin import AdminServicer
+from adapterserve.server.api.grpc.gate import GateInterceptor
+from adapterserve.server.api.grpc.generation import GenerationServicer
 from adapterserve.server.api.lifecycle import Lifecycle
 from adapterserve.server.api.metrics import ServerMetrics
 from adapterserve.server.api.runtime import RuntimeRef

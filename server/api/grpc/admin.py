@@ -1,6 +1,6 @@
 """The Admin service: upload (client stream), delete, list (paged), get, pin, unpin.
 
-Auth is checked before these methods run (auth.GateInterceptor). The upload stream is checked here
+Auth is checked before these methods run (gate.GateInterceptor). The upload stream is checked here
 message by message (header first, chunk size, total size, file names) and handed to the catalog as
 (file name, bytes) pairs; the catalog validates and stores atomically.
 """
@@ -14,8 +14,8 @@ from collections.abc import AsyncIterator
 import grpc
 
 from adapterserve.server.api.contracts import AdapterRecord
-from adapterserve.server.api.convert import adapter_to_proto
-from adapterserve.server.api.errors import map_errors, status_of
+from adapterserve.server.api.grpc.convert import adapter_to_proto
+from adapterserve.server.api.grpc.errors import map_errors, status_of
 from adapterserve.server.api.lifecycle import Lifecycle
 from adapterserve.server.api.metrics import ServerMetrics
 from adapterserve.server.api.runtime import RuntimeRef
