@@ -49,13 +49,19 @@ def start(core: EngineCore, seqs: list[Sequence]) -> None:
 
 def next_chunk(core: EngineCore) -> list[tuple[Sequence, int]]:
     """(row, tokens) for this step: prefilling rows in row order while the token budget lasts.
-    The first prefilling row always gets some tokens, so a long prompt cannot starve."""
+    The first prefilling row always gets some tokens, so a long prompt cannot starve. A row whose prompt
+    would leave a tail of at most 1/8 of the budget takes it now (the step runs up to 1/8 over budget):
+    a tail left for the next step is a forward of its own that reads every weight for a few tokens (a
+    prompt-tuning row's 8 virtual tokens past a 512-token budget of 128-token prompts did that)."""
     budget = core.settings.max_prefill_tokens
+    tail = budget // 8
     chunk: list[tuple[Sequence, int]] = []
     for seq in core.running[core.num_decoding :]:
         take = min(seq.prefill_remaining, budget)
         if take <= 0:
             break
+        if seq.prefill_remaining - take <= tail:
+            take = seq.prefill_remaining
         chunk.append((seq, take))
         budget -= take
     return chunk

@@ -117,3 +117,28 @@ def test_cancel_while_prefilling_frees_the_row_and_leaves_others_intact(tiny_mod
     for sink, prompt in ((sinks[0], short), (sinks[2], short[::-1])):
         want = whole.generate([whole.request(prompt, max_new_tokens=6, ignore_eos=True)])[0].token_ids
         assert [t for ev in sink for t in ev.token_ids] == want
+
+
+def test_a_short_tail_is_prefilled_now_not_in_a_forward_of_its_own(tiny_model_dir):
+    """Budget 16 (a tail of 2 may run over): prompts of 7 and 10 tokens are both prefilled in the first
+    step (17 tokens), not 7 + 9 then a 1-token forward; the tokens are those of unchunked requests."""
+    settings = EngineSettings(max_batch_size=4, max_seq_len=64, max_prefill_tokens=16, max_queue=8)
+    engine = OfflineEngine(load_base_model(tiny_model_dir, quantize="none", device="cpu"), settings)
+    prompts = [list(range(5, 12)), list(range(20, 30))]
+    sinks = [[], []]
+    for prompt, sink in zip(prompts, sinks, strict=True):
+        engine.submit(engine.request(prompt, max_new_tokens=3), sink)
+    forwards = []
+    runner_prefill = engine.core.runner.prefill
+    engine.core.runner.prefill = lambda rows, *a: (
+        forwards.append(sum(r.embeds.shape[0] for r in rows)) or (runner_prefill(rows, *a))
+    )
+    engine.core.step()
+    assert all(sinks) and sum(forwards) == 17
+    while engine.core.has_work():
+        engine.core.step()
+    assert sum(forwards) == 17  # no forward for a tail
+    whole = OfflineEngine(load_base_model(tiny_model_dir, quantize="none", device="cpu"), EngineSettings())
+    for prompt, sink in zip(prompts, sinks, strict=True):
+        want = whole.generate([whole.request(prompt, max_new_tokens=3)])[0].token_ids
+        assert [t for ev in sink for t in ev.token_ids] == want
