@@ -141,7 +141,9 @@ def cache_attention(
         raise RuntimeError(f"{type(module).__name__} called the engine's attention outside an engine forward")
     step, cache, layer = state.step, state.cache, getattr(module, _LAYER_ATTR)
     if isinstance(step, PackedStep):
-        return _packed_attention(step, cache, layer, query, key, value, scaling, sliding_window, softcap), None
+        return _packed_attention(
+            step, cache, layer, query, key, value, scaling, sliding_window, softcap
+        ), None
     if step.table is None:
         cache.write(layer, step.row_start, step.positions, key, value)
         k_all, v_all = cache.read(layer, step.row_start, key.shape[0], step.length)  # [B, kvH, L, D]
@@ -171,7 +173,9 @@ def _packed_attention(
     parts = []
     if bd:
         k, v = cache.read_blocks(layer, step.decode.table, step.decode.length)  # [Bd, kvH, Ld, D]
-        parts.append(attend(query[:bd], k, v, step.decode.mask(window), scaling, softcap)[:, :, 0])  # [Bd, H, D]
+        parts.append(
+            attend(query[:bd], k, v, step.decode.mask(window), scaling, softcap)[:, :, 0]
+        )  # [Bd, H, D]
     rows, width = step.prefill.positions.shape
     padded = query[bd:, :, 0].index_select(0, step.pad_index)  # [Bp * S, H, D]
     q = padded.view(rows, width, heads, dim).transpose(1, 2)  # [Bp, H, S, D]

@@ -49,7 +49,7 @@ from adapterserve.server.errors import (
     ResourceExhaustedError,
     ServeError,
 )
-from adapterserve.server.model.cpu_linear import use_packed_linears
+from adapterserve.server.model.cpu_linear import prefill_positions, use_packed_linears
 from adapterserve.server.model.family import TESTED_FAMILIES
 from adapterserve.server.model.loading import LoadedBase, eos_token_ids
 from adapterserve.server.settings import EngineSettings
@@ -82,6 +82,7 @@ class EngineCore:
                 self.forward_check,
             )
         self.prefill_forward_cost = forward_cost_tokens(self.device, settings.prefill_group_cost)
+        self.prefill_positions = prefill_positions if packed else None  # what a prefill forward computes
         self.decode_graphs = make_decode_graphs(decode_mode, self.runner, self.cache, self.bank, settings)
         self.decode_step = decode_mode + (", compiled" if settings.compile_decode else "")
         self.eos_ids = eos_token_ids(base.tokenizer, base.model)

@@ -16,10 +16,15 @@ How: after engine steps, at most once per `window_s` of work, it reads two count
   row, the engine takes one thread back.
 - Busy CPUs are not always in our way: work at a lower priority (a nice'd batch job, a process in a
   cgroup with fewer CPU shares) fills every idle cycle yet yields at once. So after `PROBE_WINDOWS`
-  windows in a row in which our threads hardly waited, the engine tries one thread back although the
-  CPUs look busy: if the next window shows it waiting (`CONTENDED`), it drops again and waits twice as
-  many windows before the next try (at most `PROBE_WINDOWS_MAX`; after `NEW_LOAD_IDLE_S` of idle,
-  a new load, the tries start over); if not, the thread stays.
+  windows in a row in which our threads hardly waited, the governor asks a canary (cpu_canary.py: a
+  thread of ours that spins for 0.2 s and reads how long it waited for a CPU) whether one more thread
+  would get a CPU. Below `CANARY_BUSY` one thread is tried back and judged on the next
+  `TRIAL_WINDOW_S` of work: if our threads wait (`CONTENDED`), it drops again. At `CANARY_BUSY` or more
+  (a competitor at our priority fills the CPU) nothing is tried. A failed canary or try doubles the
+  quiet windows before the next test (at most `PROBE_WINDOWS_MAX`; after `NEW_LOAD_IDLE_S` of idle, a
+  new load, the tests start over). The canary costs the competitor ~0.1 s of CPU; a tried thread beside
+  a competitor at our priority costs the engine the whole try (its barriers wait for the descheduled
+  worker), which is why the canary asks first. Without a canary (no per-thread counters) the trial runs alone.
 Threads never exceed the planned count and never go below one. Where the counters cannot be read (not
 Linux, schedstat off), the governor does nothing. The thread count is set on the engine thread (OpenMP's
 count is per thread), between steps.
@@ -32,8 +37,9 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +53,28 @@ CALM_WINDOWS = 3  # windows in a row with that much free before a thread comes b
 QUIET = CONTENDED / 2  # our threads' waiting below this: the CPUs we have are not fought over
 PROBE_WINDOWS = 3  # quiet windows in a row before a thread is tried back beside busy CPUs
 PROBE_WINDOWS_MAX = 48  # the wait doubles after each failed try, up to this
+# The canary's waiting fraction (docs/performance.md, 2 cores, one engine thread): beside nice'd spinners
+# 0.000-0.002; beside NVIDIA AIPerf 0.19-0.53; beside nice'd spinners and a light client 0.11-0.34.
+CANARY_FREE = 0.03  # below: a CPU is there for the asking, the thread comes back
+CANARY_BUSY = 0.35  # at or above: a competitor at our priority fills it, no try (the next test waits longer)
+TRIAL_WINDOW_S = 0.3  # in between, a thread is tried and judged on this much work, not a whole window
+# At more than one thread, the work is looked at every this much of it: waiting this much since the last look
+# (beside AIPerf 0.7-1.1; a light client 0.27-0.29 over whole windows) drops a thread without waiting
+# for the window's end (a load arriving at two threads cost 2-3 s of a 45 s AIPerf run before).
+EARLY_WINDOW_S = 0.3
+STRONGLY_CONTENDED = 0.6
 NEW_LOAD_IDLE_S = 2.0  # idle this long: the load that made tries fail may be gone (tries start over)
+
+
+class Canary(Protocol):
+    """cpu_canary.CpuCanary as the governor uses it."""
+
+    @property
+    def running(self) -> bool: ...
+
+    def start(self) -> None: ...
+
+    def poll(self) -> float | None: ...
 
 
 @dataclass(frozen=True)
@@ -71,13 +98,16 @@ def _ticks_per_second() -> int:
 class ProcCounters:
     """Reads CpuSample from /proc for the CPUs in `cpus`. `read()` returns None where it cannot."""
 
-    def __init__(self, cpus: Sequence[int]):
+    def __init__(self, cpus: Sequence[int], exclude: Collection[int] = ()):
         self._cpus = {f"cpu{c}" for c in cpus}
+        self._exclude = exclude  # thread ids whose waiting is not the engine's (the canary's; read live)
         self._hz = _ticks_per_second()
 
     def _run_delay(self) -> float:
         total = 0
         for path in glob.glob("/proc/self/task/*/schedstat"):
+            if self._exclude and int(path.split("/")[-2]) in self._exclude:
+                continue
             try:
                 with open(path) as f:
                     total += int(f.read().split()[1])
@@ -122,6 +152,16 @@ class Window:
     others: float
 
 
+def _window(previous: CpuSample, sample: CpuSample) -> Window:
+    seconds = sample.wall - previous.wall  # idle periods never count: idle() restarts the window
+    return Window(
+        seconds=seconds,
+        waiting=(sample.run_delay - previous.run_delay) / seconds,
+        others=max(0.0, (sample.cpus_busy - previous.cpus_busy) - (sample.own_cpu - previous.own_cpu))
+        / seconds,
+    )
+
+
 class CpuGovernor:
     """Decides the engine's thread count from the counters; `apply(threads)` sets it (engine thread)."""
 
@@ -132,46 +172,72 @@ class CpuGovernor:
         apply: Callable[[int], None],
         read: Callable[[], CpuSample | None],
         window_s: float = WINDOW_S,
+        canary: Canary | None = None,
     ) -> None:
         self.max_threads, self.cpus = max_threads, cpus
         self.threads = max_threads
         self.window_s = window_s
         self._apply, self._read = apply, read
         self._last: CpuSample | None = None
+        self._look: CpuSample | None = None  # the last early look (or the window's start)
         self._calm = 0
         self._quiet = 0  # quiet windows in a row (below max_threads)
         self._probe_after = PROBE_WINDOWS
         self._probing = False  # the last thread added was a try beside busy CPUs
         self._idle_since: float | None = None
+        self._canary = canary
+        self.canary_tests = 0
         self.changes = 0
         self.last_window: Window | None = None
 
+    def before_step(self) -> None:
+        """Call before each engine step: after an idle spell the window starts with this step, so the
+        first step of a new load (a long prefill, at every thread) is measured too."""
+        if self._last is None:
+            self._last = self._look = self._read()
+
     def after_step(self) -> None:
-        """Call after each engine step: decides once per window of work."""
+        """Call after each engine step: decides once per window of work, and on a canary's result."""
+        if self._canary is not None and self._canary.running:
+            waiting = self._canary.poll()
+            if waiting is not None:
+                self.canary_result(waiting)
         now = time.monotonic()
         if self._idle_since is not None:
             if now - self._idle_since >= NEW_LOAD_IDLE_S:
                 self._probe_after, self._quiet = PROBE_WINDOWS, 0
             self._idle_since = None
-        if self._last is not None and now - self._last.wall < self.window_s:
+        window_s = TRIAL_WINDOW_S if self._probing else self.window_s  # a try is judged quickly
+        if self._last is not None and now - self._last.wall < window_s:
+            look = self._look or self._last
+            if self.threads > 1 and now - look.wall >= EARLY_WINDOW_S:
+                self._early_check(look)
             return
         sample = self._read()
         if sample is None:
             return
-        previous, self._last = self._last, sample
+        previous, self._last, self._look = self._last, sample, sample
         if previous is None:
             return
-        seconds = sample.wall - previous.wall  # idle periods never count: idle() restarts the window
-        window = Window(
-            seconds=seconds,
-            waiting=(sample.run_delay - previous.run_delay) / seconds,
-            others=max(0.0, (sample.cpus_busy - previous.cpus_busy) - (sample.own_cpu - previous.own_cpu))
-            / seconds,
-        )
+        self._judge(_window(previous, sample))
+
+    def _early_check(self, look: CpuSample) -> None:
+        """A look at the work since the last look (EARLY_WINDOW_S or more): our threads waiting this much
+        (a load that fills the CPUs has just arrived) are not left to run to the window's end."""
+        sample = self._read()
+        if sample is None:
+            return
+        self._look = sample
+        window = _window(look, sample)
+        if window.waiting >= STRONGLY_CONTENDED:
+            self._last = sample
+            self._judge(window)
+
+    def _judge(self, window: Window) -> None:
         self.last_window = window
         log.debug(
             "CPU window %.2f s: threads %d, ours waiting %.2f, others busy %.2f",
-            seconds,
+            window.seconds,
             self.threads,
             window.waiting,
             window.others,
@@ -205,23 +271,52 @@ class CpuGovernor:
             self._quiet = self._quiet + 1 if window.waiting < QUIET else 0
             if self._calm >= CALM_WINDOWS:
                 target, why = self.threads + 1, "a CPU is free"
-            elif self._quiet >= self._probe_after:
+            elif self._quiet >= self._probe_after and self._canary is None:
                 target, why = self.threads + 1, "trying one back: the busy CPUs do not hold our threads up"
                 self._probing = True
+            elif self._quiet >= self._probe_after and not self._canary.running:
+                self._canary.start()  # its answer comes through canary_result
+                self.canary_tests += 1
             if target != self.threads:
                 self._calm = self._quiet = 0
         if target != self.threads:
-            log.info(
-                "CPU contention governor: %d -> %d engine thread(s), %s (our threads waiting for a CPU: "
-                "%.2f, other processes busy: %.2f of %d CPUs)",
-                self.threads,
+            self._set(
                 target,
-                why,
-                window.waiting,
-                window.others,
-                self.cpus,
+                f"{why} (our threads waiting for a CPU: {window.waiting:.2f}, other processes busy: "
+                f"{window.others:.2f} of {self.cpus} CPUs)",
             )
-            self.threads = target
-            self.changes += 1
-            self._apply(target)
         return self.threads
+
+    def canary_result(self, waiting: float) -> int:
+        """The canary's answer (the fraction of its time it waited for a CPU): below CANARY_BUSY one more
+        thread is tried (and judged on the next TRIAL_WINDOW_S of work); else the next test waits twice
+        as many quiet windows."""
+        self._quiet = 0
+        if self.threads >= self.max_threads:  # a thread came back meanwhile (a CPU went free)
+            return self.threads
+        if waiting < CANARY_BUSY:
+            self._probing = True
+            why = (
+                "the canary got a CPU"
+                if waiting < CANARY_FREE
+                else "trying one back: the canary mostly got a CPU"
+            )
+            self._set(self.threads + 1, f"{why} (waited {waiting:.2f} of its time)")
+            self._last = self._look = self._read()  # the try's window starts now
+        else:
+            self._probe_after = min(2 * self._probe_after, PROBE_WINDOWS_MAX)
+            log.info(
+                "CPU contention governor: %d engine thread(s) kept, the canary waited %.2f of its time (next "
+                "test after %d quiet windows)",
+                self.threads,
+                waiting,
+                self._probe_after,
+            )
+        return self.threads
+
+    def _set(self, target: int, why: str) -> None:
+        log.info("CPU contention governor: %d -> %d engine thread(s), %s", self.threads, target, why)
+        self.threads = target
+        self.changes += 1
+        self._calm = self._quiet = 0
+        self._apply(target)

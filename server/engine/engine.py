@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 
 from adapterserve.server.cpu_threads import ThreadPlan, apply_threads
 from adapterserve.server.engine.core import EngineCore
+from adapterserve.server.engine.cpu_canary import CpuCanary
 from adapterserve.server.engine.cpu_governor import CpuGovernor, ProcCounters
 from adapterserve.server.engine.idle_memory import IdleTrim
 from adapterserve.server.engine.provider import AdapterProvider, ResolvedAdapter
@@ -184,9 +185,12 @@ class Engine:
             return
         apply_threads(plan.threads)
         if plan.governed and plan.threads > 1:
-            counters = ProcCounters(plan.budget.affinity_cpus)
+            canary = CpuCanary() if CpuCanary.available() else None
+            counters = ProcCounters(plan.budget.affinity_cpus, exclude=canary.tids if canary else ())
             if counters.read() is not None:
-                self.governor = CpuGovernor(plan.threads, plan.budget.affinity, apply_threads, counters.read)
+                self.governor = CpuGovernor(
+                    plan.threads, plan.budget.affinity, apply_threads, counters.read, canary=canary
+                )
             else:
                 log.info("CPU contention governor off: this system has no per-thread scheduler counters")
 
@@ -201,6 +205,8 @@ class Engine:
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 continue
+            if governor is not None:
+                governor.before_step()
             try:
                 self.core.step()
             except Exception:  # a bug in the step itself: log it, keep the loop alive

@@ -109,7 +109,7 @@ def run(core: EngineCore, chunk: list[tuple[Sequence, int]]) -> None:
     if any(seq.scores_prompt for seq in seqs):
         logits = _scoring_logits(core, chunk, rows)
     else:  # groups of similar lengths, each padded to its own longest row only
-        groups = plan_groups([take for _, take in chunk], core.prefill_forward_cost)
+        groups = plan_groups([take for _, take in chunk], core.prefill_forward_cost, core.prefill_positions)
         logits = torch.cat(
             [
                 core.runner.prefill(rows[a:b], core.num_decoding + a, core.adapter_batch(seqs[a:b]))

@@ -143,7 +143,9 @@ class ModelRunner:
         device = cache.table.device
         bd, sizes = len(tokens), [r.embeds.shape[0] for r in rows]
         width, offsets = max(sizes), [sum(sizes[:i]) for i in range(len(sizes))]
-        inputs = torch.cat([self.embed(torch.tensor(tokens, dtype=torch.long, device=device)), *[r.embeds for r in rows]])
+        inputs = torch.cat(
+            [self.embed(torch.tensor(tokens, dtype=torch.long, device=device)), *[r.embeds for r in rows]]
+        )
         token_positions = positions + [r.start + s for r in rows for s in range(r.embeds.shape[0])]
         token_rows = list(range(bd)) + [row_start + i for i, n in enumerate(sizes) for _ in range(n)]
         padded_positions = [
@@ -171,7 +173,9 @@ class ModelRunner:
         self.context.batch = batch
         self.attention.step = step
         try:
-            states = self.decoder(inputs_embeds=inputs[:, None], position_ids=pos, use_cache=False).last_hidden_state
+            states = self.decoder(
+                inputs_embeds=inputs[:, None], position_ids=pos, use_cache=False
+            ).last_hidden_state
         finally:
             self.context.batch = None
             self.attention.step = None

@@ -51,6 +51,11 @@ def padded_rows(rows: int, exact: int = EXACT_ROWS) -> int:
     return -(-rows // step) * step
 
 
+def prefill_positions(positions: int) -> int:
+    """The rows a prefill forward of `positions` padded token positions gives each packed linear."""
+    return padded_rows(positions, PREFILL_EXACT_ROWS)
+
+
 def onednn_linear_available() -> bool:
     ops = torch.ops.mkldnn
     return bool(

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -105,3 +106,72 @@ def test_under_a_cpu_quota_the_server_runs_the_quota_s_threads(tiny_model_dir: P
             group.rmdir()
         except OSError:
             pass
+
+
+def _serve_until(
+    server, client: Client, pattern: re.Pattern[str], after: int, seconds: float
+) -> re.Match | None:
+    """Keep the engine busy without a pause (2 callers, each calling again at once) until the log shows
+    `pattern` past character `after`, or `seconds` pass; returns the match."""
+    deadline = time.monotonic() + seconds
+    errors: list[BaseException] = []
+
+    def found() -> re.Match | None:
+        return pattern.search(server.log_text(), after)
+
+    def caller() -> None:
+        try:
+            while found() is None and time.monotonic() < deadline and not errors:
+                reply = client.generate("def add(a, b):", max_new_tokens=96, ignore_eos=True)
+                assert len(reply.token_ids) == 96
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the test's thread
+            errors.append(exc)
+
+    callers = [threading.Thread(target=caller) for _ in range(2)]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join()
+    if errors:
+        raise errors[0]
+    return found()
+
+
+@pytest.mark.skipif(len(affinity_cpus()) < 2, reason="one CPU: there is no thread to shed")
+def test_beside_low_priority_work_the_canary_brings_the_shed_thread_back(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Spinners at our priority take a thread away; when they give way to spinners at nice 19 (busy CPUs
+    that yield), the governor's canary sees a CPU free for the asking and the thread comes back."""
+    cpus = len(affinity_cpus())
+    server = start_server(
+        tiny_model_dir,
+        tmp_path / "store",
+        unset_env=["OMP_NUM_THREADS"],
+    )
+    busy: list[subprocess.Popen] = []
+    back = re.compile(
+        rf"governor: {cpus - 1} -> {cpus} engine thread\(s\), (the canary got a CPU|trying one back)"
+    )
+    try:
+        server.wait_for(PLAN, 5)
+        busy = _busy_processes(cpus)
+        with Client(server.target) as client:
+            shed = _serve_until(server, client, SHED, 0, 60)
+            assert shed is not None and int(shed["after"]) == cpus - 1, "no thread shed beside busy processes"
+            for p in busy:
+                p.kill()
+                p.wait()
+            busy = [
+                subprocess.Popen([sys.executable, "-c", BUSY], preexec_fn=lambda: os.nice(19))
+                for _ in range(cpus)
+            ]
+            returned = _serve_until(server, client, back, shed.end(), 120)
+        assert returned is not None, (
+            "the thread did not come back beside nice'd work:\n" + server.log_text()[-3000:]
+        )
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
+        assert server.stop() == 0

@@ -154,3 +154,165 @@ def test_proc_counters_see_a_busy_thread_and_the_run_delay_of_an_oversubscribed_
     assert second.own_cpu - first.own_cpu > 0.3  # our spinning threads' CPU time
     assert second.cpus_busy - first.cpus_busy >= second.own_cpu - first.own_cpu - 0.1
     assert second.run_delay >= first.run_delay
+
+
+class _FakeCanary:
+    """A canary whose test ends at the next poll with the waiting fraction it is given."""
+
+    def __init__(self, waiting: float) -> None:
+        self.waiting, self.running, self.started = waiting, False, 0
+
+    def start(self) -> None:
+        self.running, self.started = True, self.started + 1
+
+    def poll(self) -> float | None:
+        self.running = False
+        return self.waiting
+
+
+def _with_canary(waiting: float) -> tuple[CpuGovernor, list[int], _FakeCanary]:
+    applied: list[int] = []
+    canary = _FakeCanary(waiting)
+    return CpuGovernor(2, 2, applied.append, lambda: None, canary=canary), applied, canary
+
+
+def _quiet_until_the_canary_runs(governor: CpuGovernor, canary: _FakeCanary) -> int:
+    windows = 0
+    while not canary.running:
+        governor.decide(Window(1.0, waiting=0.03, others=1.0))
+        windows += 1
+    return windows
+
+
+def test_beside_a_competitor_the_canary_keeps_the_thread_out_and_tests_less_often() -> None:
+    """At one thread beside work at our priority, only the canary spins: no engine thread is tried back
+    (a try stalls every parallel region), and its tests get rarer (3, 6, 12 ... quiet windows)."""
+    governor, applied, canary = _with_canary(waiting=0.5)
+    governor.decide(Window(1.0, waiting=0.9, others=0.9))  # the competitor arrives: down to one
+    waits = []
+    for _ in range(5):
+        waits.append(_quiet_until_the_canary_runs(governor, canary))
+        governor.after_step()  # the canary's answer: it waited
+    p = cpu_governor.PROBE_WINDOWS
+    assert waits == [min(p * 2**i, cpu_governor.PROBE_WINDOWS_MAX) for i in range(5)]
+    assert applied == [1] and governor.threads == 1 and governor.canary_tests == 5
+
+
+def test_beside_yielding_work_the_canary_brings_the_thread_back_and_it_stays() -> None:
+    governor, applied, canary = _with_canary(waiting=0.0)
+    governor.decide(Window(1.0, waiting=0.9, others=0.9))
+    assert _quiet_until_the_canary_runs(governor, canary) == cpu_governor.PROBE_WINDOWS
+    governor.after_step()
+    assert governor.threads == 2 and applied == [1, 2]
+    for _ in range(10):  # low-priority work: the CPUs stay busy, our two threads do not wait
+        governor.decide(Window(1.0, waiting=0.05, others=0.95))
+    assert governor.threads == 2 and applied == [1, 2]
+
+
+def test_a_thread_the_canary_let_in_leaves_when_it_waits_and_the_next_test_waits_longer() -> None:
+    governor, applied, canary = _with_canary(waiting=0.0)
+    governor.decide(Window(1.0, waiting=0.9, others=0.9))
+    _quiet_until_the_canary_runs(governor, canary)
+    governor.after_step()
+    assert governor.threads == 2
+    governor.decide(Window(1.0, waiting=0.8, others=0.9))  # the canary was wrong this time
+    assert governor.threads == 1 and applied == [1, 2, 1]
+    assert _quiet_until_the_canary_runs(governor, canary) == 2 * cpu_governor.PROBE_WINDOWS
+
+
+def test_the_canary_sees_a_competitor_at_our_priority_and_not_a_niced_one() -> None:
+    """The real canary beside real busy processes: twice as many spinners as our CPUs at our priority
+    (it waits about 0.6 of its time), then as many at nice 19 (it hardly waits)."""
+    import os
+    import subprocess
+    import sys
+
+    from adapterserve.server.engine.cpu_canary import CpuCanary
+
+    if not CpuCanary.available():
+        pytest.skip("no per-thread scheduler statistics on this system")
+    cpus = len(os.sched_getaffinity(0))
+    spin = "import time\nend = time.monotonic() + 20\nwhile time.monotonic() < end: pass\n"
+
+    def waiting_beside(nice: int) -> float:
+        hogs = [
+            subprocess.Popen([sys.executable, "-c", spin], preexec_fn=lambda: os.nice(nice))
+            for _ in range(min(2 * cpus, 32))
+        ]
+        try:
+            time.sleep(0.3)  # the spinners are running
+            canary = CpuCanary(seconds=0.5)
+            return min(canary.measure() for _ in range(2))
+        finally:
+            for hog in hogs:
+                hog.kill()
+                hog.wait()
+
+    assert waiting_beside(0) >= cpu_governor.CANARY_BUSY  # no thread is tried
+    assert waiting_beside(19) < cpu_governor.CANARY_BUSY  # a thread is tried (measured here: 0.000-0.002)
+
+
+def test_a_canary_that_waited_a_little_leads_to_a_short_try_judged_on_its_own_window(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Low-priority work beside a light client at our priority: the canary waits a little (0.1-0.3), so
+    a thread is tried, and judged on TRIAL_WINDOW_S of work instead of a whole window."""
+    clock = [0.0]
+    monkeypatch.setattr(cpu_governor.time, "monotonic", lambda: clock[0])
+    run_delay = [0.0]
+    applied: list[int] = []
+    canary = _FakeCanary(waiting=0.2)
+    governor = CpuGovernor(
+        2, 2, applied.append, lambda: CpuSample(clock[0], run_delay[0], 0.0, 0.0), canary=canary
+    )
+    governor.decide(Window(1.0, waiting=0.9, others=0.9))
+    _quiet_until_the_canary_runs(governor, canary)
+    governor.after_step()  # the canary's answer: a try
+    assert governor.threads == 2 and applied == [1, 2]
+    clock[0] += cpu_governor.TRIAL_WINDOW_S
+    run_delay[0] += 0.8 * cpu_governor.TRIAL_WINDOW_S  # the tried thread waits
+    governor.after_step()
+    assert governor.threads == 1 and applied == [1, 2, 1]
+    assert _quiet_until_the_canary_runs(governor, canary) == 2 * cpu_governor.PROBE_WINDOWS
+
+
+def test_a_load_that_fills_the_cpus_is_seen_early_in_the_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At two threads the work is looked at every EARLY_WINDOW_S: our threads waiting STRONGLY_CONTENDED
+    or more since the last look drop a thread at once; a light load (0.3) is left to the whole window."""
+    clock, run_delay = [0.0], [0.0]
+    monkeypatch.setattr(cpu_governor.time, "monotonic", lambda: clock[0])
+    applied: list[int] = []
+    governor = CpuGovernor(2, 2, applied.append, lambda: CpuSample(clock[0], run_delay[0], 0.0, 0.0))
+    governor.after_step()  # the window starts
+    look = cpu_governor.EARLY_WINDOW_S + 0.01
+    clock[0] += look
+    run_delay[0] += 0.3 * look
+    governor.after_step()
+    assert governor.threads == 2 and applied == []  # a light load: the window goes on
+    clock[0] += 0.1
+    run_delay[0] += 0.1 * 2.0
+    governor.after_step()
+    assert governor.threads == 2  # too soon for another look
+    clock[0] += look
+    run_delay[0] += 0.9 * look  # a load that fills the CPUs arrives
+    governor.after_step()
+    assert governor.threads == 1 and applied == [1]  # dropped at the next look, mid-window
+    clock[0] += 0.5
+    run_delay[0] += 0.5 * 0.9  # one thread now: no looks, only whole windows
+    governor.after_step()
+    assert governor.threads == 1 and governor.last_window.seconds == pytest.approx(0.1 + look)  # the look
+
+
+def test_the_first_step_after_idle_is_measured(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new load's first step (a long prefill at every thread) counts: the window starts before it."""
+    clock, run_delay = [0.0], [0.0]
+    monkeypatch.setattr(cpu_governor.time, "monotonic", lambda: clock[0])
+    applied: list[int] = []
+    governor = CpuGovernor(2, 2, applied.append, lambda: CpuSample(clock[0], run_delay[0], 0.0, 0.0))
+    governor.idle()
+    clock[0] += 10.0
+    governor.before_step()
+    clock[0] += 1.2  # one prefill step, both threads waiting for most of it
+    run_delay[0] += 0.9 * 1.2
+    governor.after_step()
+    assert governor.threads == 1 and applied == [1]

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from adapterserve.server.engine.prefill_groups import forward_cost_tokens, plan_groups
+from adapterserve.server.model.cpu_linear import prefill_positions
 
 
 def _cost(lengths: list[int], groups: list[tuple[int, int]], forward_cost: int) -> int:
@@ -47,6 +48,29 @@ def test_the_plan_is_the_cheapest_contiguous_split(seed):
     assert groups[0][0] == 0 and groups[-1][1] == n
     assert all(a < b and b == c for (a, b), (c, _) in itertools.pairwise(groups))  # contiguous, in order
     assert _cost(lengths, groups, cost) == min(_cost(lengths, s, cost) for s in _all_splits(n))
+
+
+def test_on_packed_cpu_linears_the_split_counts_the_positions_they_really_compute():
+    """Three 128-token prompts and a prompt-tuning row of 128 + 8: one forward pads to 4 x 136 = 544
+    positions, which the packed linears round up to 576; 3 x 128 and 136 (-> 144) in two forwards
+    compute 528 for one forward more. Counted as padded positions only, one forward looked cheaper."""
+    lengths = [128, 128, 128, 136]
+    assert plan_groups(lengths, 32) == [(0, 4)]
+    assert plan_groups(lengths, 32, prefill_positions) == [(0, 3), (3, 4)]
+    assert plan_groups([128] * 4, 32, prefill_positions) == [(0, 4)]  # 512: a bucket already
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_with_bucketed_positions_the_plan_is_still_the_cheapest_split(seed):
+    rng = random.Random(seed)
+    n = rng.randint(1, 9)
+    lengths = [rng.randint(1, 200) for _ in range(n)]
+    groups = plan_groups(lengths, 32, prefill_positions)
+
+    def cost(split):
+        return sum(prefill_positions((b - a) * max(lengths[a:b])) + 32 for a, b in split)
+
+    assert cost(groups) == min(cost(s) for s in _all_splits(n))
 
 
 def test_default_forward_cost_by_device_and_the_setting_wins():
