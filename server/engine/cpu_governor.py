@@ -55,9 +55,8 @@ PROBE_WINDOWS = 3  # quiet windows in a row before a thread is tried back beside
 PROBE_WINDOWS_MAX = 48  # the wait doubles after each failed try, up to this
 # The canary's waiting fraction (docs/performance.md, 2 cores, one engine thread): beside nice'd spinners
 # 0.000-0.002; beside NVIDIA AIPerf 0.19-0.53; beside nice'd spinners and a light client 0.11-0.34.
-CANARY_FREE = 0.03  # below: a CPU is there for the asking, the thread comes back
 CANARY_BUSY = 0.35  # at or above: a competitor at our priority fills it, no try (the next test waits longer)
-TRIAL_WINDOW_S = 0.3  # in between, a thread is tried and judged on this much work, not a whole window
+TRIAL_WINDOW_S = 0.3  # below, a thread is tried and judged on this much work, not a whole window
 # At more than one thread, the work is looked at every this much of it: waiting this much since the last look
 # (beside AIPerf 0.7-1.1; a light client 0.27-0.29 over whole windows) drops a thread without waiting
 # for the window's end (a load arriving at two threads cost 2-3 s of a 45 s AIPerf run before).
@@ -296,12 +295,7 @@ class CpuGovernor:
             return self.threads
         if waiting < CANARY_BUSY:
             self._probing = True
-            why = (
-                "the canary got a CPU"
-                if waiting < CANARY_FREE
-                else "trying one back: the canary mostly got a CPU"
-            )
-            self._set(self.threads + 1, f"{why} (waited {waiting:.2f} of its time)")
+            self._set(self.threads + 1, f"the canary got a CPU (waited {waiting:.2f} of its time)")
             self._last = self._look = self._read()  # the try's window starts now
         else:
             self._probe_after = min(2 * self._probe_after, PROBE_WINDOWS_MAX)
