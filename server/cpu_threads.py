@@ -38,13 +38,16 @@ _OMP_POLICY = {"active": "ACTIVE", "passive": "PASSIVE"}
 @dataclass(frozen=True)
 class ThreadPlan:
     """threads: the engine's intra-op threads; source: where that number came from; wait_policy: as
-    asked; governed: the run-time governor may lower the threads under contention."""
+    asked; governed: the run-time governor may lower the threads under contention; prefill_threads:
+    worker threads that run prefill forwards beside the decoding engine thread, one intra-op thread
+    each (server/engine/prefill_workers.py; 0: prefill inline, over `threads` OpenMP threads)."""
 
     threads: int
     source: str
     wait_policy: WaitPolicy
     governed: bool
     budget: CpuBudget
+    prefill_threads: int = 0
 
     def describe(self) -> str:
         policy = {
@@ -53,10 +56,16 @@ class ThreadPlan:
             "passive": "OMP_WAIT_POLICY=PASSIVE",
         }[self.wait_policy]
         governor = "on" if self.governed else "off"
-        return (
-            f"CPU threads: {self.threads} ({self.source}); wait policy: {policy}; contention governor: "
-            f"{governor}; {self.budget.describe()}"
-        )
+        if self.prefill_threads:
+            layout = (
+                f"CPU threads: {self.threads} ({self.source}); prefill on {self.prefill_threads} worker "
+                "thread(s) of one intra-op thread each, beside the decode steps (on "
+                f"{max(1, self.threads - self.prefill_threads)} thread(s) while a prefill runs, else up to "
+                f"{self.threads}); contention governor (decode steps alone): {governor}"
+            )
+        else:
+            layout = f"CPU threads: {self.threads} ({self.source}), prefill inline; contention governor: {governor}"
+        return f"{layout}; wait policy: {policy}; {self.budget.describe()}"
 
 
 def plan_threads(
@@ -65,17 +74,23 @@ def plan_threads(
     governor: bool,
     environ: dict[str, str] | None = None,
     budget: CpuBudget | None = None,
+    prefill_threads: int | None = None,
 ) -> ThreadPlan:
     """The thread count: `threads` if set, else OMP_NUM_THREADS if the environment sets it, else the
-    usable CPUs. An explicit count is the user's decision: the governor only runs on a chosen default."""
+    usable CPUs. An explicit count is the user's decision: the governor only runs on a chosen default.
+    Prefill workers: `prefill_threads` if set, else half the threads (the decode steps beside them get the
+    other half; with one CPU a worker would only share it with the decode steps: prefill stays inline)."""
     env = os.environ if environ is None else environ
     budget = budget or cpu_budget()
-    if threads is not None:
-        return ThreadPlan(threads, "--cpu-threads", wait_policy, False, budget)
     omp = env.get("OMP_NUM_THREADS", "").split(",")[0].strip()
-    if omp.isdigit() and int(omp) > 0:
-        return ThreadPlan(int(omp), "OMP_NUM_THREADS", wait_policy, False, budget)
-    return ThreadPlan(budget.usable, "usable CPUs", wait_policy, governor, budget)
+    if threads is not None:
+        count, source, governed = threads, "--cpu-threads", False
+    elif omp.isdigit() and int(omp) > 0:
+        count, source, governed = int(omp), "OMP_NUM_THREADS", False
+    else:
+        count, source, governed = budget.usable, "usable CPUs", governor
+    workers = prefill_threads if prefill_threads is not None else count // 2
+    return ThreadPlan(count, source, wait_policy, governed, budget, prefill_threads=workers)
 
 
 def apply_wait_policy(wait_policy: WaitPolicy, environ: dict[str, str] | None = None) -> bool:

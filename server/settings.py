@@ -158,6 +158,14 @@ class CpuSettings(BaseModel):
         description="lowers the engine's threads while other processes compete for its CPUs, restores them "
         "when they leave (CPU device, default thread count only)",
     )
+    prefill_threads: int | None = Field(
+        None,
+        ge=0,
+        le=1024,
+        description="threads that run prefill forwards while the engine thread decodes, one intra-op "
+        "thread each (paged KV cache; default: half the CPU threads, 0 with one; 0: prefill inline over "
+        "the OpenMP threads)",
+    )
 
 
 class ServerSettings(BaseModel):

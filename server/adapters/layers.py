@@ -1,12 +1,14 @@
 """Multi-adapter linear: wraps one base linear (plain or bitsandbytes) and applies, per batch row, the
 hooks of every linear kind that has rows in the batch (LoRA delta, IA3 scaling, ...).
 
-The runner sets the batch's `AdapterBatch` on the shared `AdapterContext` before each forward; every
-wrapped layer reads it. Each kind's slots are the identity for slot 0 and for slots of other kinds, so
+The runner sets the batch's `AdapterBatch` on the shared `AdapterContext` before each forward (a
+thread-local: forwards on several threads each see their own); every wrapped layer reads it. Each kind's slots are the identity for slot 0 and for slots of other kinds, so
 hooks compose: pre-hooks (on the input) in kind order, the base linear, then post-hooks in kind order.
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 from torch import nn
@@ -29,8 +31,10 @@ def build_batch(slot_list: list[int], slot_kinds: dict[int, str], device: torch.
     )
 
 
-class AdapterContext:
-    """Holder of the current forward's AdapterBatch, shared by all wrapped layers of one model."""
+class AdapterContext(threading.local):
+    """Holder of the current forward's AdapterBatch, shared by all wrapped layers of one model. Per
+    thread: a prefill worker's forward and the engine thread's decode forward run at the same time
+    (server/engine/prefill_workers.py), each with its own batch."""
 
     def __init__(self) -> None:
         self.batch: AdapterBatch | None = None

@@ -62,6 +62,7 @@ _SECTION_FLAGS: dict[str, tuple[str, str]] = {
     "max_upload_bytes": ("limits", "max_upload_bytes"),
     "cpu_threads": ("cpu", "threads"),
     "cpu_wait_policy": ("cpu", "wait_policy"),
+    "cpu_prefill_threads": ("cpu", "prefill_threads"),
     "max_message_bytes": ("limits", "max_message_bytes"),
     "upload_chunk_bytes": ("limits", "upload_chunk_bytes"),
 }
@@ -163,6 +164,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     cpu = parser.add_argument_group("CPU threading (CPU device)")
     cpu.add_argument("--cpu-threads", type=int, metavar="N", help=section_flag_help("cpu_threads"))
+    cpu.add_argument(
+        "--cpu-prefill-threads", type=int, metavar="N", help=section_flag_help("cpu_prefill_threads")
+    )
     cpu.add_argument(
         "--cpu-wait-policy", choices=["auto", "active", "passive"], help=section_flag_help("cpu_wait_policy")
     )

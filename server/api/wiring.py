@@ -110,7 +110,7 @@ def cpu_plan(settings: ServerSettings, device_type: str) -> ThreadPlan | None:
     if device_type != "cpu":
         return None
     cpu = settings.cpu
-    plan = plan_threads(cpu.threads, cpu.wait_policy, cpu.governor)
+    plan = plan_threads(cpu.threads, cpu.wait_policy, cpu.governor, prefill_threads=cpu.prefill_threads)
     log.info(plan.describe())
     apply_threads(plan.threads)
     return plan

@@ -23,6 +23,7 @@ engines in one process never share it).
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -77,11 +78,21 @@ class PackedStep:
 
 
 class AttentionState:
-    """The KV cache and the current forward's step, shared by every attention module of one model."""
+    """The KV cache and the current forward's step, shared by every attention module of one model. The
+    step is per thread: a prefill worker's forward and the decode forward may run at the same time
+    (server/engine/prefill_workers.py), each over its own rows."""
 
     def __init__(self, cache: KVCache | PagedKVCache):
         self.cache = cache
-        self.step: AttentionStep | PackedStep | None = None
+        self._local = threading.local()
+
+    @property
+    def step(self) -> AttentionStep | PackedStep | None:
+        return getattr(self._local, "step", None)
+
+    @step.setter
+    def step(self, step: AttentionStep | PackedStep | None) -> None:
+        self._local.step = step
 
 
 def attend(

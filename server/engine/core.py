@@ -13,6 +13,12 @@ Rows: decoding rows first (0..num_decoding-1), then rows still prefilling. One `
      the whole cache).
 Every step does both prefill and decode work, so neither starves the other. The async `Engine` runs
 steps on a worker thread; `OfflineEngine` runs them in the caller's thread.
+
+With prefill workers (a CPU engine, `start_prefill_workers`; prefill_workers.py), step 3 hands the
+chunk's forwards to worker threads instead and step 4 runs while they work: a step books the jobs that
+finished (their rows sample their first token and join the decoding rows), starts jobs for idle workers,
+and decodes. Rows in flight keep their blocks, slot and final event until booked; adapter-slot writes
+(new adapters, pins) wait for the jobs in flight.
 """
 
 from __future__ import annotations
@@ -30,11 +36,15 @@ import torch
 from adapterserve.server.adapters.kind import HookSite
 from adapterserve.server.adapters.layers import AdapterBatch, AdapterContext, build_batch, wrap_model
 from adapterserve.server.adapters.slots import NO_ADAPTER, AdapterBank
+from adapterserve.server.cpu_threads import apply_threads
 from adapterserve.server.engine import faults, prefill_phase
+from adapterserve.server.engine.cpu_governor import MeteredWork
 from adapterserve.server.engine.decode_graphs import decode_step_mode, make_decode_graphs
 from adapterserve.server.engine.fork import make_choices
 from adapterserve.server.engine.kv_cache import make_kv_cache
+from adapterserve.server.engine.paged_kv_cache import PagedKVCache
 from adapterserve.server.engine.prefill_groups import forward_cost_tokens
+from adapterserve.server.engine.prefill_workers import PrefillWorkers
 from adapterserve.server.engine.provider import ResolvedAdapter
 from adapterserve.server.engine.runner import ModelRunner
 from adapterserve.server.engine.sampling import RowSampler, sample_step
@@ -94,6 +104,14 @@ class EngineCore:
         self._cancel: set[str] = set()
         self._controls: deque[tuple[Callable[[], object], Future]] = deque()  # run on the engine thread
         self._final_events: list[tuple[Sequence, TokenEvent]] = []  # sent once their rows are retired
+        self.workers: PrefillWorkers | None = None  # prefill beside decode (start_prefill_workers)
+        self.prefill_jobs: list[prefill_phase.PrefillJob] = []  # in flight on the workers, oldest first
+        self._activity = threading.Event()  # set by new work and finished jobs: wakes a waiting step
+        # with prefill workers: the engine thread's intra-op threads for a decode step with no job in
+        # flight, and beside jobs (the workers hold the other CPUs); None: left as they are
+        self.decode_threads: int | None = None
+        self.decode_threads_beside_jobs = 1
+        self.decode_meter: MeteredWork | None = None  # meters the decode steps with no job beside them
         self.steps = 0
         self.prefilled_prompts = 0  # prompts whose prefill completed (n choices of a request: one)
         self.forked_choices = 0  # choices that took a copy of another's prefill (fork.py)
@@ -190,10 +208,12 @@ class EngineCore:
                     f"the waiting queue is full ({self.settings.max_queue} requests); retry later"
                 )
             self.waiting.append(seq)
+        self._activity.set()
 
     def cancel(self, request_id: str) -> None:
         with self._lock:
             self._cancel.add(request_id)
+        self._activity.set()
 
     def call_on_engine_thread(self, fn: Callable[[], object]) -> Future:
         """Run `fn` between two steps (device-slot changes must not race a forward); its result or
@@ -201,6 +221,7 @@ class EngineCore:
         future: Future = Future()
         with self._lock:
             self._controls.append((fn, future))
+        self._activity.set()
         return future
 
     def has_work(self) -> bool:
@@ -211,14 +232,30 @@ class EngineCore:
         return engine_stats(self)
 
     # ----- the engine thread ------------------------------------------------------------------------
+    def start_prefill_workers(self, count: int) -> None:
+        """Run prefill forwards on `count` worker threads (one intra-op thread each) while this thread
+        decodes (prefill_workers.py); needs the paged KV cache (a job addresses its rows' blocks)."""
+        if not isinstance(self.cache, PagedKVCache):
+            raise InvalidArgumentError("prefill workers need the paged KV cache (kv_cache='paged')")
+        if self.workers is None:
+            self.workers = PrefillWorkers(count, on_done=self._activity.set)
+
+    def stop_prefill_workers(self) -> None:
+        """Wait for the jobs in flight, book them, stop the workers (prefill runs inline again)."""
+        if self.workers is None:
+            return
+        self._book_jobs(wait=True)
+        workers, self.workers = self.workers, None
+        workers.close()
+
     def step(self) -> None:
         self.steps += 1
+        if self.workers is not None:
+            self._step_with_workers()
+            return
         self._run_controls()
         self._reap_cancelled()
-        admitted = self._admit()
-        if admitted:
-            self._run_guarded(admitted, lambda: prefill_phase.start(self, admitted))
-            self._retire_finished()
+        self._admit_and_start()
         chunk = prefill_phase.next_chunk(self)
         if chunk and self.num_decoding and prefill_phase.can_pack(self, chunk):
             rows = self.running[: self.num_decoding] + [seq for seq, _ in chunk]
@@ -233,8 +270,61 @@ class EngineCore:
             self._run_guarded(rows, self._decode)
             self._retire_finished()
 
+    def _admit_and_start(self) -> None:
+        """Admit waiting requests into free rows and give them their prefill inputs."""
+        admitted = self._admit()
+        if admitted:
+            self._run_guarded(admitted, lambda: prefill_phase.start(self, admitted))
+            self._retire_finished()
+
+    def _step_with_workers(self) -> None:
+        """A step with prefill on the workers: book the jobs that finished, start jobs for idle workers,
+        decode the decoding rows here meanwhile (or, with none, wait for a job or new work)."""
+        self._activity.clear()  # before anything is looked at: a job ending from here on wakes the wait
+        if self.prefill_jobs and (self._controls or self._admission_loads_adapter()):
+            self._book_jobs(wait=True)  # slot writes must not race a job reading the adapter bank
+        self._run_controls()
+        self._reap_cancelled()
+        self._book_jobs()
+        self._admit_and_start()
+        prefill_phase.launch(self)
+        if self.num_decoding:
+            alone = not self.prefill_jobs  # no prefill job beside this decode step
+            if self.decode_threads is not None:
+                apply_threads(
+                    self.decode_threads
+                    if alone
+                    else min(self.decode_threads, self.decode_threads_beside_jobs)
+                )
+            meter = self.decode_meter if alone else None
+            if meter is not None:
+                meter.begin()
+            self._run_guarded(self.running[: self.num_decoding], self._decode)
+            if meter is not None:
+                meter.end()
+            self._retire_finished()
+        elif self.prefill_jobs and not any(job.future.done() for job in self.prefill_jobs):
+            self._activity.wait(timeout=0.5)
+
+    def _book_jobs(self, wait: bool = False) -> None:
+        done = prefill_phase.done_jobs(self, wait=wait)
+        for job in done:
+            self._run_guarded([seq for seq, _ in job.chunk], lambda job=job: prefill_phase.book(self, job))
+        if done:
+            self._retire_finished()
+
+    def _admission_loads_adapter(self) -> bool:
+        """Whether admitting the waiting requests may write an adapter into a device slot."""
+        with self._lock:
+            return any(
+                seq.slot_key is not None and self.bank.table.lookup(seq.slot_key) is None
+                for seq in self.waiting
+            )
+
     def fail_all(self, error: ServeError) -> None:
         """Finish every waiting and running request with an error (engine shutdown)."""
+        if self.workers is not None:
+            self._book_jobs(wait=True)
         with self._lock:
             waiting, self.waiting = list(self.waiting), deque()
         for seq in waiting + self.running:
@@ -445,7 +535,7 @@ class EngineCore:
         i = 0
         while i < len(self.running):
             seq = self.running[i]
-            if not seq.finished:
+            if not seq.finished or seq.in_flight:  # a row in flight retires once its job is booked
                 i += 1
                 continue
             last = len(self.running) - 1
@@ -463,6 +553,7 @@ class EngineCore:
             self.running.pop()
             if seq.slot_key is not None:
                 self.bank.release(seq.slot_key)
-        events, self._final_events = self._final_events, []
+        events = [(seq, event) for seq, event in self._final_events if not seq.in_flight]
+        self._final_events = [(seq, event) for seq, event in self._final_events if seq.in_flight]
         for seq, event in events:
             seq.emit(event)

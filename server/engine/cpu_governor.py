@@ -141,6 +141,41 @@ class ProcCounters:
             return None
 
 
+class MeteredWork:
+    """Counters that advance only over the work that is metered: with prefill workers
+    (prefill_workers.py) the engine thread's own threads matter only for decode steps with no prefill job
+    beside them (a step beside jobs runs on one thread, and its waiting is our own workers' doing). The
+    governor reads `read` and `clock` instead of /proc's counters and the wall clock: its windows are
+    made of metered steps only. `begin`/`end` bracket one metered step (two /proc reads)."""
+
+    def __init__(self, read: Callable[[], CpuSample | None]):
+        self._read = read
+        self._start: CpuSample | None = None
+        self._total = CpuSample(0.0, 0.0, 0.0, 0.0)
+
+    def begin(self) -> None:
+        self._start = self._read()
+
+    def end(self) -> None:
+        start, self._start = self._start, None
+        end = self._read() if start is not None else None
+        if start is None or end is None:
+            return
+        t = self._total
+        self._total = CpuSample(
+            t.wall + end.wall - start.wall,
+            t.run_delay + end.run_delay - start.run_delay,
+            t.cpus_busy + end.cpus_busy - start.cpus_busy,
+            t.own_cpu + end.own_cpu - start.own_cpu,
+        )
+
+    def read(self) -> CpuSample:
+        return self._total
+
+    def clock(self) -> float:
+        return self._total.wall
+
+
 @dataclass(frozen=True)
 class Window:
     """One window's rates, in CPUs: `waiting` of our threads runnable without a CPU, `others` busy
@@ -172,11 +207,14 @@ class CpuGovernor:
         read: Callable[[], CpuSample | None],
         window_s: float = WINDOW_S,
         canary: Canary | None = None,
+        clock: Callable[[], float] | None = None,
     ) -> None:
+        """clock: the time windows are measured in (the wall clock; MeteredWork.clock for metered work)."""
         self.max_threads, self.cpus = max_threads, cpus
         self.threads = max_threads
         self.window_s = window_s
         self._apply, self._read = apply, read
+        self._clock = clock or (lambda: time.monotonic())  # looked up per call (tests patch it)
         self._last: CpuSample | None = None
         self._look: CpuSample | None = None  # the last early look (or the window's start)
         self._calm = 0
@@ -201,11 +239,11 @@ class CpuGovernor:
             waiting = self._canary.poll()
             if waiting is not None:
                 self.canary_result(waiting)
-        now = time.monotonic()
         if self._idle_since is not None:
-            if now - self._idle_since >= NEW_LOAD_IDLE_S:
+            if time.monotonic() - self._idle_since >= NEW_LOAD_IDLE_S:
                 self._probe_after, self._quiet = PROBE_WINDOWS, 0
             self._idle_since = None
+        now = self._clock()
         window_s = TRIAL_WINDOW_S if self._probing else self.window_s  # a try is judged quickly
         if self._last is not None and now - self._last.wall < window_s:
             look = self._look or self._last

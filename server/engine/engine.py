@@ -18,8 +18,9 @@ from collections.abc import AsyncIterator
 from adapterserve.server.cpu_threads import ThreadPlan, apply_threads
 from adapterserve.server.engine.core import EngineCore
 from adapterserve.server.engine.cpu_canary import CpuCanary
-from adapterserve.server.engine.cpu_governor import CpuGovernor, ProcCounters
+from adapterserve.server.engine.cpu_governor import CpuGovernor, MeteredWork, ProcCounters
 from adapterserve.server.engine.idle_memory import IdleTrim
+from adapterserve.server.engine.paged_kv_cache import PagedKVCache
 from adapterserve.server.engine.provider import AdapterProvider, ResolvedAdapter
 from adapterserve.server.engine.stats import EngineStats
 from adapterserve.server.engine.types import GenerationRequest, TokenEvent
@@ -183,16 +184,40 @@ class Engine:
         plan = self.cpu
         if plan is None:
             return
-        apply_threads(plan.threads)
+        workers = plan.prefill_threads if isinstance(self.core.cache, PagedKVCache) else 0
+        if plan.prefill_threads and not workers:
+            log.warning("prefill workers need the paged KV cache: prefill runs inline (kv_cache='dense')")
+        if workers:
+            # prefill on the workers (one intra-op thread each); decode here, on `threads` OpenMP threads
+            # when no prefill job runs beside it, else on the CPUs the workers leave (at least one)
+            apply_threads(1)
+            self.core.start_prefill_workers(workers)
+            self.core.decode_threads = plan.threads
+            self.core.decode_threads_beside_jobs = max(1, plan.threads - workers)
+        else:
+            apply_threads(plan.threads)
         if plan.governed and plan.threads > 1:
             canary = CpuCanary() if CpuCanary.available() else None
             counters = ProcCounters(plan.budget.affinity_cpus, exclude=canary.tids if canary else ())
-            if counters.read() is not None:
+            if counters.read() is None:
+                log.info("CPU contention governor off: this system has no per-thread scheduler counters")
+            elif workers:  # the governor sizes the decode steps that run alone, judged on those steps only
+                meter = self.core.decode_meter = MeteredWork(counters.read)
+                self.governor = CpuGovernor(
+                    plan.threads,
+                    plan.budget.affinity,
+                    self._set_decode_threads,
+                    meter.read,
+                    canary=canary,
+                    clock=meter.clock,
+                )
+            else:
                 self.governor = CpuGovernor(
                     plan.threads, plan.budget.affinity, apply_threads, counters.read, canary=canary
                 )
-            else:
-                log.info("CPU contention governor off: this system has no per-thread scheduler counters")
+
+    def _set_decode_threads(self, threads: int) -> None:
+        self.core.decode_threads = threads
 
     def _run(self) -> None:
         self._start_cpu_threads()
@@ -217,3 +242,4 @@ class Engine:
                     governor.after_step()
                 if self._relay is not None:
                     self._relay.flush()
+        self.core.stop_prefill_workers()  # jobs in flight finish and are booked before shutdown

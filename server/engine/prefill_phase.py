@@ -5,18 +5,23 @@
 - `next_chunk`: this step's prompt tokens, over the prefilling rows in order within the token budget;
 - `run`: the chunk's forwards (rows grouped by length; scoring rows keep every position's state);
   `run_packed`: the chunk and the decoding rows in one forward (EngineSettings.packed_steps);
+  `launch` / `done_jobs` / `book`: the same forwards as jobs on prefill worker threads (a CPU engine,
+  prefill_workers.py) while the engine thread decodes; booked by the engine thread when done;
 - a row whose prompt is complete samples its first token (its n choices fork from it, fork.py) and
   joins the decoding rows.
 """
 
 from __future__ import annotations
 
+from concurrent import futures
+from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
 from adapterserve.server.adapters.kind import HookSite
-from adapterserve.server.adapters.layers import build_batch
+from adapterserve.server.adapters.layers import AdapterBatch, build_batch
 from adapterserve.server.engine.fork import fork
 from adapterserve.server.engine.logits_processing import prompt_token_logprobs
 from adapterserve.server.engine.paged_kv_cache import PagedKVCache
@@ -104,19 +109,127 @@ def run_packed(core: EngineCore, chunk: list[tuple[Sequence, int]]) -> None:
 
 def run(core: EngineCore, chunk: list[tuple[Sequence, int]]) -> None:
     """Run one chunk of each chosen prefilling row (contiguous rows from num_decoding)."""
-    rows = _rows(core, chunk)
-    seqs = [seq for seq, _ in chunk]
-    if any(seq.scores_prompt for seq in seqs):
-        logits = _scoring_logits(core, chunk, rows)
-    else:  # groups of similar lengths, each padded to its own longest row only
-        groups = plan_groups([take for _, take in chunk], core.prefill_forward_cost, core.prefill_positions)
-        logits = torch.cat(
+    _prefilled(core, chunk, plan_forward(core, chunk, table=None).logits())
+
+
+@dataclass
+class ChunkForward:
+    """A prefill chunk's forward, prepared on the engine thread: `logits()` runs it (there, or on a
+    prefill worker) and touches only these rows' KV blocks, inputs and (scoring rows) score lists."""
+
+    core: EngineCore
+    chunk: list[tuple[Sequence, int]]
+    rows: list[PrefillRow]
+    groups: list[tuple[int, int]]  # contiguous row groups, one forward each (prefill_groups.py)
+    batches: list[AdapterBatch]  # each group's adapter rows
+    row_start: int  # the chunk's first cache row (used when table is None)
+    table: torch.Tensor | None  # [B, nb] a copy of the rows' block tables: rows may move meanwhile
+
+    def logits(self) -> torch.Tensor:
+        """Each row's last-position logits [B, V] (its cache filled for the chunk's positions)."""
+        if any(seq.scores_prompt for seq, _ in self.chunk):
+            return _scoring_logits(self)
+        table = self.table
+        return torch.cat(
             [
-                core.runner.prefill(rows[a:b], core.num_decoding + a, core.adapter_batch(seqs[a:b]))
-                for a, b in groups
+                self.core.runner.prefill(
+                    self.rows[a:b], self.row_start + a, batch, None if table is None else table[a:b]
+                )
+                for (a, b), batch in zip(self.groups, self.batches, strict=True)
             ]
         )  # [B, V]
-    _prefilled(core, chunk, logits)
+
+
+def plan_forward(
+    core: EngineCore, chunk: list[tuple[Sequence, int]], table: torch.Tensor | None
+) -> ChunkForward:
+    """The forward of `chunk` (rows in order), grouped by length unless it scores (then one group)."""
+    seqs = [seq for seq, _ in chunk]
+    if any(seq.scores_prompt for seq in seqs):
+        groups = [(0, len(chunk))]
+    else:  # groups of similar lengths, each padded to its own longest row only
+        groups = plan_groups([take for _, take in chunk], core.prefill_forward_cost, core.prefill_positions)
+    return ChunkForward(
+        core=core,
+        chunk=chunk,
+        rows=_rows(core, chunk),
+        groups=groups,
+        batches=[core.adapter_batch(seqs[a:b]) for a, b in groups],
+        row_start=core.num_decoding,
+        table=table,
+    )
+
+
+# ----- prefill on worker threads (prefill_workers.py): the engine thread decodes meanwhile ----------
+JOBS_PER_WORKER = 2
+
+
+@dataclass
+class PrefillJob:
+    chunk: list[tuple[Sequence, int]]
+    future: Future  # -> logits [B, V]
+
+
+def launch(core: EngineCore) -> None:
+    """Give each idle worker a job: prefilling rows not in flight, in row order, split so that the idle
+    workers share this step's tokens (each job within `max_prefill_tokens`; a long prompt is chunked)."""
+    assert core.workers is not None
+    # up to JOBS_PER_WORKER jobs each: a worker that finishes one starts the next at once, not when the
+    # engine thread's decode step ends and it books the finished one
+    idle = JOBS_PER_WORKER * core.workers.count - len(core.prefill_jobs)
+    pending = [
+        seq for seq in core.running[core.num_decoding :] if not seq.in_flight and seq.prefill_remaining
+    ]
+    if idle <= 0 or not pending:
+        return
+    budget = core.settings.max_prefill_tokens
+    tail = budget // 8
+    takes = []
+    for seq in pending:
+        take = min(seq.prefill_remaining, budget)
+        if seq.prefill_remaining - take <= tail:
+            take = seq.prefill_remaining  # no tail of a few tokens left for a forward of its own
+        takes.append(take)
+    share = min(budget, -(-sum(takes) // idle))  # tokens per job, the idle workers sharing them
+    jobs: list[list[tuple[Sequence, int]]] = [[]]
+    tokens = 0
+    for seq, take in zip(pending, takes, strict=True):
+        if jobs[-1] and tokens + take > share:
+            if len(jobs) == idle:
+                break  # the rest waits for a worker
+            jobs.append([])
+            tokens = 0
+        jobs[-1].append((seq, take))
+        tokens += take
+    for chunk in jobs:
+        rows = [core.running.index(seq) for seq, _ in chunk]
+        table = core.cache.table[rows].clone()  # [B, nb]: the worker's view of the rows' blocks
+        forward = plan_forward(core, chunk, table)
+        for seq, _ in chunk:
+            seq.in_flight = True
+        core.prefill_jobs.append(PrefillJob(chunk, core.workers.submit(forward.logits)))
+
+
+def done_jobs(core: EngineCore, wait: bool = False) -> list[PrefillJob]:
+    """The jobs that finished (all of them, waiting, when `wait`), taken off the in-flight list; their
+    rows are no longer in flight."""
+    if wait:
+        futures.wait([job.future for job in core.prefill_jobs])
+    done = [job for job in core.prefill_jobs if job.future.done()]
+    core.prefill_jobs = [job for job in core.prefill_jobs if not job.future.done()]
+    for job in done:
+        for seq, _ in job.chunk:
+            seq.in_flight = False
+    return done
+
+
+def book(core: EngineCore, job: PrefillJob) -> None:
+    """Book a finished job on the engine thread: its rows take their first tokens (rows cancelled while
+    it ran are skipped: they retire). A job that raised re-raises here (core._run_guarded fails its rows)."""
+    logits = job.future.result()  # [B, V]
+    live = [i for i, (seq, _) in enumerate(job.chunk) if not seq.finished]
+    if live:
+        _prefilled(core, [job.chunk[i] for i in live], logits[live])
 
 
 def _prefilled(core: EngineCore, chunk: list[tuple[Sequence, int]], logits: torch.Tensor) -> None:
@@ -155,13 +268,13 @@ def _prefilled(core: EngineCore, chunk: list[tuple[Sequence, int]], logits: torc
                 _promote(core, s)
 
 
-def _scoring_logits(
-    core: EngineCore, chunk: list[tuple[Sequence, int]], rows: list[PrefillRow]
-) -> torch.Tensor:
+def _scoring_logits(forward: ChunkForward) -> torch.Tensor:
     """A prefill chunk with scoring rows: keep every position's state, record the scored tokens'
     log-probs (see scoring.py). Returns each row's last-position logits [B, V], as prefill does."""
-    seqs = [seq for seq, _ in chunk]
-    states = core.runner.prefill_states(rows, core.num_decoding, core.adapter_batch(seqs))  # [B, S, H]
+    core, chunk = forward.core, forward.chunk
+    states = core.runner.prefill_states(
+        forward.rows, forward.row_start, forward.batches[0], forward.table
+    )  # [B, S, H]
     last = torch.tensor([take - 1 for _, take in chunk], device=states.device)
     for i, (seq, take) in enumerate(chunk):
         if seq.request.prompt_logprobs is not None:

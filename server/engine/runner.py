@@ -49,16 +49,28 @@ class ModelRunner:
         return self.embeddings(token_ids)
 
     @torch.inference_mode()
-    def prefill(self, rows: list[PrefillRow], row_start: int, batch: AdapterBatch) -> torch.Tensor:
+    def prefill(
+        self,
+        rows: list[PrefillRow],
+        row_start: int,
+        batch: AdapterBatch,
+        table: torch.Tensor | None = None,  # [B, nb] the rows' block tables (paged; else rows row_start..)
+    ) -> torch.Tensor:
         """Run new rows row_start.. through the model, filling their cache. Returns logits [B, V]."""
-        x, last = self._prefill_hidden(rows, row_start, batch)
+        x, last = self._prefill_hidden(rows, row_start, batch, table)
         return self.head(x[torch.arange(len(rows), device=x.device), last])  # [B, V]
 
     @torch.inference_mode()
-    def prefill_states(self, rows: list[PrefillRow], row_start: int, batch: AdapterBatch) -> torch.Tensor:
+    def prefill_states(
+        self,
+        rows: list[PrefillRow],
+        row_start: int,
+        batch: AdapterBatch,
+        table: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Like `prefill`, but returns the final-norm hidden state of every position [B, S, H] (rows
         right-padded to the longest): `head` of a position's state is its next-token logits."""
-        x, _ = self._prefill_hidden(rows, row_start, batch)
+        x, _ = self._prefill_hidden(rows, row_start, batch, table)
         return x
 
     @torch.inference_mode()
@@ -72,7 +84,7 @@ class ModelRunner:
         return logits
 
     def _prefill_hidden(
-        self, rows: list[PrefillRow], row_start: int, batch: AdapterBatch
+        self, rows: list[PrefillRow], row_start: int, batch: AdapterBatch, table: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         b = len(rows)
         longest = max(r.embeds.shape[0] for r in rows)
@@ -89,7 +101,7 @@ class ModelRunner:
             # real tokens and overwritten by its decode steps before they are ever read.
             positions[i] = (row.start + steps).clamp(max=self.cache.max_len - 1)
             last[i] = n - 1
-        return self._forward(embeds, positions, row_start, batch), last
+        return self._forward(embeds, positions, row_start, batch, table=table), last
 
     @torch.inference_mode()
     def decode(self, token_ids: torch.Tensor, positions: torch.Tensor, batch: AdapterBatch) -> torch.Tensor:

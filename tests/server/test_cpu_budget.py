@@ -74,6 +74,24 @@ def test_thread_plan_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert (explicit.threads, explicit.governed) == (1, False)
 
 
+def test_prefill_workers_take_half_the_threads_unless_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(budget_module, "affinity_cpus", lambda: (0, 1, 2, 3))
+    _write(tmp_path / "proc", "0::/\n")
+    budget = cpu_budget(tmp_path / "proc", tmp_path / "fs")
+    four = plan_threads(None, "auto", True, environ={}, budget=budget)
+    assert (four.threads, four.prefill_threads) == (4, 2)
+    assert (
+        "prefill on 2 worker thread(s)" in four.describe()
+        and "on 2 thread(s) while a prefill runs" in four.describe()
+    )
+    assert plan_threads(1, "auto", True, environ={}, budget=budget).prefill_threads == 0  # one CPU: inline
+    assert plan_threads(2, "auto", True, environ={}, budget=budget).prefill_threads == 1
+    inline = plan_threads(None, "auto", True, environ={}, budget=budget, prefill_threads=0)
+    assert inline.prefill_threads == 0 and "prefill inline" in inline.describe()
+
+
 def test_this_process_budget_is_sane() -> None:
     budget = cpu_budget()
     assert 1 <= budget.usable <= budget.affinity == len(budget.affinity_cpus)

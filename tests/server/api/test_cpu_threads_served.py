@@ -1,5 +1,6 @@
-"""The real server sizes its CPU threads from what it may use, and sheds threads beside busy processes
-(server/cpu_threads.py, server/engine/cpu_governor.py)."""
+"""The real server sizes its CPU threads from what it may use, runs prefill on worker threads beside its
+decode steps, and sheds threads beside busy processes (server/cpu_threads.py,
+server/engine/prefill_workers.py, server/engine/cpu_governor.py)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ from tests.helpers.server_process import start_server
 
 PLAN = re.compile(r"CPU threads: (?P<threads>\d+) \((?P<source>[^)]*)\)")
 SHED = re.compile(r"CPU contention governor: (?P<before>\d+) -> (?P<after>\d+) engine thread")
+# The governor's tests run prefill inline (every step on the engine's OpenMP threads, which the governor
+# sizes); with prefill workers (the default on 2+ CPUs) it sizes only the decode steps that run alone.
+INLINE = ["--cpu-prefill-threads", "0"]
+WORKERS = re.compile(r"prefill on (?P<workers>\d+) worker thread")
 BUSY = "import time\nend = time.monotonic() + 120\nwhile time.monotonic() < end:\n    pass\n"
 
 
@@ -34,7 +39,9 @@ def test_in_its_own_session_beside_busy_processes_the_server_sheds_threads_and_k
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
     cpus = len(affinity_cpus())
-    server = start_server(tiny_model_dir, tmp_path / "store", unset_env=["OMP_NUM_THREADS"], new_session=True)
+    server = start_server(
+        tiny_model_dir, tmp_path / "store", extra_args=INLINE, unset_env=["OMP_NUM_THREADS"], new_session=True
+    )
     busy: list[subprocess.Popen] = []
     try:
         plan = server.wait_for(PLAN, 5)
@@ -147,9 +154,7 @@ def test_beside_low_priority_work_the_canary_brings_the_shed_thread_back(
     that yield), the governor's canary sees a CPU free for the asking and the thread comes back."""
     cpus = len(affinity_cpus())
     server = start_server(
-        tiny_model_dir,
-        tmp_path / "store",
-        unset_env=["OMP_NUM_THREADS"],
+        tiny_model_dir, tmp_path / "store", extra_args=INLINE, unset_env=["OMP_NUM_THREADS"]
     )
     busy: list[subprocess.Popen] = []
     back = re.compile(rf"governor: {cpus - 1} -> {cpus} engine thread\(s\), the canary got a CPU")
@@ -167,6 +172,41 @@ def test_beside_low_priority_work_the_canary_brings_the_shed_thread_back(
         assert returned is not None, (
             "the thread did not come back beside nice'd work:\n" + server.log_text()[-3000:]
         )
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
+        assert server.stop() == 0
+
+
+@pytest.mark.skipif(len(affinity_cpus()) < 2, reason="one CPU: prefill stays inline")
+def test_beside_busy_processes_prefill_workers_serve_concurrent_requests_as_they_serve_each_alone(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """The default on 2+ CPUs: prefill on worker threads while the engine thread decodes. Requests that
+    arrive together (prefills beside decode steps, rows joining mid-flight) give the tokens each gives
+    alone, beside busy processes at our priority."""
+    cpus = len(affinity_cpus())
+    server = start_server(tiny_model_dir, tmp_path / "store", unset_env=["OMP_NUM_THREADS"])
+    busy: list[subprocess.Popen] = []
+    prompts = [f"def f{i}(x):" + " return x" * i for i in range(6)]
+    try:
+        plan = server.wait_for(WORKERS, 5)
+        assert int(plan["workers"]) == cpus // 2
+        with Client(server.target) as client:
+            alone = [client.generate(p, max_new_tokens=24, ignore_eos=True).token_ids for p in prompts]
+            busy = _busy_processes(cpus)
+            together: list[list[int] | None] = [None] * len(prompts)
+
+            def ask(i: int) -> None:
+                together[i] = client.generate(prompts[i], max_new_tokens=24, ignore_eos=True).token_ids
+
+            callers = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+            for t in callers:
+                t.start()
+            for t in callers:
+                t.join(120)
+        assert together == alone
     finally:
         for p in busy:
             p.kill()

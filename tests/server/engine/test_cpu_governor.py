@@ -316,3 +316,39 @@ def test_the_first_step_after_idle_is_measured(monkeypatch: pytest.MonkeyPatch) 
     run_delay[0] += 0.9 * 1.2
     governor.after_step()
     assert governor.threads == 1 and applied == [1]
+
+
+def test_metered_work_counts_only_the_metered_steps_and_the_governor_judges_on_them() -> None:
+    """With prefill workers the governor sizes the decode steps that run alone, and judges on those steps
+    only: the counters' time between and beside them (prefill jobs on our own workers) never counts."""
+    clock = {"t": 0.0, "delay": 0.0, "busy": 0.0, "own": 0.0}
+    meter = cpu_governor.MeteredWork(
+        lambda: CpuSample(clock["t"], clock["delay"], clock["busy"], clock["own"])
+    )
+
+    def advance(seconds: float, waiting: float, metered: bool) -> None:
+        if metered:
+            meter.begin()
+        clock["t"] += seconds
+        clock["delay"] += waiting * seconds
+        clock["own"] += seconds
+        clock["busy"] += seconds
+        if metered:
+            meter.end()
+
+    applied: list[int] = []
+    governor = CpuGovernor(2, 2, applied.append, meter.read, clock=meter.clock)
+    for _ in range(10):  # beside our own prefill jobs our threads wait a lot: not metered, no decision
+        governor.before_step()
+        advance(0.3, waiting=0.9, metered=False)
+        governor.after_step()
+        governor.before_step()
+        advance(0.05, waiting=0.0, metered=True)  # a decode step alone, nobody in its way
+        governor.after_step()
+    assert applied == [] and governor.threads == 2
+    assert meter.read().wall == pytest.approx(0.5) and meter.read().run_delay == pytest.approx(0.0)
+    for _ in range(10):  # now a competitor: the decode steps alone wait
+        governor.before_step()
+        advance(0.05, waiting=1.2, metered=True)
+        governor.after_step()
+    assert applied == [1]

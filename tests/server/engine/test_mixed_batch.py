@@ -5,6 +5,8 @@ linear kinds' slots in float32 there, as PEFT computes them)."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -69,21 +71,25 @@ def _references(tiny_model_dir, adapter_dirs, quantize, rows):
 # decode: eager = the dynamic reference step; static = the static-shape step CUDA graphs capture (rows
 # padded to a bucket, keys to a length bucket, inputs in preallocated buffers); compiled = that step
 # through torch.compile. group_cost: EngineSettings.prefill_group_cost (None: the device default; 0: the
-# prefill chunk runs as one forward per run of equal lengths).
+# prefill chunk runs as one forward per run of equal lengths). workers: prefill forwards on that many
+# worker threads while the engine thread decodes (prefill_workers.py; 0: inline).
 @pytest.mark.parametrize(
-    "quantize,prefill_budget,decode,group_cost",
+    "quantize,prefill_budget,decode,group_cost,workers",
     [
-        ("none", 512, "eager", None),
-        ("nf4", 512, "eager", None),
-        ("none", 5, "eager", None),  # 5: prompts (and virtual tokens) prefilled in chunks
-        ("none", 512, "eager", 0),
-        ("none", 512, "static", None),
-        ("nf4", 512, "static", None),
-        ("none", 512, "compiled", None),
+        ("none", 512, "eager", None, 0),
+        ("nf4", 512, "eager", None, 0),
+        ("none", 5, "eager", None, 0),  # 5: prompts (and virtual tokens) prefilled in chunks
+        ("none", 512, "eager", 0, 0),
+        ("none", 512, "static", None, 0),
+        ("nf4", 512, "static", None, 0),
+        ("none", 512, "compiled", None, 0),
+        ("none", 5, "eager", None, 2),
+        ("nf4", 16, "eager", None, 2),
+        ("none", 16, "compiled", None, 2),
     ],
 )
 def test_mixed_batch_matches_peft_per_adapter(
-    tiny_model_dir, adapter_dirs, quantize, prefill_budget, decode, group_cost
+    tiny_model_dir, adapter_dirs, quantize, prefill_budget, decode, group_cost, workers
 ):
     rows = _plan()
     refs = _references(tiny_model_dir, adapter_dirs, quantize, rows)
@@ -101,10 +107,14 @@ def test_mixed_batch_matches_peft_per_adapter(
         ),
         capture_logits=True,
     )
-    prefill_forwards = []
+    if workers:
+        engine.core.start_prefill_workers(workers)
+    prefill_forwards, prefill_threads = [], set()
     runner_prefill = engine.core.runner.prefill
     engine.core.runner.prefill = lambda rows, *a: (
-        prefill_forwards.append(len(rows)) or runner_prefill(rows, *a)
+        prefill_forwards.append(len(rows))
+        or prefill_threads.add(threading.current_thread().name)
+        or runner_prefill(rows, *a)
     )
     if decode != "eager":
         assert engine.core.decode_graphs is not None
@@ -113,6 +123,9 @@ def test_mixed_batch_matches_peft_per_adapter(
     results = engine.generate(
         [engine.request(p, adapter=a, max_new_tokens=STEPS, ignore_eos=True) for a, p in rows]
     )
+    engine.core.stop_prefill_workers()
+    if workers:  # every prefill forward ran on the workers, none on the engine thread
+        assert prefill_threads and all(name.startswith("adapterserve-prefill") for name in prefill_threads)
     assert engine.core.bank.table.stats.evictions == 0  # every adapter stayed resident: one mixed batch
     if decode == "compiled":  # the compiled step ran: it did not fall back to the uncompiled one
         assert engine.core.decode_graphs.stats.disabled is None
@@ -136,9 +149,11 @@ def test_mixed_batch_matches_peft_per_adapter(
     if group_cost == 0:  # rows of unequal lengths really ran as several forwards, and all of them ran
         assert len(prefill_forwards) > 1 and sum(prefill_forwards) == len(rows)
     if decode != "eager":
-        # every decode step ran the static step (13 rows padded to the 16-row bucket)
+        # every decode step ran the static step (13 rows padded to the 16-row bucket); with workers rows
+        # finish their prefills at different steps, so there are more decode steps, all static
         stats = engine.core.decode_graphs.stats
-        assert stats.static_steps == STEPS - 1 and stats.replays == 0
+        assert stats.replays == 0
+        assert stats.static_steps >= STEPS - 1 if workers else stats.static_steps == STEPS - 1
     if decode == "compiled":
         from torch._dynamo.utils import counters
 
@@ -187,11 +202,13 @@ def test_mixed_batch_matches_peft_in_bf16_on_cpu(tiny_model_dir, adapter_dirs):
     check_rows_match(rows, results, refs)
 
 
-@pytest.mark.parametrize("packed", [True, False])
-def test_prefill_chunks_and_decodes_in_one_forward_match_peft(tiny_model_dir, adapter_dirs, packed):
+@pytest.mark.parametrize("mode", ["packed", "separate", "workers"])
+def test_prefill_chunks_and_decodes_in_one_forward_match_peft(tiny_model_dir, adapter_dirs, mode):
     """Requests of every kind arrive one per step with small prefill chunks, so most steps hold both
-    prefilling and decoding rows of different kinds: packed (one forward for both, each token a row) or
-    not, every row gives PEFT's tokens and logits."""
+    prefilling and decoding rows of different kinds: packed (one forward for both, each token a row),
+    separate forwards, or prefill on worker threads while the engine thread decodes (the decode forward
+    and the chunks' forwards at the same time): every row gives PEFT's tokens and logits."""
+    packed = mode == "packed"
     rows = _plan()
     refs = _references(tiny_model_dir, adapter_dirs, "none", rows)
     base = load_base_model(tiny_model_dir, quantize="none", device="cpu")
@@ -208,6 +225,14 @@ def test_prefill_chunks_and_decodes_in_one_forward_match_peft(tiny_model_dir, ad
     )
     for kind, path in adapter_dirs.items():
         engine.add_adapter(kind, path)
+    overlapped = []  # per decode forward: whether a prefill job was running on a worker meanwhile
+    if mode == "workers":
+        engine.core.start_prefill_workers(2)
+        runner_decode = engine.core.runner.decode
+        engine.core.runner.decode = lambda *a: (
+            overlapped.append(any(not job.future.done() for job in engine.core.prefill_jobs))
+            or runner_decode(*a)
+        )
     packed_forwards = []
     runner_packed = engine.core.runner.packed
     engine.core.runner.packed = lambda *a: packed_forwards.append(len(a[0])) or runner_packed(*a)
@@ -219,6 +244,7 @@ def test_prefill_chunks_and_decodes_in_one_forward_match_peft(tiny_model_dir, ad
         engine.core.step()
     while engine.core.has_work():
         engine.core.step()
+    engine.core.stop_prefill_workers()
     for (adapter, prompt), seq, sink in zip(rows, seqs, sinks, strict=True):
         want_tokens, want_logits = refs[(adapter, tuple(prompt))]
         assert [t for ev in sink for t in ev.token_ids] == want_tokens, adapter
@@ -228,3 +254,5 @@ def test_prefill_chunks_and_decodes_in_one_forward_match_peft(tiny_model_dir, ad
         assert len(packed_forwards) >= len(rows) and max(packed_forwards) > 3
     else:
         assert not packed_forwards
+    if mode == "workers":  # decode forwards ran while prefill jobs were in flight
+        assert any(overlapped), overlapped
