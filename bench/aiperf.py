@@ -56,6 +56,7 @@ class AiperfSettings:
     server_args: list[str] = field(default_factory=list)
     server_env: dict[str, str] = field(default_factory=dict)  # e.g. ADAPTERSERVE_ENGINE__PACKED_STEPS
     light_client: bool = True
+    run_aiperf: bool = True  # False: the light client alone, on a fresh server (a quiet machine's figure)
     out: Path = Path("aiperf-results")
     label: str = ""
 
@@ -313,11 +314,12 @@ def run(settings: AiperfSettings) -> list[Row]:
         try:
             base_name = server.wait_ready()
             models = _adapters(scenario, settings, model_dir, server) or [base_name]
-            report = run_aiperf(settings, models, model_dir, server.url, settings.out / stem)
-            row = aiperf_row(scenario, report)
-            row.governor = server.governor_changes()
-            rows.append(row)
-            print(format_row(row, settings), flush=True)
+            if settings.run_aiperf:
+                report = run_aiperf(settings, models, model_dir, server.url, settings.out / stem)
+                row = aiperf_row(scenario, report)
+                row.governor = server.governor_changes()
+                rows.append(row)
+                print(format_row(row, settings), flush=True)
             if settings.light_client:
                 row = light_client(settings, models, model_dir, server.url)
                 row.scenario = scenario
@@ -345,11 +347,11 @@ HEADER = (
 )
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_settings(argv: list[str] | None = None) -> AiperfSettings:
     p = argparse.ArgumentParser(
         prog="python -m adapterserve.bench.aiperf", description=__doc__.split("\n")[0]
     )
-    p.add_argument("--aiperf", required=True, help="the aiperf executable (its own virtual environment)")
+    p.add_argument("--aiperf", help="the aiperf executable (its own virtual environment)")
     p.add_argument(
         "--scenarios",
         default=",".join(SCENARIOS),
@@ -364,11 +366,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--server-arg", action="append", default=[], help="a flag for `serve` (repeatable)")
     p.add_argument("--server-env", action="append", default=[], help="KEY=VALUE for the server (repeatable)")
     p.add_argument("--no-light-client", action="store_true")
+    p.add_argument(
+        "--no-aiperf",
+        action="store_true",
+        help="the light client alone, on a fresh server (no AIPerf before it: a quiet machine's figure)",
+    )
     p.add_argument("--label", default="", help="the server column's text (default: the placement)")
     p.add_argument("--out", type=Path, default=Path("aiperf-results"))
     a = p.parse_args(argv)
     settings = AiperfSettings(
-        aiperf=a.aiperf,
+        aiperf=a.aiperf or "",
         scenarios=tuple(s for s in a.scenarios.split(",") if s),
         adapters=a.adapters,
         concurrency=a.concurrency,
@@ -379,12 +386,22 @@ def main(argv: list[str] | None = None) -> int:
         server_args=a.server_arg,
         server_env=dict(kv.split("=", 1) for kv in a.server_env),
         light_client=not a.no_light_client,
+        run_aiperf=not a.no_aiperf,
         out=a.out,
         label=a.label,
     )
     bad = [s for s in settings.scenarios if s not in SCENARIOS]
     if bad:
         p.error(f"unknown scenario(s) {bad}; choose from {SCENARIOS}")
+    if a.no_aiperf and a.no_light_client:
+        p.error("--no-aiperf with --no-light-client leaves nothing to run")
+    if not a.no_aiperf and not a.aiperf:
+        p.error("--aiperf is required (the aiperf executable), unless --no-aiperf")
+    return settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    settings = parse_settings(argv)
     print(f"machine: {machine()}; {time.strftime('%Y-%m-%d %H:%M')}\n{HEADER}", flush=True)
     rows = run(settings)
     table = "\n".join([HEADER, *(format_row(r, settings) for r in rows)])

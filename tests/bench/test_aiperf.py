@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from adapterserve.bench.aiperf import HEADER, AiperfSettings, Server, aiperf_row, format_row, run_aiperf
+from adapterserve.bench.aiperf import (
+    HEADER,
+    AiperfSettings,
+    Server,
+    aiperf_row,
+    format_row,
+    parse_settings,
+    run_aiperf,
+)
 
 
 def test_a_report_becomes_a_table_row() -> None:
@@ -76,3 +84,16 @@ def test_an_aiperf_that_fails_without_records_is_an_error_naming_its_log(tmp_pat
     settings = AiperfSettings(aiperf=_fake_aiperf(tmp_path, 2, writes_export=False))
     with pytest.raises(RuntimeError, match=r"aiperf exited 2 without results; see .*run\.log"):
         run_aiperf(settings, ["base"], "tok", "http://127.0.0.1:1", tmp_path / "run")
+
+
+def test_the_light_client_can_run_alone_and_aiperf_is_needed_otherwise(capsys) -> None:
+    alone = parse_settings(["--no-aiperf", "--scenarios", "base"])
+    assert (alone.run_aiperf, alone.light_client, alone.scenarios) == (False, True, ("base",))
+    for argv, message in (
+        (["--no-aiperf", "--no-light-client"], "leaves nothing to run"),
+        (["--scenarios", "base"], "--aiperf is required"),
+    ):
+        with pytest.raises(SystemExit):
+            parse_settings(argv)
+        assert message in capsys.readouterr().err
+    assert parse_settings(["--aiperf", "/bin/aiperf"]).run_aiperf
