@@ -30,8 +30,8 @@ _RUNTIME_NAME = "libgomp"
 
 
 @functools.cache
-def _pause_all() -> Callable[[int], int] | None:
-    """`omp_pause_resource_all` of the OpenMP runtime torch loaded, or None."""
+def _runtime_function(name: str) -> Callable[[int], int] | None:
+    """The function `name` (int -> int) of the OpenMP runtime torch loaded (libgomp), or None."""
     import torch  # noqa: F401  (loads the OpenMP runtime torch links)
 
     try:
@@ -41,12 +41,32 @@ def _pause_all() -> Callable[[int], int] | None:
         return None
     for path in sorted(paths):
         try:
-            function = ctypes.CDLL(path).omp_pause_resource_all
+            function = getattr(ctypes.CDLL(path), name)
         except (OSError, AttributeError):
             continue
         function.argtypes, function.restype = [ctypes.c_int], ctypes.c_int
         return function
     return None
+
+
+def _pause_all() -> Callable[[int], int] | None:
+    """`omp_pause_resource_all` of the OpenMP runtime torch loaded, or None."""
+    return _runtime_function("omp_pause_resource_all")
+
+
+def set_thread_threads(threads: int) -> None:
+    """The calling thread's intra-op thread count, and only its own. `torch.set_num_threads` also sets
+    the count that every thread started later begins with (torch's process default, read once per
+    thread), so a prefill worker setting its one thread would leave new threads (a model load, an
+    adapter parse) with one too. OpenMP's own call changes this thread's count alone."""
+    import torch
+
+    torch.get_num_threads()  # torch's once-per-thread set-up first: it would override the count below
+    setter = _runtime_function("omp_set_num_threads")
+    if setter is None:  # not libgomp: torch's call (which also moves the process default)
+        torch.set_num_threads(threads)
+    elif torch.get_num_threads() != threads:
+        setter(threads)
 
 
 def release_openmp_pool() -> bool:

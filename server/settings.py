@@ -163,8 +163,8 @@ class CpuSettings(BaseModel):
         ge=0,
         le=1024,
         description="threads that run prefill forwards while the engine thread decodes, one intra-op "
-        "thread each (paged KV cache; default: half the CPU threads, 0 with one; 0: prefill inline over "
-        "the OpenMP threads)",
+        "thread each, on the paged KV cache (default: half the CPU threads, none with one CPU); 0 runs "
+        "every prefill inline on the engine thread's OpenMP threads",
     )
 
 

@@ -36,7 +36,6 @@ import torch
 from adapterserve.server.adapters.kind import HookSite
 from adapterserve.server.adapters.layers import AdapterBatch, AdapterContext, build_batch, wrap_model
 from adapterserve.server.adapters.slots import NO_ADAPTER, AdapterBank
-from adapterserve.server.cpu_threads import apply_threads
 from adapterserve.server.engine import faults, prefill_phase
 from adapterserve.server.engine.cpu_governor import MeteredWork
 from adapterserve.server.engine.decode_graphs import decode_step_mode, make_decode_graphs
@@ -62,6 +61,7 @@ from adapterserve.server.errors import (
 from adapterserve.server.model.cpu_linear import prefill_positions, use_packed_linears
 from adapterserve.server.model.family import TESTED_FAMILIES
 from adapterserve.server.model.loading import LoadedBase, eos_token_ids
+from adapterserve.server.omp_pools import set_thread_threads
 from adapterserve.server.settings import EngineSettings
 
 log = logging.getLogger(__name__)
@@ -291,7 +291,7 @@ class EngineCore:
         if self.num_decoding:
             alone = not self.prefill_jobs  # no prefill job beside this decode step
             if self.decode_threads is not None:
-                apply_threads(
+                set_thread_threads(
                     self.decode_threads
                     if alone
                     else min(self.decode_threads, self.decode_threads_beside_jobs)

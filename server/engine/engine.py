@@ -26,7 +26,7 @@ from adapterserve.server.engine.stats import EngineStats
 from adapterserve.server.engine.types import GenerationRequest, TokenEvent
 from adapterserve.server.errors import UnavailableError
 from adapterserve.server.model.loading import LoadedBase
-from adapterserve.server.omp_pools import release_openmp_pool
+from adapterserve.server.omp_pools import release_openmp_pool, set_thread_threads
 from adapterserve.server.settings import EngineSettings
 
 log = logging.getLogger(__name__)
@@ -190,7 +190,7 @@ class Engine:
         if workers:
             # prefill on the workers (one intra-op thread each); decode here, on `threads` OpenMP threads
             # when no prefill job runs beside it, else on the CPUs the workers leave (at least one)
-            apply_threads(1)
+            set_thread_threads(1)
             self.core.start_prefill_workers(workers)
             self.core.decode_threads = plan.threads
             self.core.decode_threads_beside_jobs = max(1, plan.threads - workers)

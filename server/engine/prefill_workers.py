@@ -26,6 +26,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
+from adapterserve.server.omp_pools import set_thread_threads
+
 log = logging.getLogger(__name__)
 
 _STOP = object()
@@ -65,9 +67,7 @@ class PrefillWorkers:
             thread.join()
 
     def _run(self) -> None:
-        import torch
-
-        torch.set_num_threads(1)  # OpenMP's count is per thread: this thread's forwards run on it alone
+        set_thread_threads(1)  # this thread's forwards run on it alone (the process default is untouched)
         while True:
             job = self._jobs.get()
             if job is _STOP:

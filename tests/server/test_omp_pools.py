@@ -71,3 +71,23 @@ def test_releasing_pool_frees_it_even_when_the_work_fails():
 
 def test_run_releasing_pool_returns_the_result():
     assert asyncio.run(run_releasing_pool(lambda a, b=0: a + b, 2, b=3)) == 5
+
+
+@needs_pool
+def test_a_prefill_worker_runs_on_one_thread_and_new_threads_keep_the_process_default():
+    """A prefill worker's one intra-op thread is its own: threads started after it (a model load, an
+    adapter parse) still begin with the process's count, and so does the thread that started it."""
+    from adapterserve.server.engine.prefill_workers import PrefillWorkers
+
+    default = torch.get_num_threads()
+    workers = PrefillWorkers(2)
+    try:
+        inside = workers.submit(torch.get_num_threads).result(10)
+    finally:
+        workers.close()
+    later: dict[str, int] = {}
+    thread = threading.Thread(target=lambda: later.update(threads=torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    assert inside == 1 and default >= 2
+    assert later["threads"] == default and torch.get_num_threads() == default
