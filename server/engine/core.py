@@ -36,7 +36,7 @@ import torch
 from adapterserve.server.adapters.kind import HookSite
 from adapterserve.server.adapters.layers import AdapterBatch, AdapterContext, build_batch, wrap_model
 from adapterserve.server.adapters.slots import NO_ADAPTER, AdapterBank
-from adapterserve.server.engine import faults, prefill_phase
+from adapterserve.server.engine import faults, prefill_phase, worker_step
 from adapterserve.server.engine.cpu_governor import MeteredWork
 from adapterserve.server.engine.decode_graphs import decode_step_mode, make_decode_graphs
 from adapterserve.server.engine.fork import make_choices
@@ -61,7 +61,6 @@ from adapterserve.server.errors import (
 from adapterserve.server.model.cpu_linear import prefill_positions, use_packed_linears
 from adapterserve.server.model.family import TESTED_FAMILIES
 from adapterserve.server.model.loading import LoadedBase, eos_token_ids
-from adapterserve.server.omp_pools import set_thread_threads
 from adapterserve.server.settings import EngineSettings
 
 log = logging.getLogger(__name__)
@@ -244,18 +243,18 @@ class EngineCore:
         """Wait for the jobs in flight, book them, stop the workers (prefill runs inline again)."""
         if self.workers is None:
             return
-        self._book_jobs(wait=True)
+        worker_step.book_jobs(self, wait=True)
         workers, self.workers = self.workers, None
         workers.close()
 
     def step(self) -> None:
         self.steps += 1
         if self.workers is not None:
-            self._step_with_workers()
+            worker_step.step(self)
             return
         self._run_controls()
         self._reap_cancelled()
-        self._admit_and_start()
+        self.admit_and_start()
         chunk = prefill_phase.next_chunk(self)
         if chunk and self.num_decoding and prefill_phase.can_pack(self, chunk):
             rows = self.running[: self.num_decoding] + [seq for seq, _ in chunk]
@@ -270,61 +269,17 @@ class EngineCore:
             self._run_guarded(rows, self._decode)
             self._retire_finished()
 
-    def _admit_and_start(self) -> None:
+    def admit_and_start(self) -> None:
         """Admit waiting requests into free rows and give them their prefill inputs."""
         admitted = self._admit()
         if admitted:
             self._run_guarded(admitted, lambda: prefill_phase.start(self, admitted))
             self._retire_finished()
 
-    def _step_with_workers(self) -> None:
-        """A step with prefill on the workers: book the jobs that finished, start jobs for idle workers,
-        decode the decoding rows here meanwhile (or, with none, wait for a job or new work)."""
-        self._activity.clear()  # before anything is looked at: a job ending from here on wakes the wait
-        if self.prefill_jobs and (self._controls or self._admission_loads_adapter()):
-            self._book_jobs(wait=True)  # slot writes must not race a job reading the adapter bank
-        self._run_controls()
-        self._reap_cancelled()
-        self._book_jobs()
-        self._admit_and_start()
-        prefill_phase.launch(self)
-        if self.num_decoding:
-            alone = not self.prefill_jobs  # no prefill job beside this decode step
-            if self.decode_threads is not None:
-                set_thread_threads(
-                    self.decode_threads
-                    if alone
-                    else min(self.decode_threads, self.decode_threads_beside_jobs)
-                )
-            meter = self.decode_meter if alone else None
-            if meter is not None:
-                meter.begin()
-            self._run_guarded(self.running[: self.num_decoding], self._decode)
-            if meter is not None:
-                meter.end()
-            self._retire_finished()
-        elif self.prefill_jobs and not any(job.future.done() for job in self.prefill_jobs):
-            self._activity.wait(timeout=0.5)
-
-    def _book_jobs(self, wait: bool = False) -> None:
-        done = prefill_phase.done_jobs(self, wait=wait)
-        for job in done:
-            self._run_guarded([seq for seq, _ in job.chunk], lambda job=job: prefill_phase.book(self, job))
-        if done:
-            self._retire_finished()
-
-    def _admission_loads_adapter(self) -> bool:
-        """Whether admitting the waiting requests may write an adapter into a device slot."""
-        with self._lock:
-            return any(
-                seq.slot_key is not None and self.bank.table.lookup(seq.slot_key) is None
-                for seq in self.waiting
-            )
-
     def fail_all(self, error: ServeError) -> None:
         """Finish every waiting and running request with an error (engine shutdown)."""
         if self.workers is not None:
-            self._book_jobs(wait=True)
+            worker_step.book_jobs(self, wait=True)
         with self._lock:
             waiting, self.waiting = list(self.waiting), deque()
         for seq in waiting + self.running:

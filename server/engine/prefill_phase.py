@@ -62,14 +62,18 @@ def next_chunk(core: EngineCore) -> list[tuple[Sequence, int]]:
     tail = budget // 8
     chunk: list[tuple[Sequence, int]] = []
     for seq in core.running[core.num_decoding :]:
-        take = min(seq.prefill_remaining, budget)
+        take = _take(seq, budget, tail)
         if take <= 0:
             break
-        if seq.prefill_remaining - take <= tail:
-            take = seq.prefill_remaining
         chunk.append((seq, take))
         budget -= take
     return chunk
+
+
+def _take(seq: Sequence, budget: int, tail: int) -> int:
+    """The row's prompt tokens within `budget`, or all of them when at most `tail` would be left over."""
+    take = min(seq.prefill_remaining, budget)
+    return seq.prefill_remaining if 0 < take and seq.prefill_remaining - take <= tail else take
 
 
 def can_pack(core: EngineCore, chunk: list[tuple[Sequence, int]]) -> bool:
@@ -183,13 +187,7 @@ def launch(core: EngineCore) -> None:
     if idle <= 0 or not pending:
         return
     budget = core.settings.max_prefill_tokens
-    tail = budget // 8
-    takes = []
-    for seq in pending:
-        take = min(seq.prefill_remaining, budget)
-        if seq.prefill_remaining - take <= tail:
-            take = seq.prefill_remaining  # no tail of a few tokens left for a forward of its own
-        takes.append(take)
+    takes = [_take(seq, budget, budget // 8) for seq in pending]
     share = min(budget, -(-sum(takes) // idle))  # tokens per job, the idle workers sharing them
     jobs: list[list[tuple[Sequence, int]]] = [[]]
     tokens = 0

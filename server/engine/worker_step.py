@@ -1,0 +1,60 @@
+"""An engine step with prefill workers (functions of the EngineCore, as prefill_phase.py's are).
+
+The step books the prefill jobs that finished (their rows sample their first token and join the
+decoding rows), admits waiting requests, starts jobs for idle workers (prefill_phase.launch) and decodes
+the decoding rows on the engine thread while the jobs run; with no row to decode it waits for a job or
+new work (`EngineCore._activity`). Adapter-slot writes (a new adapter, a pin) wait for the jobs in
+flight: a job reads the adapter bank.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from adapterserve.server.engine import prefill_phase
+from adapterserve.server.omp_pools import set_thread_threads
+
+if TYPE_CHECKING:
+    from adapterserve.server.engine.core import EngineCore
+
+
+def step(core: EngineCore) -> None:
+    core._activity.clear()  # before anything is looked at: a job ending from here on wakes the wait
+    if core.prefill_jobs and (core._controls or admission_loads_adapter(core)):
+        book_jobs(core, wait=True)  # slot writes must not race a job reading the adapter bank
+    core._run_controls()
+    core._reap_cancelled()
+    book_jobs(core)
+    core.admit_and_start()
+    prefill_phase.launch(core)
+    if core.num_decoding:
+        alone = not core.prefill_jobs  # no prefill job beside this decode step
+        if core.decode_threads is not None:
+            beside = min(core.decode_threads, core.decode_threads_beside_jobs)
+            set_thread_threads(core.decode_threads if alone else beside)
+        meter = core.decode_meter if alone else None
+        if meter is not None:
+            meter.begin()
+        core._run_guarded(core.running[: core.num_decoding], core._decode)
+        if meter is not None:
+            meter.end()
+        core._retire_finished()
+    elif core.prefill_jobs and not any(job.future.done() for job in core.prefill_jobs):
+        core._activity.wait(timeout=0.5)
+
+
+def book_jobs(core: EngineCore, wait: bool = False) -> None:
+    """Book the jobs that finished (all of them, waiting, when `wait`); a job that failed fails its rows."""
+    done = prefill_phase.done_jobs(core, wait=wait)
+    for job in done:
+        core._run_guarded([seq for seq, _ in job.chunk], lambda job=job: prefill_phase.book(core, job))
+    if done:
+        core._retire_finished()
+
+
+def admission_loads_adapter(core: EngineCore) -> bool:
+    """Whether admitting the waiting requests may write an adapter into a device slot."""
+    with core._lock:
+        return any(
+            seq.slot_key is not None and core.bank.table.lookup(seq.slot_key) is None for seq in core.waiting
+        )
