@@ -1,7 +1,7 @@
 """The server under real load clients: NVIDIA AIPerf and a light client, on the base, N LoRAs and a kind mix.
 
     python -m adapterserve.bench.aiperf --aiperf /path/to/venv/bin/aiperf [--scenarios base,lora,mixed]
-        [--placement shared|own-session|quota] [--server-arg=--cpu-wait-policy=passive ...] [--out DIR]
+        [--rounds N] [--placement shared|own-session|quota] [--server-arg=--cpu-prefill-threads=0 ...] [--out DIR]
 
 AIPerf (`pip install aiperf==0.13.0`, in a virtual environment of its own: its pins clash with the
 server's) is NVIDIA's load client for OpenAI-compatible servers. For each scenario this starts
@@ -12,7 +12,11 @@ scenario's adapters (random weights, bench/throughput.py), runs
     (ignore_eos), concurrency 16, 128 requests after 16 warm-up, seed 7, round-robin over the adapters
 
 and then, unless --no-light-client, the same 128 streamed requests from a light client (the `openai`
-package, 16 threads), and writes one table (docs/performance.md shows one). Placement: `shared` runs
+package, 16 threads), and writes one table (docs/performance.md shows one). With --rounds N the
+scenarios run N times, interleaved (base, lora, mixed, base, ...: slow drifts of a shared machine hit
+every scenario alike), and a summary follows the table: per workload and client the median over the
+rounds and each workload's throughput against the base of the same round (the issue's "x base"
+figures are same-run ratios; one run of a scenario on a 2-core VM moves by 10-20%). Placement: `shared` runs
 the server in the client's session; `own-session` in a session of its own (the kernel's autogroup
 scheduler then splits the CPUs between the sessions, as a container CPU limit below the host's core
 count would); `quota` in a cgroup (v1 or v2, needs root) with a CPU quota of --quota CPUs.
@@ -59,6 +63,7 @@ class AiperfSettings:
     run_aiperf: bool = True  # False: the light client alone, on a fresh server (a quiet machine's figure)
     out: Path = Path("aiperf-results")
     label: str = ""
+    rounds: int = 1  # every scenario this many times, interleaved; a summary of medians follows
 
 
 @dataclass
@@ -72,6 +77,7 @@ class Row:
     errors: int
     governor: str = ""
     note: str = ""  # e.g. AIPerf exited non-zero with its records whole
+    round: int = 1
 
 
 def machine() -> str:
@@ -308,34 +314,76 @@ def run(settings: AiperfSettings) -> list[Row]:
     model_dir = str(default_model_dir())
     settings.out.mkdir(parents=True, exist_ok=True)
     rows: list[Row] = []
-    for scenario in settings.scenarios:
-        stem = f"{settings.label or settings.placement}-{scenario}"
-        server = Server(settings, settings.out / f"{stem}-server.log")
-        try:
-            base_name = server.wait_ready()
-            models = _adapters(scenario, settings, model_dir, server) or [base_name]
-            if settings.run_aiperf:
-                report = run_aiperf(settings, models, model_dir, server.url, settings.out / stem)
-                row = aiperf_row(scenario, report)
-                row.governor = server.governor_changes()
-                rows.append(row)
-                print(format_row(row, settings), flush=True)
-            if settings.light_client:
-                row = light_client(settings, models, model_dir, server.url)
-                row.scenario = scenario
-                rows.append(row)
-                print(format_row(row, settings), flush=True)
-        finally:
-            server.stop()
+    for round_ in range(1, settings.rounds + 1):
+        for scenario in settings.scenarios:
+            rows += run_scenario(settings, scenario, round_, model_dir)
     return rows
+
+
+def run_scenario(settings: AiperfSettings, scenario: str, round_: int, model_dir: str) -> list[Row]:
+    """One scenario on a fresh server: AIPerf, then the light client (as the settings ask)."""
+    stem = f"{settings.label or settings.placement}-{scenario}"
+    if settings.rounds > 1:
+        stem += f"-r{round_}"
+    rows: list[Row] = []
+    server = Server(settings, settings.out / f"{stem}-server.log")
+    try:
+        base_name = server.wait_ready()
+        models = _adapters(scenario, settings, model_dir, server) or [base_name]
+        if settings.run_aiperf:
+            report = run_aiperf(settings, models, model_dir, server.url, settings.out / stem)
+            row = aiperf_row(scenario, report)
+            row.governor = server.governor_changes()
+            rows.append(row)
+        if settings.light_client:
+            row = light_client(settings, models, model_dir, server.url)
+            row.scenario = scenario
+            rows.append(row)
+    finally:
+        server.stop()
+    for row in rows:
+        row.round = round_
+        print(format_row(row, settings), flush=True)
+    return rows
+
+
+def _median_ms(values: list[float | None]) -> str:
+    known = [v for v in values if v is not None]
+    return f"{statistics.median(known):.0f}" if known else "—"
+
+
+def summary(rows: list[Row]) -> str:
+    """Per workload and client: the median over the rounds (and the range), and its throughput against
+    the base's of the same round and client (the median of those ratios, then each round's)."""
+    base = {(r.client, r.round): r.tokens_per_s for r in rows if r.scenario == "base"}
+    lines = [SUMMARY_HEADER]
+    groups: dict[tuple[str, str], list[Row]] = {}
+    for row in rows:
+        groups.setdefault((row.scenario, row.client), []).append(row)
+    for (scenario, client), group in groups.items():
+        tps = [r.tokens_per_s for r in group]
+        ratios = [r.tokens_per_s / base[(client, r.round)] for r in group if (client, r.round) in base]
+        vs_base = "—"
+        if ratios and scenario != "base":
+            vs_base = f"x{statistics.median(ratios):.2f} ({', '.join(f'{x:.2f}' for x in ratios)})"
+        itl50 = _median_ms([r.itl_p50_ms for r in group])
+        itl99 = _median_ms([r.itl_p99_ms for r in group])
+        lines.append(
+            f"| {scenario} | {client} | {len(group)} | {statistics.median(tps):.1f} "
+            f"({min(tps):.1f}-{max(tps):.1f}) | {vs_base} | {itl50} | {itl99} | {sum(r.errors for r in group)} |"
+        )
+    return "\n".join(lines)
 
 
 def format_row(row: Row, settings: AiperfSettings) -> str:
     def ms(v: float | None) -> str:
         return "—" if v is None else f"{v:.0f}"
 
+    server = settings.label or settings.placement
+    if settings.rounds > 1:
+        server += f" (round {row.round})"
     return (
-        f"| {settings.label or settings.placement} | {row.scenario} | {row.client} | {row.tokens_per_s:.1f} | "
+        f"| {server} | {row.scenario} | {row.client} | {row.tokens_per_s:.1f} | "
         f"{row.ttft_p50_ms / 1e3:.2f} s | {ms(row.itl_p50_ms)} | {ms(row.itl_p99_ms)} | {row.errors} | "
         f"{row.governor or '—'}{f' ({row.note})' if row.note else ''} |"
     )
@@ -344,6 +392,10 @@ def format_row(row: Row, settings: AiperfSettings) -> str:
 HEADER = (
     "| server | workload | client | output tok/s | TTFT p50 | inter-token p50 (ms) | p99 (ms) | errors "
     "| governor (threads) |\n|---|---|---|---|---|---|---|---|---|"
+)
+SUMMARY_HEADER = (
+    "| workload | client | rounds | output tok/s, median (range) | vs base, same round: median (each) "
+    "| inter-token p50, median (ms) | p99, median (ms) | errors |\n|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -372,6 +424,12 @@ def parse_settings(argv: list[str] | None = None) -> AiperfSettings:
         help="the light client alone, on a fresh server (no AIPerf before it: a quiet machine's figure)",
     )
     p.add_argument("--label", default="", help="the server column's text (default: the placement)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the scenarios this many times, interleaved, and add a summary (medians, x base per round)",
+    )
     p.add_argument("--out", type=Path, default=Path("aiperf-results"))
     a = p.parse_args(argv)
     settings = AiperfSettings(
@@ -389,7 +447,10 @@ def parse_settings(argv: list[str] | None = None) -> AiperfSettings:
         run_aiperf=not a.no_aiperf,
         out=a.out,
         label=a.label,
+        rounds=a.rounds,
     )
+    if settings.rounds < 1:
+        p.error(f"--rounds must be at least 1 (got {settings.rounds})")
     bad = [s for s in settings.scenarios if s not in SCENARIOS]
     if bad:
         p.error(f"unknown scenario(s) {bad}; choose from {SCENARIOS}")
@@ -405,6 +466,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {machine()}; {time.strftime('%Y-%m-%d %H:%M')}\n{HEADER}", flush=True)
     rows = run(settings)
     table = "\n".join([HEADER, *(format_row(r, settings) for r in rows)])
+    if settings.rounds > 1 or len(settings.scenarios) > 1:
+        medians = summary(rows)
+        table += "\n\n" + medians
+        print("\n" + medians, flush=True)
     (settings.out / f"{settings.label or settings.placement}.md").write_text(f"{machine()}\n\n{table}\n")
     return 0
 

@@ -45,6 +45,7 @@ from adapterserve.server.engine.paged_kv_cache import PagedKVCache
 from adapterserve.server.engine.prefill_groups import forward_cost_tokens
 from adapterserve.server.engine.prefill_workers import PrefillWorkers
 from adapterserve.server.engine.provider import ResolvedAdapter
+from adapterserve.server.engine.request_limits import check_fits, check_request
 from adapterserve.server.engine.runner import ModelRunner
 from adapterserve.server.engine.sampling import RowSampler, sample_step
 from adapterserve.server.engine.sequence import EventSink, Sequence
@@ -119,37 +120,14 @@ class EngineCore:
     def new_sequence(
         self, request: GenerationRequest, resolved: ResolvedAdapter | None, emit: EventSink
     ) -> Sequence:
-        """Validate a request against the engine's limits and wrap it (does not queue it)."""
-        if not request.prompt_ids:
-            raise InvalidArgumentError("prompt: the prompt is empty")
-        vocab = self.base.spec.vocab_size
-        if any(t < 0 or t >= vocab for t in request.prompt_ids):
-            raise InvalidArgumentError(f"prompt_ids: token ids must be in [0, {vocab})")
+        """Validate a request against the engine's limits (request_limits.py) and wrap it (does not
+        queue it); a prompt-kind adapter rewrites the prompt here, and n choices get their sequences."""
+        check_request(request, self.base.spec.vocab_size, self.settings)
         if resolved is not None and resolved.adapter.handler.hook == HookSite.PROMPT:
             adapter = resolved.adapter
             ids = adapter.handler.rewrite_prompt(adapter.weights, request.prompt_ids, self.base.tokenizer)
             request = dataclasses.replace(request, prompt_ids=tuple(ids))
         p = request.sampling
-        if p.max_new_tokens < 1:
-            raise InvalidArgumentError("max_new_tokens: must be at least 1")
-        if p.temperature < 0 or p.top_k < 0 or not (0 < p.top_p <= 1) or p.repetition_penalty <= 0:
-            raise InvalidArgumentError(
-                "sampling: temperature >= 0, top_k >= 0, 0 < top_p <= 1, repetition_penalty > 0"
-            )
-        if p.min_tokens < 0 or p.min_tokens > p.max_new_tokens:
-            raise InvalidArgumentError(
-                f"min_tokens: {p.min_tokens} must be in 0..max_new_tokens ({p.max_new_tokens})"
-            )
-        vocab_k = min(vocab, 1024)
-        for name, k in (("logprobs", p.logprobs), ("prompt_logprobs", request.prompt_logprobs)):
-            if k is not None and not 0 <= k <= vocab_k:
-                raise InvalidArgumentError(f"{name}: {k} alternatives, must be in 0..{vocab_k}")
-        if request.n < 1 or request.n > self.settings.max_batch_size:
-            raise InvalidArgumentError(
-                f"n: {request.n} choices, must be in 1..{self.settings.max_batch_size} (the engine's rows)"
-            )
-        if request.n > 1 and request.score_tokens:
-            raise InvalidArgumentError("n: a scoring request has one result (n must be 1)")
         seq = Sequence(
             request=request,
             resolved=resolved,
@@ -165,38 +143,8 @@ class EngineCore:
         )
         if request.structured is not None and not request.score_tokens:
             seq.grammar = self.grammars.row(request.structured)  # InvalidArgumentError: cannot compile
-        if request.score_tokens:
-            if not 1 <= request.score_tokens < len(request.prompt_ids):
-                raise InvalidArgumentError(
-                    f"score_tokens: {request.score_tokens} must be in 1..{len(request.prompt_ids) - 1} "
-                    "(the tokens scored follow at least one prompt token)"
-                )
-            need = seq.kv_tokens
-            if need > min(self.settings.max_seq_len, self.cache.capacity_tokens):
-                raise InvalidArgumentError(
-                    f"prompt: {need} tokens to score exceed the engine's max_seq_len ({self.settings.max_seq_len})"
-                    f" or KV cache ({self.cache.capacity_tokens} tokens)"
-                )
-            return seq
-        need = seq.kv_tokens
-        if need > self.settings.max_seq_len:
-            raise InvalidArgumentError(
-                f"max_new_tokens: prompt ({len(request.prompt_ids)} tokens"
-                + (f" + {seq.virtual_tokens} virtual" if seq.virtual_tokens else "")
-                + f") + max_new_tokens ({p.max_new_tokens}) exceeds the engine's max_seq_len "
-                f"({self.settings.max_seq_len})"
-            )
-        if need > self.cache.capacity_tokens:
-            raise InvalidArgumentError(
-                f"max_new_tokens: prompt + max_new_tokens ({need} tokens) exceeds the engine's whole KV cache "
-                f"({self.cache.capacity_tokens} tokens; raise kv_cache_bytes)"
-            )
+        check_fits(seq, self.settings, self.cache)
         if request.n > 1:
-            if not self.cache.can_ever_reserve([need] * request.n):
-                raise InvalidArgumentError(
-                    f"n: {request.n} choices of {need} KV tokens each do not fit the engine's KV cache "
-                    "(raise kv_cache_bytes, or ask for fewer choices or tokens)"
-                )
             make_choices(self, seq)
         return seq
 

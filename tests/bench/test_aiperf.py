@@ -9,12 +9,16 @@ import pytest
 
 from adapterserve.bench.aiperf import (
     HEADER,
+    SUMMARY_HEADER,
     AiperfSettings,
+    Row,
     Server,
     aiperf_row,
     format_row,
     parse_settings,
+    run,
     run_aiperf,
+    summary,
 )
 
 
@@ -97,3 +101,49 @@ def test_the_light_client_can_run_alone_and_aiperf_is_needed_otherwise(capsys) -
             parse_settings(argv)
         assert message in capsys.readouterr().err
     assert parse_settings(["--aiperf", "/bin/aiperf"]).run_aiperf
+
+
+def _row(scenario: str, client: str, tps: float, round_: int, itl: float | None = None) -> Row:
+    return Row(scenario, client, tps, 1500.0, itl, None if itl is None else itl + 50, 0, round=round_)
+
+
+def test_rounds_run_interleaved_and_a_summary_gives_medians_and_same_round_ratios(monkeypatch) -> None:
+    settings = parse_settings(["--aiperf", "/bin/aiperf", "--scenarios", "base,mixed", "--rounds", "3"])
+    calls: list[tuple[str, int]] = []
+    tps = {("base", 1): 80.0, ("mixed", 1): 76.0, ("base", 2): 100.0, ("mixed", 2): 80.0}
+    tps |= {("base", 3): 90.0, ("mixed", 3): 90.0}
+
+    def fake(settings, scenario, round_, model_dir):
+        calls.append((scenario, round_))
+        return [_row(scenario, "AIPerf", tps[(scenario, round_)], round_, itl=100.0 + round_)]
+
+    monkeypatch.setattr("adapterserve.bench.aiperf.run_scenario", fake)
+    rows = run(settings)
+    # a slow drift of a shared machine hits every workload alike
+    assert calls == [("base", 1), ("mixed", 1), ("base", 2), ("mixed", 2), ("base", 3), ("mixed", 3)]
+    assert format_row(rows[1], settings).startswith("| shared (round 1) | mixed | AIPerf | 76.0 |")
+    lines = summary(rows).splitlines()
+    assert lines[:2] == SUMMARY_HEADER.splitlines()
+    assert lines[2] == "| base | AIPerf | 3 | 90.0 (80.0-100.0) | — | 102 | 152 | 0 |"
+    # mixed/base in the same round: 0.95, 0.80, 1.00 (not the ratio of the medians, 80/90)
+    assert lines[3] == "| mixed | AIPerf | 3 | 80.0 (76.0-90.0) | x0.95 (0.95, 0.80, 1.00) | 102 | 152 | 0 |"
+
+
+def test_the_summary_keeps_clients_apart_and_needs_a_base_for_ratios() -> None:
+    rows = [
+        _row("base", "AIPerf", 80.0, 1, itl=120.0),
+        _row("base", "light (openai pkg)", 120.0, 1),
+        _row("lora", "AIPerf", 72.0, 1, itl=130.0),
+        _row("lora", "light (openai pkg)", 126.0, 1),
+    ]
+    lines = summary(rows).splitlines()[2:]
+    assert lines[2] == "| lora | AIPerf | 1 | 72.0 (72.0-72.0) | x0.90 (0.90) | 130 | 180 | 0 |"
+    assert lines[3] == "| lora | light (openai pkg) | 1 | 126.0 (126.0-126.0) | x1.05 (1.05) | — | — | 0 |"
+    no_base = summary([_row("lora", "AIPerf", 72.0, 1)]).splitlines()[2]
+    assert no_base == "| lora | AIPerf | 1 | 72.0 (72.0-72.0) | — | — | — | 0 |"
+
+
+def test_rounds_must_be_at_least_one(capsys) -> None:
+    with pytest.raises(SystemExit):
+        parse_settings(["--aiperf", "/bin/aiperf", "--rounds", "0"])
+    assert "--rounds must be at least 1" in capsys.readouterr().err
