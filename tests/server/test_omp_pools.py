@@ -13,8 +13,10 @@ import torch
 from adapterserve.server.omp_pools import release_openmp_pool, releasing_pool, run_releasing_pool
 
 
-def _threads() -> int:
-    return len(os.listdir("/proc/self/task"))
+def _threads() -> set[int]:
+    """The process's thread ids. Compared as sets, not counted: a thread that another test left starting
+    or ending at the same moment must not pass for (or hide) the pool's worker threads."""
+    return {int(tid) for tid in os.listdir("/proc/self/task")}
 
 
 def _parallel_work() -> torch.Tensor:
@@ -44,16 +46,18 @@ def test_a_released_pool_leaves_the_process_and_torch_still_works():
     thread = threading.Thread(target=worker)
     thread.start()
     thread.join()
-    assert seen["with_pool"] > seen["before"], "the parallel op ran without a pool of worker threads"
-    assert seen["released"] and seen["after"] < seen["with_pool"]
+    pool = seen["with_pool"] - seen["before"]
+    assert pool, "the parallel op ran without a pool of worker threads"
+    assert seen["released"] and not pool & seen["after"], "the pool's threads are still there"
     assert torch.equal(seen["value"], seen["again"])
 
 
 @needs_pool
 def test_releasing_pool_frees_it_even_when_the_work_fails():
-    counts = {}
+    counts: dict[str, set[int]] = {}
 
     def failing() -> None:
+        counts["before"] = _threads()
         _parallel_work()
         counts["with_pool"] = _threads()
         raise ValueError("bad adapter")
@@ -66,7 +70,9 @@ def test_releasing_pool_frees_it_even_when_the_work_fails():
     thread = threading.Thread(target=worker)
     thread.start()
     thread.join()
-    assert counts["after"] < counts["with_pool"]
+    pool = counts["with_pool"] - counts["before"]
+    assert pool, "the parallel op ran without a pool of worker threads"
+    assert not pool & counts["after"], "the pool's threads are still there"
 
 
 def test_run_releasing_pool_returns_the_result():
