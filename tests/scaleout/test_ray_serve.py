@@ -27,7 +27,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 
 ADAPTERS = [f"tenant-{i:02d}" for i in range(16)]
 REQUESTS = 200
-KILL_AFTER = 60  # completed requests before one replica is killed
+KILL_AFTER = 120  # completed requests before one replica is killed (~7 per adapter: affinity has a signal)
 PROMPT = "The capital of France is"
 MAX_ATTEMPTS = 8
 CLIENTS = 12  # concurrent requests: below the 2 x 8 the replicas run at once, above one replica's 8
