@@ -12,8 +12,9 @@ scenario's adapters (random weights, bench/throughput.py), runs
     (ignore_eos), concurrency 16, 128 requests after 16 warm-up, seed 7, round-robin over the adapters
 
 and then, unless --no-light-client, the same 128 streamed requests from a light client (the `openai`
-package, 16 threads), and writes one table (docs/performance.md shows one). With --rounds N the
-scenarios run N times, interleaved (base, lora, mixed, base, ...: slow drifts of a shared machine hit
+package, 16 threads), and writes one table (docs/performance.md shows one); each row says how many CPU
+seconds the server and the client used over the run and how much the hypervisor stole (bench/cpu_usage.py).
+With --rounds N the scenarios run N times, interleaved (base, lora, mixed, base, ...: slow drifts of a shared machine hit
 every scenario alike), and a summary follows the table: per workload and client the median over the
 rounds and each workload's throughput against the base of the same round (the issue's "x base"
 figures are same-run ratios; one run of a scenario on a 2-core VM moves by 10-25%). Placement: `shared` runs
@@ -38,6 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from adapterserve.bench.cpu_usage import CpuUsage, sample, usage
 from adapterserve.bench.served import _free_port
 
 SCENARIOS = ("base", "lora", "mixed")
@@ -78,6 +80,7 @@ class Row:
     governor: str = ""
     note: str = ""  # e.g. AIPerf exited non-zero with its records whole
     round: int = 1
+    cpu: CpuUsage | None = None  # the server's and the client's CPU seconds over the run, and steal
 
 
 def machine() -> str:
@@ -331,12 +334,16 @@ def run_scenario(settings: AiperfSettings, scenario: str, round_: int, model_dir
         base_name = server.wait_ready()
         models = _adapters(scenario, settings, model_dir, server) or [base_name]
         if settings.run_aiperf:
+            before = sample(server.proc.pid)
             report = run_aiperf(settings, models, model_dir, server.url, settings.out / stem)
             row = aiperf_row(scenario, report)
+            row.cpu = usage(before, sample(server.proc.pid), client="children")
             row.governor = server.governor_changes()
             rows.append(row)
         if settings.light_client:
+            before = sample(server.proc.pid)
             row = light_client(settings, models, model_dir, server.url)
+            row.cpu = usage(before, sample(server.proc.pid), client="own")
             row.scenario = scenario
             rows.append(row)
     finally:
@@ -385,13 +392,13 @@ def format_row(row: Row, settings: AiperfSettings) -> str:
     return (
         f"| {server} | {row.scenario} | {row.client} | {row.tokens_per_s:.1f} | "
         f"{row.ttft_p50_ms / 1e3:.2f} s | {ms(row.itl_p50_ms)} | {ms(row.itl_p99_ms)} | {row.errors} | "
-        f"{row.governor or '—'}{f' ({row.note})' if row.note else ''} |"
+        f"{row.governor or '—'}{f' ({row.note})' if row.note else ''} | {row.cpu.describe() if row.cpu else '—'} |"
     )
 
 
 HEADER = (
     "| server | workload | client | output tok/s | TTFT p50 | inter-token p50 (ms) | p99 (ms) | errors "
-    "| governor (threads) |\n|---|---|---|---|---|---|---|---|---|"
+    "| governor (threads) | CPU over the run |\n|---|---|---|---|---|---|---|---|---|---|"
 )
 SUMMARY_HEADER = (
     "| workload | client | rounds | output tok/s, median (range) | vs base, same round: median (each) "

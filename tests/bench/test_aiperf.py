@@ -38,7 +38,7 @@ def test_a_report_becomes_a_table_row() -> None:
         2,
     )
     line = format_row(row, AiperfSettings(aiperf="aiperf", label="default"))
-    assert line == "| default | lora | AIPerf | 82.5 | 1.73 s | 142 | 192 | 2 | — |"
+    assert line == "| default | lora | AIPerf | 82.5 | 1.73 s | 142 | 192 | 2 | — | — |"
     assert line.count("|") == HEADER.splitlines()[0].count("|")
 
 
@@ -81,7 +81,7 @@ def test_an_aiperf_that_exits_non_zero_after_writing_its_records_still_gives_a_r
     report = run_aiperf(settings, ["base"], "tok", "http://127.0.0.1:1", tmp_path / "run")
     row = aiperf_row("base", report)
     assert row.tokens_per_s == 42.7 and row.note == "aiperf exit 1"
-    assert format_row(row, settings).endswith("| — (aiperf exit 1) |")
+    assert format_row(row, settings).endswith("| — (aiperf exit 1) | — |")
 
 
 def test_an_aiperf_that_fails_without_records_is_an_error_naming_its_log(tmp_path: Path) -> None:
