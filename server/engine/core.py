@@ -40,6 +40,7 @@ from adapterserve.server.engine import faults, prefill_phase, worker_step
 from adapterserve.server.engine.cpu_governor import MeteredWork
 from adapterserve.server.engine.decode_graphs import decode_step_mode, make_decode_graphs
 from adapterserve.server.engine.fork import make_choices
+from adapterserve.server.engine.idle_memory import keep_freed_memory
 from adapterserve.server.engine.kv_cache import make_kv_cache
 from adapterserve.server.engine.paged_kv_cache import PagedKVCache
 from adapterserve.server.engine.prefill_groups import forward_cost_tokens
@@ -71,6 +72,7 @@ class EngineCore:
     def __init__(self, base: LoadedBase, settings: EngineSettings, *, capture_logits: bool = False):
         self.base, self.settings = base, settings
         self.capture_logits = capture_logits
+        keep_freed_memory()  # a forward's activations are reused by the next, not re-faulted (idle_memory.py)
         spec = base.spec
         self.device, self.dtype = base.device, base.dtype
         decode_mode = decode_step_mode(

@@ -10,6 +10,17 @@ gone, all of it returned by `malloc_trim(0)` (which releases every free page of 
 `IDLE_TRIM_S`. Trimming under load would only make the next steps fault the pages in again; once idle,
 the cost (a few ms, on the engine thread, which has nothing else to do) is paid once. Where the C library
 has no `malloc_trim` (musl, macOS), nothing happens.
+
+Under load the opposite: glibc trims on its own. Its defaults serve a block above 128 KiB with mmap and
+unmap it when freed (the threshold only adapts upward as such blocks are freed), and give the top of a
+heap back once 128 KiB of it is free (twice the adapted threshold later). A forward's activations are
+megabytes each ([16 rows x 128 tokens, 1536] = 12.6 MB in SmolLM2's MLP), so a new process unmapped them
+after every forward and faulted them in again on the next: measured in one process (16 users, 64
+requests of 128 prompt + 32 new tokens, one thread), 270k page faults in the first base run and 370k in
+the first LoRA run, which ran at 84 tok/s against 104 once the faults stopped. `keep_freed_memory`
+fixes both thresholds at engine start (no faults then: 104 tok/s on the first LoRA run): blocks up to
+`MMAP_THRESHOLD` come from the arenas, and up to `TRIM_THRESHOLD` of free memory stays at the top of a
+heap while the engine works; `IdleTrim` hands it back once the load is gone.
 """
 
 from __future__ import annotations
@@ -24,16 +35,40 @@ from collections.abc import Callable
 log = logging.getLogger(__name__)
 
 IDLE_TRIM_S = 1.0  # seconds without work before freed memory is handed back
+MMAP_THRESHOLD = 32 << 20  # blocks up to this come from the arenas: the most every glibc accepts
+TRIM_THRESHOLD = 1 << 30  # free memory a heap keeps at its top under load (IdleTrim returns it when idle)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
 
 
 @functools.cache
 def _malloc_trim() -> Callable[[int], int] | None:
-    try:
-        function = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
-    except (OSError, AttributeError):
+    function = getattr(_libc(), "malloc_trim", None)
+    if function is None:
         return None
     function.argtypes, function.restype = [ctypes.c_size_t], ctypes.c_int
     return function
+
+
+@functools.cache
+def keep_freed_memory() -> bool:
+    """Fix glibc's mmap and trim thresholds (once per process; see above) so that what a forward frees
+    is reused by the next instead of unmapped and faulted in again. False where the C library has no
+    `mallopt` or refuses the values (then its defaults stay)."""
+    mallopt = getattr(_libc(), "mallopt", None)
+    if mallopt is None:
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    done = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+    log.debug("malloc thresholds: mmap %d, trim %d (%s)", MMAP_THRESHOLD, TRIM_THRESHOLD, done)
+    return done
 
 
 def release_free_memory() -> bool:
