@@ -15,12 +15,12 @@ Under load the opposite: glibc trims on its own. Its defaults serve a block abov
 unmap it when freed (the threshold only adapts upward as such blocks are freed), and give the top of a
 heap back once 128 KiB of it is free (twice the adapted threshold later). A forward's activations are
 megabytes each ([16 rows x 128 tokens, 1536] = 12.6 MB in SmolLM2's MLP), so a new process unmapped them
-after every forward and faulted them in again on the next: measured in one process (16 users, 64
-requests of 128 prompt + 32 new tokens, one thread), 270k page faults in the first base run and 370k in
-the first LoRA run, which ran at 84 tok/s against 104 once the faults stopped. `keep_freed_memory`
-fixes both thresholds at engine start (no faults then: 104 tok/s on the first LoRA run): blocks up to
-`MMAP_THRESHOLD` come from the arenas, and up to `TRIM_THRESHOLD` of free memory stays at the top of a
-heap while the engine works; `IdleTrim` hands it back once the load is gone.
+after every forward and faulted them in again on the next: measured in a fresh process (16 users, 64
+requests of 128 prompt + 32 new tokens, one thread), 43k-455k minor page faults per run. `keep_freed_memory`
+fixes both thresholds at engine start (1k-3k faults per run then): blocks up to `MMAP_THRESHOLD` come from
+the arenas, and up to `TRIM_THRESHOLD` of free memory stays at the top of a heap while the engine works;
+`IdleTrim` hands it back once the load is gone. What it buys in speed is small on a 2-core VM: x1.07 (base)
+and x1.09 (16 LoRAs) median of six alternated pairs, x0.99 for the 5-kind mix (docs/performance.md).
 """
 
 from __future__ import annotations
