@@ -72,7 +72,8 @@ class EngineCore:
     def __init__(self, base: LoadedBase, settings: EngineSettings, *, capture_logits: bool = False):
         self.base, self.settings = base, settings
         self.capture_logits = capture_logits
-        keep_freed_memory()  # a forward's activations are reused by the next, not re-faulted (idle_memory.py)
+        if settings.keep_freed_memory:
+            keep_freed_memory()  # a forward's activations are reused by the next, not re-faulted (idle_memory.py)
         spec = base.spec
         self.device, self.dtype = base.device, base.dtype
         decode_mode = decode_step_mode(

@@ -16,11 +16,13 @@ unmap it when freed (the threshold only adapts upward as such blocks are freed),
 heap back once 128 KiB of it is free (twice the adapted threshold later). A forward's activations are
 megabytes each ([16 rows x 128 tokens, 1536] = 12.6 MB in SmolLM2's MLP), so a new process unmapped them
 after every forward and faulted them in again on the next: measured in a fresh process (16 users, 64
-requests of 128 prompt + 32 new tokens, one thread), 43k-455k minor page faults per run. `keep_freed_memory`
-fixes both thresholds at engine start (1k-3k faults per run then): blocks up to `MMAP_THRESHOLD` come from
-the arenas, and up to `TRIM_THRESHOLD` of free memory stays at the top of a heap while the engine works;
-`IdleTrim` hands it back once the load is gone. What it buys in speed is small on a 2-core VM: x1.07 (base)
-and x1.09 (16 LoRAs) median of six alternated pairs, x0.99 for the 5-kind mix (docs/performance.md).
+requests of 128 prompt + 32 new tokens, one thread), 43k-455k minor page faults per run.
+`keep_freed_memory` (EngineSettings.keep_freed_memory, off by default) fixes both thresholds at engine
+start (1k-3k faults per run then): blocks up to `MMAP_THRESHOLD` come from the arenas, and up to
+`TRIM_THRESHOLD` of free memory stays at the top of a heap while the engine works; `IdleTrim` hands it
+back once the load is gone. Why off: in one process it read x1.07 (base), x1.09 (16 LoRAs) and x0.99 (5-kind
+mix), medians of six alternated pairs, but through the server beside AIPerf the base ran slower with it in
+three alternated pairs of three (x0.55, x0.86, x0.95; docs/performance.md).
 """
 
 from __future__ import annotations

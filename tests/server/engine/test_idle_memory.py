@@ -73,6 +73,19 @@ async def test_the_engine_gives_memory_back_after_work(tiny_model_dir):
         await engine.stop()
 
 
+def test_the_engine_fixes_the_thresholds_unless_its_settings_say_not_to(tiny_model_dir, monkeypatch):
+    from adapterserve.server.engine import core
+    from adapterserve.server.engine.core import EngineCore
+
+    calls: list[bool] = []
+    monkeypatch.setattr(core, "keep_freed_memory", lambda: calls.append(True) or True)
+    for keep in (True, False):  # each engine wraps a model of its own
+        base = load_base_model(tiny_model_dir, quantize="none", device="cpu")
+        EngineCore(base, EngineSettings(max_batch_size=2, max_seq_len=32, keep_freed_memory=keep))
+    assert calls == [True]  # the second engine left glibc's defaults
+    assert not EngineSettings().keep_freed_memory  # opt-in (docs/performance.md)
+
+
 _FAULTS = """
 import resource, sys, torch
 from adapterserve.server.engine.idle_memory import keep_freed_memory
