@@ -51,6 +51,12 @@ class EngineSettings(BaseModel):
         description="a CPU engine's base linears: onednn (weights packed once for oneDNN, ~2x faster in "
         "float32, twice the linear weights' memory), torch (F.linear); auto: onednn where torch has it",
     )
+    cpu_paged_attention: Literal["auto", "kernel", "torch"] = Field(
+        "auto",
+        description="a CPU engine's decode attention over the paged KV cache: kernel (a C++ kernel reading "
+        "the blocks in place, built once per machine with a C++ compiler; float32), torch (gather the "
+        "pages, then SDPA); auto: the kernel where it applies and builds, else torch",
+    )
     decode_step: Literal["auto", "eager", "static", "graphs"] = Field(
         "auto",
         description=(

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adapterserve.server.engine import cpu_paged_attention
 from adapterserve.server.engine.kv_cache import KVCache
 from adapterserve.server.engine.paged_kv_cache import PagedKVCache
 
@@ -82,8 +83,10 @@ class AttentionState:
     step is per thread: a prefill worker's forward and the decode forward may run at the same time
     (server/engine/prefill_workers.py), each over its own rows."""
 
-    def __init__(self, cache: KVCache | PagedKVCache):
+    def __init__(self, cache: KVCache | PagedKVCache, paged_kernel: bool = False):
         self.cache = cache
+        # decode rows (one query position) read the paged cache in place (cpu_paged_attention.py)
+        self.paged_kernel = paged_kernel and isinstance(cache, PagedKVCache)
         self._local = threading.local()
 
     @property
@@ -153,8 +156,17 @@ def cache_attention(
     step, cache, layer = state.step, state.cache, getattr(module, _LAYER_ATTR)
     if isinstance(step, PackedStep):
         return _packed_attention(
-            step, cache, layer, query, key, value, scaling, sliding_window, softcap
+            step, cache, layer, query, key, value, scaling, sliding_window, softcap, state.paged_kernel
         ), None
+    if state.paged_kernel and query.shape[2] == 1 and softcap is None:  # a decode step on a CPU
+        table = (
+            step.table
+            if step.table is not None
+            else cache.table[step.row_start : step.row_start + key.shape[0]]
+        )
+        cache.write_blocks(layer, table, step.positions, key, value)
+        out = _in_place(query, cache, layer, table, step.positions, sliding_window, scaling)  # [B, H, 1, D]
+        return out.transpose(1, 2).contiguous(), None
     if step.table is None:
         cache.write(layer, step.row_start, step.positions, key, value)
         k_all, v_all = cache.read(layer, step.row_start, key.shape[0], step.length)  # [B, kvH, L, D]
@@ -163,6 +175,22 @@ def cache_attention(
         k_all, v_all = cache.read_blocks(layer, step.table, step.length)
     out = attend(query, k_all, v_all, step.mask(sliding_window), scaling, softcap)  # [B, H, S, D]
     return out.transpose(1, 2).contiguous(), None
+
+
+def _in_place(
+    query: torch.Tensor,  # [B, H, 1, D]
+    cache: PagedKVCache,
+    layer: int,
+    table: torch.Tensor,  # [B, >= blocks]
+    positions: torch.Tensor,  # [B, 1]
+    window: int | None,
+    scale: float | None,
+) -> torch.Tensor:
+    """Decode attention over the rows' blocks where they lie (the C++ kernel). Returns [B, H, 1, D]."""
+    scale = scale if scale is not None else 1 / math.sqrt(query.shape[3])
+    return cpu_paged_attention.paged_decode_attention(
+        query, cache.k[layer], cache.v[layer], table, positions, window, scale
+    )
 
 
 def _packed_attention(
@@ -175,6 +203,7 @@ def _packed_attention(
     scaling: float | None,
     window: int | None,
     softcap: float | None,
+    state_kernel: bool,
 ) -> torch.Tensor:
     """Attention of a PackedStep: every token's key/value written through its row's block table, then
     the decode tokens and the (re-padded) prefill chunk attend over their rows' cache. Returns [T, 1, H, D]."""
@@ -182,7 +211,12 @@ def _packed_attention(
     heads, dim = query.shape[1], query.shape[3]
     bd = step.decode_rows
     parts = []
-    if bd:
+    if bd and state_kernel and softcap is None:
+        decode = step.decode
+        parts.append(
+            _in_place(query[:bd], cache, layer, decode.table, decode.positions, window, scaling)[:, :, 0]
+        )
+    elif bd:
         k, v = cache.read_blocks(layer, step.decode.table, step.decode.length)  # [Bd, kvH, Ld, D]
         parts.append(
             attend(query[:bd], k, v, step.decode.mask(window), scaling, softcap)[:, :, 0]
@@ -196,13 +230,16 @@ def _packed_attention(
     return torch.cat(parts)[:, None]  # [T, 1, H, D]
 
 
-def install(model: nn.Module, layers: nn.ModuleList, cache: KVCache | PagedKVCache) -> AttentionState:
+def install(
+    model: nn.Module, layers: nn.ModuleList, cache: KVCache | PagedKVCache, *, paged_kernel: bool = False
+) -> AttentionState:
     """Make `model` call `cache_attention` with a state of its own; returns that state. The attention
-    modules are the ones transformers gives a `layer_idx`; each is told its layer's cache index."""
+    modules are the ones transformers gives a `layer_idx`; each is told its layer's cache index.
+    paged_kernel: decode rows read the paged cache in place (cpu_paged_attention.py)."""
     from transformers import AttentionInterface
 
     AttentionInterface.register(ATTENTION_NAME, cache_attention)
-    state = AttentionState(cache)
+    state = AttentionState(cache, paged_kernel)
     for index, layer in enumerate(layers):
         for module in layer.modules():
             if hasattr(module, "layer_idx"):

@@ -36,7 +36,7 @@ import torch
 from adapterserve.server.adapters.kind import HookSite
 from adapterserve.server.adapters.layers import AdapterBatch, AdapterContext, build_batch, wrap_model
 from adapterserve.server.adapters.slots import NO_ADAPTER, AdapterBank
-from adapterserve.server.engine import faults, prefill_phase, worker_step
+from adapterserve.server.engine import cpu_paged_attention, faults, prefill_phase, worker_step
 from adapterserve.server.engine.cpu_governor import MeteredWork
 from adapterserve.server.engine.decode_graphs import decode_step_mode, make_decode_graphs
 from adapterserve.server.engine.fork import make_choices
@@ -84,7 +84,10 @@ class EngineCore:
         packed = use_packed_linears(settings.cpu_linear, self.device)  # refused settings fail here
         wrap_model(base.model, self.bank, self.context, pack_cpu_linears=packed)
         self.cache = make_kv_cache(settings, spec, self.dtype, self.device)
-        self.runner = ModelRunner(base.model, self.cache, self.context)
+        paged_kernel = cpu_paged_attention.use_kernel(
+            settings.cpu_paged_attention, self.device, self.dtype, isinstance(self.cache, PagedKVCache)
+        )
+        self.runner = ModelRunner(base.model, self.cache, self.context, paged_kernel=paged_kernel)
         self.forward_check = self.runner.verify()  # UnsupportedModelError: refused before serving
         if spec.model_type not in TESTED_FAMILIES:
             log.warning(

@@ -32,7 +32,10 @@ class PrefillRow:
 
 
 class ModelRunner:
-    def __init__(self, model, cache: KVCache | PagedKVCache, context: AdapterContext):
+    def __init__(
+        self, model, cache: KVCache | PagedKVCache, context: AdapterContext, *, paged_kernel: bool = False
+    ):
+        """paged_kernel: decode attention reads the paged cache in place (cpu_paged_attention.py)."""
         parts = decoder_parts(model)
         self.model = model
         self.model_type = parts.model_type
@@ -43,7 +46,7 @@ class ModelRunner:
         self.cache = cache
         self.context = context
         self.reference_attention = attention.original_implementation(model)
-        self.attention = attention.install(model, parts.layers, cache)
+        self.attention = attention.install(model, parts.layers, cache, paged_kernel=paged_kernel)
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
         return self.embeddings(token_ids)
