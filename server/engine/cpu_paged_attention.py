@@ -249,7 +249,9 @@ def _module():
         log.warning("CPU paged attention kernel unavailable (%s): decode attention gathers pages", e)
         return None
     started = time.monotonic()
-    log.info("building the CPU paged attention kernel (once per machine; cached afterwards)")
+    log.info(
+        "loading the CPU paged attention kernel (built on the first start on a machine, ~25 s; then cached)"
+    )
     try:
         module = load_inline(
             name=_build_name(),
@@ -284,6 +286,7 @@ def use_kernel(setting: CpuPagedAttention, device: torch.device, dtype: torch.dt
     elif not available():
         reason = "it could not be built here (see the warning above)"
     if reason is None:
+        log.info("decode attention reads the paged KV cache in place (cpu_paged_attention: %s)", setting)
         return True
     if setting == "kernel":
         raise InvalidArgumentError(f"cpu_paged_attention='kernel' but {reason}")
