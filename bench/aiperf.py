@@ -173,10 +173,16 @@ class Server:
         raise TimeoutError("the server did not become ready")
 
     def governor_changes(self) -> str:
-        """The governor's thread changes so far, as "2->1, 1->2"."""
-        marker = "CPU contention governor: "
-        lines = [ln.split(marker, 1)[1] for ln in self.log_path.read_text().splitlines() if marker in ln]
-        return ", ".join(ln.split(" engine")[0].replace(" -> ", "->") for ln in lines if ln[:1].isdigit())
+        """The governor's thread changes and the decode pacing's switches so far, in order, as
+        "2->1, paced, 1->2, unpaced"."""
+        governor, pacing = "CPU contention governor: ", "decode pacing "
+        changes = []
+        for line in self.log_path.read_text().splitlines():
+            if governor in line and (change := line.split(governor, 1)[1])[:1].isdigit():
+                changes.append(change.split(" engine")[0].replace(" -> ", "->"))
+            elif pacing in line:
+                changes.append("paced" if line.split(pacing, 1)[1].startswith("on") else "unpaced")
+        return ", ".join(changes)
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -398,7 +404,7 @@ def format_row(row: Row, settings: AiperfSettings) -> str:
 
 HEADER = (
     "| server | workload | client | output tok/s | TTFT p50 | inter-token p50 (ms) | p99 (ms) | errors "
-    "| governor (threads) | CPU over the run |\n|---|---|---|---|---|---|---|---|---|---|"
+    "| governor (threads), decode pacing | CPU over the run |\n|---|---|---|---|---|---|---|---|---|---|"
 )
 SUMMARY_HEADER = (
     "| workload | client | rounds | output tok/s, median (range) | vs base, same round: median (each) "

@@ -51,6 +51,13 @@ class EngineSettings(BaseModel):
         description="a CPU engine's base linears: onednn (weights packed once for oneDNN, ~2x faster in "
         "float32, twice the linear weights' memory), torch (F.linear); auto: onednn where torch has it",
     )
+    decode_pace_ms: int = Field(
+        100,
+        ge=0,
+        description="with prefill workers on a CPU: while the engine thread waits for CPUs (another process "
+        "competes for them), a decode step beside prefill jobs starts at most every this many ms, leaving "
+        "the CPU to the prefills (decode_pacing.py); 0: decode steps always run back to back",
+    )
     cpu_paged_attention: Literal["auto", "kernel", "torch"] = Field(
         "auto",
         description="a CPU engine's decode attention over the paged KV cache: kernel (a C++ kernel reading "

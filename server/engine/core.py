@@ -39,6 +39,7 @@ from adapterserve.server.adapters.slots import NO_ADAPTER, AdapterBank
 from adapterserve.server.engine import cpu_paged_attention, faults, prefill_phase, worker_step
 from adapterserve.server.engine.cpu_governor import MeteredWork
 from adapterserve.server.engine.decode_graphs import decode_step_mode, make_decode_graphs
+from adapterserve.server.engine.decode_pacing import DecodePacer
 from adapterserve.server.engine.fork import make_choices
 from adapterserve.server.engine.idle_memory import keep_freed_memory
 from adapterserve.server.engine.kv_cache import make_kv_cache
@@ -118,6 +119,7 @@ class EngineCore:
         self.decode_threads: int | None = None
         self.decode_threads_beside_jobs = 1
         self.decode_meter: MeteredWork | None = None  # meters the decode steps with no job beside them
+        self.decode_pacer: DecodePacer | None = None  # holds decode steps beside jobs under contention
         self.steps = 0
         self.prefilled_prompts = 0  # prompts whose prefill completed (n choices of a request: one)
         self.forked_choices = 0  # choices that took a copy of another's prefill (fork.py)
@@ -192,6 +194,8 @@ class EngineCore:
             raise InvalidArgumentError("prefill workers need the paged KV cache (kv_cache='paged')")
         if self.workers is None:
             self.workers = PrefillWorkers(count, on_done=self._activity.set)
+        if self.settings.decode_pace_ms and self.decode_pacer is None:
+            self.decode_pacer = DecodePacer(self.settings.decode_pace_ms / 1000)
 
     def stop_prefill_workers(self) -> None:
         """Wait for the jobs in flight, book them, stop the workers (prefill runs inline again)."""

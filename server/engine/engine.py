@@ -226,6 +226,8 @@ class Engine:
             if not self.core.has_work():
                 if governor is not None:
                     governor.idle()
+                if self.core.decode_pacer is not None:
+                    self.core.decode_pacer.idle()
                 self._idle_trim.idle()
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()

@@ -3,7 +3,8 @@
 The step books the prefill jobs that finished (their rows sample their first token and join the
 decoding rows), admits waiting requests, starts jobs for idle workers (prefill_phase.launch) and decodes
 the decoding rows on the engine thread while the jobs run; with no row to decode it waits for a job or
-new work (`EngineCore._activity`). Adapter-slot writes (a new adapter, a pin) wait for the jobs in
+new work (`EngineCore._activity`), and while the CPUs are fought over a decode step beside jobs waits
+its turn the same way (decode_pacing.py). Adapter-slot writes (a new adapter, a pin) wait for the jobs in
 flight: a job reads the adapter bank.
 """
 
@@ -29,13 +30,21 @@ def step(core: EngineCore) -> None:
     prefill_phase.launch(core)
     if core.num_decoding:
         alone = not core.prefill_jobs  # no prefill job beside this decode step
+        pacer = core.decode_pacer
+        if pacer is not None and (hold := pacer.hold(beside_jobs=not alone)) > 0:
+            core._activity.wait(timeout=hold)  # the CPU to the prefills; a job ending or new work wakes it
+            return
         if core.decode_threads is not None:
             beside = min(core.decode_threads, core.decode_threads_beside_jobs)
             set_thread_threads(core.decode_threads if alone else beside)
         meter = core.decode_meter if alone else None
         if meter is not None:
             meter.begin()
+        if pacer is not None:
+            pacer.begin()
         core._run_guarded(core.running[: core.num_decoding], core._decode)
+        if pacer is not None:
+            pacer.end()
         if meter is not None:
             meter.end()
         core._retire_finished()

@@ -47,11 +47,13 @@ def test_the_governor_column_lists_thread_changes_not_the_start_up_plan(tmp_path
     log.write_text(
         "INFO wiring: CPU threads: 2 (usable CPUs); wait policy: libgomp default; contention governor: on; ...\n"
         "INFO cpu_governor: CPU contention governor: 2 -> 1 engine thread(s) (our threads waiting ...)\n"
+        "INFO decode_pacing: decode pacing on (a decode step beside prefills every 100 ms at most): ...\n"
         "INFO cpu_governor: CPU contention governor: 1 -> 2 engine thread(s) (our threads waiting ...)\n"
+        "INFO decode_pacing: decode pacing off: the engine was idle; the next load is judged afresh\n"
     )
     server = Server.__new__(Server)  # only the log is read
     server.log_path = log
-    assert server.governor_changes() == "2->1, 1->2"
+    assert server.governor_changes() == "2->1, paced, 1->2, unpaced"
 
 
 def _fake_aiperf(tmp_path: Path, exit_code: int, writes_export: bool) -> str:

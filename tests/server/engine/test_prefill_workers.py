@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 
 import pytest
 import torch
 
+from adapterserve.server.engine.decode_pacing import DecodePacer
 from adapterserve.server.engine.offline import OfflineEngine
 from adapterserve.server.engine.prefill_workers import PrefillWorkers
 from adapterserve.server.engine.types import FinishReason
@@ -175,3 +177,24 @@ def test_stopping_the_workers_books_the_jobs_in_flight(tiny_model_dir):
     while core.has_work():
         core.step()
     assert len([t for e in sink for t in e.token_ids]) == 2
+
+
+def test_paced_decode_steps_beside_jobs_give_the_same_tokens(tiny_model_dir):
+    """With the engine thread reported as always waiting for a CPU, decode steps beside prefill jobs are
+    held (decode_pacing.py) and the tokens stay those of prefill inline; decode_pace_ms=0 has no pacer."""
+    assert _engine(tiny_model_dir, 1, decode_pace_ms=0).core.decode_pacer is None
+    prompts = [[i + 3] * (4 + i % 5) for i in range(12)]
+
+    def run(engine: OfflineEngine):
+        requests = [engine.request(p, max_new_tokens=8, ignore_eos=True) for p in prompts]
+        return [r.token_ids for r in engine.generate(requests)]
+
+    inline = run(_engine(tiny_model_dir, 0))
+    engine = _engine(tiny_model_dir, 1, max_batch_size=4, max_prefill_tokens=4)
+    # a thread that waits for a CPU all the time: its run delay grows with the wall clock
+    engine.core.decode_pacer = DecodePacer(0.02, read_delay=time.monotonic)
+    paced = run(engine)
+    engine.core.stop_prefill_workers()
+    assert paced == inline
+    assert engine.core.decode_pacer.pacing
+    assert engine.core.decode_pacer.paced_steps > 0
