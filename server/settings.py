@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Quantize = Literal["nf4", "int8", "none"]
 LoraBackendName = Literal["torch", "triton"]  # server/adapters/kernels
+CpuPagedAttention = Literal["auto", "kernel", "torch"]  # server/engine/cpu_paged_attention.py
 
 ENV_PREFIX = "ADAPTERSERVE_"
 
@@ -58,7 +59,7 @@ class EngineSettings(BaseModel):
         "competes for them), a decode step beside prefill jobs starts at most every this many ms, leaving "
         "the CPU to the prefills (decode_pacing.py); 0: decode steps always run back to back",
     )
-    cpu_paged_attention: Literal["auto", "kernel", "torch"] = Field(
+    cpu_paged_attention: CpuPagedAttention = Field(
         "auto",
         description="a CPU engine's decode attention over the paged KV cache: kernel (a C++ kernel reading "
         "the blocks in place, built once per machine with a C++ compiler; float32), torch (gather the "

@@ -24,7 +24,7 @@ CANARY_S = 0.2  # seconds one test spins: ~0.1 s of the competitor's CPU when it
 _CHUNK = bytes(4 << 20)  # hashed per GIL release: a few ms of work
 
 
-def _thread_schedstat() -> tuple[int, int] | None:
+def thread_schedstat() -> tuple[int, int] | None:
     """(ns on a CPU, ns waiting for one) of the calling thread, None where the kernel does not say."""
     try:
         with open("/proc/thread-self/schedstat") as f:
@@ -48,7 +48,7 @@ class CpuCanary:
 
     @staticmethod
     def available() -> bool:
-        return _thread_schedstat() is not None
+        return thread_schedstat() is not None
 
     @property
     def running(self) -> bool:
@@ -84,13 +84,13 @@ class CpuCanary:
 
     def measure(self) -> float | None:
         """Spin for `seconds` on the calling thread; the fraction of that time spent waiting for a CPU."""
-        before = _thread_schedstat()
+        before = thread_schedstat()
         if before is None:
             return None
         end = time.monotonic() + self.seconds
         while time.monotonic() < end:
             hashlib.sha256(_CHUNK).digest()
-        after = _thread_schedstat()
+        after = thread_schedstat()
         if after is None:
             return None
         ran, waited = after[0] - before[0], after[1] - before[1]

@@ -31,13 +31,11 @@ import hashlib
 import logging
 import platform
 import time
-from typing import Literal
 
 import torch
 
 from adapterserve.server.errors import InvalidArgumentError
-
-CpuPagedAttention = Literal["auto", "kernel", "torch"]
+from adapterserve.server.settings import CpuPagedAttention
 
 log = logging.getLogger(__name__)
 

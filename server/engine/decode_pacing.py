@@ -29,6 +29,8 @@ import logging
 import time
 from collections.abc import Callable
 
+from adapterserve.server.engine.cpu_canary import thread_schedstat
+
 log = logging.getLogger(__name__)
 
 # The engine thread's share of a decode step spent waiting for a CPU, averaged: at or above it, the
@@ -40,11 +42,8 @@ NEW_LOAD_IDLE_S = 2.0  # idle this long: the next load is judged afresh (pacing 
 
 def thread_run_delay() -> float | None:
     """Seconds the calling thread has spent runnable but waiting for a CPU, None where unknown."""
-    try:
-        with open("/proc/thread-self/schedstat") as f:
-            return int(f.read().split()[1]) / 1e9
-    except (OSError, IndexError, ValueError):
-        return None
+    stat = thread_schedstat()
+    return None if stat is None else stat[1] / 1e9
 
 
 class DecodePacer:
