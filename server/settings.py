@@ -49,8 +49,10 @@ class EngineSettings(BaseModel):
     )
     cpu_linear: Literal["auto", "onednn", "torch"] = Field(
         "auto",
-        description="a CPU engine's base linears: onednn (weights packed once for oneDNN, ~2x faster in "
-        "float32, twice the linear weights' memory), torch (F.linear); auto: onednn where torch has it",
+        description="a CPU engine's base linears: onednn (weights packed once for oneDNN, up to ~2x faster "
+        "in float32 on some CPUs, twice the linear weights' memory), torch (F.linear); auto: per weight "
+        "shape, for few rows (decode) and many (prefill), whichever of the two is measured faster at "
+        "start (server/model/cpu_linear.py)",
     )
     decode_pace_ms: int = Field(
         100,

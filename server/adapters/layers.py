@@ -15,7 +15,7 @@ from torch import nn
 
 from adapterserve.server.adapters.kind import ModuleKey, ModuleSlots, RowSelection
 from adapterserve.server.adapters.slots import NO_ADAPTER, AdapterBank
-from adapterserve.server.model.cpu_linear import PackedLinear, can_pack
+from adapterserve.server.model.cpu_linear import PackedLinear, pack
 from adapterserve.server.model.family import decoder_parts
 
 AdapterBatch = RowSelection  # one forward's rows: slots [B], kinds present, single shared slot
@@ -68,26 +68,28 @@ class MultiAdapterLinear(nn.Module):
         return y
 
 
-def pack_base_linears(model: nn.Module) -> int:
+def pack_base_linears(model: nn.Module, setting: str = "onednn") -> list[PackedLinear]:
     """Run the wrapped base linears and the lm_head through oneDNN-packed weights (a CPU engine; see
-    server/model/cpu_linear.py). Returns how many linears were packed."""
-    packed = 0
+    server/model/cpu_linear.py; `setting` "auto": only the shapes measured faster there, and at those
+    row counts). Returns the decoder layers' packed linears."""
+    packed: list[PackedLinear] = []
     for module in model.modules():
-        if isinstance(module, MultiAdapterLinear) and can_pack(module.base):
-            module.base = PackedLinear(module.base)
-            packed += 1
+        if isinstance(module, MultiAdapterLinear):
+            module.base = pack(module.base, setting)
+            if isinstance(module.base, PackedLinear):
+                packed.append(module.base)
     head = model.get_output_embeddings()
-    if head is not None and can_pack(head):
-        model.set_output_embeddings(PackedLinear(head))
-        packed += 1
+    if head is not None:
+        model.set_output_embeddings(pack(head, setting))
     return packed
 
 
 def wrap_model(
-    model: nn.Module, bank: AdapterBank, context: AdapterContext, *, pack_cpu_linears: bool = False
-) -> None:
+    model: nn.Module, bank: AdapterBank, context: AdapterContext, *, pack_cpu_linears: str | None = None
+) -> list[PackedLinear]:
     """Replace every decoder linear of the base model by a MultiAdapterLinear (once, in place); with
-    `pack_cpu_linears`, their base linears and the lm_head then run on oneDNN-packed weights."""
+    `pack_cpu_linears` (EngineSettings.cpu_linear: "auto" or "onednn"), their base linears and the
+    lm_head then run on oneDNN-packed weights. Returns the decoder layers' packed linears."""
     for layer_idx, layer in enumerate(decoder_parts(model).layers):
         for short, path in bank.spec.linear_paths.items():
             parent_path, _, attr = path.rpartition(".")
@@ -98,5 +100,4 @@ def wrap_model(
             key = (layer_idx, short)
             bank.sites[key].base = base
             setattr(parent, attr, MultiAdapterLinear(base, key, bank.module_slots[key], context))
-    if pack_cpu_linears:
-        pack_base_linears(model)
+    return pack_base_linears(model, pack_cpu_linears) if pack_cpu_linears else []

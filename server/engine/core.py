@@ -61,7 +61,7 @@ from adapterserve.server.errors import (
     ResourceExhaustedError,
     ServeError,
 )
-from adapterserve.server.model.cpu_linear import prefill_positions, use_packed_linears
+from adapterserve.server.model.cpu_linear import describe_routes, prefill_positions, use_packed_linears
 from adapterserve.server.model.family import TESTED_FAMILIES
 from adapterserve.server.model.loading import LoadedBase, eos_token_ids
 from adapterserve.server.settings import EngineSettings
@@ -83,7 +83,9 @@ class EngineCore:
         self.bank = AdapterBank(spec, settings.adapter_slots, self.dtype, self.device, settings.lora_backend)
         self.context = AdapterContext()
         packed = use_packed_linears(settings.cpu_linear, self.device)  # refused settings fail here
-        wrap_model(base.model, self.bank, self.context, pack_cpu_linears=packed)
+        layer_linears = wrap_model(
+            base.model, self.bank, self.context, pack_cpu_linears=settings.cpu_linear if packed else None
+        )
         self.cache = make_kv_cache(settings, spec, self.dtype, self.device)
         paged_kernel = cpu_paged_attention.use_kernel(
             settings.cpu_paged_attention, self.device, self.dtype, isinstance(self.cache, PagedKVCache)
@@ -99,7 +101,11 @@ class EngineCore:
                 self.forward_check,
             )
         self.prefill_forward_cost = forward_cost_tokens(self.device, settings.prefill_group_cost)
-        self.prefill_positions = prefill_positions if packed else None  # what a prefill forward computes
+        # what a prefill forward computes: bucketed row counts where its linears run on oneDNN
+        bucketed = any(linear.route.many_rows_onednn for linear in layer_linears)
+        if packed and settings.cpu_linear == "auto":
+            log.info("CPU linears (measured per weight shape, cpu_linear: auto): %s", describe_routes())
+        self.prefill_positions = prefill_positions if bucketed else None
         self.decode_graphs = make_decode_graphs(decode_mode, self.runner, self.cache, self.bank, settings)
         self.decode_step = decode_mode + (", compiled" if settings.compile_decode else "")
         self.eos_ids = eos_token_ids(base.tokenizer, base.model)

@@ -27,19 +27,36 @@ it (FINDINGS "Soak memory"). Eager calls therefore reach oneDNN as 2-D inputs wh
 `padded_rows`: one position per row (decode, the lm_head) keeps its row count up to EXACT_ROWS (padding
 a decode batch would cost time on every step); several positions per row (prefill) keep it up to
 PREFILL_EXACT_ROWS; above those, rows round up to one of 8 sizes per doubling (at most 1/8 more rows).
+
+Which kernel, measured (`cpu_linear="auto"`, the default): oneDNN is not faster everywhere. On the
+AVX2-only development VM (the AVX-512 one above has since gone), one thread: at 128 rows (a prefill)
+`F.linear` was 10-15% faster than the packed weights on every shape of the embedded model, at 16 rows
+(a decode step) oneDNN 6-14% faster on the MLP and square shapes but 34% slower on the narrow k/v
+projections (576 -> 192). So each weight shape is timed once per process, on one thread (a prefill
+worker's and a contended decode step's setting), with its own weight at a few rows and at many
+(`LinearRoute`): oneDNN unless `F.linear` is at least 5% faster. A shape that `F.linear` wins at both is
+not packed at all (no second copy of its weight); calls that go to `F.linear` are not padded (its BLAS
+keeps no per-shape state). `cpu_linear="onednn"` packs everything and always uses oneDNN, as before.
 """
 
 from __future__ import annotations
 
 import functools
+import threading
+import time
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 _DTYPES = (torch.float32, torch.bfloat16)
 _BATCH_HINT = 64  # rows the reorder is tuned for; any row count works
 EXACT_ROWS = 64  # one position per row (decode): row counts up to this reach oneDNN as they are
 PREFILL_EXACT_ROWS = 16  # several positions per row (prefill): up to this
+MANY_ROWS = 32  # calls of at least this many rows take LinearRoute.many_rows_onednn, fewer few_rows_onednn
+FEW_ROWS_PROBE, MANY_ROWS_PROBE = 16, 128  # the row counts each route is timed at (a decode step, a prefill)
+F_LINEAR_MARGIN = 0.95  # F.linear is chosen when it takes at most this fraction of oneDNN's time
 
 
 def padded_rows(rows: int, exact: int = EXACT_ROWS) -> int:
@@ -97,12 +114,105 @@ def _(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch
     return x.new_empty((*x.shape[:-1], packed.shape[0]))
 
 
-class PackedLinear(nn.Module):
-    """`linear(x)` through oneDNN with the weight packed once. x: [..., in] -> [..., out]."""
+@dataclass(frozen=True)
+class LinearRoute:
+    """Which kernel a CPU linear runs: oneDNN (packed weight) or F.linear, for calls of fewer than
+    MANY_ROWS rows (decode steps) and of more (prefill chunks)."""
 
-    def __init__(self, linear: nn.Linear):
+    few_rows_onednn: bool = True
+    many_rows_onednn: bool = True
+
+    @property
+    def packs(self) -> bool:
+        return self.few_rows_onednn or self.many_rows_onednn
+
+    def onednn_for(self, rows: int) -> bool:
+        return self.many_rows_onednn if rows >= MANY_ROWS else self.few_rows_onednn
+
+
+ALWAYS_ONEDNN = LinearRoute()
+
+
+def _best_seconds(fn, reps: int) -> float:
+    """The fastest of `reps` calls (after one untimed): the least disturbed by other processes."""
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _onednn_seconds_over_f_linear(weight: torch.Tensor, packed: torch.Tensor, rows: int) -> float:
+    """oneDNN's time over F.linear's for x [rows, in] @ weight [out, in], on the calling thread."""
+    x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
+    reps = 5 if weight.numel() * rows < 2**27 else 2  # ~10 ms a call at most on a CPU core for 5 reps
+    onednn = f_linear = float("inf")
+    for _ in range(2):  # alternated, so a slow moment of the machine hits both
+        onednn = min(onednn, _best_seconds(lambda: _onednn_linear(x, packed, None), reps))
+        f_linear = min(f_linear, _best_seconds(lambda: F.linear(x, weight), reps))
+    return onednn / f_linear
+
+
+_routes: dict[tuple[int, int, torch.dtype], LinearRoute] = {}
+_routes_lock = threading.Lock()
+
+
+def measured_route(linear: nn.Linear) -> LinearRoute:
+    """The route for `linear`'s weight shape, timed once per process on a thread of one intra-op
+    thread (its weight, random inputs; ~0.5 s for the embedded model's five shapes)."""
+    weight = linear.weight.detach()
+    key = (weight.shape[0], weight.shape[1], weight.dtype)
+    with _routes_lock:
+        if key not in _routes:
+            _routes[key] = _time_route(weight)
+        return _routes[key]
+
+
+def _time_route(weight: torch.Tensor) -> LinearRoute:
+    from adapterserve.server.omp_pools import set_thread_threads
+
+    ratios: dict[int, float] = {}
+
+    def probe() -> None:
+        set_thread_threads(1)
+        with torch.no_grad():
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight, _BATCH_HINT)
+            for rows in (FEW_ROWS_PROBE, MANY_ROWS_PROBE):
+                ratios[rows] = _onednn_seconds_over_f_linear(weight, packed, rows)
+
+    thread = threading.Thread(target=probe, name="adapterserve-linear-probe")
+    thread.start()
+    thread.join()
+    if len(ratios) < 2:  # the probe failed (its exception is printed by the thread): keep oneDNN
+        return ALWAYS_ONEDNN
+    # oneDNN time / F.linear time above 1/margin: F.linear is at least (1 - margin) faster
+    return LinearRoute(
+        few_rows_onednn=ratios[FEW_ROWS_PROBE] * F_LINEAR_MARGIN <= 1.0,
+        many_rows_onednn=ratios[MANY_ROWS_PROBE] * F_LINEAR_MARGIN <= 1.0,
+    )
+
+
+def describe_routes() -> str:
+    """The routes measured so far in this process, for the start-up log: "in->out: kernel(s)"."""
+
+    def kernels(route: LinearRoute) -> str:
+        few, many = ("oneDNN" if r else "F.linear" for r in (route.few_rows_onednn, route.many_rows_onednn))
+        return few if few == many else f"{few} below {MANY_ROWS} rows, {many} from {MANY_ROWS}"
+
+    with _routes_lock:
+        return "; ".join(f"{i}->{o}: {kernels(r)}" for (o, i, _), r in sorted(_routes.items()))
+
+
+class PackedLinear(nn.Module):
+    """`linear(x)` through oneDNN with the weight packed once, or through F.linear where `route` says
+    that is faster for the call's row count. x: [..., in] -> [..., out]."""
+
+    def __init__(self, linear: nn.Linear, route: LinearRoute = ALWAYS_ONEDNN):
         super().__init__()
         self.linear = linear
+        self.route = route
         self.in_features, self.out_features = linear.in_features, linear.out_features
         with torch.no_grad():
             self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), _BATCH_HINT)
@@ -116,6 +226,9 @@ class PackedLinear(nn.Module):
         return self.linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        if not self.route.onednn_for(rows):
+            return F.linear(x, self.linear.weight, self.linear.bias)
         if torch.compiler.is_compiling():
             return onednn_linear_op(x, self.packed, self.linear.bias)  # static shapes already
         return _bucketed_linear(x, self.packed, self.linear.bias)
@@ -146,7 +259,8 @@ def can_pack(linear: nn.Module) -> bool:
 
 
 def use_packed_linears(setting: str, device: torch.device) -> bool:
-    """EngineSettings.cpu_linear: auto = oneDNN on a CPU where torch has it; onednn = required."""
+    """EngineSettings.cpu_linear: auto = oneDNN on a CPU where torch has it, per shape where measured
+    faster (`measured_route`); onednn = required, everywhere."""
     if setting == "torch" or device.type != "cpu":
         return False
     available = onednn_linear_available()
@@ -155,6 +269,10 @@ def use_packed_linears(setting: str, device: torch.device) -> bool:
     return available
 
 
-def pack(linear: nn.Module) -> nn.Module:
-    """`linear` as a PackedLinear if it can be packed, else unchanged."""
-    return PackedLinear(linear) if can_pack(linear) else linear
+def pack(linear: nn.Module, setting: str = "onednn") -> nn.Module:
+    """`linear` as a PackedLinear if it can be packed (and, with setting "auto", if oneDNN is measured
+    faster for its shape at some row count), else unchanged."""
+    if not can_pack(linear):
+        return linear
+    route = measured_route(linear) if setting == "auto" else ALWAYS_ONEDNN
+    return PackedLinear(linear, route) if route.packs else linear

@@ -23,6 +23,12 @@ from adapterserve.server.settings import TlsSettings
 log = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT_S = 30.0
+# How long an idle keep-alive connection stays open. uvicorn's default, 5 s, is shorter than the idle
+# timeouts of common client pools (aiohttp's 15 s; a load balancer's 60 s, AWS ALB's default): a client
+# reusing a connection the server is closing at that moment gets "Can not write request body" (seen with
+# AIPerf, which runs on aiohttp, on the first request after its warm-up phase). Longer than the clients'
+# timeouts, the client always closes first.
+KEEP_ALIVE_S = 65
 
 
 class _InLoopServer(uvicorn.Server):
@@ -82,6 +88,7 @@ class HttpServer:
             log_config=None,
             access_log=False,
             timeout_graceful_shutdown=max(int(round(self._grace)), 1),
+            timeout_keep_alive=KEEP_ALIVE_S,
             **self._tls_options(),
         )
         self._server = _InLoopServer(config)

@@ -55,3 +55,40 @@ async def test_one_stream_limit_and_one_drain_for_both_protocols(tokenizer):
         await server.channel.close()
         if not server.task.done():
             await server.stop()
+
+
+async def test_an_idle_keep_alive_connection_outlives_client_pool_timeouts(tokenizer, monkeypatch):
+    # aiohttp (AIPerf's client) keeps idle connections 15 s; uvicorn's default closed them after 5 s,
+    # and a request sent on one as it closed failed. Scaled down: the server's keep-alive, set to 2 s,
+    # must hold a connection left idle past uvicorn's default-like 1 s.
+    from adapterserve.server.api.http import server as http_server
+
+    monkeypatch.setattr(http_server, "KEEP_ALIVE_S", 2)
+    server = await start_in_process(tokenizer, default_settings(http_port=0, served_model_name="base"))
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.app.ports.http)
+    body = b'{"model": "base", "prompt": "Hello", "max_tokens": 2}'
+    request = (
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+
+    async def one_response() -> bytes:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        length = int(
+            next(h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")).split(b":")[1]
+        )
+        await asyncio.wait_for(reader.readexactly(length), 10)
+        return head
+
+    try:
+        writer.write(request)
+        assert (await one_response()).startswith(b"HTTP/1.1 200")
+        await asyncio.sleep(1.2)  # idle past 1 s, within the 2 s keep-alive
+        writer.write(request)
+        assert (await one_response()).startswith(b"HTTP/1.1 200")  # the same connection still serves
+        await asyncio.sleep(2.5)  # idle past the keep-alive: the server closes it
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+    finally:
+        writer.close()
+        await server.stop()
+        await server.channel.close()

@@ -11,7 +11,9 @@ from torch import nn
 from adapterserve.server.model import cpu_linear
 from adapterserve.server.model.cpu_linear import (
     EXACT_ROWS,
+    MANY_ROWS,
     PREFILL_EXACT_ROWS,
+    LinearRoute,
     PackedLinear,
     can_pack,
     onednn_linear_available,
@@ -91,7 +93,7 @@ def test_the_engine_packs_on_cpu_and_keeps_tokens_and_tied_weights(tiny_model_di
     from adapterserve.server.settings import EngineSettings
 
     outputs, kinds = {}, {}
-    for setting in ("torch", "auto"):
+    for setting in ("torch", "onednn", "auto"):
         base = load_base_model(tiny_model_dir, quantize="none", device="cpu")
         engine = OfflineEngine(base, EngineSettings(max_batch_size=4, max_seq_len=64, cpu_linear=setting))
         model = base.model
@@ -103,8 +105,88 @@ def test_the_engine_packs_on_cpu_and_keeps_tokens_and_tied_weights(tiny_model_di
             r.token_ids
             for r in engine.generate([engine.request(p, max_new_tokens=6, ignore_eos=True) for p in prompts])
         ]
-    assert kinds["torch"] == ("Linear", "Linear") and kinds["auto"] == ("PackedLinear", "PackedLinear")
-    assert outputs["auto"] == outputs["torch"]
+    assert kinds["torch"] == ("Linear", "Linear") and kinds["onednn"] == ("PackedLinear", "PackedLinear")
+    assert outputs["auto"] == outputs["onednn"] == outputs["torch"]
+
+
+@pytest.fixture
+def fresh_routes(monkeypatch):
+    """An empty per-process route cache (the measured routes of earlier tests do not leak in)."""
+    monkeypatch.setattr(cpu_linear, "_routes", {})
+
+
+@pytest.mark.parametrize(
+    "few_ratio,many_ratio,want",
+    [
+        (0.9, 1.2, LinearRoute(few_rows_onednn=True, many_rows_onednn=False)),  # a decode-heavy shape
+        (1.4, 1.1, LinearRoute(few_rows_onednn=False, many_rows_onednn=False)),  # F.linear everywhere
+        (1.04, 0.5, LinearRoute(few_rows_onednn=True, many_rows_onednn=True)),  # F.linear < 5% faster: oneDNN
+    ],
+)
+def test_the_route_takes_f_linear_only_where_it_is_measured_5_percent_faster(
+    monkeypatch, fresh_routes, few_ratio, many_ratio, want
+):
+    ratios = {cpu_linear.FEW_ROWS_PROBE: few_ratio, cpu_linear.MANY_ROWS_PROBE: many_ratio}
+    probed = []
+
+    def fake(weight, packed, rows):  # oneDNN's time over F.linear's
+        probed.append(rows)
+        return ratios[rows]
+
+    monkeypatch.setattr(cpu_linear, "_onednn_seconds_over_f_linear", fake)
+    linear = nn.Linear(32, 48).requires_grad_(False)
+    assert cpu_linear.measured_route(linear) == want
+    assert cpu_linear.measured_route(nn.Linear(32, 48).requires_grad_(False)) == want  # once per shape
+    assert sorted(probed) == [cpu_linear.FEW_ROWS_PROBE, cpu_linear.MANY_ROWS_PROBE]
+    packed = cpu_linear.pack(linear, "auto")
+    assert (packed is linear) == (not want.packs)  # no packed copy where oneDNN never runs
+    assert isinstance(cpu_linear.pack(linear, "onednn"), PackedLinear)
+
+
+def test_measuring_a_route_times_both_kernels_and_leaves_the_callers_threads(fresh_routes):
+    threads = torch.get_num_threads()
+    route = cpu_linear.measured_route(nn.Linear(64, 96).requires_grad_(False))
+    assert isinstance(route, LinearRoute)
+    assert torch.get_num_threads() == threads
+    assert "64->96" in cpu_linear.describe_routes()
+
+
+def test_a_routed_linear_runs_each_row_count_on_its_kernel(monkeypatch):
+    calls: list[int] = []
+    real = cpu_linear._onednn_linear
+
+    def spy(x, packed, bias):
+        calls.append(x.shape[0])
+        return real(x, packed, bias)
+
+    monkeypatch.setattr(cpu_linear, "_onednn_linear", spy)
+    linear = nn.Linear(16, 24).requires_grad_(False)
+    routed = PackedLinear(linear, LinearRoute(few_rows_onednn=True, many_rows_onednn=False))
+    for shape in ((1, 16), (MANY_ROWS - 1, 16), (4, 1, 16), (1, MANY_ROWS, 16), (3, 40, 16), (MANY_ROWS, 16)):
+        calls.clear()
+        x = torch.randn(shape)
+        out = routed(x)
+        assert torch.allclose(out, F.linear(x, linear.weight, linear.bias), atol=1e-5)
+        rows = x.numel() // 16
+        assert bool(calls) == (rows < MANY_ROWS)  # decode-sized calls on oneDNN, prefills on F.linear
+
+
+def test_prefill_plans_count_padding_only_where_prefill_runs_on_onednn(
+    monkeypatch, tiny_model_dir, fresh_routes
+):
+    from adapterserve.server.engine.offline import OfflineEngine
+    from adapterserve.server.model.loading import load_base_model
+    from adapterserve.server.settings import EngineSettings
+
+    for many_onednn in (True, False):
+        cpu_linear._routes.clear()
+        route = LinearRoute(few_rows_onednn=True, many_rows_onednn=many_onednn)
+        monkeypatch.setattr(cpu_linear, "_time_route", lambda weight, route=route: route)
+        base = load_base_model(tiny_model_dir, quantize="none", device="cpu")
+        engine = OfflineEngine(base, EngineSettings(max_batch_size=4, max_seq_len=64, cpu_linear="auto"))
+        assert (engine.core.prefill_positions is not None) == many_onednn
+        got = engine.generate([engine.request([5, 6, 7, 8] * 10, max_new_tokens=4, ignore_eos=True)])
+        assert len(got[0].token_ids) == 4
 
 
 def test_onednn_required_but_missing_is_refused(monkeypatch):
