@@ -20,6 +20,8 @@ import hashlib
 import threading
 import time
 
+from adapterserve.server.thread_names import name_this_thread
+
 CANARY_S = 0.2  # seconds one test spins: ~0.1 s of the competitor's CPU when it shares one with us
 _CHUNK = bytes(4 << 20)  # hashed per GIL release: a few ms of work
 
@@ -74,6 +76,7 @@ class CpuCanary:
         return result
 
     def _loop(self) -> None:
+        name_this_thread()
         self.tids.add(threading.get_native_id())
         while True:
             self._go.wait()

@@ -28,6 +28,7 @@ from adapterserve.server.errors import UnavailableError
 from adapterserve.server.model.loading import LoadedBase
 from adapterserve.server.omp_pools import release_openmp_pool, set_thread_threads
 from adapterserve.server.settings import EngineSettings
+from adapterserve.server.thread_names import name_this_thread
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +221,7 @@ class Engine:
         self.core.decode_threads = threads
 
     def _run(self) -> None:
+        name_this_thread()
         self._start_cpu_threads()
         governor = self.governor
         while not self._stopping:

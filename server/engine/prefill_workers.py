@@ -27,6 +27,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from adapterserve.server.omp_pools import set_thread_threads
+from adapterserve.server.thread_names import name_this_thread
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ class PrefillWorkers:
             thread.join()
 
     def _run(self) -> None:
+        name_this_thread()
         set_thread_threads(1)  # this thread's forwards run on it alone (the process default is untouched)
         while True:
             job = self._jobs.get()

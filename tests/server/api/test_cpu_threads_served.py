@@ -207,6 +207,11 @@ def test_beside_busy_processes_prefill_workers_serve_concurrent_requests_as_they
             for t in callers:
                 t.join(120)
         assert together == alone
+        if Path(f"/proc/{server.proc.pid}/task").is_dir():  # top -H / ps -L tell its threads apart
+            names = {
+                (t / "comm").read_text().strip() for t in Path(f"/proc/{server.proc.pid}/task").iterdir()
+            }
+            assert {"as-engine", "as-prefill-0"} <= names
     finally:
         for p in busy:
             p.kill()
