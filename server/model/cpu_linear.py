@@ -42,6 +42,7 @@ keeps no per-shape state). `cpu_linear="onednn"` packs everything and always use
 from __future__ import annotations
 
 import functools
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -49,6 +50,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 _DTYPES = (torch.float32, torch.bfloat16)
 _BATCH_HINT = 64  # rows the reorder is tuned for; any row count works
@@ -176,16 +179,21 @@ def _time_route(weight: torch.Tensor) -> LinearRoute:
     ratios: dict[int, float] = {}
 
     def probe() -> None:
-        set_thread_threads(1)
-        with torch.no_grad():
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight, _BATCH_HINT)
-            for rows in (FEW_ROWS_PROBE, MANY_ROWS_PROBE):
-                ratios[rows] = _onednn_seconds_over_f_linear(weight, packed, rows)
+        try:
+            set_thread_threads(1)
+            with torch.no_grad():
+                packed = torch.ops.mkldnn._reorder_linear_weight(weight, _BATCH_HINT)
+                for rows in (FEW_ROWS_PROBE, MANY_ROWS_PROBE):
+                    ratios[rows] = _onednn_seconds_over_f_linear(weight, packed, rows)
+        except Exception:  # a probe that cannot run must not stop the engine: oneDNN, as before
+            log.warning(
+                "timing the CPU linear %s failed; it runs on oneDNN", tuple(weight.shape), exc_info=True
+            )
 
     thread = threading.Thread(target=probe, name="adapterserve-linear-probe")
     thread.start()
     thread.join()
-    if len(ratios) < 2:  # the probe failed (its exception is printed by the thread): keep oneDNN
+    if len(ratios) < 2:
         return ALWAYS_ONEDNN
     # oneDNN time / F.linear time above 1/margin: F.linear is at least (1 - margin) faster
     return LinearRoute(
@@ -202,7 +210,8 @@ def describe_routes() -> str:
         return few if few == many else f"{few} below {MANY_ROWS} rows, {many} from {MANY_ROWS}"
 
     with _routes_lock:
-        return "; ".join(f"{i}->{o}: {kernels(r)}" for (o, i, _), r in sorted(_routes.items()))
+        items = sorted(_routes.items(), key=lambda item: (item[0][:2], str(item[0][2])))
+        return "; ".join(f"{i}->{o} {str(d).removeprefix('torch.')}: {kernels(r)}" for (o, i, d), r in items)
 
 
 class PackedLinear(nn.Module):

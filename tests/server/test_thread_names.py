@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -33,9 +34,15 @@ def _task_names() -> set[str]:
 @needs_proc
 def test_prefill_workers_show_their_names_to_the_kernel():
     workers = PrefillWorkers(2)
+    both_running = threading.Barrier(2, timeout=10)  # one job on each worker at once
+
+    def own_name() -> str:
+        both_running.wait()
+        return Path("/proc/thread-self/comm").read_text().strip()
+
     try:
-        seen = {workers.submit(lambda: Path("/proc/thread-self/comm").read_text().strip()).result(10)}
-        assert seen <= {"as-prefill-0", "as-prefill-1"}
+        jobs = [workers.submit(own_name) for _ in range(2)]
+        assert sorted(job.result(10) for job in jobs) == ["as-prefill-0", "as-prefill-1"]
         assert {"as-prefill-0", "as-prefill-1"} <= _task_names()  # as ps -L / top -H list them
     finally:
         workers.close()

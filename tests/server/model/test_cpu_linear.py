@@ -148,7 +148,20 @@ def test_measuring_a_route_times_both_kernels_and_leaves_the_callers_threads(fre
     route = cpu_linear.measured_route(nn.Linear(64, 96).requires_grad_(False))
     assert isinstance(route, LinearRoute)
     assert torch.get_num_threads() == threads
-    assert "64->96" in cpu_linear.describe_routes()
+    assert "64->96 float32" in cpu_linear.describe_routes()
+
+
+def test_a_shape_that_cannot_be_timed_keeps_onednn_and_routes_of_two_dtypes_are_described(
+    monkeypatch, fresh_routes, caplog
+):
+    def broken(weight, packed, rows):
+        raise RuntimeError("no timer here")
+
+    monkeypatch.setattr(cpu_linear, "_onednn_seconds_over_f_linear", broken)
+    assert cpu_linear.measured_route(nn.Linear(8, 16).requires_grad_(False)) == cpu_linear.ALWAYS_ONEDNN
+    assert "timing the CPU linear (16, 8) failed" in caplog.text
+    cpu_linear._routes[(16, 8, torch.bfloat16)] = LinearRoute(few_rows_onednn=False, many_rows_onednn=False)
+    assert cpu_linear.describe_routes() == "8->16 bfloat16: F.linear; 8->16 float32: oneDNN"
 
 
 def test_a_routed_linear_runs_each_row_count_on_its_kernel(monkeypatch):
