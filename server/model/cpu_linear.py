@@ -45,6 +45,7 @@ import functools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -136,7 +137,7 @@ class LinearRoute:
 ALWAYS_ONEDNN = LinearRoute()
 
 
-def _best_seconds(fn, reps: int) -> float:
+def _best_seconds(fn: Callable[[], object], reps: int) -> float:
     """The fastest of `reps` calls (after one untimed): the least disturbed by other processes."""
     fn()
     best = float("inf")
@@ -149,7 +150,8 @@ def _best_seconds(fn, reps: int) -> float:
 
 def _onednn_seconds_over_f_linear(weight: torch.Tensor, packed: torch.Tensor, rows: int) -> float:
     """oneDNN's time over F.linear's for x [rows, in] @ weight [out, in], on the calling thread."""
-    x = torch.randn(rows, weight.shape[1], dtype=weight.dtype)
+    x = torch.ones(rows, weight.shape[1], dtype=weight.dtype)  # values do not change the time; the
+    # process's random generator is left alone (randn here shifted every seeded draw after an engine start)
     reps = 5 if weight.numel() * rows < 2**27 else 2  # ~10 ms a call at most on a CPU core for 5 reps
     onednn = f_linear = float("inf")
     for _ in range(2):  # alternated, so a slow moment of the machine hits both

@@ -145,9 +145,12 @@ def test_the_route_takes_f_linear_only_where_it_is_measured_5_percent_faster(
 
 def test_measuring_a_route_times_both_kernels_and_leaves_the_callers_threads(fresh_routes):
     threads = torch.get_num_threads()
-    route = cpu_linear.measured_route(nn.Linear(64, 96).requires_grad_(False))
+    linear = nn.Linear(64, 96).requires_grad_(False)
+    rng = torch.get_rng_state()
+    route = cpu_linear.measured_route(linear)
     assert isinstance(route, LinearRoute)
     assert torch.get_num_threads() == threads
+    assert torch.equal(torch.get_rng_state(), rng)  # seeded draws after an engine start are unchanged
     assert "64->96 float32" in cpu_linear.describe_routes()
 
 
