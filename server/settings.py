@@ -79,7 +79,16 @@ class EngineSettings(BaseModel):
         False,
         description="a step with both prefill chunks and decode rows runs them in one forward (each token a "
         "row; the weights read once), not one forward each (paged cache; steps with scoring rows keep two). "
-        "Off by default until measured under a load client (docs/architecture.md)",
+        "With prefill workers the decoding rows ride in the workers' prefill forwards. Off by default: beside "
+        "a load client on 2 CPUs it cut TTFT 4x and doubled inter-token latency at the same throughput "
+        "(docs/performance.md)",
+    )
+    packed_chunk_tokens: int = Field(
+        64,
+        ge=1,
+        description="packed steps: prompt tokens in a prefill forward that decoding rows ride in (at most "
+        "max_prefill_tokens); they wait for the whole forward for their next token, so this bounds their "
+        "inter-token latency",
     )
     max_decode_graphs: int = Field(
         64,

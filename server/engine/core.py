@@ -352,8 +352,15 @@ class EngineCore:
     def adapter_batch(self, seqs: list[Sequence]) -> AdapterBatch:
         return build_batch([s.slot for s in seqs], self.bank.slot_kinds, self.device)
 
-    def _decode(self) -> None:
-        seqs = self.running[: self.num_decoding]
+    def _decode(self, seqs: list[Sequence] | None = None) -> None:
+        """One token for `seqs` (default: every decoding row); other rows than the decoding rows' prefix
+        (some ride in a prefill job, prefill_phase.launch) are addressed through their block tables."""
+        table = None
+        if seqs is None or len(seqs) == self.num_decoding:
+            seqs = self.running[: self.num_decoding]
+        else:
+            assert isinstance(self.cache, PagedKVCache) and self.decode_graphs is None
+            table = self.cache.table[[self.running.index(s) for s in seqs]]  # [B, nb]
         if self.decode_graphs is not None:
             logits = self.decode_graphs.decode(
                 [s.output[-1] for s in seqs], [s.length for s in seqs], [s.slot for s in seqs]
@@ -361,7 +368,7 @@ class EngineCore:
         else:
             tokens = torch.tensor([s.output[-1] for s in seqs], dtype=torch.long, device=self.device)
             positions = torch.tensor([s.length for s in seqs], dtype=torch.long, device=self.device)
-            logits = self.runner.decode(tokens, positions, self.adapter_batch(seqs))  # [B, V]
+            logits = self.runner.decode(tokens, positions, self.adapter_batch(seqs), table)  # [B, V]
         for seq in seqs:
             seq.length += 1
         self.accept_tokens(seqs, logits)

@@ -6,16 +6,19 @@
 - `run`: the chunk's forwards (rows grouped by length; scoring rows keep every position's state);
   `run_packed`: the chunk and the decoding rows in one forward (EngineSettings.packed_steps);
   `launch` / `done_jobs` / `book`: the same forwards as jobs on prefill worker threads (a CPU engine,
-  prefill_workers.py) while the engine thread decodes; booked by the engine thread when done;
+  prefill_workers.py) while the engine thread decodes; booked by the engine thread when done; with
+  packed_steps the decoding rows ride in the next job launched (one forward for their next token and the
+  chunk, on the worker); rows not in a job decode on the engine thread;
 - a row whose prompt is complete samples its first token (its n choices fork from it, fork.py) and
   joins the decoding rows.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent import futures
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -52,13 +55,22 @@ def start(core: EngineCore, seqs: list[Sequence]) -> None:
         seq.length = seq.prefill_start
 
 
+def chunk_budget(core: EngineCore) -> int:
+    """Prompt tokens a prefill forward holds: `max_prefill_tokens`, or `packed_chunk_tokens` when decode
+    rows ride in it (packed steps with rows decoding): they wait for the whole forward for their next token."""
+    budget = core.settings.max_prefill_tokens
+    if core.settings.packed_steps and core.num_decoding:
+        budget = min(budget, core.settings.packed_chunk_tokens)
+    return budget
+
+
 def next_chunk(core: EngineCore) -> list[tuple[Sequence, int]]:
     """(row, tokens) for this step: prefilling rows in row order while the token budget lasts.
     The first prefilling row always gets some tokens, so a long prompt cannot starve. A row whose prompt
     would leave a tail of at most 1/8 of the budget takes it now (the step runs up to 1/8 over budget):
     a tail left for the next step is a forward of its own that reads every weight for a few tokens (a
     prompt-tuning row's 8 virtual tokens past a 512-token budget of 128-token prompts did that)."""
-    budget = core.settings.max_prefill_tokens
+    budget = chunk_budget(core)
     tail = budget // 8
     chunk: list[tuple[Sequence, int]] = []
     for seq in core.running[core.num_decoding :]:
@@ -77,7 +89,7 @@ def _take(seq: Sequence, budget: int, tail: int) -> int:
 
 
 def can_pack(core: EngineCore, chunk: list[tuple[Sequence, int]]) -> bool:
-    """Whether this step's prefill chunk and decode rows run as one forward (see runner.packed)."""
+    """Whether a prefill chunk and decode rows run as one forward (see runner.packed)."""
     return (
         core.settings.packed_steps
         and isinstance(core.cache, PagedKVCache)
@@ -97,18 +109,28 @@ def _rows(core: EngineCore, chunk: list[tuple[Sequence, int]]) -> list[PrefillRo
 def run_packed(core: EngineCore, chunk: list[tuple[Sequence, int]]) -> None:
     """Decode every decoding row and prefill one chunk of each chosen prefilling row in one forward."""
     decoding = core.running[: core.num_decoding]
+    table = core.cache.table[: core.num_decoding + len(chunk)]  # [Bd + Bp, nb]: the chunk follows them
+    decode_logits, prefill_logits = _packed_forward(core, decoding, chunk, table)()
+    _book_riders(core, decoding, decode_logits)
+    _prefilled(core, chunk, prefill_logits)
+
+
+def _packed_forward(
+    core: EngineCore, decoding: list[Sequence], chunk: list[tuple[Sequence, int]], table: torch.Tensor
+) -> Callable[[], tuple[torch.Tensor, torch.Tensor]]:
+    """The packed forward of `decoding` rows' next tokens and `chunk`, prepared on the engine thread;
+    calling it (there, or on a prefill worker) returns (decode logits [Bd, V], prefill logits [Bp, V])."""
     slots = [s.slot for s in decoding] + [seq.slot for seq, take in chunk for _ in range(take)]
-    decode_logits, prefill_logits = core.runner.packed(
-        [s.output[-1] for s in decoding],
-        [s.length for s in decoding],
-        _rows(core, chunk),
-        core.num_decoding,
-        build_batch(slots, core.bank.slot_kinds, core.device),
-    )
+    tokens, positions = [s.output[-1] for s in decoding], [s.length for s in decoding]
+    rows, batch = _rows(core, chunk), build_batch(slots, core.bank.slot_kinds, core.device)
+    return lambda: core.runner.packed(tokens, positions, rows, table, batch)
+
+
+def _book_riders(core: EngineCore, decoding: list[Sequence], logits: torch.Tensor) -> None:
+    """The decode rows of a packed forward take their tokens (logits [Bd, V])."""
     for seq in decoding:
         seq.length += 1
-    core.accept_tokens(decoding, decode_logits)
-    _prefilled(core, chunk, prefill_logits)
+    core.accept_tokens(decoding, logits)
 
 
 def run(core: EngineCore, chunk: list[tuple[Sequence, int]]) -> None:
@@ -171,22 +193,37 @@ JOBS_PER_WORKER = 2
 @dataclass
 class PrefillJob:
     chunk: list[tuple[Sequence, int]]
-    future: Future  # -> logits [B, V]
+    future: Future  # -> logits [B, V]; with riders (decode logits [Bd, V], prefill logits [B, V])
+    riders: list[Sequence] = field(default_factory=list)  # decoding rows whose next token it computes
+
+
+def rides(core: EngineCore) -> bool:
+    """Whether decoding rows ride in prefill jobs (packed steps on prefill workers; the eager decode step,
+    which addresses rows through their block tables when some are riding)."""
+    return core.settings.packed_steps and isinstance(core.cache, PagedKVCache) and core.decode_graphs is None
+
+
+def free_decoding(core: EngineCore) -> list[Sequence]:
+    """Decoding rows not in a job in flight."""
+    return [seq for seq in core.running[: core.num_decoding] if not seq.in_flight]
 
 
 def launch(core: EngineCore) -> None:
     """Give each idle worker a job: prefilling rows not in flight, in row order, split so that the idle
-    workers share this step's tokens (each job within `max_prefill_tokens`; a long prompt is chunked)."""
+    workers share this step's tokens (each job within `chunk_budget`; a long prompt is chunked). Where
+    decoding rows ride (packed steps), the first job that can carry them takes every one not in flight."""
     assert core.workers is not None
+    riding = rides(core)
     # up to JOBS_PER_WORKER jobs each: a worker that finishes one starts the next at once, not when the
-    # engine thread's decode step ends and it books the finished one
-    idle = JOBS_PER_WORKER * core.workers.count - len(core.prefill_jobs)
+    # engine thread's decode step ends and it books the finished one. Riding: one each, so that the rows
+    # riding a job start now, not behind a queued job
+    idle = (1 if riding else JOBS_PER_WORKER) * core.workers.count - len(core.prefill_jobs)
     pending = [
         seq for seq in core.running[core.num_decoding :] if not seq.in_flight and seq.prefill_remaining
     ]
     if idle <= 0 or not pending:
         return
-    budget = core.settings.max_prefill_tokens
+    budget = chunk_budget(core)
     takes = [_take(seq, budget, budget // 8) for seq in pending]
     share = min(budget, -(-sum(takes) // idle))  # tokens per job, the idle workers sharing them
     jobs: list[list[tuple[Sequence, int]]] = [[]]
@@ -199,13 +236,19 @@ def launch(core: EngineCore) -> None:
             tokens = 0
         jobs[-1].append((seq, take))
         tokens += take
+    riders = free_decoding(core) if riding else []
     for chunk in jobs:
-        rows = [core.running.index(seq) for seq, _ in chunk]
-        table = core.cache.table[rows].clone()  # [B, nb]: the worker's view of the rows' blocks
-        forward = plan_forward(core, chunk, table)
-        for seq, _ in chunk:
+        carry = riders if riders and can_pack(core, chunk) else []
+        rows = [core.running.index(seq) for seq in carry + [seq for seq, _ in chunk]]
+        table = core.cache.table[rows].clone()  # [Bd + B, nb]: the worker's view of the rows' blocks
+        if carry:
+            run: Callable[[], object] = _packed_forward(core, carry, chunk, table)
+            riders = []
+        else:
+            run = plan_forward(core, chunk, table).logits
+        for seq in carry + [seq for seq, _ in chunk]:
             seq.in_flight = True
-        core.prefill_jobs.append(PrefillJob(chunk, core.workers.submit(forward.logits)))
+        core.prefill_jobs.append(PrefillJob(chunk, core.workers.submit(run), carry))
 
 
 def done_jobs(core: EngineCore, wait: bool = False) -> list[PrefillJob]:
@@ -216,15 +259,20 @@ def done_jobs(core: EngineCore, wait: bool = False) -> list[PrefillJob]:
     done = [job for job in core.prefill_jobs if job.future.done()]
     core.prefill_jobs = [job for job in core.prefill_jobs if not job.future.done()]
     for job in done:
-        for seq, _ in job.chunk:
+        for seq in job.riders + [seq for seq, _ in job.chunk]:
             seq.in_flight = False
     return done
 
 
 def book(core: EngineCore, job: PrefillJob) -> None:
-    """Book a finished job on the engine thread: its rows take their first tokens (rows cancelled while
-    it ran are skipped: they retire). A job that raised re-raises here (core._run_guarded fails its rows)."""
-    logits = job.future.result()  # [B, V]
+    """Book a finished job on the engine thread: its riders take their next tokens, its rows their first
+    (rows cancelled while it ran are skipped: they retire). A job that raised re-raises here
+    (core._run_guarded fails its rows)."""
+    if job.riders:
+        decode_logits, logits = job.future.result()  # [Bd, V], [B, V]
+        _book_riders(core, job.riders, decode_logits)
+    else:
+        logits = job.future.result()  # [B, V]
     live = [i for i, (seq, _) in enumerate(job.chunk) if not seq.finished]
     if live:
         _prefilled(core, [job.chunk[i] for i in live], logits[live])

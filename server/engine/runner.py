@@ -107,10 +107,16 @@ class ModelRunner:
         return self._forward(embeds, positions, row_start, batch, table=table), last
 
     @torch.inference_mode()
-    def decode(self, token_ids: torch.Tensor, positions: torch.Tensor, batch: AdapterBatch) -> torch.Tensor:
-        """token_ids, positions: [B] for rows 0..B-1. Returns logits [B, V]."""
+    def decode(
+        self,
+        token_ids: torch.Tensor,  # [B]
+        positions: torch.Tensor,  # [B]
+        batch: AdapterBatch,
+        table: torch.Tensor | None = None,  # [B, nb]: the rows' block tables (paged), else rows 0..B-1
+    ) -> torch.Tensor:
+        """One token for each row. Returns logits [B, V]."""
         embeds = self.embed(token_ids[:, None])  # [B, 1, H]
-        x = self._forward(embeds, positions[:, None], 0, batch)  # [B, 1, H]
+        x = self._forward(embeds, positions[:, None], 0, batch, table=table)  # [B, 1, H]
         return self.head(x[:, 0])  # [B, V]
 
     @torch.inference_mode()
@@ -146,13 +152,14 @@ class ModelRunner:
         self,
         tokens: list[int],  # the decode rows' last tokens (rows 0..Bd-1)
         positions: list[int],  # their cache positions
-        rows: list[PrefillRow],  # prefill chunks of rows row_start.. (paged cache only)
-        row_start: int,
+        rows: list[PrefillRow],  # prefill chunks (paged cache only)
+        table: torch.Tensor,  # [Bd + Bp, nb] the rows' block tables: decode rows, then prefill rows
         batch: AdapterBatch,  # slots of every token: Bd decode tokens, then each chunk's tokens
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode rows and prefill chunks in one forward: every token is a row of its own ([T, 1, H]), so
         each linear reads its weights once for both (see attention.PackedStep). Returns the decode rows'
-        logits [Bd, V] and each prefill row's last-position logits [Bp, V]."""
+        logits [Bd, V] and each prefill row's last-position logits [Bp, V]. The rows are addressed through
+        `table` only (a copy on a prefill worker: the engine thread may renumber rows meanwhile)."""
         cache = self.cache
         assert isinstance(cache, PagedKVCache)
         device = cache.table.device
@@ -162,7 +169,7 @@ class ModelRunner:
             [self.embed(torch.tensor(tokens, dtype=torch.long, device=device)), *[r.embeds for r in rows]]
         )
         token_positions = positions + [r.start + s for r in rows for s in range(r.embeds.shape[0])]
-        token_rows = list(range(bd)) + [row_start + i for i, n in enumerate(sizes) for _ in range(n)]
+        token_rows = list(range(bd)) + [bd + i for i, n in enumerate(sizes) for _ in range(n)]  # in table
         padded_positions = [
             [min(r.start + s, cache.max_len - 1) for s in range(width)] for r in rows
         ]  # [Bp, S]: padding continues past the row's end (masked; never written)
@@ -171,16 +178,14 @@ class ModelRunner:
         as_long = lambda values: torch.tensor(values, dtype=torch.long, device=device)  # noqa: E731
         pos = as_long(token_positions)[:, None]  # [T, 1]
         step = PackedStep(
-            token_table=cache.table.index_select(0, as_long(token_rows)),
+            token_table=table.index_select(0, as_long(token_rows)),
             token_positions=pos,
             decode_rows=bd,
-            decode=AttentionStep(
-                positions=pos[:bd], length=max(positions, default=0) + 1, table=cache.table[:bd]
-            ),
+            decode=AttentionStep(positions=pos[:bd], length=max(positions, default=0) + 1, table=table[:bd]),
             prefill=AttentionStep(
                 positions=as_long(padded_positions),
                 length=max(r.start + n for r, n in zip(rows, sizes, strict=True)),
-                table=cache.table[row_start : row_start + len(rows)],
+                table=table[bd:],
             ),
             pad_index=as_long(pad_index),
             unpad_index=as_long(unpad_index),

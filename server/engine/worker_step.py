@@ -4,8 +4,10 @@ The step books the prefill jobs that finished (their rows sample their first tok
 decoding rows), admits waiting requests, starts jobs for idle workers (prefill_phase.launch) and decodes
 the decoding rows on the engine thread while the jobs run; with no row to decode it waits for a job or
 new work (`EngineCore._activity`), and while the CPUs are fought over a decode step beside jobs waits
-its turn the same way (decode_pacing.py). Adapter-slot writes (a new adapter, a pin) wait for the jobs in
-flight: a job reads the adapter bank.
+its turn the same way (decode_pacing.py). With packed steps (EngineSettings.packed_steps) the decoding
+rows ride in the next job launched instead (one forward on the worker computes their next tokens and the
+chunk, see prefill_phase.launch); rows not in a job decode here as before. Adapter-slot writes (a new
+adapter, a pin) wait for the jobs in flight: a job reads the adapter bank.
 """
 
 from __future__ import annotations
@@ -28,7 +30,11 @@ def step(core: EngineCore) -> None:
     book_jobs(core)
     core.admit_and_start()
     prefill_phase.launch(core)
-    if core.num_decoding:
+    # packed steps: decoding rows ride in the jobs launched (one forward for both); the others decode here
+    seqs = (
+        prefill_phase.free_decoding(core) if prefill_phase.rides(core) else core.running[: core.num_decoding]
+    )
+    if seqs:
         alone = not core.prefill_jobs  # no prefill job beside this decode step
         pacer = core.decode_pacer
         if pacer is not None and (hold := pacer.hold(beside_jobs=not alone)) > 0:
@@ -42,7 +48,7 @@ def step(core: EngineCore) -> None:
             meter.begin()
         if pacer is not None:
             pacer.begin()
-        core._run_guarded(core.running[: core.num_decoding], core._decode)
+        core._run_guarded(seqs, lambda: core._decode(seqs))
         if pacer is not None:
             pacer.end()
         if meter is not None:
@@ -56,7 +62,8 @@ def book_jobs(core: EngineCore, wait: bool = False) -> None:
     """Book the jobs that finished (all of them, waiting, when `wait`); a job that failed fails its rows."""
     done = prefill_phase.done_jobs(core, wait=wait)
     for job in done:
-        core._run_guarded([seq for seq, _ in job.chunk], lambda job=job: prefill_phase.book(core, job))
+        seqs = job.riders + [seq for seq, _ in job.chunk]
+        core._run_guarded(seqs, lambda job=job: prefill_phase.book(core, job))
     if done:
         core._retire_finished()
 

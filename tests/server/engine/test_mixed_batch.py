@@ -202,13 +202,14 @@ def test_mixed_batch_matches_peft_in_bf16_on_cpu(tiny_model_dir, adapter_dirs):
     check_rows_match(rows, results, refs)
 
 
-@pytest.mark.parametrize("mode", ["packed", "separate", "workers"])
+@pytest.mark.parametrize("mode", ["packed", "separate", "workers", "riding"])
 def test_prefill_chunks_and_decodes_in_one_forward_match_peft(tiny_model_dir, adapter_dirs, mode):
     """Requests of every kind arrive one per step with small prefill chunks, so most steps hold both
     prefilling and decoding rows of different kinds: packed (one forward for both, each token a row),
-    separate forwards, or prefill on worker threads while the engine thread decodes (the decode forward
-    and the chunks' forwards at the same time): every row gives PEFT's tokens and logits."""
-    packed = mode == "packed"
+    separate forwards, prefill on worker threads while the engine thread decodes (the decode forward
+    and the chunks' forwards at the same time), or packed forwards on the workers (decoding rows riding
+    in the prefill jobs while rows are renumbered): every row gives PEFT's tokens and logits."""
+    packed = mode in ("packed", "riding")
     rows = _plan()
     refs = _references(tiny_model_dir, adapter_dirs, "none", rows)
     base = load_base_model(tiny_model_dir, quantize="none", device="cpu")
@@ -226,16 +227,21 @@ def test_prefill_chunks_and_decodes_in_one_forward_match_peft(tiny_model_dir, ad
     for kind, path in adapter_dirs.items():
         engine.add_adapter(kind, path)
     overlapped = []  # per decode forward: whether a prefill job was running on a worker meanwhile
-    if mode == "workers":
+    partial_decodes = []  # per decode forward: whether it decoded some decoding rows (others riding)
+    if mode in ("workers", "riding"):
         engine.core.start_prefill_workers(2)
         runner_decode = engine.core.runner.decode
         engine.core.runner.decode = lambda *a: (
             overlapped.append(any(not job.future.done() for job in engine.core.prefill_jobs))
+            or partial_decodes.append(len(a) > 3 and a[3] is not None)
             or runner_decode(*a)
         )
-    packed_forwards = []
+    packed_forwards, packed_threads = [], set()
     runner_packed = engine.core.runner.packed
-    engine.core.runner.packed = lambda *a: packed_forwards.append(len(a[0])) or runner_packed(*a)
+    engine.core.runner.packed = lambda *a: (
+        (packed_forwards.append(len(a[0])) or packed_threads.add(threading.current_thread().name))
+        or runner_packed(*a)
+    )
     sinks = [[] for _ in rows]
     seqs = []
     for (adapter, prompt), sink in zip(rows, sinks, strict=True):
@@ -250,9 +256,15 @@ def test_prefill_chunks_and_decodes_in_one_forward_match_peft(tiny_model_dir, ad
         assert [t for ev in sink for t in ev.token_ids] == want_tokens, adapter
         got, want = torch.stack(seq.logits), torch.stack(want_logits)
         assert torch.allclose(got, want, atol=1e-4, rtol=0), f"{adapter}: {(got - want).abs().max():.2e}"
-    if packed:  # most steps were mixed, with several decode rows beside the chunks
+    if mode == "packed":  # most steps were mixed, with several decode rows beside the chunks
         assert len(packed_forwards) >= len(rows) and max(packed_forwards) > 3
+    elif mode == "riding":  # how many jobs rows rode in depends on the threads' timing
+        assert len(packed_forwards) >= 3 and max(packed_forwards) > 2, packed_forwards
     else:
         assert not packed_forwards
     if mode == "workers":  # decode forwards ran while prefill jobs were in flight
         assert any(overlapped), overlapped
+    if mode == "riding":  # the packed forwards ran on the workers (test_prefill_workers.py holds one)
+        assert packed_threads and all(name.startswith("adapterserve-prefill") for name in packed_threads)
+    else:  # every decode forward took the decoding rows' prefix
+        assert not any(partial_decodes)

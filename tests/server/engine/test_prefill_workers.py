@@ -198,3 +198,68 @@ def test_paced_decode_steps_beside_jobs_give_the_same_tokens(tiny_model_dir):
     assert paced == inline
     assert engine.core.decode_pacer.pacing
     assert engine.core.decode_pacer.paced_steps > 0
+
+
+def test_decoding_rows_ride_in_a_prefill_job_and_rows_not_in_it_decode_beside_it(tiny_model_dir):
+    """Packed steps on workers: the decoding rows ride in the next prefill job (one forward on the worker
+    computes their next tokens and its chunk); a row promoted while that job is held decodes on the engine
+    thread beside it, through its block table, and finishes (rows renumbered under the held job); a job
+    that rows ride in holds at most `packed_chunk_tokens` prompt tokens. Every request gives the tokens of
+    the engine with prefill inline and no packing."""
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[2], PROMPTS[3]]
+    new_tokens = [40, 40, 6, 6]  # the first two still decode whenever the others' jobs run
+    reference = _engine(tiny_model_dir, 0)
+    want = [
+        r.token_ids
+        for r in reference.generate(
+            [
+                reference.request(p, max_new_tokens=n, ignore_eos=True)
+                for p, n in zip(prompts, new_tokens, strict=True)
+            ]
+        )
+    ]
+    engine = _engine(tiny_model_dir, 2, packed_steps=True, packed_chunk_tokens=4)
+    core = engine.core
+    entered, release = threading.Event(), threading.Event()
+    packed, decode = core.runner.packed, core.runner.decode
+    decodes: list[tuple[int, bool, bool]] = []  # (rows, through a block table, beside a job in flight)
+
+    def held_packed(*args):
+        entered.set()
+        assert release.wait(30), "the test never released the packed forward"
+        return packed(*args)
+
+    def recorded_decode(tokens, positions, batch, table=None):
+        in_flight = any(not job.future.done() for job in core.prefill_jobs)
+        decodes.append((tokens.shape[0], table is not None, in_flight))
+        return decode(tokens, positions, batch, table)
+
+    core.runner.packed, core.runner.decode = held_packed, recorded_decode
+    sinks: list[list] = [[] for _ in prompts]
+
+    def submit(i: int):
+        request = engine.request(prompts[i], max_new_tokens=new_tokens[i], ignore_eos=True)
+        return engine.submit(request, sinks[i])
+
+    def step_until(done, what: str) -> None:
+        deadline = time.monotonic() + 30
+        while not done():
+            assert time.monotonic() < deadline, what
+            core.step()
+
+    first = [submit(0), submit(1)]  # their prefill jobs carry no riders (nothing decodes yet)
+    step_until(lambda: all(s.output for s in first) and not core.prefill_jobs, "the first two never decoded")
+    submit(2)
+    step_until(entered.is_set, "the third prompt's job never started")
+    (job,) = core.prefill_jobs
+    assert set(map(id, job.riders)) == set(map(id, first)) and all(s.in_flight for s in first)
+    assert [take for _, take in job.chunk] == [4]  # 4 of the prompt's 7 tokens (max_prefill_tokens: 8)
+    held_at = [len(s.output) for s in first]
+    fourth = submit(3)  # the other worker prefills it (no free row to carry); then it decodes here
+    step_until(lambda: fourth.finished and fourth not in core.running, "the fourth request never finished")
+    assert not job.future.done() and [len(s.output) for s in first] == held_at  # held all along
+    assert (1, True, True) in decodes  # the fourth row alone, through its block table, beside the job
+    release.set()
+    step_until(lambda: not core.has_work(), "the requests never finished")
+    core.stop_prefill_workers()
+    assert [[t for e in sink for t in e.token_ids] for sink in sinks] == want
