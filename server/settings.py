@@ -86,9 +86,9 @@ class EngineSettings(BaseModel):
     packed_chunk_tokens: int = Field(
         64,
         ge=1,
-        description="packed steps: prompt tokens in a prefill forward that decoding rows ride in (at most "
-        "max_prefill_tokens); they wait for the whole forward for their next token, so this bounds their "
-        "inter-token latency",
+        description="packed steps: prompt tokens in a prefill forward while rows decode (at most "
+        "max_prefill_tokens); the rows riding in it wait for the whole forward for their next token, so this "
+        "bounds their inter-token latency",
     )
     max_decode_graphs: int = Field(
         64,
