@@ -56,8 +56,8 @@ def start(core: EngineCore, seqs: list[Sequence]) -> None:
 
 
 def chunk_budget(core: EngineCore) -> int:
-    """Prompt tokens a prefill forward holds: `max_prefill_tokens`, or `packed_chunk_tokens` when decode
-    rows ride in it (packed steps with rows decoding): they wait for the whole forward for their next token."""
+    """Prompt tokens a prefill forward holds: `max_prefill_tokens`, or with packed steps while rows decode
+    `packed_chunk_tokens` (the rows riding in a forward wait for all of it for their next token)."""
     budget = core.settings.max_prefill_tokens
     if core.settings.packed_steps and core.num_decoding:
         budget = min(budget, core.settings.packed_chunk_tokens)
@@ -196,6 +196,11 @@ class PrefillJob:
     future: Future  # -> logits [B, V]; with riders (decode logits [Bd, V], prefill logits [B, V])
     riders: list[Sequence] = field(default_factory=list)  # decoding rows whose next token it computes
 
+    @property
+    def seqs(self) -> list[Sequence]:
+        """Every row the job computes for (in flight until it is booked): riders, then the chunk's rows."""
+        return self.riders + [seq for seq, _ in self.chunk]
+
 
 def rides(core: EngineCore) -> bool:
     """Whether decoding rows ride in prefill jobs (packed steps on prefill workers; the eager decode step,
@@ -239,14 +244,15 @@ def launch(core: EngineCore) -> None:
     riders = free_decoding(core) if riding else []
     for chunk in jobs:
         carry = riders if riders and can_pack(core, chunk) else []
-        rows = [core.running.index(seq) for seq in carry + [seq for seq, _ in chunk]]
-        table = core.cache.table[rows].clone()  # [Bd + B, nb]: the worker's view of the rows' blocks
+        seqs = carry + [seq for seq, _ in chunk]
+        table = core.cache.table[[core.running.index(seq) for seq in seqs]].clone()  # [Bd + B, nb]: the
+        # worker's view of the rows' blocks
         if carry:
             run: Callable[[], object] = _packed_forward(core, carry, chunk, table)
             riders = []
         else:
             run = plan_forward(core, chunk, table).logits
-        for seq in carry + [seq for seq, _ in chunk]:
+        for seq in seqs:
             seq.in_flight = True
         core.prefill_jobs.append(PrefillJob(chunk, core.workers.submit(run), carry))
 
@@ -259,7 +265,7 @@ def done_jobs(core: EngineCore, wait: bool = False) -> list[PrefillJob]:
     done = [job for job in core.prefill_jobs if job.future.done()]
     core.prefill_jobs = [job for job in core.prefill_jobs if not job.future.done()]
     for job in done:
-        for seq in job.riders + [seq for seq, _ in job.chunk]:
+        for seq in job.seqs:
             seq.in_flight = False
     return done
 

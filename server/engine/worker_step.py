@@ -30,10 +30,8 @@ def step(core: EngineCore) -> None:
     book_jobs(core)
     core.admit_and_start()
     prefill_phase.launch(core)
-    # packed steps: decoding rows ride in the jobs launched (one forward for both); the others decode here
-    seqs = (
-        prefill_phase.free_decoding(core) if prefill_phase.rides(core) else core.running[: core.num_decoding]
-    )
+    # every decoding row, less those riding in a job (packed steps: one forward for them and its chunk)
+    seqs = prefill_phase.free_decoding(core)
     if seqs:
         alone = not core.prefill_jobs  # no prefill job beside this decode step
         pacer = core.decode_pacer
@@ -62,8 +60,7 @@ def book_jobs(core: EngineCore, wait: bool = False) -> None:
     """Book the jobs that finished (all of them, waiting, when `wait`); a job that failed fails its rows."""
     done = prefill_phase.done_jobs(core, wait=wait)
     for job in done:
-        seqs = job.riders + [seq for seq, _ in job.chunk]
-        core._run_guarded(seqs, lambda job=job: prefill_phase.book(core, job))
+        core._run_guarded(job.seqs, lambda job=job: prefill_phase.book(core, job))
     if done:
         core._retire_finished()
 
