@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 BASE_LABEL = "base"
 OTHER_LABEL = "other"
-TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -195,6 +195,14 @@ class ServerMetrics:
             buckets=TTFT_BUCKETS,
             registry=self.registry,
         )
+        self.queue_wait = Histogram(
+            "adapterserve_queue_wait_seconds",
+            "Seconds from request arrival at the engine to its first prefill chunk (waiting for a row, then "
+            "behind the requests admitted before it)",
+            ["adapter"],
+            buckets=TTFT_BUCKETS,
+            registry=self.registry,
+        )
         self.tpot = Histogram(
             "adapterserve_time_per_output_token_seconds",
             "Seconds per generated token after the first",
@@ -230,9 +238,12 @@ class ServerMetrics:
         generated_tokens: int,
         ttft_s: float | None,
         total_s: float,
+        queue_wait_s: float | None = None,
     ) -> None:
-        """One finished generation: token counts, time to first token and time per later token."""
+        """One finished generation: token counts, queue wait, time to first token and per later token."""
         self.prompt_tokens.labels(adapter=adapter_label).inc(prompt_tokens)
+        if queue_wait_s is not None:
+            self.queue_wait.labels(adapter=adapter_label).observe(queue_wait_s)
         self.generated_tokens.labels(adapter=adapter_label).inc(generated_tokens)
         if ttft_s is not None and generated_tokens > 0:
             self.ttft.labels(adapter=adapter_label).observe(ttft_s)

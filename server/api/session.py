@@ -78,6 +78,7 @@ class GenerationSession:
         self.started = time.monotonic()
         self.request: GenerationRequest | None = None
         self.first_token_at: float | None = None
+        self.queue_wait_s: float | None = None  # the engine's figure (TokenEvent.queue_wait_s)
         self.prompt_tokens = 0
         self.generated_tokens = 0  # tokens of every choice
         self.finish_reason: FinishReason | None = None  # set once every choice has ended
@@ -105,6 +106,8 @@ class GenerationSession:
             # Only the server cancels a handle whose events are still read: the drain (its cut at the
             # end of the grace period, or the engine stopping). The client hears what a new call hears.
             raise UnavailableError(DRAINING_MESSAGE)
+        if self.queue_wait_s is None:
+            self.queue_wait_s = event.queue_wait_s
         if event.token_ids and self.first_token_at is None:
             self.first_token_at = time.monotonic()
         self.generated_tokens += len(event.token_ids)
@@ -169,5 +172,10 @@ class GenerationSession:
             if status == "OK" and self.finish_reason is not None:
                 ttft = None if self.first_token_at is None else self.first_token_at - self.started
                 shared.metrics.record_generation(
-                    label, self.prompt_tokens, self.generated_tokens, ttft, time.monotonic() - self.started
+                    label,
+                    self.prompt_tokens,
+                    self.generated_tokens,
+                    ttft,
+                    time.monotonic() - self.started,
+                    queue_wait_s=self.queue_wait_s,
                 )

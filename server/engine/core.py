@@ -9,8 +9,14 @@ Rows: decoding rows first (0..num_decoding-1), then rows still prefilling. One `
   4. decode one token for every decoding row; with the paged cache and `EngineSettings.packed_steps`
      (off by default), 3 and 4 are one forward (runner.packed: every token a row of its own, so the weights are
      read once per step; rows just promoted by this step's prefill decode from the next step);
-  5. retire finished rows (holes are filled from the end of each region: a row or two copied, never
-     the whole cache).
+  5. retire finished rows (a decoding hole is filled by the last decoding row; the rows still
+     prefilling close up behind it in their order: block-table rows on the paged cache).
+Prefill is served in admission order: the rows still prefilling stay in the order they were admitted
+(promotion and retirement shift them, never swap a newer one ahead), and every step hands out prompt
+tokens in row order. Once admitted, a request waits only for the prefill of the requests admitted before
+it, and those admitted in the same step with shorter prompts (prefill_groups.py). In the waiting queue
+a request for an adapter that finds every device slot busy lets requests for resident adapters pass, at
+most max_batch_size of them; then admission is first come, first served until a slot frees for it.
 Every step does both prefill and decode work, so neither starves the other. The async `Engine` runs
 steps on a worker thread; `OfflineEngine` runs them in the caller's thread.
 
@@ -342,11 +348,17 @@ class EngineCore:
                     if slot is None:  # every slot busy: wait, but let requests behind it use resident ones
                         slots_full = True
                         skipped.append(seq)
+                        if seq.overtaken >= self.settings.max_batch_size:
+                            break  # it has let enough pass: FIFO until a slot frees for it
                         continue
                     seq.slot = slot
+                for waiting in skipped:
+                    waiting.overtaken += 1
                 admitted.append(seq)
                 reserving += [seq.kv_tokens] * seq.request.n
             self.waiting.extendleft(reversed(skipped))
+        for seq in admitted:
+            seq.admitted_at = time.monotonic()
         return admitted
 
     def adapter_batch(self, seqs: list[Sequence]) -> AdapterBatch:
@@ -418,6 +430,7 @@ class EngineCore:
             prompt_tokens=len(seq.request.prompt_ids),
             generated_tokens=len(seq.output),
             index=seq.index,
+            queue_wait_s=seq.queue_wait,
             **kw,
         )
 
@@ -457,25 +470,36 @@ class EngineCore:
         self.cache.move_row(src, dst, moved.length)
         self.running[dst] = moved
 
+    def shift_row(self, src: int, dst: int) -> None:
+        """Row src becomes row dst; the rows from dst up to src (src > dst) each move one row on, in the
+        same order (a paged cache swaps block-table rows; a dense one copies each row's filled positions).
+        A row whose prefill completed joins the decoding rows this way, so the rows still prefilling keep
+        their admission order (prefill_phase.next_chunk and launch serve them in row order)."""
+        for row in range(src, dst, -1):
+            above, below = self.running[row - 1], self.running[row]
+            self.cache.swap_rows(row - 1, row, max(above.length, below.length))
+            self.running[row - 1], self.running[row] = below, above
+
     def _retire_finished(self) -> None:
+        """Free the rows of finished requests. A decoding row's hole is filled by the last decoding row
+        (their order does not matter); the rows still prefilling then close up behind it, keeping their
+        admission order (moving the newest row into the hole would serve it first)."""
         i = 0
         while i < len(self.running):
             seq = self.running[i]
             if not seq.finished or seq.in_flight:  # a row in flight retires once its job is booked
                 i += 1
                 continue
-            last = len(self.running) - 1
             self.cache.release(i)
+            hole = i
             if i < self.num_decoding:
-                # fill the hole from the end of the decoding rows, then that hole from the very end
                 last_decoding = self.num_decoding - 1
                 if i != last_decoding:
                     self._move(last_decoding, i)
-                if last != last_decoding:
-                    self._move(last, last_decoding)
+                hole = last_decoding
                 self.num_decoding -= 1
-            elif i != last:
-                self._move(last, i)
+            for row in range(hole + 1, len(self.running)):  # close up: each later row one row down
+                self._move(row, row - 1)
             self.running.pop()
             if seq.slot_key is not None:
                 self.bank.release(seq.slot_key)

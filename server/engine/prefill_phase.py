@@ -2,7 +2,8 @@
 
 - `start`: admitted requests get rows at the end of the batch, shortest prefill first, and their prefill
   inputs (a prefix adapter's K/V written now, a prompt adapter's virtual tokens in front);
-- `next_chunk`: this step's prompt tokens, over the prefilling rows in order within the token budget;
+- `next_chunk`: this step's prompt tokens, over the prefilling rows in order (their admission order,
+  core.EngineCore keeps it) within the token budget;
 - `run`: the chunk's forwards (rows grouped by length; scoring rows keep every position's state);
   `run_packed`: the chunk and the decoding rows in one forward (EngineSettings.packed_steps);
   `launch` / `done_jobs` / `book`: the same forwards as jobs on prefill worker threads (a CPU engine,
@@ -15,6 +16,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from concurrent import futures
 from concurrent.futures import Future
@@ -79,7 +81,16 @@ def next_chunk(core: EngineCore) -> list[tuple[Sequence, int]]:
             break
         chunk.append((seq, take))
         budget -= take
+    _started(chunk)
     return chunk
+
+
+def _started(chunk: list[tuple[Sequence, int]]) -> None:
+    """Its rows' prefill has started (their queue wait ends: Sequence.queue_wait)."""
+    now = time.monotonic()
+    for seq, _ in chunk:
+        if seq.prefill_started_at is None:
+            seq.prefill_started_at = now
 
 
 def _take(seq: Sequence, budget: int, tail: int) -> int:
@@ -254,6 +265,7 @@ def launch(core: EngineCore) -> None:
             run = plan_forward(core, chunk, table).logits
         for seq in seqs:
             seq.in_flight = True
+        _started(chunk)
         core.prefill_jobs.append(PrefillJob(chunk, core.workers.submit(run), carry))
 
 
@@ -366,10 +378,7 @@ def _prompt_logprobs(core: EngineCore, seq: Sequence, states: torch.Tensor) -> N
 
 
 def _promote(core: EngineCore, seq: Sequence) -> None:
-    """A row whose prefill is complete joins the decoding rows (swapped to their end if needed)."""
-    row, target = core.running.index(seq), core.num_decoding
-    if row != target:
-        other = core.running[target]
-        core.cache.swap_rows(row, target, max(seq.length, other.length))
-        core.running[row], core.running[target] = other, seq
+    """A row whose prefill is complete joins the decoding rows: it moves to the first prefilling row's
+    place and the rows still prefilling move one row on, in their order (core.shift_row)."""
+    core.shift_row(core.running.index(seq), core.num_decoding)
     core.num_decoding += 1
