@@ -44,9 +44,9 @@ from adapterserve.bench.throughput import (
     plain_prompt,
     run_engine_workload,
 )
+from adapterserve.server.cpu.omp_pools import release_openmp_pool, run_releasing_pool
 from adapterserve.server.engine.offline import OfflineEngine
 from adapterserve.server.model.loading import load_base_model, resolve_source
-from adapterserve.server.omp_pools import release_openmp_pool, run_releasing_pool
 from adapterserve.server.settings import EngineSettings
 
 SERVED_BASE = "served, base only"
@@ -347,7 +347,7 @@ async def _served_rounds(
 
             async def timed(name: str) -> EngineRun:
                 if name == IN_PROCESS_BASE:
-                    # on a worker thread, as in the server (its OpenMP pool released after, omp_pools.py)
+                    # on a worker thread, as in the server (its OpenMP pool released after, cpu/omp_pools.py)
                     return await run_releasing_pool(
                         run_engine_workload, engine, prompts, workloads[name], settings.max_new_tokens
                     )

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Quantize = Literal["nf4", "int8", "none"]
 LoraBackendName = Literal["torch", "triton"]  # server/adapters/kernels
-CpuPagedAttention = Literal["auto", "kernel", "torch"]  # server/engine/cpu_paged_attention.py
+CpuPagedAttention = Literal["auto", "kernel", "torch"]  # server/cpu/paged_attention.py
 
 ENV_PREFIX = "ADAPTERSERVE_"
 
@@ -52,14 +52,14 @@ class EngineSettings(BaseModel):
         description="a CPU engine's base linears: onednn (weights packed once for oneDNN, up to ~2x faster "
         "in float32 on some CPUs, twice the linear weights' memory), torch (F.linear); auto: per weight "
         "shape, for few rows (decode) and many (prefill), whichever of the two is measured faster at "
-        "start (server/model/cpu_linear.py)",
+        "start (server/cpu/linear.py)",
     )
     decode_pace_ms: int = Field(
         100,
         ge=0,
         description="with prefill workers on a CPU: while the engine thread waits for CPUs (another process "
         "competes for them), a decode step beside prefill jobs starts at most every this many ms, leaving "
-        "the CPU to the prefills (decode_pacing.py); 0: decode steps always run back to back",
+        "the CPU to the prefills (cpu/decode_pacing.py); 0: decode steps always run back to back",
     )
     cpu_paged_attention: CpuPagedAttention = Field(
         "auto",
@@ -108,7 +108,7 @@ class EngineSettings(BaseModel):
         False,
         description="fix glibc's mmap/trim thresholds at engine start, so that what a forward frees is "
         "reused by the next instead of unmapped and faulted in again (freed memory still goes back to the "
-        "system once the engine is idle; server/engine/idle_memory.py). Off by default: it removed the "
+        "system once the engine is idle; server/cpu/idle_memory.py). Off by default: it removed the "
         "faults but was slower beside a co-located load client (docs/performance.md)",
     )
 
@@ -169,7 +169,7 @@ class TlsSettings(BaseModel):
 
 
 class CpuSettings(BaseModel):
-    """A CPU engine's threading (server/cpu_threads.py, server/engine/cpu_governor.py)."""
+    """A CPU engine's threading (server/cpu/threads.py, server/cpu/governor.py)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

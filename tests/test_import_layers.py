@@ -5,6 +5,7 @@ inside functions do (they are dependencies all the same, only deferred)."""
 from __future__ import annotations
 
 import ast
+import re
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -123,9 +124,10 @@ def test_the_architecture_module_map_lists_every_module():
     section = text[text.index("## Parts and their contracts") :]
     module_map = section[section.index("```") + 3 :]
     module_map = module_map[: module_map.index("```")]
+    listed = set(re.findall(r"[\w.]+\.py\b", module_map))  # whole names: "linear.py" is not "_linear.py"
     missing = sorted(
         str(path.relative_to(ROOT))
         for name, (path, _) in modules().items()
-        if path.name != "__init__.py" and path.name not in module_map
+        if path.name != "__init__.py" and path.name not in listed
     )
     assert missing == [], f"add to docs/architecture.md's module map: {missing}"

@@ -251,7 +251,7 @@ def run_serve(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"adapterserve serve: invalid settings:\n{exc}", file=sys.stderr)
         return 2
-    from adapterserve.server.cpu_threads import apply_wait_policy
+    from adapterserve.server.cpu.threads import apply_wait_policy
 
     apply_wait_policy(settings.cpu.wait_policy)  # before anything imports torch (libgomp reads it once)
     from adapterserve.server.api.serve import ServeApp

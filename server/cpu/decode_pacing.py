@@ -29,7 +29,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from adapterserve.server.engine.cpu_canary import thread_schedstat
+from adapterserve.server.cpu.canary import thread_schedstat
 
 log = logging.getLogger(__name__)
 

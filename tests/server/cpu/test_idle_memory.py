@@ -1,4 +1,4 @@
-"""Freed memory goes back to the system once the engine is idle (server/engine/idle_memory.py)."""
+"""Freed memory goes back to the system once the engine is idle (server/cpu/idle_memory.py)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from adapterserve.server.engine import idle_memory
+from adapterserve.server.cpu import idle_memory
+from adapterserve.server.cpu.idle_memory import IdleTrim, release_free_memory
 from adapterserve.server.engine.engine import Engine
-from adapterserve.server.engine.idle_memory import IdleTrim, release_free_memory
 from adapterserve.server.engine.provider import StaticAdapterProvider
 from adapterserve.server.engine.types import GenerationRequest, SamplingParams
 from adapterserve.server.model.loading import load_base_model
@@ -88,7 +88,7 @@ def test_the_engine_fixes_the_thresholds_unless_its_settings_say_not_to(tiny_mod
 
 _FAULTS = """
 import resource, sys, torch
-from adapterserve.server.engine.idle_memory import keep_freed_memory
+from adapterserve.server.cpu.idle_memory import keep_freed_memory
 assert keep_freed_memory()
 def forward():  # three 24 MiB activations alive at once, then freed: a forward's peak, then its end
     parts = [torch.ones(6 << 20) for _ in range(3)]

@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from adapterserve.server.engine import cpu_paged_attention
+from adapterserve.server.cpu import paged_attention as cpu_paged_attention
 from adapterserve.server.engine.attention import AttentionStep, attend
 from adapterserve.server.engine.offline import OfflineEngine
 from adapterserve.server.engine.paged_kv_cache import PagedKVCache

@@ -3,7 +3,7 @@
 Why: libgomp's workers spin at every barrier of a parallel region. With the machine to itself that is
 what makes a CPU decode step fast; beside a busy process (a load client on the same host, a tokenizer,
 a second replica, a CPU quota shared with a sidecar) a worker that lost its core stalls the whole region
-and the spinning ones take the core the other process wanted (server/cpu_threads.py). With fewer
+and the spinning ones take the core the other process wanted (server/cpu/threads.py). With fewer
 threads than free CPUs nothing waits for a descheduled worker.
 
 How: after engine steps, at most once per `window_s` of work, it reads two counters of the kernel:
@@ -16,7 +16,7 @@ How: after engine steps, at most once per `window_s` of work, it reads two count
   row, the engine takes one thread back.
 - Busy CPUs are not always in our way: work at a lower priority (a nice'd batch job, a process in a
   cgroup with fewer CPU shares) fills every idle cycle yet yields at once. So after `PROBE_WINDOWS`
-  windows in a row in which our threads hardly waited, the governor asks a canary (cpu_canary.py: a
+  windows in a row in which our threads hardly waited, the governor asks a canary (canary.py: a
   thread of ours that spins for 0.2 s and reads how long it waited for a CPU) whether one more thread
   would get a CPU. Below `CANARY_BUSY` one thread is tried back and judged on the next
   `TRIAL_WINDOW_S` of work: if our threads wait (`CONTENDED`), it drops again. At `CANARY_BUSY` or more

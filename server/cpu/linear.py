@@ -176,7 +176,7 @@ def measured_route(linear: nn.Linear) -> LinearRoute:
 
 
 def _time_route(weight: torch.Tensor) -> LinearRoute:
-    from adapterserve.server.omp_pools import set_thread_threads
+    from adapterserve.server.cpu.omp_pools import set_thread_threads
 
     ratios: dict[int, float] = {}
 
