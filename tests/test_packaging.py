@@ -44,10 +44,17 @@ def test_the_wheel_ships_every_source_file_that_is_not_python(tmp_path):
     for item in ("pyproject.toml", "README.md", "clients", *folders):
         path = ROOT / item
         ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "build")
-        (shutil.copytree(path, src / item, ignore=ignore) if path.is_dir() else shutil.copy2(path, src / item))
+        if path.is_dir():
+            shutil.copytree(path, src / item, ignore=ignore)
+        else:
+            shutil.copy2(path, src / item)
     code = "import sys; from setuptools import build_meta; print(build_meta.build_wheel(sys.argv[1]))"
     out = subprocess.run(
-        [sys.executable, "-c", code, str(tmp_path / "dist")], capture_output=True, text=True, cwd=src, timeout=300
+        [sys.executable, "-c", code, str(tmp_path / "dist")],
+        capture_output=True,
+        text=True,
+        cwd=src,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     wheel = tmp_path / "dist" / out.stdout.split()[-1]

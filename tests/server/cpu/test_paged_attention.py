@@ -110,7 +110,15 @@ def test_the_kernel_source_compiles_without_a_warning():
 
     compiler = shutil.which("c++") or shutil.which("g++")
     includes = [*include_paths(), sysconfig.get_paths()["include"]]
-    command = [compiler, "-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-Werror", *cpu_paged_attention.FLAGS]
+    command = [
+        compiler,
+        "-std=c++17",
+        "-fsyntax-only",
+        "-Wall",
+        "-Wextra",
+        "-Werror",
+        *cpu_paged_attention.FLAGS,
+    ]
     command += [f"-isystem{path}" for path in includes]  # warnings in torch's own headers are not ours
     command += ["-DTORCH_EXTENSION_NAME=adapterserve_paged_attention", str(cpu_paged_attention.SOURCE)]
     out = subprocess.run(command, capture_output=True, text=True, timeout=300)
