@@ -17,6 +17,9 @@ LoraBackendName = Literal["torch", "triton"]  # server/adapters/kernels
 CpuPagedAttention = Literal["auto", "kernel", "torch"]  # server/cpu/paged_attention.py
 
 ENV_PREFIX = "ADAPTERSERVE_"
+# Alternatives per position (logprobs, prompt_logprobs) any caller may ask for: the engine's bound for every
+# request (server/engine/request_limits.py) and the most LimitSettings.max_logprobs may allow a client.
+MAX_LOGPROBS = 1024
 
 
 class EngineSettings(BaseModel):
@@ -132,7 +135,7 @@ class LimitSettings(BaseModel):
     max_stop_sequences: int = Field(8, ge=0, description="stop sequences per request at most")
     max_n: int = Field(8, ge=1, le=128, description="choices (n) one request may ask for at most")
     max_logprobs: int = Field(
-        20, ge=0, le=1024, description="logprobs alternatives (top_logprobs) per token at most"
+        20, ge=0, le=MAX_LOGPROBS, description="logprobs alternatives (top_logprobs) per token at most"
     )
     max_concurrent_streams: int = Field(
         256, ge=1, description="generation calls running at once; past it RESOURCE_EXHAUSTED"
