@@ -107,13 +107,6 @@ class EngineSettings(BaseModel):
         description="kernels of the LoRA/DoRA/bottleneck math in mixed batches: torch (gather + bmm, any "
         "device) or triton (gathered BGMV kernels reading slot tensors in place; CUDA only)",
     )
-    keep_freed_memory: bool = Field(
-        False,
-        description="fix glibc's mmap/trim thresholds at engine start, so that what a forward frees is "
-        "reused by the next instead of unmapped and faulted in again (freed memory still goes back to the "
-        "system once the engine is idle; server/cpu/idle_memory.py). Off by default: it removed the "
-        "faults but was slower beside a co-located load client (docs/performance.md)",
-    )
 
 
 class CacheSettings(BaseModel):

@@ -39,7 +39,6 @@ from adapterserve.server.adapters.slots import NO_ADAPTER, AdapterBank
 from adapterserve.server.cpu import paged_attention as cpu_paged_attention
 from adapterserve.server.cpu.decode_pacing import DecodePacer
 from adapterserve.server.cpu.governor import MeteredWork
-from adapterserve.server.cpu.idle_memory import keep_freed_memory
 from adapterserve.server.cpu.linear import describe_routes, prefill_positions, use_packed_linears
 from adapterserve.server.cpu.prefill_workers import PrefillWorkers
 from adapterserve.server.engine import faults, prefill_phase, worker_step
@@ -74,8 +73,6 @@ class EngineCore:
     def __init__(self, base: LoadedBase, settings: EngineSettings, *, capture_logits: bool = False):
         self.base, self.settings = base, settings
         self.capture_logits = capture_logits
-        if settings.keep_freed_memory:
-            keep_freed_memory()  # a forward's activations are reused by the next, not re-faulted (idle_memory.py)
         spec = base.spec
         self.device, self.dtype = base.device, base.dtype
         decode_mode = decode_step_mode(

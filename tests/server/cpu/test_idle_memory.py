@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import platform
 import time
 
@@ -71,50 +70,3 @@ async def test_the_engine_gives_memory_back_after_work(tiny_model_dir):
         assert engine._idle_trim.releases == 1
     finally:
         await engine.stop()
-
-
-def test_the_engine_fixes_the_thresholds_unless_its_settings_say_not_to(tiny_model_dir, monkeypatch):
-    from adapterserve.server.engine import core
-    from adapterserve.server.engine.core import EngineCore
-
-    calls: list[bool] = []
-    monkeypatch.setattr(core, "keep_freed_memory", lambda: calls.append(True) or True)
-    for keep in (True, False):  # each engine wraps a model of its own
-        base = load_base_model(tiny_model_dir, quantize="none", device="cpu")
-        EngineCore(base, EngineSettings(max_batch_size=2, max_seq_len=32, keep_freed_memory=keep))
-    assert calls == [True]  # the second engine left glibc's defaults
-    assert not EngineSettings().keep_freed_memory  # opt-in (docs/performance.md)
-
-
-_FAULTS = """
-import resource, sys, torch
-from adapterserve.server.cpu.idle_memory import keep_freed_memory
-assert keep_freed_memory()
-def forward():  # three 24 MiB activations alive at once, then freed: a forward's peak, then its end
-    parts = [torch.ones(6 << 20) for _ in range(3)]
-    return sum(float(p[-1]) for p in parts)
-for _ in range(5):  # after 3, a heap of some layouts still grew once (4 of 60 argv lengths tried)
-    forward()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(10):
-    forward()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
-"""
-
-
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc thresholds")
-def test_kept_freed_memory_is_reused_by_the_next_forward_not_faulted_in_again():
-    import subprocess
-    import sys
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, "-c", _FAULTS], capture_output=True, text=True, env=env, timeout=120
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    # With glibc's defaults, whether the freed 72 MiB goes back to the system (and the next forward
-    # faults ~12,000 of its 18,432 pages in again) depends on the heap's layout, which even the length of
-    # the environment and the arguments changes: measured here 0 or 12,256 faults per forward. With the
-    # thresholds kept, never (with `keep_freed_memory` made a no-op this test failed here: 12,256).
-    kept = float(done.stdout.split()[-1])
-    assert kept < 100, f"{kept} page faults per forward with the thresholds kept"
