@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 
 from adapterserve.server.cpu.canary import thread_schedstat
+from adapterserve.server.cpu.governor import NEW_LOAD_IDLE_S  # the governor's: one notion of a new load
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,6 @@ log = logging.getLogger(__name__)
 # CPUs are fought over and decode steps beside prefill jobs are paced.
 CONTENDED_SHARE = 0.15
 SMOOTHING = 0.2  # weight of the newest step in the average
-NEW_LOAD_IDLE_S = 2.0  # idle this long: the next load is judged afresh (pacing off, the average reset)
 
 
 def thread_run_delay() -> float | None:

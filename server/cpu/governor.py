@@ -62,7 +62,7 @@ TRIAL_WINDOW_S = 0.3  # below, a thread is tried and judged on this much work, n
 # for the window's end (a load arriving at two threads cost 2-3 s of a 45 s AIPerf run before).
 EARLY_WINDOW_S = 0.3
 STRONGLY_CONTENDED = 0.6
-NEW_LOAD_IDLE_S = 2.0  # idle this long: the load that made tries fail may be gone (tries start over)
+NEW_LOAD_IDLE_S = 2.0  # idle this long: a new load (the governor's tries start over; decode pacing resets)
 
 
 class Canary(Protocol):
