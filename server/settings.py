@@ -249,7 +249,7 @@ class ServerSettings(BaseModel):
             if not key.startswith(ENV_PREFIX):
                 continue
             path = key[len(ENV_PREFIX) :].lower().split("__")
-            if path[0] not in cls.model_fields or path[0] in {"target"}:
+            if path[0] not in cls.model_fields:  # the client's variables (ADAPTERSERVE_TARGET, tokens)
                 continue
             node = data
             for part in path[:-1]:

@@ -133,7 +133,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--demo-adapters",
         action="store_true",
         default=None,
-        help="add demo adapters of every kind (lora, ia3, prompt, prefix) to the store at startup",
+        help="add the trained demo adapters and one random adapter of each of four kinds (lora, ia3, prompt, "
+        "prefix) to the store at startup",
     )
     tls = parser.add_argument_group("TLS (gRPC and the HTTP API)")
     tls.add_argument(
