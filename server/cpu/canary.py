@@ -5,7 +5,7 @@ client on the same host) from low-priority work (a nice'd batch job, a cgroup wi
 keeps the other CPUs just as busy but yields at once: our one thread waits for a CPU in neither case.
 Trying a second OpenMP thread tells them apart, but beside a real competitor it costs the whole try: every
 parallel region waits at its barriers for the descheduled worker, and the engine made almost no progress
-for the second or two the try lasted (three tries cost a 50 s AIPerf run 8 s, docs/performance.md).
+for the second or two the try lasted (three tries cost a 50 s AIPerf run 8 s, docs/cpu.md).
 
 How: a thread of our process spins for `seconds` (SHA-256 over a buffer, which runs with the GIL
 released, so the engine thread's Python is not held up) and reads its own scheduler counters

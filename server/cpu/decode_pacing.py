@@ -6,7 +6,7 @@ back: each step is cheaper per row the more rows it carries (the weights are rea
 back-to-back steps carry few rows (the others still wait for their prefill) and take a CPU share the
 prefills needed. With the CPUs to ourselves that costs nothing (the worker has its own CPU); beside a
 load client on the same host it is the CPU the prefills did not get. Measured on 2 cores beside NVIDIA
-AIPerf (docs/performance.md): TTFT p50 2.5-3.0 s while inter-token p50 was 83-108 ms.
+AIPerf, unpaced: TTFT p50 2.5-3.0 s while inter-token p50 was 83-108 ms.
 
 How: the engine thread's own waiting for a CPU (`/proc/thread-self/schedstat`, run delay) is read around
 each decode step; its share of the step's wall time, averaged over recent steps, says whether our

@@ -46,14 +46,14 @@ log = logging.getLogger(__name__)
 WINDOW_S = 1.0  # seconds of work between two decisions
 # CPUs' worth of our threads waiting for a CPU: we are in someone's way (or they in ours). Measured on 2
 # cores: beside NVIDIA AIPerf 0.75-1.0, beside a light client (the openai package, 16 threads) 0.27-0.29,
-# where the full thread count is as fast (docs/performance.md): the threshold sits between.
+# where the full thread count is as fast (docs/cpu.md): the threshold sits between.
 CONTENDED = 0.4
 FREE_TO_GROW = 0.75  # a CPU this free (after the others and our threads) is worth one more thread
 CALM_WINDOWS = 3  # windows in a row with that much free before a thread comes back
 QUIET = CONTENDED / 2  # our threads' waiting below this: the CPUs we have are not fought over
 PROBE_WINDOWS = 3  # quiet windows in a row before a thread is tried back beside busy CPUs
 PROBE_WINDOWS_MAX = 48  # the wait doubles after each failed try, up to this
-# The canary's waiting fraction (docs/performance.md, 2 cores, one engine thread): beside nice'd spinners
+# The canary's waiting fraction (docs/cpu.md, 2 cores, one engine thread): beside nice'd spinners
 # 0.000-0.002; beside NVIDIA AIPerf 0.19-0.53; beside nice'd spinners and a light client 0.11-0.34.
 CANARY_BUSY = 0.35  # at or above: a competitor at our priority fills it, no try (the next test waits longer)
 TRIAL_WINDOW_S = 0.3  # below, a thread is tried and judged on this much work, not a whole window

@@ -9,7 +9,7 @@ behaves when it is not alone on the machine:
   before they sleep. On a quiet machine that spinning is what makes a decode step's hundreds of small
   parallel regions fast; beside another busy process (a load client, a tokenizer, a sidecar) the
   spinning threads take the cores the other process needs, and a worker that lost its core stalls
-  every barrier: measured on 2 cores under NVIDIA AIPerf, throughput halved (docs/performance.md).
+  every barrier: measured on 2 cores under NVIDIA AIPerf, throughput halved.
   libgomp reads its policy once, when torch loads it; it cannot change later.
 
 The default (`wait_policy="auto"`) keeps libgomp's spin-then-sleep (the quiet machine's speed) and lets
