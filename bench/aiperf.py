@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapterserve.bench.cpu_usage import CpuUsage, sample, usage
-from adapterserve.bench.served import _free_port
+from adapterserve.bench.served import free_port
 
 SCENARIOS = ("base", "lora", "mixed")
 _CGROUP_V1 = Path("/sys/fs/cgroup/cpu")
@@ -126,7 +126,7 @@ class Server:
 
     def __init__(self, settings: AiperfSettings, log_path: Path):
         self.settings = settings
-        self.port, self.http_port = _free_port(), _free_port()
+        self.port, self.http_port = free_port(), free_port()
         self.store = Path(tempfile.mkdtemp(prefix="adapterserve-aiperf-"))
         cmd = [sys.executable, "-m", "adapterserve", "serve", "--store", str(self.store), "--port"]
         cmd += [str(self.port), "--metrics-port", "0", "--http-port", str(self.http_port), "--insecure-admin"]

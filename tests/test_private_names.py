@@ -1,4 +1,4 @@
-"""No module in server/ uses another module's private names: nothing imported from a module of ours is
+"""No module of the distribution (server/, bench/, ...) uses another module's private names: nothing imported from a module of ours is
 spelled with a leading underscore, and no `module._name` is read through a module imported by name. A
 private module (`kinds/_linear.py`, `kernels/_triton_kernels.py`) is its package's own: its siblings may
 import it, and only they."""
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tests.test_import_layers import modules
 
-SERVER = "adapterserve.server"
+CHECKED = ("adapterserve.server", "adapterserve.bench")
 
 
 def _private(name: str) -> bool:
@@ -65,12 +65,12 @@ def violations(name: str, tree: ast.AST, mods: dict[str, tuple[Path, str]]) -> I
             yield f"{name}: {aliases[node.value.id]}.{node.attr} (line {node.lineno})"
 
 
-def test_no_module_of_the_server_uses_another_modules_private_names():
+def test_no_module_of_the_server_or_the_bench_uses_another_modules_private_names():
     mods = modules()
     found = [
         line
         for name, (path, _) in sorted(mods.items())
-        if name == SERVER or name.startswith(SERVER + ".")
+        if any(name == p or name.startswith(p + ".") for p in CHECKED)
         for line in violations(name, ast.parse(path.read_text()), mods)
     ]
     assert found == [], "\n".join(found)
