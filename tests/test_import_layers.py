@@ -113,6 +113,15 @@ def test_the_engine_never_imports_the_store():
     assert "adapterserve.server.store" not in package_graph().get("adapterserve.server.engine", {})
 
 
+def test_cpu_control_imports_no_other_server_package():
+    """server/cpu/ is a leaf: the engine, model, adapters, store and API import it, it imports none of them
+    (only the server's top-level settings and errors)."""
+    graph = package_graph()
+    assert graph.get("adapterserve.server.cpu", {}) == {}
+    users = {package for package, edges in graph.items() if "adapterserve.server.cpu" in edges}
+    assert {"adapterserve.server.engine", "adapterserve.server.adapters"} <= users
+
+
 def test_the_cycle_finder_finds_a_cycle():
     assert cycles({"a": {"b": set()}, "b": {"c": set()}, "c": {"a": set()}, "d": {"a": set()}}) == [
         ["a", "b", "c"]
