@@ -19,9 +19,9 @@ package, 16 threads), and writes one table (docs/performance.md shows one); each
 seconds the server and the client used over the run, the server's page faults and how much the
 hypervisor stole (bench/cpu_usage.py). With --rounds N the scenarios run N times, interleaved (base, lora,
 mixed, base, ...: slow drifts of a shared machine hit every scenario alike), and a summary follows the table: per workload and client the median over the
-rounds and each workload's throughput against the base of the same round (the issue's "x base"
-figures are same-run ratios; one run of a scenario on a 2-core VM moves by 10-25%). Placement: `shared` runs
-the server in the client's session; `own-session` in a session of its own (the kernel's autogroup
+rounds and each workload's throughput against the base of the same round ("x base" figures are
+same-run ratios, because one run of a scenario on a 2-core VM moves by 10-25%). Placement: `shared` runs
+the server in the client's Unix session; `own-session` in a session of its own (setsid) (the kernel's autogroup
 scheduler then splits the CPUs between the sessions, as a container CPU limit below the host's core
 count would); `quota` in a cgroup (v1 or v2, needs root) with a CPU quota of --quota CPUs.
 `--variant NAME=FLAGS` (repeatable) compares server configurations in one run: every scenario of every
@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapterserve.bench.cpu_usage import CpuUsage, sample, usage
-from adapterserve.bench.served import _free_port
+from adapterserve.bench.served import free_port
 
 SCENARIOS = ("base", "lora", "mixed")
 # AIPerf's load shape per workload: prompt/output tokens, concurrency, requests, warm-up, shared prefixes
@@ -152,7 +152,7 @@ class Server:
 
     def __init__(self, settings: AiperfSettings, log_path: Path):
         self.settings = settings
-        self.port, self.http_port = _free_port(), _free_port()
+        self.port, self.http_port = free_port(), free_port()
         self.store = Path(tempfile.mkdtemp(prefix="adapterserve-aiperf-"))
         cmd = [sys.executable, "-m", "adapterserve", "serve", "--store", str(self.store), "--port"]
         cmd += [str(self.port), "--metrics-port", "0", "--http-port", str(self.http_port), "--insecure-admin"]

@@ -228,7 +228,7 @@ def run_engine_workload(
     return run
 
 
-def _log(message: str) -> None:
+def progress(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
@@ -280,7 +280,7 @@ def engine_rows(runs: dict[str, list[EngineRun]], base_name: str, requests: int,
     ]
 
 
-def _baseline_row(result: baselines.BaselineResult, base_tps: float) -> dict:
+def baseline_row(result: baselines.BaselineResult, base_tps: float) -> dict:
     tps = result.tokens / result.seconds if result.seconds else 0.0
     return {
         "name": result.name,
@@ -306,7 +306,7 @@ def run(settings: BenchSettings) -> dict:
     base = load_base_model(
         model_dir, quantize=settings.quantize, dtype=settings.dtype, device=settings.device
     )
-    _log(f"preparing {settings.adapters} {settings.kinds} adapters in {settings.workdir}")
+    progress(f"preparing {settings.adapters} {settings.kinds} adapters in {settings.workdir}")
     embed_std = float(base.model.get_input_embeddings().weight.float().std())
     adapter_dirs = make_adapters(model_dir, settings, embed_std)
     names = list(adapter_dirs)
@@ -348,13 +348,13 @@ def run(settings: BenchSettings) -> dict:
         return run_engine_workload(engine, prompts, workloads[name], settings.max_new_tokens)
 
     for name in workloads:
-        _log(f"warm-up at full size: {name}")
+        progress(f"warm-up at full size: {name}")
         timed(name)
     runs: dict[str, list[EngineRun]] = {name: [] for name in workloads}
     order = list(workloads)
     for round_ in range(settings.repeats):
         for name in order if round_ % 2 == 0 else reversed(order):
-            _log(f"round {round_ + 1}/{settings.repeats}: {name}")
+            progress(f"round {round_ + 1}/{settings.repeats}: {name}")
             runs[name].append(timed(name))
     rows = engine_rows(runs, "engine, base only", settings.requests, ctx)
     engine_stats = engine.core.stats()
@@ -368,14 +368,14 @@ def run(settings: BenchSettings) -> dict:
     base_tps = rows[0]["tokens_per_s"]
     if settings.baseline_seconds > 0:
         rows.extend(
-            _baseline_row(b, base_tps) for b in _baselines(settings, model_dir, adapter_dirs, prompts)
+            baseline_row(b, base_tps) for b in run_baselines(settings, model_dir, adapter_dirs, prompts)
         )
     peak = ctx["peak"]
     return {
         "base_model": label,
         "quantize": settings.quantize,
         "dtype": str(base.dtype).removeprefix("torch."),
-        "device": _device_name(base.device),
+        "device": device_name(base.device),
         "settings": {k: str(v) for k, v in asdict(settings).items()},
         "torch_threads": torch.get_num_threads(),
         "weight_bytes_per_step_mib": round(ctx["weight_bytes"] / 2**20, 1),
@@ -410,7 +410,7 @@ def _decode_step_label(settings: BenchSettings, graphs) -> str:
     return "static, uncaptured (graph capture failed)" if failed else "CUDA graphs"
 
 
-def _baselines(settings: BenchSettings, model_dir: str, adapter_dirs: dict[str, Path], prompts) -> list:
+def run_baselines(settings: BenchSettings, model_dir: str, adapter_dirs: dict[str, Path], prompts) -> list:
     cfg = baselines.BaselineSettings(
         model_dir=model_dir,
         quantize=settings.quantize,
@@ -421,17 +421,17 @@ def _baselines(settings: BenchSettings, model_dir: str, adapter_dirs: dict[str, 
     )
     loras = [n for n in adapter_dirs if n.startswith("lora")]
     out = []
-    _log(f"baseline: transformers batched generate (cap {cfg.seconds:g} s)")
+    progress(f"baseline: transformers batched generate (cap {cfg.seconds:g} s)")
     out.append(baselines.transformers_batched(prompts, cfg))
     if settings.kinds == "lora":
-        _log(f"baseline: PEFT static mixed-LoRA batch (cap {cfg.seconds:g} s)")
+        progress(f"baseline: PEFT static mixed-LoRA batch (cap {cfg.seconds:g} s)")
         out.append(baselines.peft_static_batch(prompts, adapter_dirs, loras, cfg))
-    _log(f"baseline: naive PEFT, one request at a time (cap {cfg.seconds:g} s)")
+    progress(f"baseline: naive PEFT, one request at a time (cap {cfg.seconds:g} s)")
     out.append(baselines.naive_peft(prompts, adapter_dirs, loras, cfg, settings.naive_requests))
     return out
 
 
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({torch.get_num_threads()} threads)"

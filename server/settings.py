@@ -14,9 +14,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Quantize = Literal["nf4", "int8", "none"]
 LoraBackendName = Literal["torch", "triton"]  # server/adapters/kernels
-CpuPagedAttention = Literal["auto", "kernel", "torch"]  # server/engine/cpu_paged_attention.py
+CpuPagedAttention = Literal["auto", "kernel", "torch"]  # server/cpu/paged_attention.py
 
 ENV_PREFIX = "ADAPTERSERVE_"
+# Alternatives per position (logprobs, prompt_logprobs) any caller may ask for: the engine's bound for every
+# request (server/engine/request_limits.py) and the most LimitSettings.max_logprobs may allow a client.
+MAX_LOGPROBS = 1024
 
 
 class EngineSettings(BaseModel):
@@ -52,14 +55,14 @@ class EngineSettings(BaseModel):
         description="a CPU engine's base linears: onednn (weights packed once for oneDNN, up to ~2x faster "
         "in float32 on some CPUs, twice the linear weights' memory), torch (F.linear); auto: per weight "
         "shape, for few rows (decode) and many (prefill), whichever of the two is measured faster at "
-        "start (server/model/cpu_linear.py)",
+        "start (server/cpu/linear.py)",
     )
     decode_pace_ms: int = Field(
         100,
         ge=0,
         description="with prefill workers on a CPU: while the engine thread waits for CPUs (another process "
         "competes for them), a decode step beside prefill jobs starts at most every this many ms, leaving "
-        "the CPU to the prefills (decode_pacing.py); 0: decode steps always run back to back",
+        "the CPU to the prefills (cpu/decode_pacing.py); 0: decode steps always run back to back",
     )
     cpu_paged_attention: CpuPagedAttention = Field(
         "auto",
@@ -104,13 +107,6 @@ class EngineSettings(BaseModel):
         description="kernels of the LoRA/DoRA/bottleneck math in mixed batches: torch (gather + bmm, any "
         "device) or triton (gathered BGMV kernels reading slot tensors in place; CUDA only)",
     )
-    keep_freed_memory: bool = Field(
-        False,
-        description="fix glibc's mmap/trim thresholds at engine start, so that what a forward frees is "
-        "reused by the next instead of unmapped and faulted in again (freed memory still goes back to the "
-        "system once the engine is idle; server/engine/idle_memory.py). Off by default: it removed the "
-        "faults but was slower beside a co-located load client (docs/performance.md)",
-    )
 
 
 class CacheSettings(BaseModel):
@@ -132,7 +128,7 @@ class LimitSettings(BaseModel):
     max_stop_sequences: int = Field(8, ge=0, description="stop sequences per request at most")
     max_n: int = Field(8, ge=1, le=128, description="choices (n) one request may ask for at most")
     max_logprobs: int = Field(
-        20, ge=0, le=1024, description="logprobs alternatives (top_logprobs) per token at most"
+        20, ge=0, le=MAX_LOGPROBS, description="logprobs alternatives (top_logprobs) per token at most"
     )
     max_concurrent_streams: int = Field(
         256, ge=1, description="generation calls running at once; past it RESOURCE_EXHAUSTED"
@@ -169,7 +165,7 @@ class TlsSettings(BaseModel):
 
 
 class CpuSettings(BaseModel):
-    """A CPU engine's threading (server/cpu_threads.py, server/engine/cpu_governor.py)."""
+    """A CPU engine's threading (server/cpu/threads.py, server/cpu/governor.py)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -253,7 +249,7 @@ class ServerSettings(BaseModel):
             if not key.startswith(ENV_PREFIX):
                 continue
             path = key[len(ENV_PREFIX) :].lower().split("__")
-            if path[0] not in cls.model_fields or path[0] in {"target"}:
+            if path[0] not in cls.model_fields:  # the client's variables (ADAPTERSERVE_TARGET, tokens)
                 continue
             node = data
             for part in path[:-1]:

@@ -47,6 +47,11 @@ _SECTION_FLAGS: dict[str, tuple[str, str]] = {
     "max_lora_rank": ("engine", "max_lora_rank"),
     "max_virtual_tokens": ("engine", "max_virtual_tokens"),
     "kv_cache": ("engine", "kv_cache"),
+    "kv_cache_bytes": ("engine", "kv_cache_bytes"),
+    "kv_block_size": ("engine", "kv_block_size"),
+    "compile_decode": ("engine", "compile_decode"),
+    "cpu_paged_attention": ("engine", "cpu_paged_attention"),
+    "decode_pace_ms": ("engine", "decode_pace_ms"),
     "decode_step": ("engine", "decode_step"),
     "max_decode_graphs": ("engine", "max_decode_graphs"),
     "cpu_linear": ("engine", "cpu_linear"),
@@ -128,7 +133,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--demo-adapters",
         action="store_true",
         default=None,
-        help="add demo adapters of every kind (lora, ia3, prompt, prefix) to the store at startup",
+        help="add the trained demo adapters and one random adapter of each of four kinds (lora, ia3, prompt, "
+        "prefix) to the store at startup",
     )
     tls = parser.add_argument_group("TLS (gRPC and the HTTP API)")
     tls.add_argument(
@@ -152,17 +158,26 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "max_lora_rank",
         "max_virtual_tokens",
         "max_decode_graphs",
+        "kv_cache_bytes",
+        "kv_block_size",
         "host_cache_bytes",
         "max_adapter_bytes",
     ):
         eng.add_argument(flag_of(dest), dest=dest, type=int, metavar="N", help=section_flag_help(dest))
-    for dest in ("kv_cache", "decode_step", "cpu_linear"):
+    for dest in ("kv_cache", "decode_step"):
         choices = EngineSettings.model_fields[dest].annotation.__args__  # the Literal's values
         eng.add_argument(flag_of(dest), dest=dest, choices=choices, help=section_flag_help(dest))
     eng.add_argument(
+        "--compile-decode", action="store_true", default=None, help=section_flag_help("compile_decode")
+    )
+    eng.add_argument(
         "--lora-backend", choices=list(get_args(LoraBackendName)), help=section_flag_help("lora_backend")
     )
-    cpu = parser.add_argument_group("CPU threading (CPU device)")
+    cpu = parser.add_argument_group("CPU control (CPU device; docs/cpu.md)")
+    for dest in ("cpu_linear", "cpu_paged_attention"):
+        choices = EngineSettings.model_fields[dest].annotation.__args__  # the Literal's values
+        cpu.add_argument(flag_of(dest), dest=dest, choices=choices, help=section_flag_help(dest))
+    cpu.add_argument("--decode-pace-ms", type=int, metavar="MS", help=section_flag_help("decode_pace_ms"))
     cpu.add_argument("--cpu-threads", type=int, metavar="N", help=section_flag_help("cpu_threads"))
     cpu.add_argument(
         "--cpu-prefill-threads", type=int, metavar="N", help=section_flag_help("cpu_prefill_threads")
@@ -251,7 +266,7 @@ def run_serve(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"adapterserve serve: invalid settings:\n{exc}", file=sys.stderr)
         return 2
-    from adapterserve.server.cpu_threads import apply_wait_policy
+    from adapterserve.server.cpu.threads import apply_wait_policy
 
     apply_wait_policy(settings.cpu.wait_policy)  # before anything imports torch (libgomp reads it once)
     from adapterserve.server.api.serve import ServeApp

@@ -16,7 +16,7 @@ from adapterserve.server.api.catalog import StoreCatalog
 from adapterserve.server.api.grpc.convert import adapter_kind_to_proto
 from adapterserve.server.api.metrics import RuntimeSnapshot, TierStats
 from adapterserve.server.api.runtime import Runtime, StartedRuntime
-from adapterserve.server.cpu_threads import ThreadPlan, apply_threads, plan_threads
+from adapterserve.server.cpu.threads import ThreadPlan, apply_threads, plan_threads
 from adapterserve.server.engine.types import GenerationRequest, SamplingParams
 from adapterserve.server.settings import LimitSettings, ServerSettings
 from adapterserve.v1 import generation_pb2
@@ -119,9 +119,9 @@ def cpu_plan(settings: ServerSettings, device_type: str) -> ThreadPlan | None:
 async def start_runtime(settings: ServerSettings) -> StartedRuntime:
     """Load the base, open the store, add demo adapters if asked, start and warm the engine."""
     from adapterserve.server.adapters.loader import load_adapter_dir
+    from adapterserve.server.cpu.omp_pools import run_releasing_pool
     from adapterserve.server.engine.engine import Engine
     from adapterserve.server.model.loading import load_base_model
-    from adapterserve.server.omp_pools import run_releasing_pool
     from adapterserve.server.store.registry import AdapterRegistry
     from adapterserve.server.store.store import AdapterStore
     from adapterserve.server.store.upload import UploadRequest

@@ -42,16 +42,17 @@ import torch
 from adapterserve.server.adapters.kind import HookSite
 from adapterserve.server.adapters.layers import AdapterBatch, AdapterContext, build_batch, wrap_model
 from adapterserve.server.adapters.slots import NO_ADAPTER, AdapterBank
-from adapterserve.server.engine import cpu_paged_attention, faults, prefill_phase, worker_step
-from adapterserve.server.engine.cpu_governor import MeteredWork
+from adapterserve.server.cpu import paged_attention as cpu_paged_attention
+from adapterserve.server.cpu.decode_pacing import DecodePacer
+from adapterserve.server.cpu.governor import MeteredWork
+from adapterserve.server.cpu.linear import describe_routes, prefill_positions, use_packed_linears
+from adapterserve.server.cpu.prefill_workers import PrefillWorkers
+from adapterserve.server.engine import faults, prefill_phase, worker_step
 from adapterserve.server.engine.decode_graphs import decode_step_mode, make_decode_graphs
-from adapterserve.server.engine.decode_pacing import DecodePacer
 from adapterserve.server.engine.fork import make_choices
-from adapterserve.server.engine.idle_memory import keep_freed_memory
 from adapterserve.server.engine.kv_cache import make_kv_cache
 from adapterserve.server.engine.paged_kv_cache import PagedKVCache
 from adapterserve.server.engine.prefill_groups import forward_cost_tokens
-from adapterserve.server.engine.prefill_workers import PrefillWorkers
 from adapterserve.server.engine.provider import ResolvedAdapter
 from adapterserve.server.engine.request_limits import check_fits, check_request
 from adapterserve.server.engine.runner import ModelRunner
@@ -67,7 +68,6 @@ from adapterserve.server.errors import (
     ResourceExhaustedError,
     ServeError,
 )
-from adapterserve.server.model.cpu_linear import describe_routes, prefill_positions, use_packed_linears
 from adapterserve.server.model.family import TESTED_FAMILIES
 from adapterserve.server.model.loading import LoadedBase, eos_token_ids
 from adapterserve.server.settings import EngineSettings
@@ -79,8 +79,6 @@ class EngineCore:
     def __init__(self, base: LoadedBase, settings: EngineSettings, *, capture_logits: bool = False):
         self.base, self.settings = base, settings
         self.capture_logits = capture_logits
-        if settings.keep_freed_memory:
-            keep_freed_memory()  # a forward's activations are reused by the next, not re-faulted (idle_memory.py)
         spec = base.spec
         self.device, self.dtype = base.device, base.dtype
         decode_mode = decode_step_mode(

@@ -15,20 +15,20 @@ import threading
 import uuid
 from collections.abc import AsyncIterator
 
-from adapterserve.server.cpu_threads import ThreadPlan, apply_threads
+from adapterserve.server.cpu.canary import CpuCanary
+from adapterserve.server.cpu.governor import CpuGovernor, MeteredWork, ProcCounters
+from adapterserve.server.cpu.idle_memory import IdleTrim
+from adapterserve.server.cpu.omp_pools import release_openmp_pool, set_thread_threads
+from adapterserve.server.cpu.thread_names import name_this_thread
+from adapterserve.server.cpu.threads import ThreadPlan, apply_threads
 from adapterserve.server.engine.core import EngineCore
-from adapterserve.server.engine.cpu_canary import CpuCanary
-from adapterserve.server.engine.cpu_governor import CpuGovernor, MeteredWork, ProcCounters
-from adapterserve.server.engine.idle_memory import IdleTrim
 from adapterserve.server.engine.paged_kv_cache import PagedKVCache
 from adapterserve.server.engine.provider import AdapterProvider, ResolvedAdapter
 from adapterserve.server.engine.stats import EngineStats
 from adapterserve.server.engine.types import GenerationRequest, TokenEvent
 from adapterserve.server.errors import UnavailableError
 from adapterserve.server.model.loading import LoadedBase
-from adapterserve.server.omp_pools import release_openmp_pool, set_thread_threads
 from adapterserve.server.settings import EngineSettings
-from adapterserve.server.thread_names import name_this_thread
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class Engine:
         settings: EngineSettings,
         cpu: ThreadPlan | None = None,
     ):
-        """cpu: the CPU thread plan (server/cpu_threads.py), applied on the engine thread; None keeps
+        """cpu: the CPU thread plan (server/cpu/threads.py), applied on the engine thread; None keeps
         torch's thread count as it is (GPU engines, tests)."""
         self.base, self.adapters, self.settings = base, adapters, settings
         self.cpu = cpu
@@ -110,11 +110,11 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._relay: EventRelay | None = None
-        self._idle_trim = IdleTrim()  # freed memory back to the system once idle (idle_memory.py)
+        self._idle_trim = IdleTrim()  # freed memory back to the system once idle (cpu/idle_memory.py)
 
     async def start(self) -> None:
         self._relay = EventRelay(asyncio.get_running_loop())
-        release_openmp_pool()  # the engine thread's pool should be the process's only one (omp_pools.py)
+        release_openmp_pool()  # the engine thread's pool should be the process's only one (cpu/omp_pools.py)
         self._thread = threading.Thread(target=self._run, name="adapterserve-engine", daemon=True)
         self._thread.start()
 

@@ -54,7 +54,7 @@ class Sequence:
     index: int = 0
     pending_choices: list[Sequence] = field(default_factory=list)
     parent: Sequence | None = None  # a forked choice: the sequence whose prefill it shares
-    # a prefill job of this row runs on a worker (prefill_workers.py): its row keeps its KV blocks, its
+    # a prefill job of this row runs on a worker (cpu/prefill_workers.py): its row keeps its KV blocks, its
     # adapter slot and its final event until the engine thread books the job
     in_flight: bool = False
 

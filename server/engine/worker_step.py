@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from adapterserve.server.cpu.omp_pools import set_thread_threads
 from adapterserve.server.engine import prefill_phase
-from adapterserve.server.omp_pools import set_thread_threads
 
 if TYPE_CHECKING:
     from adapterserve.server.engine.core import EngineCore

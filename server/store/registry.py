@@ -17,8 +17,8 @@ from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass
 from typing import Literal
 
+from adapterserve.server.cpu.omp_pools import run_releasing_pool
 from adapterserve.server.engine.provider import ResolvedAdapter
-from adapterserve.server.omp_pools import run_releasing_pool
 from adapterserve.server.settings import CacheSettings
 from adapterserve.server.store.manifest import Manifest
 from adapterserve.server.store.names import validate_name

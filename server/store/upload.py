@@ -28,13 +28,13 @@ from typing import TYPE_CHECKING, Protocol
 
 from adapterserve.server.adapters.safetensors_check import sniff_pickle
 from adapterserve.server.adapters.types import AdapterInfo
+from adapterserve.server.cpu.omp_pools import run_releasing_pool
 from adapterserve.server.errors import (
     AdapterValidationError,
     AlreadyExistsError,
     InvalidArgumentError,
     ResourceExhaustedError,
 )
-from adapterserve.server.omp_pools import run_releasing_pool
 from adapterserve.server.store.layout import (
     ACCEPTED_FILES,
     CONFIG_FILE,

@@ -169,7 +169,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                 adapters=[adapter_to_proto(r) for r in page], next_page_token=next_token, total_count=total
             )
 
-    @map_errors
+    @map_errors(answers=frozenset({"NOT_FOUND"}))  # a name probed before an upload: free is an answer
     async def GetAdapter(
         self, request: admin_pb2.GetAdapterRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.GetAdapterResponse:

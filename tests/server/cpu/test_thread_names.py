@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from adapterserve.server.engine.prefill_workers import PrefillWorkers
-from adapterserve.server.thread_names import kernel_name
+from adapterserve.server.cpu.prefill_workers import PrefillWorkers
+from adapterserve.server.cpu.thread_names import kernel_name
 
 needs_proc = pytest.mark.skipif(not Path("/proc/thread-self/comm").exists(), reason="no /proc/thread-self")
 

@@ -1,4 +1,4 @@
-"""Prefill on worker threads while the engine thread decodes (server/engine/prefill_workers.py,
+"""Prefill on worker threads while the engine thread decodes (server/cpu/prefill_workers.py,
 prefill_phase.launch/book): the same results as prefill inline, rows in flight keep their blocks and
 final events until booked, a failing job fails its rows only, adapter-slot writes wait for the jobs."""
 
@@ -11,9 +11,9 @@ import time
 import pytest
 import torch
 
-from adapterserve.server.engine.decode_pacing import DecodePacer
+from adapterserve.server.cpu.decode_pacing import DecodePacer
+from adapterserve.server.cpu.prefill_workers import PrefillWorkers
 from adapterserve.server.engine.offline import OfflineEngine
-from adapterserve.server.engine.prefill_workers import PrefillWorkers
 from adapterserve.server.engine.types import FinishReason
 from adapterserve.server.model.loading import load_base_model
 from adapterserve.server.settings import EngineSettings
@@ -181,7 +181,7 @@ def test_stopping_the_workers_books_the_jobs_in_flight(tiny_model_dir):
 
 def test_paced_decode_steps_beside_jobs_give_the_same_tokens(tiny_model_dir):
     """With the engine thread reported as always waiting for a CPU, decode steps beside prefill jobs are
-    held (decode_pacing.py) and the tokens stay those of prefill inline; decode_pace_ms=0 has no pacer."""
+    held (cpu/decode_pacing.py) and the tokens stay those of prefill inline; decode_pace_ms=0 has no pacer."""
     assert _engine(tiny_model_dir, 1, decode_pace_ms=0).core.decode_pacer is None
     prompts = [[i + 3] * (4 + i % 5) for i in range(12)]
 

@@ -3,7 +3,7 @@
 Why: libgomp's workers spin at every barrier of a parallel region. With the machine to itself that is
 what makes a CPU decode step fast; beside a busy process (a load client on the same host, a tokenizer,
 a second replica, a CPU quota shared with a sidecar) a worker that lost its core stalls the whole region
-and the spinning ones take the core the other process wanted (server/cpu_threads.py). With fewer
+and the spinning ones take the core the other process wanted (server/cpu/threads.py). With fewer
 threads than free CPUs nothing waits for a descheduled worker.
 
 How: after engine steps, at most once per `window_s` of work, it reads two counters of the kernel:
@@ -16,7 +16,7 @@ How: after engine steps, at most once per `window_s` of work, it reads two count
   row, the engine takes one thread back.
 - Busy CPUs are not always in our way: work at a lower priority (a nice'd batch job, a process in a
   cgroup with fewer CPU shares) fills every idle cycle yet yields at once. So after `PROBE_WINDOWS`
-  windows in a row in which our threads hardly waited, the governor asks a canary (cpu_canary.py: a
+  windows in a row in which our threads hardly waited, the governor asks a canary (canary.py: a
   thread of ours that spins for 0.2 s and reads how long it waited for a CPU) whether one more thread
   would get a CPU. Below `CANARY_BUSY` one thread is tried back and judged on the next
   `TRIAL_WINDOW_S` of work: if our threads wait (`CONTENDED`), it drops again. At `CANARY_BUSY` or more
@@ -46,14 +46,14 @@ log = logging.getLogger(__name__)
 WINDOW_S = 1.0  # seconds of work between two decisions
 # CPUs' worth of our threads waiting for a CPU: we are in someone's way (or they in ours). Measured on 2
 # cores: beside NVIDIA AIPerf 0.75-1.0, beside a light client (the openai package, 16 threads) 0.27-0.29,
-# where the full thread count is as fast (docs/performance.md): the threshold sits between.
+# where the full thread count is as fast (docs/cpu.md): the threshold sits between.
 CONTENDED = 0.4
 FREE_TO_GROW = 0.75  # a CPU this free (after the others and our threads) is worth one more thread
 CALM_WINDOWS = 3  # windows in a row with that much free before a thread comes back
 QUIET = CONTENDED / 2  # our threads' waiting below this: the CPUs we have are not fought over
 PROBE_WINDOWS = 3  # quiet windows in a row before a thread is tried back beside busy CPUs
 PROBE_WINDOWS_MAX = 48  # the wait doubles after each failed try, up to this
-# The canary's waiting fraction (docs/performance.md, 2 cores, one engine thread): beside nice'd spinners
+# The canary's waiting fraction (docs/cpu.md, 2 cores, one engine thread): beside nice'd spinners
 # 0.000-0.002; beside NVIDIA AIPerf 0.19-0.53; beside nice'd spinners and a light client 0.11-0.34.
 CANARY_BUSY = 0.35  # at or above: a competitor at our priority fills it, no try (the next test waits longer)
 TRIAL_WINDOW_S = 0.3  # below, a thread is tried and judged on this much work, not a whole window
@@ -62,7 +62,7 @@ TRIAL_WINDOW_S = 0.3  # below, a thread is tried and judged on this much work, n
 # for the window's end (a load arriving at two threads cost 2-3 s of a 45 s AIPerf run before).
 EARLY_WINDOW_S = 0.3
 STRONGLY_CONTENDED = 0.6
-NEW_LOAD_IDLE_S = 2.0  # idle this long: the load that made tries fail may be gone (tries start over)
+NEW_LOAD_IDLE_S = 2.0  # idle this long: a new load (the governor's tries start over; decode pacing resets)
 
 
 class Canary(Protocol):

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from adapterserve.server.engine.decode_pacing import CONTENDED_SHARE, DecodePacer, thread_run_delay
+from adapterserve.server.cpu.decode_pacing import CONTENDED_SHARE, DecodePacer, thread_run_delay
 
 
 class FakeThread:

@@ -1,16 +1,17 @@
 """The CPU decode attention that reads the paged KV cache in place: it equals the torch path (gather the
 pages, then SDPA with the engine's mask) for grouped heads, windows, rows at block edges and head sizes
 off the vector width; a corrupt block table is an error, not a read outside the pool; the setting picks
-the path, and the default CPU engine takes the kernel."""
+the path, and the default CPU engine takes the kernel; the C++ source compiles without a warning."""
 
 from __future__ import annotations
 
 import shutil
+import subprocess
 
 import pytest
 import torch
 
-from adapterserve.server.engine import cpu_paged_attention
+from adapterserve.server.cpu import paged_attention as cpu_paged_attention
 from adapterserve.server.engine.attention import AttentionStep, attend
 from adapterserve.server.engine.offline import OfflineEngine
 from adapterserve.server.engine.paged_kv_cache import PagedKVCache
@@ -98,3 +99,27 @@ def test_the_default_cpu_engine_reads_pages_in_place_and_gives_the_torch_paths_t
     for (want_t, want_l), (got_t, got_l) in zip(outputs["torch"], outputs["auto"], strict=True):
         assert got_t == want_t
         assert torch.allclose(got_l, want_l, atol=1e-5, rtol=0)
+
+
+@needs_kernel
+def test_the_kernel_source_compiles_without_a_warning():
+    """The C++ is linted by the compiler: -Wall -Wextra -Werror against torch's and Python's headers."""
+    import sysconfig
+
+    from torch.utils.cpp_extension import include_paths
+
+    compiler = shutil.which("c++") or shutil.which("g++")
+    includes = [*include_paths(), sysconfig.get_paths()["include"]]
+    command = [
+        compiler,
+        "-std=c++17",
+        "-fsyntax-only",
+        "-Wall",
+        "-Wextra",
+        "-Werror",
+        *cpu_paged_attention.FLAGS,
+    ]
+    command += [f"-isystem{path}" for path in includes]  # warnings in torch's own headers are not ours
+    command += ["-DTORCH_EXTENSION_NAME=adapterserve_paged_attention", str(cpu_paged_attention.SOURCE)]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-4000:]

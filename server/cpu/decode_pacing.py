@@ -6,7 +6,7 @@ back: each step is cheaper per row the more rows it carries (the weights are rea
 back-to-back steps carry few rows (the others still wait for their prefill) and take a CPU share the
 prefills needed. With the CPUs to ourselves that costs nothing (the worker has its own CPU); beside a
 load client on the same host it is the CPU the prefills did not get. Measured on 2 cores beside NVIDIA
-AIPerf (docs/performance.md): TTFT p50 2.5-3.0 s while inter-token p50 was 83-108 ms.
+AIPerf, unpaced: TTFT p50 2.5-3.0 s while inter-token p50 was 83-108 ms.
 
 How: the engine thread's own waiting for a CPU (`/proc/thread-self/schedstat`, run delay) is read around
 each decode step; its share of the step's wall time, averaged over recent steps, says whether our
@@ -29,7 +29,8 @@ import logging
 import time
 from collections.abc import Callable
 
-from adapterserve.server.engine.cpu_canary import thread_schedstat
+from adapterserve.server.cpu.canary import thread_schedstat
+from adapterserve.server.cpu.governor import NEW_LOAD_IDLE_S  # the governor's: one notion of a new load
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,6 @@ log = logging.getLogger(__name__)
 # CPUs are fought over and decode steps beside prefill jobs are paced.
 CONTENDED_SHARE = 0.15
 SMOOTHING = 0.2  # weight of the newest step in the average
-NEW_LOAD_IDLE_S = 2.0  # idle this long: the next load is judged afresh (pacing off, the average reset)
 
 
 def thread_run_delay() -> float | None:

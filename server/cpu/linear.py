@@ -23,7 +23,7 @@ Memory: oneDNN makes a primitive per input shape, and two caches keep them (torc
 oneDNN's own primitive cache, 1,024 entries each): measured ~0.55 MB per shape and weight shape (JIT
 code and the like, whatever the weight's size), ~1.3 ms to make one. Prefill row counts (rows x padded
 prompt length) take hundreds of values, so a server fed prompts of many lengths grew by ~190 MB and kept
-it (FINDINGS "Soak memory"). Eager calls therefore reach oneDNN as 2-D inputs whose row count is
+it (the soak, tests/reliability/test_soak.py). Eager calls therefore reach oneDNN as 2-D inputs whose row count is
 `padded_rows`: one position per row (decode, the lm_head) keeps its row count up to EXACT_ROWS (padding
 a decode batch would cost time on every step); several positions per row (prefill) keep it up to
 PREFILL_EXACT_ROWS; above those, rows round up to one of 8 sizes per doubling (at most 1/8 more rows).
@@ -176,7 +176,7 @@ def measured_route(linear: nn.Linear) -> LinearRoute:
 
 
 def _time_route(weight: torch.Tensor) -> LinearRoute:
-    from adapterserve.server.omp_pools import set_thread_threads
+    from adapterserve.server.cpu.omp_pools import set_thread_threads
 
     ratios: dict[int, float] = {}
 

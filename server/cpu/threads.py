@@ -9,11 +9,11 @@ behaves when it is not alone on the machine:
   before they sleep. On a quiet machine that spinning is what makes a decode step's hundreds of small
   parallel regions fast; beside another busy process (a load client, a tokenizer, a sidecar) the
   spinning threads take the cores the other process needs, and a worker that lost its core stalls
-  every barrier: measured on 2 cores under NVIDIA AIPerf, throughput halved (docs/performance.md).
+  every barrier: measured on 2 cores under NVIDIA AIPerf, throughput halved.
   libgomp reads its policy once, when torch loads it; it cannot change later.
 
 The default (`wait_policy="auto"`) keeps libgomp's spin-then-sleep (the quiet machine's speed) and lets
-the engine's governor (server/engine/cpu_governor.py) lower the thread count while other processes
+the engine's governor (server/cpu/governor.py) lower the thread count while other processes
 compete for the CPUs, which removes the spinning where it hurts: one thread has no barriers. `passive`
 and `active` set OMP_WAIT_POLICY for users who know their machine. `apply_wait_policy` must run before
 torch is imported (the `serve` command does so); afterwards only the thread count can still change.
@@ -27,7 +27,7 @@ import sys
 from dataclasses import dataclass
 from typing import Literal
 
-from adapterserve.server.cpu_budget import CpuBudget, cpu_budget
+from adapterserve.server.cpu.budget import CpuBudget, cpu_budget
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class ThreadPlan:
     """threads: the engine's intra-op threads; source: where that number came from; wait_policy: as
     asked; governed: the run-time governor may lower the threads under contention; prefill_threads:
     worker threads that run prefill forwards beside the decoding engine thread, one intra-op thread
-    each (server/engine/prefill_workers.py; 0: prefill inline, over `threads` OpenMP threads)."""
+    each (server/cpu/prefill_workers.py; 0: prefill inline, over `threads` OpenMP threads)."""
 
     threads: int
     source: str

@@ -1,4 +1,4 @@
-"""The OpenMP pool of a thread that ran torch ops off the engine thread is freed when asked (omp_pools.py):
+"""The OpenMP pool of a thread that ran torch ops off the engine thread is freed when asked (cpu/omp_pools.py):
 its worker threads leave the process, and torch keeps working in that thread afterwards."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import threading
 import pytest
 import torch
 
-from adapterserve.server.omp_pools import release_openmp_pool, releasing_pool, run_releasing_pool
+from adapterserve.server.cpu.omp_pools import release_openmp_pool, releasing_pool, run_releasing_pool
 
 
 def _threads() -> set[int]:
@@ -83,7 +83,7 @@ def test_run_releasing_pool_returns_the_result():
 def test_a_prefill_worker_runs_on_one_thread_and_new_threads_keep_the_process_default():
     """A prefill worker's one intra-op thread is its own: threads started after it (a model load, an
     adapter parse) still begin with the process's count, and so does the thread that started it."""
-    from adapterserve.server.engine.prefill_workers import PrefillWorkers
+    from adapterserve.server.cpu.prefill_workers import PrefillWorkers
 
     default = torch.get_num_threads()
     workers = PrefillWorkers(2)

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from adapterserve.server.engine import cpu_governor
-from adapterserve.server.engine.cpu_governor import CpuGovernor, CpuSample, ProcCounters, Window
+from adapterserve.server.cpu import governor as cpu_governor
+from adapterserve.server.cpu.governor import CpuGovernor, CpuSample, ProcCounters, Window
 
 
 def _governor(max_threads: int = 2, cpus: int = 2) -> tuple[CpuGovernor, list[int]]:
@@ -227,7 +227,7 @@ def test_the_canary_sees_a_competitor_at_our_priority_and_not_a_niced_one() -> N
     import subprocess
     import sys
 
-    from adapterserve.server.engine.cpu_canary import CpuCanary
+    from adapterserve.server.cpu.canary import CpuCanary
 
     if not CpuCanary.available():
         pytest.skip("no per-thread scheduler statistics on this system")

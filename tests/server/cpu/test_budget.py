@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from adapterserve.server import cpu_budget as budget_module
-from adapterserve.server.cpu_budget import cgroup_quota, cpu_budget
-from adapterserve.server.cpu_threads import plan_threads
+from adapterserve.server.cpu import budget as budget_module
+from adapterserve.server.cpu.budget import cgroup_quota, cpu_budget
+from adapterserve.server.cpu.threads import plan_threads
 
 
 def _write(path: Path, text: str) -> None:

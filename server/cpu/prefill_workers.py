@@ -3,10 +3,10 @@
 Why: on a CPU the engine used to split every forward over OpenMP threads. libgomp's threads meet at a
 barrier after every op; when another process takes one of their cores (a load client on the same host,
 a sidecar, a CPU quota), the whole forward waits for the descheduled thread, and the spinning ones burn
-the core the other process wanted (cpu_governor.py then drops to one thread). Measured on 2 cores, 8
+the core the other process wanted (governor.py then drops to one thread). Measured on 2 cores, 8
 prefills of 128 tokens: one thread 3.9-4.0 s, one forward over 2 OpenMP threads 2.3-2.4 s, two Python
 threads each running its own forwards on one OpenMP thread 2.0-2.2 s; beside a busy process at our
-priority: 4.2-4.4 s, 8.6-9.4 s and 3.4-3.7 s (docs/performance.md). Independent forwards on threads of
+priority: 4.2-4.4 s, 8.6-9.4 s and 3.4-3.7 s. Independent forwards on threads of
 their own never wait for each other, so they use whatever CPU time the scheduler gives them.
 
 How: `count` daemon threads, each with one intra-op thread, take jobs (a prefill chunk's forward,
@@ -26,8 +26,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-from adapterserve.server.omp_pools import set_thread_threads
-from adapterserve.server.thread_names import name_this_thread
+from adapterserve.server.cpu.omp_pools import set_thread_threads
+from adapterserve.server.cpu.thread_names import name_this_thread
 
 log = logging.getLogger(__name__)
 

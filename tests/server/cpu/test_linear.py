@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapterserve.server.model import cpu_linear
-from adapterserve.server.model.cpu_linear import (
+from adapterserve.server.cpu import linear as cpu_linear
+from adapterserve.server.cpu.linear import (
     EXACT_ROWS,
     MANY_ROWS,
     PREFILL_EXACT_ROWS,

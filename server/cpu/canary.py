@@ -1,11 +1,11 @@
 """A cheap test of whether one more busy thread of ours would get a CPU, without touching the engine's.
 
-Why: at one engine thread the governor (cpu_governor.py) cannot tell a competitor at our priority (a load
+Why: at one engine thread the governor (governor.py) cannot tell a competitor at our priority (a load
 client on the same host) from low-priority work (a nice'd batch job, a cgroup with fewer CPU shares) that
 keeps the other CPUs just as busy but yields at once: our one thread waits for a CPU in neither case.
 Trying a second OpenMP thread tells them apart, but beside a real competitor it costs the whole try: every
 parallel region waits at its barriers for the descheduled worker, and the engine made almost no progress
-for the second or two the try lasted (three tries cost a 50 s AIPerf run 8 s, docs/performance.md).
+for the second or two the try lasted (three tries cost a 50 s AIPerf run 8 s, docs/cpu.md).
 
 How: a thread of our process spins for `seconds` (SHA-256 over a buffer, which runs with the GIL
 released, so the engine thread's Python is not held up) and reads its own scheduler counters
@@ -20,7 +20,7 @@ import hashlib
 import threading
 import time
 
-from adapterserve.server.thread_names import name_this_thread
+from adapterserve.server.cpu.thread_names import name_this_thread
 
 CANARY_S = 0.2  # seconds one test spins: ~0.1 s of the competitor's CPU when it shares one with us
 _CHUNK = bytes(4 << 20)  # hashed per GIL release: a few ms of work
