@@ -40,6 +40,12 @@ class EngineSettings(BaseModel):
         "paged", description="paged: blocks reserved per request; dense: rows x max_seq_len preallocated"
     )
     kv_block_size: int = Field(16, ge=1, le=1024, description="tokens per KV cache block (paged)")
+    prefix_cache: bool = Field(
+        True,
+        description="reuse the KV blocks of prompt prefixes already computed under the same adapter version "
+        "(content-addressed blocks of the paged cache; server/engine/prefix_cache.py); off: every prompt is "
+        "computed from scratch",
+    )
     kv_cache_bytes: int | None = Field(
         None, ge=1, description="paged KV pool size in bytes (default: room for every row's max_seq_len)"
     )

@@ -173,6 +173,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     eng.add_argument(
         "--lora-backend", choices=list(get_args(LoraBackendName)), help=section_flag_help("lora_backend")
     )
+    eng.add_argument(
+        "--no-prefix-cache",
+        dest="prefix_cache",
+        action="store_false",
+        default=None,
+        help="turn off prefix caching, which means: "
+        + (EngineSettings.model_fields["prefix_cache"].description or "")
+        + f" (env {ENV_PREFIX}ENGINE__PREFIX_CACHE=false)",
+    )
     cpu = parser.add_argument_group("CPU control (CPU device; docs/cpu.md)")
     for dest in ("cpu_linear", "cpu_paged_attention"):
         choices = EngineSettings.model_fields[dest].annotation.__args__  # the Literal's values
@@ -235,6 +244,8 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None 
         value = getattr(args, dest, None)
         if value is not None:
             overrides.setdefault(section, {})[field] = value
+    if getattr(args, "prefix_cache", None) is False:  # --no-prefix-cache
+        overrides.setdefault("engine", {})["prefix_cache"] = False
     if getattr(args, "cpu_governor", None) is False:  # --no-cpu-governor (a switch, not a section value)
         overrides.setdefault("cpu", {})["governor"] = False
     for dest, field in _TLS_FLAGS.items():

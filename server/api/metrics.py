@@ -79,6 +79,10 @@ class RuntimeSnapshot:
     decode_graph_replays: int = 0
     decode_static_steps: int = 0
     decode_fallback: bool = False  # graphs or compilation were turned off (see the server log for why)
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of those, found computed
+    prefix_cache_evictions: int = 0  # cached blocks given to other content
+    prefix_cache_blocks: int = 0  # blocks holding a key now
 
 
 class _RuntimeCollector(Collector):
@@ -139,6 +143,33 @@ class _RuntimeCollector(Collector):
         yield size
         yield entries
         yield from self._decode_families(snap)
+        yield from self._prefix_cache_families(snap)
+
+    @staticmethod
+    def _prefix_cache_families(snap: RuntimeSnapshot) -> Iterator[Any]:
+        for name, help_text, value in (
+            (
+                "prefix_cache_queries_tokens",
+                "Prompt tokens looked up in the prefix cache",
+                snap.prefix_cache_queries,
+            ),
+            (
+                "prefix_cache_hits_tokens",
+                "Prompt tokens found computed in the prefix cache (not prefilled again)",
+                snap.prefix_cache_hits,
+            ),
+            (
+                "prefix_cache_evicted_blocks",
+                "Cached KV blocks evicted for other content",
+                snap.prefix_cache_evictions,
+            ),
+        ):
+            yield CounterMetricFamily(f"adapterserve_{name}", help_text, value=value)
+        yield GaugeMetricFamily(
+            "adapterserve_prefix_cache_blocks",
+            "KV blocks holding a cached prefix",
+            value=snap.prefix_cache_blocks,
+        )
 
     @staticmethod
     def _decode_families(snap: RuntimeSnapshot) -> Iterator[Any]:

@@ -84,6 +84,10 @@ def snapshot_of(engine: Any, registry: Any) -> RuntimeSnapshot:
         decode_graph_replays=stats.decode_graph_replays,
         decode_static_steps=stats.decode_static_steps,
         decode_fallback=stats.decode_fallback is not None,
+        prefix_cache_queries=stats.prefix_cache_queries,
+        prefix_cache_hits=stats.prefix_cache_hits,
+        prefix_cache_evictions=stats.prefix_cache_evictions,
+        prefix_cache_blocks=stats.prefix_cache_blocks,
         tiers={
             "device": TierStats(
                 hits=stats.slot_hits,

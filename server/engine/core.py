@@ -133,6 +133,9 @@ class EngineCore:
         self.steps = 0
         self.prefilled_prompts = 0  # prompts whose prefill completed (n choices of a request: one)
         self.forked_choices = 0  # choices that took a copy of another's prefill (fork.py)
+        # prefix caching (prefix_cache.py): prompt positions looked up, and those found computed
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
 
     # ----- called from any thread -------------------------------------------------------------------
     def new_sequence(
@@ -488,6 +491,8 @@ class EngineCore:
             if not seq.finished or seq.in_flight:  # a row in flight retires once its job is booked
                 i += 1
                 continue
+            # its computed blocks stay cached for later requests (prefix_cache.py)
+            prefill_phase.register_blocks(self, seq, i, with_output=True)
             self.cache.release(i)
             hole = i
             if i < self.num_decoding:

@@ -27,6 +27,7 @@ import torch
 
 from adapterserve.server.adapters.kind import HookSite
 from adapterserve.server.adapters.layers import AdapterBatch, build_batch
+from adapterserve.server.engine import prefix_cache
 from adapterserve.server.engine.fork import fork
 from adapterserve.server.engine.logits_processing import prompt_token_logprobs
 from adapterserve.server.engine.paged_kv_cache import PagedKVCache
@@ -41,11 +42,21 @@ if TYPE_CHECKING:
 
 
 def start(core: EngineCore, seqs: list[Sequence]) -> None:
-    """Give admitted requests rows at the end, shortest prefill first (see prefill_groups.py), and
-    their prefill inputs (prefix K/V written now)."""
+    """Give admitted requests rows at the end, shortest prefill first (see prefill_groups.py), the blocks
+    of their prompt's longest cached prefix (prefix_cache.py) and their prefill inputs (prefix K/V
+    written now, past what the cached blocks hold)."""
+    block_size = core.cache.block_size  # 0: a dense cache, no blocks to share
     for seq in sorted(seqs, key=prefill_length):
         row = len(core.running)
-        core.cache.reserve(row, seq.kv_tokens)
+        cached: list[int] = []
+        if block_size:
+            lookup = prefix_cache.lookup_blocks(seq, block_size, core.settings.prefix_cache)
+            tokens = prefix_cache.chain_tokens(seq)
+            cached = core.cache.match(prefix_cache.extend_keys(seq, tokens, lookup, block_size))
+            if core.settings.prefix_cache and not seq.scores_prompt:
+                core.prefix_cache_queries += len(tokens)
+                core.prefix_cache_hits += len(cached) * block_size
+        core.cache.reserve(row, seq.kv_tokens, cached)
         core.running.append(seq)  # on failure, _run_guarded finishes it and retire frees the row
         ids = torch.tensor(seq.request.prompt_ids, dtype=torch.long, device=core.device)
         embeds = core.runner.embed(ids)  # [n, H]
@@ -54,7 +65,27 @@ def start(core: EngineCore, seqs: list[Sequence]) -> None:
             storage = core.bank.prefill[seq.resolved.adapter.kind]
             embeds, seq.prefill_start = storage.prefill(seq.slot, row, embeds, core.cache)  # [m, H]
         seq.prefill_inputs = embeds
-        seq.length = seq.prefill_start
+        # positions taken computed: the prefill starts after them (the last prompt position never is)
+        seq.prefill_done = max(0, core.cache.cached_tokens(row) - seq.prefill_start)
+        seq.length = seq.prefill_start + seq.prefill_done
+        register_blocks(core, seq, row)
+
+
+def register_blocks(core: EngineCore, seq: Sequence, row: int, with_output: bool = False) -> None:
+    """Key `seq`'s full blocks whose positions are computed (its length), so later requests take them
+    (prefix_cache.py); with prefix caching off only a prefix-tuning prefix's whole blocks."""
+    block_size = core.cache.block_size
+    if not block_size:
+        return
+    if core.settings.prefix_cache:
+        tokens = prefix_cache.chain_tokens(seq, with_output)
+        blocks = min(seq.length, len(tokens)) // block_size
+    else:
+        tokens = prefix_cache.chain_tokens(seq)
+        blocks = prefix_cache.lookup_blocks(seq, block_size, prompts=False)
+        blocks = min(blocks, seq.length // block_size)
+    if blocks:
+        core.cache.register(row, prefix_cache.extend_keys(seq, tokens, blocks, block_size))
 
 
 def chunk_budget(core: EngineCore) -> int:
@@ -304,6 +335,7 @@ def _prefilled(core: EngineCore, chunk: list[tuple[Sequence, int]], logits: torc
     for i, (seq, take) in enumerate(chunk):
         seq.prefill_done += take
         seq.length = seq.prefill_start + seq.prefill_done
+        register_blocks(core, seq, core.running.index(seq))
         if seq.prefill_remaining == 0:
             seq.prefill_inputs = None
             core.prefilled_prompts += 1

@@ -57,6 +57,8 @@ class Sequence:
     # a prefill job of this row runs on a worker (cpu/prefill_workers.py): its row keeps its KV blocks, its
     # adapter slot and its final event until the engine thread books the job
     in_flight: bool = False
+    # prefix caching (prefix_cache.py): the keys of its full KV blocks so far, and how many it registered
+    block_keys: list[bytes] = field(default_factory=list)
 
     @property
     def queue_wait(self) -> float | None:
