@@ -14,7 +14,8 @@ scenario's adapters (random weights, bench/throughput.py), runs
 
 (`--workload shared-prefix`: 4 shared 512-token prefixes plus 64 tokens per prompt, 16 output tokens,
 concurrency 8, 96 requests after 8 warm-up: AIPerf's --num-prefix-prompts/--prefix-prompt-length, the
-traffic of chat histories, system prompts and RAG documents), and then, unless --no-light-client, the same 128 streamed requests from a light client (the `openai`
+traffic of system prompts and RAG documents; `--workload multi-turn`: chat conversations whose every turn
+resends the history, on the chat endpoint), and then, unless --no-light-client, the same 128 streamed requests from a light client (the `openai`
 package, 16 threads), and writes one table (docs/performance.md shows one); each row says how many CPU
 seconds the server and the client used over the run, the server's page faults and how much the
 hypervisor stole (bench/cpu_usage.py). With --rounds N the scenarios run N times, interleaved (base, lora,
@@ -63,6 +64,16 @@ WORKLOADS: dict[str, dict[str, int]] = {
         prefix_prompts=4,
         prefix_length=512,
     ),
+    # chat conversations of 4 turns: every turn resends the history (the prefix cache's other common case)
+    "multi-turn": dict(
+        input_tokens=128,
+        output_tokens=32,
+        concurrency=8,
+        requests=96,
+        warmup=8,
+        conversations=24,
+        turns=4,
+    ),
 }
 _CGROUP_V1 = Path("/sys/fs/cgroup/cpu")
 _CGROUP_V2 = Path("/sys/fs/cgroup")
@@ -80,6 +91,8 @@ class AiperfSettings:
     output_tokens: int = 32
     prefix_prompts: int = 0  # AIPerf --num-prefix-prompts: prompts start with one of this many prefixes
     prefix_length: int = 0  # tokens of each shared prefix (AIPerf --prefix-prompt-length)
+    conversations: int = 0  # AIPerf --conversation-num: multi-turn chats (the chat endpoint)
+    turns: int = 1  # AIPerf --conversation-turn-mean: requests per conversation, each with the history
     variants: list[tuple[str, list[str]]] = field(default_factory=list)  # (name, serve flags) to compare
     placement: str = "shared"  # shared | own-session | quota
     quota: float = 1.0  # CPUs, with placement quota
@@ -242,11 +255,15 @@ def _adapters(scenario: str, settings: AiperfSettings, model_dir: str, server: S
 
 def run_aiperf(settings: AiperfSettings, models: list[str], tokenizer: str, url: str, out: Path) -> dict:
     cmd = [settings.aiperf, "profile", "-m", ",".join(models), "--url", url.removeprefix("http://")]
-    cmd += ["--endpoint-type", "completions", "--streaming", "--tokenizer", tokenizer]
+    endpoint = "chat" if settings.conversations else "completions"
+    cmd += ["--endpoint-type", endpoint, "--streaming", "--tokenizer", tokenizer]
     cmd += ["--prompt-input-tokens-mean", str(settings.input_tokens), "--prompt-input-tokens-stddev", "0"]
     cmd += ["--prompt-output-tokens-mean", str(settings.output_tokens), "--prompt-output-tokens-stddev", "0"]
     cmd += ["--extra-inputs", "ignore_eos:true", "--concurrency", str(settings.concurrency)]
     cmd += ["--request-count", str(settings.requests), "--warmup-request-count", str(settings.warmup)]
+    if settings.conversations:
+        cmd += ["--conversation-num", str(settings.conversations)]
+        cmd += ["--conversation-turn-mean", str(settings.turns), "--conversation-turn-stddev", "0"]
     if settings.prefix_prompts:
         cmd += ["--num-prefix-prompts", str(settings.prefix_prompts)]
         cmd += ["--prefix-prompt-length", str(settings.prefix_length)]
@@ -510,7 +527,8 @@ def parse_settings(argv: list[str] | None = None) -> AiperfSettings:
         choices=sorted(WORKLOADS),
         default="random",
         help="random: 128-token prompts, 32 out, concurrency 16, 128 requests; shared-prefix: 4 shared "
-        "512-token prefixes + 64 tokens, 16 out, concurrency 8, 96 requests (the flags below override)",
+        "512-token prefixes + 64 tokens, 16 out, concurrency 8, 96 requests; multi-turn: 24 chats of 4 "
+        "turns (128 new tokens each, the history resent), 32 out, concurrency 8 (the flags below override)",
     )
     for flag in ("concurrency", "requests", "warmup", "input-tokens", "output-tokens", "prefix-prompts"):
         p.add_argument(f"--{flag}", type=int, default=None)

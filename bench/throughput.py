@@ -81,6 +81,8 @@ class EngineRun:
     kv_bytes_per_decode_step: list[float] = field(default_factory=list)
     peak_device_bytes: int | None = None
     kv_peak_in_use_bytes: int = 0  # KV blocks held at the fullest step (paged: reserved; dense: all)
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache during the run
+    prefix_cache_hits: int = 0  # of those, found computed (not prefilled again)
 
     @property
     def tokens_per_s(self) -> float:
@@ -205,6 +207,10 @@ def run_engine_workload(
         for p, a, sink in zip(prompts, adapters, sinks, strict=True)
     ]
     run = EngineRun(tokens=0, seconds=0.0)
+    # every run starts with no cached prefix: earlier runs of the same prompts must not speed it up (what
+    # is shared within the run, say a chat template's system prompt, is reused and shows as the hit rate)
+    core.cache.forget()
+    queries, hits = core.prefix_cache_queries, core.prefix_cache_hits
     while core.has_work():
         run.kv_peak_in_use_bytes = max(run.kv_peak_in_use_bytes, core.cache.bytes_in_use())
         decode_only = not core.waiting and core.num_decoding == len(core.running) and core.num_decoding > 0
@@ -216,6 +222,8 @@ def run_engine_workload(
             run.decode_step_s.append(time.perf_counter() - t0)
             run.kv_bytes_per_decode_step.append(kv_tokens * per_token_kv)
     run.seconds = time.perf_counter() - start
+    run.prefix_cache_queries = core.prefix_cache_queries - queries
+    run.prefix_cache_hits = core.prefix_cache_hits - hits
     for seq, sink in zip(seqs, sinks, strict=True):
         errors = [ev.error for ev in sink if ev.error is not None]
         if errors:
@@ -252,6 +260,9 @@ def _engine_row(name: str, requests: int, runs: list[EngineRun], ratios: list[fl
         "decode_step_ms": round(1000 * statistics.median(steps), 2) if steps else None,
         "ttft_ms": round(1000 * statistics.median(ttfts), 1) if ttfts else None,
     }
+    queries = sum(r.prefix_cache_queries for r in runs)
+    if queries:  # prompt tokens found computed: the prefix cache's hit rate over the timed runs
+        row["prefix_cache_hit_rate"] = round(sum(r.prefix_cache_hits for r in runs) / queries, 3)
     peaks = [r.peak_device_bytes for r in runs if r.peak_device_bytes is not None]
     if peaks:
         row["peak_device_mib"] = round(max(peaks) / 2**20, 1)
@@ -470,7 +481,7 @@ def print_report(report: dict) -> None:
     print()
     print(
         f"{'run':<58} {'reqs':>4} {'tok/s (min-max)':>22} {'vs base (min-max)':>20} "
-        f"{'step ms':>8} {'ttft ms':>8} {'%bw':>6}"
+        f"{'step ms':>8} {'ttft ms':>8} {'%bw':>6} {'%cached':>8}"
     )
     for r in report["results"]:
         if r["kind"] == "engine":
@@ -483,5 +494,6 @@ def print_report(report: dict) -> None:
         print(
             f"{r['name']:<58} {r['requests']:>4} {tps:>22} {ratio:>20} "
             f"{_fmt(r.get('decode_step_ms'), '.1f'):>8} {_fmt(r.get('ttft_ms'), '.0f'):>8} "
-            f"{_fmt(None if bw is None else 100 * bw, '.1f'):>6}"
+            f"{_fmt(None if bw is None else 100 * bw, '.1f'):>6} "
+            f"{_fmt(None if (hit := r.get('prefix_cache_hit_rate')) is None else 100 * hit, '.0f'):>8}"
         )

@@ -167,6 +167,12 @@ def test_the_shared_prefix_workload_sends_aiperf_shared_prefixes(tmp_path: Path)
     sent = args.read_text()
     assert "--num-prefix-prompts 4 --prefix-prompt-length 512" in sent
     assert "--prompt-input-tokens-mean 64" in sent and "--request-count 40" in sent
+    chats = parse_settings(["--aiperf", str(script), "--workload", "multi-turn"])
+    with pytest.raises(RuntimeError):
+        run_aiperf(chats, ["base"], "tok", "http://127.0.0.1:1", tmp_path / "chats")
+    sent = args.read_text()
+    assert "--endpoint-type chat" in sent and "--conversation-num 24 --conversation-turn-mean 4" in sent
+    assert "--num-prefix-prompts" not in sent
 
 
 def test_variants_run_interleaved_on_one_machine_and_compare_with_the_first(monkeypatch) -> None:
