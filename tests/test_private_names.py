@@ -96,3 +96,37 @@ def test_the_check_finds_private_imports_and_reads():
     assert _check("pkg.a", "from pkg import _hidden\n_hidden.run()") == []  # a sibling may
     assert _check("pkg.a", "from pkg.b import __all__") == []  # dunders are not private
     assert _check("pkg.a", "from outside import _thing") == []  # not one of our modules
+
+
+# Private names of other libraries the server has to reach (torch's oneDNN ops, transformers' attention
+# implementation field, hashlib's hash type): not ours to rename.
+FOREIGN_PRIVATE = {"_linear_pointwise", "_reorder_linear_weight", "_attn_implementation", "_Hash"}
+
+
+def private_members(tree: ast.AST) -> Iterator[str]:
+    """`obj._name` reads of any object but `self` or `cls`: another object's private member."""
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Attribute)
+            and _private(node.attr)
+            and node.attr not in FOREIGN_PRIVATE
+            and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))
+        ):
+            yield f"{ast.unparse(node)} (line {node.lineno})"
+
+
+def test_no_module_of_the_server_touches_another_objects_private_members():
+    """The engine step reaches the core through its public methods (run_guarded, retire_finished, ...),
+    a handle is fed through `put`: an object's underscored members are its own."""
+    found = [
+        f"{name}: {line}"
+        for name, (path, _) in sorted(modules().items())
+        if name.startswith("adapterserve.server")
+        for line in private_members(ast.parse(path.read_text()))
+    ]
+    assert found == [], "\n".join(found)
+
+
+def test_the_member_check_allows_self_and_finds_the_rest():
+    source = "self._a = 1\ncls._b\nother._c\nself.x._d\nmodel.config._attn_implementation\nx.__dict__"
+    assert list(private_members(ast.parse(source))) == ["other._c (line 3)", "self.x._d (line 4)"]

@@ -123,7 +123,7 @@ class EngineCore:
         self._final_events: list[tuple[Sequence, TokenEvent]] = []  # sent once their rows are retired
         self.workers: PrefillWorkers | None = None  # prefill beside decode (start_prefill_workers)
         self.prefill_jobs: list[prefill_phase.PrefillJob] = []  # in flight on the workers, oldest first
-        self._activity = threading.Event()  # set by new work and finished jobs: wakes a waiting step
+        self.activity = threading.Event()  # set by new work and finished jobs: wakes a waiting step
         # with prefill workers: the engine thread's intra-op threads for a decode step with no job in
         # flight, and beside jobs (the workers hold the other CPUs); None: left as they are
         self.decode_threads: int | None = None
@@ -176,12 +176,12 @@ class EngineCore:
                     f"the waiting queue is full ({self.settings.max_queue} requests); retry later"
                 )
             self.waiting.append(seq)
-        self._activity.set()
+        self.activity.set()
 
     def cancel(self, request_id: str) -> None:
         with self._lock:
             self._cancel.add(request_id)
-        self._activity.set()
+        self.activity.set()
 
     def call_on_engine_thread(self, fn: Callable[[], object]) -> Future:
         """Run `fn` between two steps (device-slot changes must not race a forward); its result or
@@ -189,8 +189,17 @@ class EngineCore:
         future: Future = Future()
         with self._lock:
             self._controls.append((fn, future))
-        self._activity.set()
+        self.activity.set()
         return future
+
+    def slot_writes_pending(self) -> bool:
+        """Whether the next step may write a device slot: a control call (pin, adapter update) is queued,
+        or admitting a waiting request may load an adapter (prefill jobs must not run meanwhile)."""
+        with self._lock:
+            return bool(self._controls) or any(
+                seq.slot_key is not None and self.bank.table.lookup(seq.slot_key) is None
+                for seq in self.waiting
+            )
 
     def has_work(self) -> bool:
         with self._lock:
@@ -206,7 +215,7 @@ class EngineCore:
         if not isinstance(self.cache, PagedKVCache):
             raise InvalidArgumentError("prefill workers need the paged KV cache (kv_cache='paged')")
         if self.workers is None:
-            self.workers = PrefillWorkers(count, on_done=self._activity.set)
+            self.workers = PrefillWorkers(count, on_done=self.activity.set)
         if self.settings.decode_pace_ms and self.decode_pacer is None:
             self.decode_pacer = DecodePacer(self.settings.decode_pace_ms / 1000)
 
@@ -223,29 +232,29 @@ class EngineCore:
         if self.workers is not None:
             worker_step.step(self)
             return
-        self._run_controls()
-        self._reap_cancelled()
+        self.run_controls()
+        self.reap_cancelled()
         self.admit_and_start()
         chunk = prefill_phase.next_chunk(self)
         if chunk and self.num_decoding and prefill_phase.can_pack(self, chunk):
             rows = self.running[: self.num_decoding] + [seq for seq, _ in chunk]
-            self._run_guarded(rows, lambda: prefill_phase.run_packed(self, chunk))
-            self._retire_finished()
+            self.run_guarded(rows, lambda: prefill_phase.run_packed(self, chunk))
+            self.retire_finished()
             return
         if chunk:
-            self._run_guarded([seq for seq, _ in chunk], lambda: prefill_phase.run(self, chunk))
-            self._retire_finished()
+            self.run_guarded([seq for seq, _ in chunk], lambda: prefill_phase.run(self, chunk))
+            self.retire_finished()
         if self.num_decoding:
             rows = self.running[: self.num_decoding]
-            self._run_guarded(rows, self._decode)
-            self._retire_finished()
+            self.run_guarded(rows, self.decode)
+            self.retire_finished()
 
     def admit_and_start(self) -> None:
         """Admit waiting requests into free rows and give them their prefill inputs."""
         admitted = self._admit()
         if admitted:
-            self._run_guarded(admitted, lambda: prefill_phase.start(self, admitted))
-            self._retire_finished()
+            self.run_guarded(admitted, lambda: prefill_phase.start(self, admitted))
+            self.retire_finished()
 
     def fail_all(self, error: ServeError) -> None:
         """Finish every waiting and running request with an error (engine shutdown)."""
@@ -256,9 +265,9 @@ class EngineCore:
         for seq in waiting + self.running:
             if not seq.finished:
                 self.finish(seq, FinishReason.ERROR, error=error)
-        self._retire_finished()
+        self.retire_finished()
 
-    def _run_guarded(self, seqs: list[Sequence], work: Callable[[], None]) -> None:
+    def run_guarded(self, seqs: list[Sequence], work: Callable[[], None]) -> None:
         """Run a forward; if it fails, fail only the requests it was for and keep serving."""
         try:
             faults.inject(seqs)  # a no-op unless the test hook is on (see faults.py)
@@ -288,7 +297,7 @@ class EngineCore:
                     # retiring will not see it, so its slot is released here
                     self.bank.release(seq.slot_key)
 
-    def _run_controls(self) -> None:
+    def run_controls(self) -> None:
         with self._lock:
             controls, self._controls = list(self._controls), deque()
         for fn, future in controls:
@@ -309,7 +318,7 @@ class EngineCore:
             )
         return slot
 
-    def _reap_cancelled(self) -> None:
+    def reap_cancelled(self) -> None:
         with self._lock:
             cancel, self._cancel = self._cancel, set()
             if not cancel:
@@ -324,7 +333,7 @@ class EngineCore:
         for seq in self.running:
             if seq.request.request_id in cancel and not seq.finished:
                 self.finish(seq, FinishReason.CANCELLED)
-        self._retire_finished()
+        self.retire_finished()
 
     def _admit(self) -> list[Sequence]:
         # rows and KV tokens promised to the choices of running requests not forked yet (fork.py)
@@ -365,7 +374,7 @@ class EngineCore:
     def adapter_batch(self, seqs: list[Sequence]) -> AdapterBatch:
         return build_batch([s.slot for s in seqs], self.bank.slot_kinds, self.device)
 
-    def _decode(self, seqs: list[Sequence] | None = None) -> None:
+    def decode(self, seqs: list[Sequence] | None = None) -> None:
         """One token for `seqs` (default: every decoding row); other rows than the decoding rows' prefix
         (some ride in a prefill job, prefill_phase.launch) are addressed through their block tables."""
         table = None
@@ -481,7 +490,7 @@ class EngineCore:
             self.cache.swap_rows(row - 1, row, max(above.length, below.length))
             self.running[row - 1], self.running[row] = below, above
 
-    def _retire_finished(self) -> None:
+    def retire_finished(self) -> None:
         """Free the rows of finished requests. A decoding row's hole is filled by the last decoding row
         (their order does not matter); the rows still prefilling then close up behind it, keeping their
         admission order (moving the newest row into the hole would serve it first)."""

@@ -57,7 +57,7 @@ class EventRelay:
 
 def _deliver(batch: list[tuple[RequestHandle, TokenEvent]]) -> None:
     for handle, event in batch:
-        handle._put(event)
+        handle.put(event)
 
 
 class RequestHandle:
@@ -71,7 +71,8 @@ class RequestHandle:
         self._done = False
         self._open = choices  # choices (GenerationRequest.n) without their final event yet
 
-    def _put(self, event: TokenEvent) -> None:
+    def put(self, event: TokenEvent) -> None:
+        """(The event loop) one event for the reader."""
         self._queue.put_nowait(event)
 
     def __aiter__(self) -> AsyncIterator[TokenEvent]:
@@ -89,7 +90,7 @@ class RequestHandle:
     def cancel(self) -> None:
         """Stop generating: the row and the adapter slot are freed at the next step boundary."""
         if not self._done:
-            self._engine._cancel(self.request_id)
+            self._engine.cancel_request(self.request_id)
 
 
 class Engine:
@@ -176,7 +177,7 @@ class Engine:
         self._wake.set()
         await asyncio.wrap_future(future)
 
-    def _cancel(self, request_id: str) -> None:
+    def cancel_request(self, request_id: str) -> None:
         self.core.cancel(request_id)
         self._wake.set()
 

@@ -57,7 +57,7 @@ def start(core: EngineCore, seqs: list[Sequence]) -> None:
                 core.prefix_cache_queries += len(tokens)
                 core.prefix_cache_hits += len(cached) * block_size
         core.cache.reserve(row, seq.kv_tokens, cached)
-        core.running.append(seq)  # on failure, _run_guarded finishes it and retire frees the row
+        core.running.append(seq)  # on failure, run_guarded finishes it and retire frees the row
         ids = torch.tensor(seq.request.prompt_ids, dtype=torch.long, device=core.device)
         embeds = core.runner.embed(ids)  # [n, H]
         if seq.hook == HookSite.PREFILL:
@@ -316,7 +316,7 @@ def done_jobs(core: EngineCore, wait: bool = False) -> list[PrefillJob]:
 def book(core: EngineCore, job: PrefillJob) -> None:
     """Book a finished job on the engine thread: its riders take their next tokens, its rows their first
     (rows cancelled while it ran are skipped: they retire). A job that raised re-raises here
-    (core._run_guarded fails its rows)."""
+    (core.run_guarded fails its rows)."""
     if job.riders:
         decode_logits, logits = job.future.result()  # [Bd, V], [B, V]
         _book_riders(core, job.riders, decode_logits)

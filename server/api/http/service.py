@@ -153,7 +153,7 @@ class OpenAIService:
 
     def _token_texts(self) -> TokenTexts:
         tokenizer = self._runtime.get().tokenizer
-        if self._texts is None or self._texts._tokenizer is not tokenizer:
+        if self._texts is None or self._texts.tokenizer is not tokenizer:
             self._texts = TokenTexts(tokenizer)
         return self._texts
 

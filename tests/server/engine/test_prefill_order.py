@@ -155,7 +155,7 @@ def test_workers_finishing_later_jobs_first_starve_no_row(tiny_model_dir, prompt
     core = engine.core
     pool = HeldWorkers(2)
     core.workers = pool  # type: ignore[assignment]
-    core._activity = NoWait()  # the held jobs end when the test says: a step need not wait for them
+    core.activity = NoWait()  # the held jobs end when the test says: a step need not wait for them
     loop = ClosedLoop(engine, clients=8, prompt_len=prompt_len)
     for step in range(200):
         loop.step(submitting=True)
