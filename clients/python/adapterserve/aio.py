@@ -87,6 +87,11 @@ class AsyncClient(ClientBase):
         """See `Client.generate`."""
         return await self._unary(convert.generate_call(*args, **kwargs))
 
+    @takes_arguments_of(convert.generate_batch_call)
+    async def generate_batch(self, *args: Any, **kwargs: Any) -> list[GenerateResult]:
+        """See `Client.generate_batch`."""
+        return await self._unary(convert.generate_batch_call(*args, **kwargs))
+
     @takes_arguments_of(convert.score_call)
     async def score(self, *args: Any, **kwargs: Any) -> ScoreResult:
         """See `Client.score`."""

@@ -97,6 +97,15 @@ class Client(ClientBase):
         """
         return self._unary(convert.generate_call(*args, **kwargs))
 
+    @takes_arguments_of(convert.generate_batch_call)
+    def generate_batch(self, *args: Any, **kwargs: Any) -> list[GenerateResult]:
+        """Generate for every prompt of `prompts` (texts, token-id lists or chats) in one call: one
+        result per prompt, in order, each what `generate` gives for that prompt alone (with its n
+        choices). The server checks every prompt before queueing any (one bad prompt: InvalidArgument
+        naming `requests[i]`) and runs them side by side in its batch. Retried on UNAVAILABLE and
+        RESOURCE_EXHAUSTED."""
+        return self._unary(convert.generate_batch_call(*args, **kwargs))
+
     @takes_arguments_of(convert.score_call)
     def score(self, *args: Any, **kwargs: Any) -> ScoreResult:
         """Log-likelihood of `continuation` right after `prompt` (text) or `messages` (a chat, rendered
