@@ -280,8 +280,10 @@ class OpenAIService:
             check_batch_rows(len(texts), len(texts) * req.n, self._limits)
             for i, prompt in enumerate(texts):
                 name = "prompt" if len(texts) == 1 else f"prompt[{i}]"
-                ids = ids_of_text(tokenizer, prompt, name) if isinstance(prompt, str) else None
-                prompts.append((name, ids if ids is not None else checked_ids(tokenizer, prompt, name)))
+                if isinstance(prompt, str):
+                    prompts.append((name, ids_of_text(tokenizer, prompt, name)))
+                else:
+                    prompts.append((name, checked_ids(tokenizer, prompt, name)))
             if req.echo and req.logprobs is not None:
                 prompt_logprobs = req.logprobs
         adapter = self._adapter_of(req.model) or None
