@@ -119,3 +119,48 @@ def test_a_batch_names_one_adapter_and_distinct_ids(server):
         assert reply.generated_tokens == sum(r.generated_tokens for r in reply.responses)
         assert reply.responses[1].generated_tokens <= 3
         assert all(0 <= r.timing.time_to_first_token_s <= r.timing.total_s for r in reply.responses)
+
+
+def collect(pairs) -> dict[int, dict[int, list]]:
+    """position -> choice -> that choice's chunks, in order."""
+    out: dict[int, dict[int, list]] = {}
+    for position, chunk in pairs:
+        out.setdefault(position, {}).setdefault(chunk.choice, []).append(chunk)
+    return out
+
+
+def test_stream_batch_gives_each_prompt_its_stream_alone(client):
+    args = dict(max_new_tokens=6, temperature=1.0, seed=5, n=2, logprobs=1)
+    pairs = list(client.stream_batch(PROMPTS, **args))
+    assert [chunk.index for _, chunk in pairs] == list(range(len(pairs)))
+    streams = collect(pairs)
+    assert sorted(streams) == [0, 1, 2]
+    for position, prompt in enumerate(PROMPTS):
+        alone = client.generate(prompt, **args)
+        for choice, want in enumerate(alone.choices):
+            chunks = streams[position][choice]
+            assert [c.finish_reason is not None for c in chunks] == [False] * (len(chunks) - 1) + [True]
+            assert "".join(c.text for c in chunks) == want.text
+            assert [t for c in chunks for t in c.token_ids] == want.token_ids
+            last = chunks[-1]
+            assert last.prompt_tokens == alone.prompt_tokens
+            assert last.generated_tokens == len(want.token_ids)
+            assert (
+                last.timings is not None and 0 <= last.timings.time_to_first_token_s <= last.timings.total_s
+            )
+            assert len({c.request_id for c in chunks}) == 1
+
+
+async def test_async_stream_batch_and_an_early_close(server, client):
+    want = collect(client.stream_batch(PROMPTS, max_new_tokens=5))
+    async with AsyncClient(server.target, timeout=30) as aclient:
+        got = collect([pair async for pair in aclient.stream_batch(PROMPTS, max_new_tokens=5)])
+        assert {p: {c: "".join(x.text for x in v) for c, v in d.items()} for p, d in got.items()} == {
+            p: {c: "".join(x.text for x in v) for c, v in d.items()} for p, d in want.items()
+        }
+        stream = aclient.stream_batch(PROMPTS, max_new_tokens=40, ignore_eos=True)
+        await anext(stream)
+        await stream.aclose()  # cancels the call (the server cancels every prompt of it)
+        with pytest.raises(InvalidArgument, match=r"requests\[2\]"):
+            async for _ in aclient.stream_batch(["a", "b", ""]):
+                pass

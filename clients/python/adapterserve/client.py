@@ -127,7 +127,18 @@ class Client(ClientBase):
         """
         return self._stream(replace(convert.generate_call(*args, **kwargs), method="GenerateStream"))
 
-    def _stream(self, call: convert.Call[Any]) -> Iterator[StreamChunk]:
+    @takes_arguments_of(convert.generate_batch_call)
+    def stream_batch(self, *args: Any, **kwargs: Any) -> Iterator[convert.BatchChunk]:
+        """Like `generate_batch`, yielding `(position, chunk)` pairs as they are produced: `position` is
+        the prompt's in `prompts`, and each prompt's chunks are what `stream` yields for it alone (the
+        prompts' chunks interleave; each choice of each prompt has its own last chunk). Retried and
+        cancelled as `stream`."""
+        call = replace(convert.generate_batch_call(*args, **kwargs), method="GenerateBatchStream")
+        return self._stream(call, convert.batch_chunk_from_proto)
+
+    def _stream(
+        self, call: convert.Call[Any], chunk: Callable[[Any, int], T] = convert.chunk_from_proto
+    ) -> Iterator[T]:
         method, meta, deadline = self._route(call)
         attempts = Attempts(self.connection.retry)
         index = 0
@@ -135,7 +146,7 @@ class Client(ClientBase):
             rpc = method(call.request, timeout=deadline, metadata=meta)
             try:
                 for message in rpc:
-                    yield convert.chunk_from_proto(message, index)
+                    yield chunk(message, index)
                     index += 1
                 return
             except grpc.RpcError as rpc_err:

@@ -168,6 +168,8 @@ def generate_call(
 
 # One prompt of `generate_batch`: a text, token ids (as the server's tokenizer numbers them), or a chat.
 BatchPrompt = str | Sequence[int] | Sequence[MessageLike]
+# One chunk of `stream_batch`: the position of its prompt in the batch, and the chunk.
+BatchChunk = tuple[int, StreamChunk]
 
 
 def generate_batch_call(
@@ -246,6 +248,11 @@ def _token_ids(prompt: Any) -> list[int] | None:
 
 def batch_results_from_proto(message: generation_pb2.GenerateBatchResponse) -> list[GenerateResult]:
     return [result_from_proto(response) for response in message.responses]
+
+
+def batch_chunk_from_proto(message: generation_pb2.GenerateBatchStreamResponse, index: int) -> BatchChunk:
+    """(the prompt's position in the batch, its chunk); `index` counts the call's chunks."""
+    return message.position, chunk_from_proto(message.response, index)
 
 
 def build_generate_request(

@@ -1,6 +1,6 @@
-"""The Generation service: Generate (unary), GenerateStream (server streaming), GenerateBatch (several
-prompts in one call, queued together), GetServerInfo, Score (log-likelihood of a continuation; see
-scoring.py).
+"""The Generation service: Generate (unary), GenerateStream (server streaming), GenerateBatch and
+GenerateBatchStream (several prompts in one call, queued together), GetServerInfo, Score
+(log-likelihood of a continuation; see scoring.py).
 
 Each call is validated and tokenized (requests.py, scoring.py) and runs through a GenerationSession
 (../session.py: admission, engine, cancel, metrics, timing), the same as an HTTP call; this module only
@@ -54,6 +54,23 @@ def logprobs_to_proto(entries: tuple[TokenLogprob, ...]) -> list[generation_pb2.
         )
         for e in entries
     ]
+
+
+def _stream_message(request_id: str, event: TokenEvent, index: int) -> generation_pb2.GenerateStreamResponse:
+    """The GenerateStreamResponse of one event (choice `index`); on the final event, its finish reason
+    and generated tokens (the caller adds the prompt tokens and the timing)."""
+    message = generation_pb2.GenerateStreamResponse(
+        request_id=request_id,
+        text=event.text,
+        token_ids=event.token_ids,
+        logprobs=logprobs_to_proto(event.token_logprobs),
+        prompt_logprobs=logprobs_to_proto(event.prompt_logprobs),
+        index=index,
+    )
+    if event.finish_reason is not None:
+        message.finish_reason = finish_reason_to_proto(event.finish_reason)
+        message.generated_tokens = event.generated_tokens
+    return message
 
 
 class _Result:
@@ -174,22 +191,37 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         build = functools.partial(to_engine_request, request, limits=self._limits)
         async with contextlib.aclosing(session.events(build)) as events:
             async for event in events:
-                message = generation_pb2.GenerateStreamResponse(
-                    request_id=session.request.request_id,  # type: ignore[union-attr]  # built before events
-                    text=event.text,
-                    token_ids=event.token_ids,
-                    logprobs=logprobs_to_proto(event.token_logprobs),
-                    prompt_logprobs=logprobs_to_proto(event.prompt_logprobs),
-                    index=event.index,
-                )
+                engine_request = session.request
+                assert engine_request is not None  # built before the first event
+                message = _stream_message(engine_request.request_id, event, event.index)
                 if event.finish_reason is not None:
-                    message.finish_reason = finish_reason_to_proto(event.finish_reason)
                     message.prompt_tokens = session.prompt_tokens
-                    message.generated_tokens = event.generated_tokens
                     message.timing.CopyFrom(_timing(session))
                 elif not event.text and not event.token_ids:
                     continue
                 yield message
+
+    @map_errors
+    async def GenerateBatchStream(
+        self, request: generation_pb2.GenerateBatchRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[generation_pb2.GenerateBatchStreamResponse]:
+        adapter = request.requests[0].adapter if request.requests else ""
+        session = self._session("GenerateBatchStream", adapter, context)
+        results: dict[int, _Result] = {}
+        build = functools.partial(to_engine_requests, request, limits=self._limits)
+        async with contextlib.aclosing(session.batch_events(build)) as events:
+            async for event in events:
+                position, choice = session.locate(event.index)
+                result = results.setdefault(position, _Result())
+                if event.token_ids and result.first_token_at is None:
+                    result.first_token_at = time.monotonic()
+                message = _stream_message(session.requests[position].request_id, event, choice)
+                if event.finish_reason is not None:
+                    message.prompt_tokens = session.prompt_tokens_of(position)
+                    message.timing.CopyFrom(result.timing(session.started))
+                elif not event.text and not event.token_ids:
+                    continue
+                yield generation_pb2.GenerateBatchStreamResponse(position=position, response=message)
 
     @map_errors
     async def GetServerInfo(

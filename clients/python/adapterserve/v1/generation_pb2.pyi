@@ -305,3 +305,11 @@ class GenerateBatchResponse(_message.Message):
     generated_tokens: int
     timing: Timing
     def __init__(self, responses: _Optional[_Iterable[_Union[GenerateResponse, _Mapping]]] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
+
+class GenerateBatchStreamResponse(_message.Message):
+    __slots__ = ("position", "response")
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    position: int
+    response: GenerateStreamResponse
+    def __init__(self, position: _Optional[int] = ..., response: _Optional[_Union[GenerateStreamResponse, _Mapping]] = ...) -> None: ...

@@ -61,6 +61,11 @@ class GenerationStub:
                 request_serializer=adapterserve_dot_v1_dot_generation__pb2.GenerateBatchRequest.SerializeToString,
                 response_deserializer=adapterserve_dot_v1_dot_generation__pb2.GenerateBatchResponse.FromString,
                 _registered_method=True)
+        self.GenerateBatchStream = channel.unary_stream(
+                '/adapterserve.v1.Generation/GenerateBatchStream',
+                request_serializer=adapterserve_dot_v1_dot_generation__pb2.GenerateBatchRequest.SerializeToString,
+                response_deserializer=adapterserve_dot_v1_dot_generation__pb2.GenerateBatchStreamResponse.FromString,
+                _registered_method=True)
 
 
 class GenerationServicer:
@@ -109,6 +114,16 @@ class GenerationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GenerateBatchStream(self, request, context):
+        """GenerateBatch streamed: every message is one request's GenerateStreamResponse, as GenerateStream
+        sends it (its index is the choice within that request), with the request's position; the
+        requests' messages interleave as their tokens come. The stream ends after every request's last
+        message. Checked, queued and cancelled as GenerateBatch.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -136,6 +151,11 @@ def add_GenerationServicer_to_server(servicer, server):
                     servicer.GenerateBatch,
                     request_deserializer=adapterserve_dot_v1_dot_generation__pb2.GenerateBatchRequest.FromString,
                     response_serializer=adapterserve_dot_v1_dot_generation__pb2.GenerateBatchResponse.SerializeToString,
+            ),
+            'GenerateBatchStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.GenerateBatchStream,
+                    request_deserializer=adapterserve_dot_v1_dot_generation__pb2.GenerateBatchRequest.FromString,
+                    response_serializer=adapterserve_dot_v1_dot_generation__pb2.GenerateBatchStreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -275,6 +295,33 @@ class Generation:
             '/adapterserve.v1.Generation/GenerateBatch',
             adapterserve_dot_v1_dot_generation__pb2.GenerateBatchRequest.SerializeToString,
             adapterserve_dot_v1_dot_generation__pb2.GenerateBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateBatchStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/adapterserve.v1.Generation/GenerateBatchStream',
+            adapterserve_dot_v1_dot_generation__pb2.GenerateBatchRequest.SerializeToString,
+            adapterserve_dot_v1_dot_generation__pb2.GenerateBatchStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,
