@@ -135,3 +135,24 @@ async def test_a_unary_client_that_disconnects_frees_every_row_of_the_list(real_
     with pytest.raises(asyncio.CancelledError):
         await call
     await rows_free(engine)
+
+
+async def test_an_error_in_one_prompt_ends_the_list_and_frees_every_row(real_http, monkeypatch):
+    import torch
+
+    from adapterserve.server.engine import faults
+
+    engine, client = real_http
+    marked = (7, 7, 7, 7, 7)
+
+    def inject(seqs) -> None:  # the device runs out of memory for the marked prompt's forward only
+        if any(seq.request.prompt_ids == marked for seq in seqs):
+            raise torch.OutOfMemoryError("simulated out of memory")
+
+    monkeypatch.setattr(faults, "inject", inject)
+    body = {**BODY, "prompt": [[5, 6, 8], list(marked), [9, 10, 11]]}
+    error = error_of(await client.post("/completions", json=body), 429)
+    assert "out of memory" in error["message"]
+    await rows_free(engine)
+    ok = await client.post("/completions", json={**body, "prompt": [[5, 6, 8], [9, 10, 11]], "max_tokens": 2})
+    assert ok.status_code == 200 and len(ok.json()["choices"]) == 4
