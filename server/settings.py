@@ -133,6 +133,14 @@ class LimitSettings(BaseModel):
     max_new_tokens: int = Field(256, ge=1, description="tokens one request may ask to generate at most")
     max_stop_sequences: int = Field(8, ge=0, description="stop sequences per request at most")
     max_n: int = Field(8, ge=1, le=128, description="choices (n) one request may ask for at most")
+    max_batch_rows: int = Field(
+        256,
+        ge=1,
+        description="rows (prompts x n choices) one request with a list of prompts may ask for at most",
+    )
+    max_batch_tokens: int = Field(
+        65536, ge=1, description="prompt tokens of all the prompts of one request together at most"
+    )
     max_logprobs: int = Field(
         20, ge=0, le=MAX_LOGPROBS, description="logprobs alternatives (top_logprobs) per token at most"
     )

@@ -31,6 +31,11 @@ class GenerationEngine(Protocol):
         """Queue a request; raises NotFoundError, InvalidArgumentError or QueueFullError."""
         ...
 
+    async def submit_batch(self, requests: list[GenerationRequest]) -> list[GenerationHandle]:
+        """Queue several requests (a list of prompts) all or none: each is checked before any is queued;
+        raises as submit does (QueueFullError when the queue has no room for all of them)."""
+        ...
+
 
 @dataclass(frozen=True)
 class StoredFile:

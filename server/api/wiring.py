@@ -48,6 +48,8 @@ def server_info(base: Any, limits: LimitSettings) -> generation_pb2.ServerInfo:
             max_stop_sequences=limits.max_stop_sequences,
             max_n=limits.max_n,
             max_logprobs=limits.max_logprobs,
+            max_batch_rows=limits.max_batch_rows,
+            max_batch_tokens=limits.max_batch_tokens,
             max_upload_bytes=limits.max_upload_bytes,
             max_message_bytes=limits.max_message_bytes,
             upload_chunk_bytes=limits.upload_chunk_bytes,

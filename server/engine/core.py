@@ -178,6 +178,22 @@ class EngineCore:
             self.waiting.append(seq)
         self.activity.set()
 
+    def add_all(self, seqs: list[Sequence]) -> None:
+        """Queue several sequences at once, all or none (a request with a list of prompts)."""
+        if len(seqs) > self.settings.max_queue:
+            raise InvalidArgumentError(
+                f"prompt: {len(seqs)} prompts, more than the engine's waiting queue holds "
+                f"({self.settings.max_queue}; the server's --max-queue flag raises it)"
+            )
+        with self._lock:
+            if len(self.waiting) + len(seqs) > self.settings.max_queue:
+                raise QueueFullError(
+                    f"the waiting queue has no room for {len(seqs)} prompts ({len(self.waiting)} of "
+                    f"{self.settings.max_queue} requests waiting); retry later"
+                )
+            self.waiting.extend(seqs)
+        self._activity.set()
+
     def cancel(self, request_id: str) -> None:
         with self._lock:
             self._cancel.add(request_id)

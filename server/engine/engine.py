@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import threading
 import uuid
@@ -145,6 +146,32 @@ class Engine:
         self.core.add(seq)
         self._wake.set()
         return handle
+
+    async def submit_batch(self, requests: list[GenerationRequest]) -> list[RequestHandle]:
+        """Queue several requests together (a list of prompts), all or none: every one is checked as
+        `submit` checks it before any is queued, then all join the waiting queue at once. Raises as
+        `submit` does; QueueFullError when the queue has no room for all of them."""
+        if self._stopping or self._relay is None:
+            raise UnavailableError("the engine is not running")
+        relay = self._relay
+        requests = [
+            r if r.request_id else dataclasses.replace(r, request_id=uuid.uuid4().hex) for r in requests
+        ]
+        resolved = {
+            name: await self.adapters.get(name) for name in dict.fromkeys(r.adapter for r in requests) if name
+        }
+        for structured in dict.fromkeys(r.structured for r in requests if r.structured is not None):
+            await asyncio.to_thread(self.core.grammars.cache.template, structured)
+        handles: list[RequestHandle] = []
+        seqs = []
+        for request in requests:
+            handle = RequestHandle(self, request.request_id, choices=request.n)
+            emit = functools.partial(relay.emit, handle)
+            seqs.append(self.core.new_sequence(request, resolved.get(request.adapter or ""), emit))
+            handles.append(handle)
+        self.core.add_all(seqs)
+        self._wake.set()
+        return handles
 
     def stats(self) -> EngineStats:
         return self.core.stats()

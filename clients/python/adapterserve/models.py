@@ -220,6 +220,8 @@ class Limits(_Frozen):
     max_stop_sequences: int
     max_n: int = 1  # GenerateRequest n at most (0 from a server without it: read as 1)
     max_logprobs: int = 0  # logprobs / prompt_logprobs alternatives at most
+    max_batch_rows: int = 0  # generate_batch: prompts x n at most (0 from a server without batches)
+    max_batch_tokens: int = 0  # generate_batch: prompt tokens of all prompts together at most
     max_upload_bytes: int
     max_message_bytes: int
     upload_chunk_bytes: int
