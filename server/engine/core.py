@@ -192,7 +192,7 @@ class EngineCore:
                     f"{self.settings.max_queue} requests waiting); retry later"
                 )
             self.waiting.extend(seqs)
-        self._activity.set()
+        self.activity.set()
 
     def cancel(self, request_id: str) -> None:
         with self._lock:
