@@ -116,6 +116,21 @@ def cpu_plan(settings: ServerSettings, device_type: str) -> ThreadPlan | None:
     return plan
 
 
+def source_fetcher(store: Any, settings: ServerSettings) -> Any:
+    """The SourceFetcher of the configured adapter sources (store/sources/), or None without any."""
+    if not settings.sources.uris:
+        return None
+    from adapterserve.server.store.sources import parse_source
+    from adapterserve.server.store.sources.fetcher import SourceFetcher
+
+    timeout = settings.sources.fetch_timeout_s
+    fetcher = SourceFetcher(
+        store, [parse_source(u, timeout_s=timeout) for u in settings.sources.uris], settings.sources
+    )
+    log.info("adapter sources, tried in order: %s", fetcher.describe())
+    return fetcher
+
+
 async def start_runtime(settings: ServerSettings) -> StartedRuntime:
     """Load the base, open the store, add demo adapters if asked, start and warm the engine."""
     from adapterserve.server.adapters.loader import load_adapter_dir
@@ -155,7 +170,7 @@ async def start_runtime(settings: ServerSettings) -> StartedRuntime:
             )
 
         await run_releasing_pool(ensure_demo_adapters, base, put, set(store.names()))
-    registry = AdapterRegistry(store, settings.cache)
+    registry = AdapterRegistry(store, settings.cache, sources=source_fetcher(store, settings))
     engine = Engine(base, registry, settings.engine, cpu=cpu_plan(settings, base.device.type))
     await engine.start()
     try:

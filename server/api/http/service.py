@@ -47,9 +47,9 @@ from adapterserve.server.engine.types import (
     StructuredOutput,
     TokenEvent,
 )
-from adapterserve.server.errors import NotFoundError, UnavailableError
+from adapterserve.server.errors import InvalidArgumentError, NotFoundError, UnavailableError
 from adapterserve.server.settings import LimitSettings
-from adapterserve.server.store.names import is_valid_name
+from adapterserve.server.store.names import NAME_RULE, is_valid_name
 
 PROTOCOL = "http"
 COMPLETIONS = "completions"
@@ -209,8 +209,8 @@ class OpenAIService:
     def _adapter_of(self, model: str) -> str:
         if model == self.served_name():
             return ""
-        if not is_valid_name(model):
-            raise NotFoundError(f"model {model!r} is not an adapter name")  # the service answers 404
+        if not is_valid_name(model):  # never reaches the store or a source
+            raise InvalidArgumentError(f"model {model[:80]!r} is not a valid adapter name: {NAME_RULE}")
         return model
 
     def engine_request(
@@ -293,7 +293,7 @@ class OpenAIService:
     @staticmethod
     def _openai_error(exc: BaseException, run: _Run) -> OpenAIError:
         if isinstance(exc, NotFoundError):
-            return OpenAIError.model_not_found(run.model)
+            return OpenAIError.model_not_found(run.model, detail=str(exc))
         return to_openai_error(exc, run.session.method)
 
     def _new_run(self, prefix: str, req: Any, method: str) -> _Run:
