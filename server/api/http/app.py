@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from adapterserve.server.api.auth import AuthPolicy
+from adapterserve.server.api.auth import ADMIN_PREFIX, AuthPolicy
 from adapterserve.server.api.http.errors import OpenAIError
 from adapterserve.server.api.http.service import CHAT, COMPLETIONS, PROTOCOL, OpenAIService, bearer_refusal
 from adapterserve.server.api.lifecycle import Lifecycle
@@ -91,6 +91,16 @@ def build_http_app(
         if endpoint == CHAT:
             return JSONResponse(await service.chat(body))
         return JSONResponse(await service.complete(body))
+
+    @app.post("/v1/adapters/{name}/refresh")
+    async def refresh_adapter(request: Request, name: str) -> JSONResponse:
+        refusal = bearer_refusal(
+            policy, request.headers.get("authorization"), ADMIN_PREFIX + "RefreshAdapter"
+        )
+        if refusal is not None:
+            metrics.record_request("refresh", OTHER_LABEL, refusal.grpc_code, protocol=PROTOCOL)
+            raise refusal
+        return JSONResponse(await service.refresh(name))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
