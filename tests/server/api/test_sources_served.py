@@ -145,3 +145,41 @@ async def test_store_stopped_mid_run_is_503_then_recovers(served):
     finally:
         s3.start()
     assert (await gen.Generate(request("ia3"))).generated_tokens > 0
+
+
+async def test_refresh_over_grpc_sdk_cli_and_http_swaps_in_a_new_version(served, peft_adapter_dirs):
+    import io
+
+    from adapterserve import Client
+    from adapterserve.cli import main as cli_main
+
+    app, channel, http, s3 = served
+    gen = generation_pb2_grpc.GenerationStub(channel)
+    admin = admin_pb2_grpc.AdminStub(channel)
+    before = await gen.Generate(request("lora"))
+    first = await admin.GetAdapter(admin_pb2.GetAdapterRequest(name="lora"))
+    unchanged = await admin.RefreshAdapter(admin_pb2.RefreshAdapterRequest(name="lora"))
+    assert not unchanged.changed and unchanged.adapter.version == first.adapter.version
+
+    # another adapter's files under the same name: a new ETag in the bucket
+    s3.put_dir("team/adapters/lora", peft_adapter_dirs["IA3"])
+    target = f"127.0.0.1:{app.ports.grpc}"
+    with Client(target) as client:
+        result = await asyncio.to_thread(client.refresh_adapter, "lora")
+    assert result.changed and result.adapter.version > first.adapter.version
+    assert result.adapter.origin is not None and result.adapter.origin.source == "s3://team/adapters"
+    after = await gen.Generate(request("lora"))
+    assert after.token_ids != before.token_ids  # the new version is served whole
+
+    out = io.StringIO()
+    code = await asyncio.to_thread(cli_main, ["adapters", "refresh", "lora", "--target", target], out=out)
+    assert code == 0 and "unchanged" in out.getvalue()
+    reply = await http.post("/adapters/lora/refresh")
+    assert reply.status_code == 200 and reply.json()["changed"] is False
+    assert reply.json()["origin"]["source"] == "s3://team/adapters"
+
+    await admin.UploadAdapter(upload_messages("uploaded", peft_adapter_dirs["LORA"]))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await admin.RefreshAdapter(admin_pb2.RefreshAdapterRequest(name="uploaded"))
+    assert caught.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+    assert (await http.post("/adapters/no-such/refresh")).status_code == 404
