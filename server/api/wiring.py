@@ -74,6 +74,7 @@ def snapshot_of(engine: Any, registry: Any) -> RuntimeSnapshot:
     """Engine gauges and the host/device cache tiers, for the metrics endpoint."""
     stats = engine.stats()
     cache = registry.stats()
+    sources = getattr(registry, "sources", None)  # the SourceFetcher, None without adapter sources
     return RuntimeSnapshot(
         queue_depth=stats.waiting,
         running_requests=stats.running,
@@ -100,8 +101,14 @@ def snapshot_of(engine: Any, registry: Any) -> RuntimeSnapshot:
                 entries=cache.host_entries,
                 capacity_bytes=cache.host_capacity_bytes,
             ),
-            "disk": TierStats(bytes=cache.disk_bytes, entries=cache.disk_adapters),
+            "disk": TierStats(
+                bytes=cache.disk_bytes,
+                entries=cache.disk_adapters,
+                evictions=sources.disk.evictions if sources else 0,
+            ),
         },
+        fetch=sources.stats if sources else None,
+        fetched_disk_bytes=sources.disk.bytes() if sources else 0,
     )
 
 

@@ -183,3 +183,20 @@ async def test_refresh_over_grpc_sdk_cli_and_http_swaps_in_a_new_version(served,
         await admin.RefreshAdapter(admin_pb2.RefreshAdapterRequest(name="uploaded"))
     assert caught.value.code() is grpc.StatusCode.FAILED_PRECONDITION
     assert (await http.post("/adapters/no-such/refresh")).status_code == 404
+
+
+async def test_fetch_metrics_are_exported(served):
+    app, channel, http, s3 = served
+    gen = generation_pb2_grpc.GenerationStub(channel)
+    await gen.Generate(request("prompt_tuning"))
+    for _ in range(3):
+        with pytest.raises(grpc.aio.AioRpcError):
+            await gen.Generate(request("missing-one"))
+    async with httpx.AsyncClient() as client:
+        text = (await client.get(f"http://127.0.0.1:{app.ports.metrics}/metrics")).text
+    assert 'adapterserve_adapter_fetches_total{outcome="fetched",source="s3://team/adapters"} 1.0' in text
+    assert 'adapterserve_adapter_fetches_total{outcome="not_found",source="*"} 1.0' in text
+    assert "adapterserve_adapter_fetch_negative_cache_hits_total 2.0" in text
+    assert "adapterserve_adapter_fetch_seconds_count 1.0" in text
+    assert 'adapterserve_adapter_fetch_bytes_bucket{le="+Inf"} 1.0' in text
+    assert "adapterserve_adapter_fetched_disk_bytes" in text
