@@ -8,6 +8,7 @@ fetch can never mix two revisions. The revision is `main` unless the source name
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 from adapterserve.server.errors import InvalidArgumentError
@@ -36,6 +37,13 @@ def _is_missing(exc: BaseException) -> bool:
     return isinstance(exc, HfHubHTTPError) and getattr(response, "status_code", None) == 404
 
 
+def _default_endpoint() -> str:
+    """HF_ENDPOINT as set now, else huggingface_hub's endpoint (the Hub, or HF_ENDPOINT at its import)."""
+    from huggingface_hub import constants
+
+    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+
+
 class HubSource:
     """Hub repositories `org/<name>`, at one revision."""
 
@@ -50,7 +58,7 @@ class HubSource:
         self._org = org
         self._revision = revision or "main"
         self._timeout_s = timeout_s
-        self._endpoint = endpoint  # None: huggingface_hub's (HF_ENDPOINT, else the Hub)
+        self._endpoint = endpoint or _default_endpoint()
 
     def _url(self, name: str, filename: str, revision: str) -> str:
         from huggingface_hub import hf_hub_url

@@ -46,7 +46,8 @@ def make_registry(tiny_base, tmp_path):
         load_adapter_dir, spec=tiny_base.spec, settings=EngineSettings(), max_bytes=1 << 20
     )
 
-    def make(uris: list[str], *, root: Path | None = None, **fields) -> AdapterRegistry:
+    def make(uris: list[str], *, root: Path | None = None, sources=None, **fields) -> AdapterRegistry:
+        """`sources`: source objects to use instead of parsing `uris` (e.g. a Hub source on a test endpoint)."""
         fields.setdefault("fetch_timeout_s", 5.0)
         settings = SourceSettings(uris=tuple(uris), **fields)
         store = AdapterStore(
@@ -55,7 +56,8 @@ def make_registry(tiny_base, tmp_path):
             base_fingerprint=tiny_base.fingerprint,
             max_adapter_bytes=1 << 20,
         )
-        sources = [parse_source(u, timeout_s=settings.fetch_timeout_s) for u in uris]
+        if sources is None:
+            sources = [parse_source(u, timeout_s=settings.fetch_timeout_s) for u in uris]
         return AdapterRegistry(store, CacheSettings(), sources=SourceFetcher(store, sources, settings))
 
     return make
