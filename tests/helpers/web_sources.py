@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from collections import Counter
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -52,11 +53,22 @@ class _FolderHandler(_Quiet):
         self.server.owner.gets[urlsplit(self.path).path] += 1  # type: ignore[attr-defined]
         super().do_GET()
 
+    def copyfile(self, source, outputfile) -> None:  # noqa: ANN001 (http.server's signature)
+        delay = self.server.owner.delay_s  # type: ignore[attr-defined]
+        if not delay:
+            super().copyfile(source, outputfile)
+            return
+        while chunk := source.read(4096):  # a slow link: a pause between small pieces
+            outputfile.write(chunk)
+            outputfile.flush()
+            time.sleep(delay)
+
 
 class FolderServer(_Server):
-    """A web folder over `root`."""
+    """A web folder over `root`; `delay_s` pauses between 4 KiB pieces of a body (a slow source)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, delay_s: float = 0.0) -> None:
+        self.delay_s = delay_s
         super().__init__(partial(_FolderHandler, directory=str(root)))
 
 
