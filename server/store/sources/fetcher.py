@@ -28,7 +28,9 @@ from __future__ import annotations
 import asyncio
 import bisect
 import datetime as dt
+import errno
 import logging
+import os
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
@@ -38,6 +40,7 @@ from adapterserve.server.errors import (
     AlreadyExistsError,
     FailedPreconditionError,
     InvalidArgumentError,
+    NotFoundError,
     ResourceExhaustedError,
     ServeError,
     UnavailableError,
@@ -223,6 +226,8 @@ class SourceFetcher:
         """Find `name` in the sources and store it. With `since` (a refresh), a version equal to the
         stored one is not fetched again (RefreshResult, unchanged)."""
         deadline = started + self.settings.fetch_timeout_s
+        if not replace and self._stored_by_another(name):
+            return None
         tried = []
         for source in self.sources:
             try:
@@ -238,8 +243,13 @@ class SourceFetcher:
                 return RefreshResult(manifest=self.store.manifest(name), changed=False)
             try:
                 return self._copy(source, remote, replace=replace, deadline=deadline)
-            except AlreadyExistsError:
-                return None  # an upload of the name won the race: it is served as uploaded
+            except AlreadyExistsError:  # an upload, or another server on this store folder, won the race
+                self._stored_by_another(name)
+                return None
+            except OSError as err:  # the other server's rename came between our check and ours
+                if err.errno in (errno.ENOTEMPTY, errno.EEXIST) and self._stored_by_another(name):
+                    return None
+                raise
             except SourceUnavailableError:
                 self.stats.count(source.uri, "unavailable")
                 raise
@@ -250,6 +260,17 @@ class SourceFetcher:
             f"adapter {name!r} not found: not in the store, nor in the adapter sources tried "
             f"({', '.join(tried)})"
         )
+
+    def _stored_by_another(self, name: str) -> bool:
+        """Whether another process sharing the store folder (a Ray replica, an uploader) stored `name`
+        meanwhile; if so it is served from the folder (verified against its manifest), not fetched."""
+        if not os.path.lexists(self.store.root / name):
+            return False
+        try:
+            self.store.refresh(name)
+        except NotFoundError:
+            return False
+        return True
 
     def _copy(
         self, source: AdapterSource, remote: RemoteAdapter, *, replace: bool, deadline: float

@@ -263,3 +263,22 @@ async def test_disk_tier_evicts_fetched_lru_never_uploaded_or_pinned(s3, s3_env,
     assert registry.sources.disk.bytes() <= int(one * 2.5)
     assert (await registry.get("f1")).info.kind == "lora"  # evicted names come back on use
     assert leftovers(registry.store) == []
+
+
+async def test_two_servers_on_one_store_folder_share_what_either_fetched(
+    s3, s3_env, bucket, lora, make_registry, tmp_path
+):
+    s3.put_dir(f"{bucket}/s/x", lora(40))
+    s3.put_dir(f"{bucket}/s/y", lora(41))
+    root = tmp_path / "shared-store"
+    a = make_registry([f"s3://{bucket}/s"], root=root)
+    b = make_registry([f"s3://{bucket}/s"], root=root)
+    first = await a.get("x")
+    second = await b.get("x")  # found in the folder another server wrote: no download
+    assert second.uid == first.uid
+    both = await asyncio.gather(a.get("y"), b.get("y"))  # racing fetches: one commit, both serve it
+    assert both[0].uid == both[1].uid
+    time.sleep(0.3)
+    assert s3.object_gets(f"{bucket}/s/x/{WEIGHTS}") == 1
+    assert s3.object_gets(f"{bucket}/s/y/{WEIGHTS}") <= 2
+    assert leftovers(a.store) == []
