@@ -203,4 +203,10 @@ async def start_runtime(settings: ServerSettings) -> StartedRuntime:
         server_info=server_info(base, settings.limits),
     )
     log.info("store %s: %d adapter(s) served", store.root, len(store))
-    return StartedRuntime(runtime=runtime, snapshot=lambda: snapshot_of(engine, registry), stop=engine.stop)
+
+    async def stop() -> None:
+        await engine.stop()
+        if registry.sources is not None:
+            await registry.sources.close()
+
+    return StartedRuntime(runtime=runtime, snapshot=lambda: snapshot_of(engine, registry), stop=stop)

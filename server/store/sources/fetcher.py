@@ -34,6 +34,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from adapterserve.server.errors import (
@@ -45,7 +46,7 @@ from adapterserve.server.errors import (
     ServeError,
     UnavailableError,
 )
-from adapterserve.server.omp_pools import run_releasing_pool
+from adapterserve.server.omp_pools import releasing_pool
 from adapterserve.server.settings import SourceSettings
 from adapterserve.server.store.layout import ACCEPTED_FILES
 from adapterserve.server.store.manifest import Manifest, Origin
@@ -66,6 +67,8 @@ SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 BYTES_BUCKETS = tuple(float(1 << p) for p in range(10, 32, 2))  # 1 KiB .. 1 GiB
 Outcome = str  # "fetched", "unchanged", "not_found", "invalid", "unavailable"
 ALL_SOURCES = "*"  # the source label of an outcome that concerns every source (not found)
+FETCH_THREADS = 8  # fetches running at once; they wait on the network, so they get threads of their own
+MAX_NEGATIVE = 10_000  # names remembered as missing or invalid at most (expired ones are dropped first)
 
 
 @dataclass
@@ -125,6 +128,9 @@ class SourceFetcher:
         self._negative: dict[str, tuple[float, ServeError]] = {}  # name -> (expires, monotonic; error)
         self._checked: dict[str, float] = {}  # name -> wall time its source was last asked
         self._background: set[asyncio.Task[object]] = set()
+        # Fetches wait on the network: their own threads, so the default executor (host-cache loads,
+        # uploads) never queues behind them.
+        self._threads = ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="as-fetch")
         # Set by the registry: drops the version a background refresh replaced from the caches.
         self.on_refreshed: Callable[[RefreshResult], Awaitable[None]] | None = None
 
@@ -185,7 +191,10 @@ class SourceFetcher:
     ) -> CommitResult | RefreshResult | None:
         started = time.monotonic()
         try:
-            result = await run_releasing_pool(self._fetch_blocking, name, replace, since, started)
+            loop = asyncio.get_running_loop()
+            result = await loop.run_in_executor(
+                self._threads, releasing_pool(self._fetch_blocking), name, replace, since, started
+            )
         except SourceNotFoundError as err:
             self.stats.count(ALL_SOURCES, "not_found")
             self._remember(name, err)
@@ -216,8 +225,14 @@ class SourceFetcher:
         return result
 
     def _remember(self, name: str, err: ServeError) -> None:
-        if self.settings.negative_ttl_s > 0:
-            self._negative[name] = (time.monotonic() + self.settings.negative_ttl_s, err)
+        if self.settings.negative_ttl_s <= 0:
+            return
+        now = time.monotonic()
+        if len(self._negative) >= MAX_NEGATIVE:  # a flood of distinct names: keep the memory bounded
+            self._negative = {n: e for n, e in self._negative.items() if e[0] > now}
+            while len(self._negative) >= MAX_NEGATIVE:
+                self._negative.pop(next(iter(self._negative)))
+        self._negative[name] = (now + self.settings.negative_ttl_s, err)
 
     # ------------------------------------------------------------------ the copy (worker thread)
     def _fetch_blocking(
@@ -361,9 +376,10 @@ class SourceFetcher:
                 await self.on_refreshed(result)
 
     async def close(self) -> None:
-        """Wait for background refreshes to end (fetches in flight end on their own bound)."""
+        """Stop background refreshes; fetches in flight end on their own bound."""
         for task in list(self._background):
             task.cancel()
+        self._threads.shutdown(wait=False, cancel_futures=True)
 
 
 def _retrieve(task: asyncio.Task[object]) -> None:
