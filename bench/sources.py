@@ -178,9 +178,10 @@ async def _rounds(
                 if time.monotonic() > deadline:
                     raise
         hot = names[:HOT]
-        hot_waves = [[hot[(i + w) % HOT] for i in range(n)] for w in range(waves + 1)]
+        hot_waves = [[hot[(i + w * n) % HOT] for i in range(n)] for w in range(waves + 1)]
         _log(f"warm-up: the {HOT} hot adapters fetched and served")
-        await _wave(client, inputs, hot_waves[0], settings.max_new_tokens)
+        for start in range(0, HOT, n):  # every hot adapter, however few requests a wave has
+            await _wave(client, inputs, [hot[(start + i) % HOT] for i in range(n)], settings.max_new_tokens)
         before = _metrics((await http.get(metrics_url)).text)
         hot_tps, zipf_tps = [], []
         for w in range(waves):

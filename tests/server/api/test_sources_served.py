@@ -188,7 +188,10 @@ async def test_refresh_over_grpc_sdk_cli_and_http_swaps_in_a_new_version(served,
 async def test_fetch_metrics_are_exported(served):
     app, channel, http, s3 = served
     gen = generation_pb2_grpc.GenerationStub(channel)
-    await gen.Generate(request("prompt_tuning"))
+    scored = await gen.Score(  # Score fetches on first use as Generate does
+        generation_pb2.ScoreRequest(adapter="prompt_tuning", prompt=PROMPT, continuation=" Paris")
+    )
+    assert scored.adapter == "prompt_tuning"
     for _ in range(3):
         with pytest.raises(grpc.aio.AioRpcError):
             await gen.Generate(request("missing-one"))
