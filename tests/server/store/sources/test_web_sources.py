@@ -136,3 +136,25 @@ def test_redact_removes_secrets_user_info_and_queries(monkeypatch):
     )
     assert "topsecretvalue123" not in text and "pw@" not in text and "abc" not in text
     assert "second line" not in text and "https://***@host/b/k?***" in text
+
+
+async def test_a_source_too_slow_is_unavailable_within_the_timeout_and_leaves_nothing(
+    tmp_path, tiny_base, make_registry
+):
+    web = tmp_path / "slow-web"
+    shutil.copytree(write_lora_dir(tmp_path / "big", tiny_base.spec, seed=1, r=16), web / "slow")
+    with FolderServer(web, delay_s=0.25) as server:  # ~32 KiB in 4 KiB pieces: about 2 s
+        registry = make_registry([server.url], fetch_timeout_s=1.0)
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(UnavailableError) as caught:
+            await registry.get("slow")
+        assert asyncio.get_running_loop().time() - started < 1.5
+        assert "1 s" in str(caught.value)
+        for _ in range(60):  # the copy stops at its own deadline, between two pieces
+            if not registry.sources.inflight():
+                break
+            await asyncio.sleep(0.1)
+        assert not registry.sources.inflight()
+        assert registry.store.names() == [] and leftovers(registry.store) == []
+        server.delay_s = 0.0
+        assert (await registry.get("slow")).info.kind == "lora"  # not remembered: the next request retries
