@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Quantize = Literal["nf4", "int8", "none"]
 LoraBackendName = Literal["torch", "triton"]  # server/adapters/kernels
@@ -122,6 +122,40 @@ class CacheSettings(BaseModel):
 
     host_cache_bytes: int = Field(1 << 30, ge=0, description="parsed adapters kept in host RAM")
     max_adapter_bytes: int = Field(512 << 20, ge=1, description="one adapter's files, in bytes, at most")
+
+
+class SourceSettings(BaseModel):
+    """Where adapters not in the store are fetched from on first use (server/store/sources/)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    uris: tuple[str, ...] = Field(
+        (),
+        description="adapter sources tried in order: s3://bucket/prefix, hf://org[@revision], "
+        "https://host/path, file:///dir; a name N resolves to <source>/N/ (a PEFT folder)",
+    )
+    fetch_timeout_s: float = Field(
+        30.0, gt=0, description="seconds a fetch may take; past it the request gets UNAVAILABLE (503)"
+    )
+    ttl_s: float | None = Field(
+        None, gt=0, description="re-check a fetched adapter's source after this many seconds (None: never)"
+    )
+    negative_ttl_s: float = Field(
+        10.0,
+        ge=0,
+        description="seconds a name found missing or invalid in the sources is refused without a fetch",
+    )
+    store_max_bytes: int | None = Field(
+        None, ge=1, description="bytes of fetched adapters kept on disk, least recently used evicted first"
+    )
+
+    @field_validator("uris", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        """One string (an environment variable) holds several URIs separated by commas or spaces."""
+        if isinstance(value, str):
+            return tuple(u for u in value.replace(",", " ").split() if u)
+        return value
 
 
 class LimitSettings(BaseModel):
@@ -239,6 +273,7 @@ class ServerSettings(BaseModel):
     limits: LimitSettings = Field(default_factory=LimitSettings)
     tls: TlsSettings = Field(default_factory=TlsSettings)
     cpu: CpuSettings = Field(default_factory=CpuSettings)
+    sources: SourceSettings = Field(default_factory=SourceSettings)
 
     @model_validator(mode="after")
     def _prompt_fits(self) -> ServerSettings:

@@ -25,6 +25,7 @@ from adapterserve.server.settings import (
     LimitSettings,
     LoraBackendName,
     ServerSettings,
+    SourceSettings,
 )
 
 # `serve` listens for HTTP here unless --no-http (ServerSettings itself defaults to no HTTP).
@@ -35,6 +36,7 @@ _SECTIONS: dict[str, type[BaseModel]] = {
     "cache": CacheSettings,
     "limits": LimitSettings,
     "cpu": CpuSettings,
+    "sources": SourceSettings,
 }
 # flag dest -> (settings section, field) for the nested settings.
 _SECTION_FLAGS: dict[str, tuple[str, str]] = {
@@ -72,6 +74,11 @@ _SECTION_FLAGS: dict[str, tuple[str, str]] = {
     "cpu_prefill_threads": ("cpu", "prefill_threads"),
     "max_message_bytes": ("limits", "max_message_bytes"),
     "upload_chunk_bytes": ("limits", "upload_chunk_bytes"),
+    "adapter_source": ("sources", "uris"),
+    "adapter_source_ttl": ("sources", "ttl_s"),
+    "adapter_fetch_timeout": ("sources", "fetch_timeout_s"),
+    "adapter_negative_ttl": ("sources", "negative_ttl_s"),
+    "store_max_bytes": ("sources", "store_max_bytes"),
 }
 # TLS flag dest -> TlsSettings field.
 _TLS_FLAGS: dict[str, str] = {
@@ -205,6 +212,19 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         + (CpuSettings.model_fields["governor"].description or "")
         + f" (env {ENV_PREFIX}CPU__GOVERNOR=false)",
     )
+    src = parser.add_argument_group("adapter sources (fetched on first use)")
+    src.add_argument(
+        "--adapter-source",
+        dest="adapter_source",
+        action="append",
+        metavar="URI",
+        help="repeatable: " + section_flag_help("adapter_source"),
+    )
+    for dest in ("adapter_source_ttl", "adapter_fetch_timeout", "adapter_negative_ttl"):
+        src.add_argument(
+            flag_of(dest), dest=dest, type=float, metavar="SECONDS", help=section_flag_help(dest)
+        )
+    src.add_argument("--store-max-bytes", type=int, metavar="N", help=section_flag_help("store_max_bytes"))
     lim = parser.add_argument_group("request limits")
     for dest in (
         "max_prompt_tokens",

@@ -13,6 +13,7 @@ from typing import Protocol
 
 from adapterserve.server.adapters.types import AdapterInfo
 from adapterserve.server.engine.types import GenerationRequest, TokenEvent
+from adapterserve.server.store.manifest import Origin
 from adapterserve.server.store.upload import UploadRequest
 
 
@@ -60,6 +61,7 @@ class AdapterRecord:
     pinned: bool
     version: int
     cache_tier: str  # "disk", "host" or "device"
+    origin: Origin | None = None  # where a fetched adapter came from (None: uploaded)
 
 
 @dataclass(frozen=True)
@@ -91,3 +93,7 @@ class AdapterCatalog(Protocol):
     async def pin(self, name: str) -> AdapterRecord: ...
 
     async def unpin(self, name: str) -> AdapterRecord: ...
+
+    async def refresh(self, name: str) -> tuple[AdapterRecord, bool]:
+        """Ask a fetched adapter's source again; (the adapter now, whether a new version was stored)."""
+        ...

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,11 @@ class RuntimeSnapshot:
     prefix_cache_hits: int = 0  # of those, found computed
     prefix_cache_evictions: int = 0  # cached blocks given to other content
     prefix_cache_blocks: int = 0  # blocks holding a key now
+    # Adapter sources (store/sources/fetcher.py FetchStats; None without sources): outcomes by
+    # (source, outcome), `seconds` and `nbytes` histograms (buckets, cumulative counts, total, count),
+    # negative_hits; and the fetched adapters on disk (bytes) under --store-max-bytes.
+    fetch: Any = None
+    fetched_disk_bytes: int = 0
 
 
 class _RuntimeCollector(Collector):
@@ -144,6 +149,8 @@ class _RuntimeCollector(Collector):
         yield entries
         yield from self._decode_families(snap)
         yield from self._prefix_cache_families(snap)
+        if snap.fetch is not None:
+            yield from self._fetch_families(snap)
 
     @staticmethod
     def _prefix_cache_families(snap: RuntimeSnapshot) -> Iterator[Any]:
@@ -169,6 +176,43 @@ class _RuntimeCollector(Collector):
             "adapterserve_prefix_cache_blocks",
             "KV blocks holding a cached prefix",
             value=snap.prefix_cache_blocks,
+        )
+
+    @staticmethod
+    def _fetch_families(snap: RuntimeSnapshot) -> Iterator[Any]:
+        stats = snap.fetch
+        fetches = CounterMetricFamily(
+            "adapterserve_adapter_fetches",
+            "Adapter fetches from the adapter sources by outcome (fetched, unchanged, not_found, invalid, "
+            "unavailable); source '*' for a name in none of them",
+            labels=["source", "outcome"],
+        )
+        for (source, outcome), count in sorted(stats.outcomes.items()):
+            fetches.add_metric([source, outcome], count)
+        yield fetches
+        for name, help_text, hist in (
+            (
+                "adapter_fetch_seconds",
+                "Seconds of a successful fetch, first byte asked to commit",
+                stats.seconds,
+            ),
+            ("adapter_fetch_bytes", "Bytes of a successful fetch", stats.nbytes),
+        ):
+            buckets = [(repr(float(le)), c) for le, c in zip(hist.buckets, hist.counts, strict=True)]
+            buckets.append(("+Inf", hist.count))
+            yield HistogramMetricFamily(
+                f"adapterserve_{name}", help_text, buckets=buckets, sum_value=hist.total
+            )
+        yield CounterMetricFamily(
+            "adapterserve_adapter_fetch_negative_cache_hits",
+            "Requests refused from the negative cache (a name just found missing or invalid in the sources)",
+            value=stats.negative_hits,
+        )
+        yield GaugeMetricFamily(
+            "adapterserve_adapter_fetched_disk_bytes",
+            "Bytes of fetched adapters kept on disk (bounded by --store-max-bytes; evictions are "
+            'adapterserve_adapter_cache_evictions{tier="disk"})',
+            value=snap.fetched_disk_bytes,
         )
 
     @staticmethod

@@ -76,6 +76,7 @@ def snapshot_of(engine: Any, registry: Any) -> RuntimeSnapshot:
     """Engine gauges and the host/device cache tiers, for the metrics endpoint."""
     stats = engine.stats()
     cache = registry.stats()
+    sources = getattr(registry, "sources", None)  # the SourceFetcher, None without adapter sources
     return RuntimeSnapshot(
         queue_depth=stats.waiting,
         running_requests=stats.running,
@@ -106,8 +107,14 @@ def snapshot_of(engine: Any, registry: Any) -> RuntimeSnapshot:
                 entries=cache.host_entries,
                 capacity_bytes=cache.host_capacity_bytes,
             ),
-            "disk": TierStats(bytes=cache.disk_bytes, entries=cache.disk_adapters),
+            "disk": TierStats(
+                bytes=cache.disk_bytes,
+                entries=cache.disk_adapters,
+                evictions=sources.disk.evictions if sources else 0,
+            ),
         },
+        fetch=sources.stats if sources else None,
+        fetched_disk_bytes=sources.disk.bytes() if sources else 0,
     )
 
 
@@ -120,6 +127,21 @@ def cpu_plan(settings: ServerSettings, device_type: str) -> ThreadPlan | None:
     log.info(plan.describe())
     apply_threads(plan.threads)
     return plan
+
+
+def source_fetcher(store: Any, settings: ServerSettings) -> Any:
+    """The SourceFetcher of the configured adapter sources (store/sources/), or None without any."""
+    if not settings.sources.uris:
+        return None
+    from adapterserve.server.store.sources import parse_source
+    from adapterserve.server.store.sources.fetcher import SourceFetcher
+
+    timeout = settings.sources.fetch_timeout_s
+    fetcher = SourceFetcher(
+        store, [parse_source(u, timeout_s=timeout) for u in settings.sources.uris], settings.sources
+    )
+    log.info("adapter sources, tried in order: %s", fetcher.describe())
+    return fetcher
 
 
 async def start_runtime(settings: ServerSettings) -> StartedRuntime:
@@ -161,7 +183,7 @@ async def start_runtime(settings: ServerSettings) -> StartedRuntime:
             )
 
         await run_releasing_pool(ensure_demo_adapters, base, put, set(store.names()))
-    registry = AdapterRegistry(store, settings.cache)
+    registry = AdapterRegistry(store, settings.cache, sources=source_fetcher(store, settings))
     engine = Engine(base, registry, settings.engine, cpu=cpu_plan(settings, base.device.type))
     await engine.start()
     try:
@@ -187,4 +209,10 @@ async def start_runtime(settings: ServerSettings) -> StartedRuntime:
         server_info=server_info(base, settings.limits),
     )
     log.info("store %s: %d adapter(s) served", store.root, len(store))
-    return StartedRuntime(runtime=runtime, snapshot=lambda: snapshot_of(engine, registry), stop=engine.stop)
+
+    async def stop() -> None:
+        await engine.stop()
+        if registry.sources is not None:
+            await registry.sources.close()
+
+    return StartedRuntime(runtime=runtime, snapshot=lambda: snapshot_of(engine, registry), stop=stop)

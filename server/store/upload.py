@@ -43,7 +43,7 @@ from adapterserve.server.store.layout import (
     move_into_place,
     new_upload_dir,
 )
-from adapterserve.server.store.manifest import FileEntry, Manifest, check_base, write_manifest
+from adapterserve.server.store.manifest import FileEntry, Manifest, Origin, check_base, write_manifest
 from adapterserve.server.store.names import validate_name
 from adapterserve.server.store.versions import raise_record
 
@@ -95,6 +95,7 @@ class UploadRequest:
     description: str = ""
     base_fingerprint: str | None = None
     max_bytes: int | None = None
+    origin: Origin | None = None
 
     def __post_init__(self) -> None:
         validate_name(self.name)
@@ -308,6 +309,7 @@ def publish_upload(
             files=files,
             base_fingerprint=base_fingerprint or session.request.base_fingerprint,
             description=session.request.description,
+            origin=session.request.origin,
         )
         write_manifest(tmp, manifest)
         fsync_dir(tmp)

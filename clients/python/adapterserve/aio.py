@@ -29,6 +29,7 @@ from adapterserve.models import (
     AdapterInfo,
     GenerateResult,
     HealthStatus,
+    RefreshResult,
     ScoreResult,
     ServerInfo,
     StreamChunk,
@@ -233,6 +234,10 @@ class AsyncClient(ClientBase):
     async def unpin(self, name: str, *, timeout: float | None = None) -> AdapterInfo:
         """See `Client.unpin`."""
         return await self._unary(convert.adapter_call("UnpinAdapter", name, timeout))
+
+    async def refresh_adapter(self, name: str, *, timeout: float | None = None) -> RefreshResult:
+        """See `Client.refresh_adapter`."""
+        return await self._unary(convert.refresh_call(name, timeout))
 
     # -- health ----------------------------------------------------------------------------------
 

@@ -29,6 +29,7 @@ from adapterserve.models import (
     AdapterInfo,
     GenerateResult,
     HealthStatus,
+    RefreshResult,
     ScoreResult,
     ServerInfo,
     StreamChunk,
@@ -253,6 +254,11 @@ class Client(ClientBase):
     def unpin(self, name: str, *, timeout: float | None = None) -> AdapterInfo:
         """Unpin an adapter (evictable again). Idempotent."""
         return self._unary(convert.adapter_call("UnpinAdapter", name, timeout))
+
+    def refresh_adapter(self, name: str, *, timeout: float | None = None) -> RefreshResult:
+        """Ask a fetched adapter's source again (servers with --adapter-source): a new ETag or revision
+        replaces the stored version atomically. FailedPrecondition for an uploaded adapter."""
+        return self._unary(convert.refresh_call(name, timeout))
 
     # -- health ----------------------------------------------------------------------------------
 

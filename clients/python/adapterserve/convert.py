@@ -22,12 +22,14 @@ from adapterserve.models import (
     AdapterFile,
     AdapterInfo,
     AdapterKind,
+    AdapterOrigin,
     CacheTier,
     ChatMessage,
     Choice,
     FinishReason,
     GenerateResult,
     Limits,
+    RefreshResult,
     ScoreResult,
     ServerInfo,
     StreamChunk,
@@ -456,7 +458,27 @@ def adapter_from_proto(message: types_pb2.AdapterInfo) -> AdapterInfo:
         pinned=message.pinned,
         version=message.version,
         cache_tier=_TIERS.get(message.cache_tier, CacheTier.UNSPECIFIED),
+        origin=_origin_from_proto(message.origin) if message.HasField("origin") else None,
     )
+
+
+def _origin_from_proto(message: types_pb2.AdapterOrigin) -> AdapterOrigin:
+    return AdapterOrigin(
+        source=message.source,
+        etag=message.etag,
+        revision=message.revision,
+        fetched_at=message.fetched_at.ToDatetime(tzinfo=UTC) if message.HasField("fetched_at") else None,
+    )
+
+
+def refresh_call(name: str, timeout: float | None) -> Call[RefreshResult]:
+    """RefreshAdapter on `name` (retried on UNAVAILABLE: asking the source again is idempotent)."""
+    request = admin_pb2.RefreshAdapterRequest(name=name)
+    return Call("RefreshAdapter", request, _reply_refresh, READ_CODES, timeout, admin=True)
+
+
+def _reply_refresh(message: admin_pb2.RefreshAdapterResponse) -> RefreshResult:
+    return RefreshResult(adapter=adapter_from_proto(message.adapter), changed=message.changed)
 
 
 def upload_result_from_proto(message: admin_pb2.UploadAdapterResponse) -> UploadResult:

@@ -171,6 +171,15 @@ class AdapterFile(_Frozen):
     sha256: str
 
 
+class AdapterOrigin(_Frozen):
+    """Where a fetched adapter came from (the server's --adapter-source) and which version of it."""
+
+    source: str  # e.g. "s3://bucket/prefix", "hf://org", without credentials
+    etag: str = ""  # the version there (ETags; the Hub's etag)
+    revision: str = ""  # the Hub's commit sha (hf:// only)
+    fetched_at: datetime | None = None
+
+
 class AdapterInfo(_Frozen):
     """A stored adapter as the server describes it."""
 
@@ -191,6 +200,14 @@ class AdapterInfo(_Frozen):
     pinned: bool = False
     version: int = 0
     cache_tier: CacheTier = CacheTier.UNSPECIFIED
+    origin: AdapterOrigin | None = None  # None: uploaded, not fetched from a source
+
+
+class RefreshResult(_Frozen):
+    """The reply of `refresh_adapter`: the adapter as served now, and whether a new version came in."""
+
+    adapter: AdapterInfo
+    changed: bool
 
 
 class UploadResult(_Frozen):

@@ -195,3 +195,11 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             return admin_pb2.UnpinAdapterResponse(
                 adapter=adapter_to_proto(await self._runtime.get().catalog.unpin(request.name))
             )
+
+    @map_errors
+    async def RefreshAdapter(
+        self, request: admin_pb2.RefreshAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.RefreshAdapterResponse:
+        async with self._lifecycle.call():
+            record, changed = await self._runtime.get().catalog.refresh(request.name)
+            return admin_pb2.RefreshAdapterResponse(adapter=adapter_to_proto(record), changed=changed)

@@ -20,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from adapterserve.server.api.auth import AuthPolicy
+from adapterserve.server.api.auth import ADMIN_PREFIX, AuthPolicy
 from adapterserve.server.api.http.errors import OpenAIError
 from adapterserve.server.api.http.service import CHAT, COMPLETIONS, PROTOCOL, OpenAIService, bearer_refusal
 from adapterserve.server.api.lifecycle import Lifecycle
@@ -119,6 +119,16 @@ def build_http_app(
         if reply is None:  # nobody reads this: the client is gone
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         return JSONResponse(reply)
+
+    @app.post("/v1/adapters/{name}/refresh")
+    async def refresh_adapter(request: Request, name: str) -> JSONResponse:
+        refusal = bearer_refusal(
+            policy, request.headers.get("authorization"), ADMIN_PREFIX + "RefreshAdapter"
+        )
+        if refusal is not None:
+            metrics.record_request("refresh", OTHER_LABEL, refusal.grpc_code, protocol=PROTOCOL)
+            raise refusal
+        return JSONResponse(await service.refresh(name))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:

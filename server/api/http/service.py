@@ -54,7 +54,7 @@ from adapterserve.server.engine.types import (
 )
 from adapterserve.server.errors import InvalidArgumentError, NotFoundError, UnavailableError
 from adapterserve.server.settings import LimitSettings
-from adapterserve.server.store.names import is_valid_name
+from adapterserve.server.store.names import NAME_RULE, is_valid_name
 
 PROTOCOL = "http"
 COMPLETIONS = "completions"
@@ -83,10 +83,25 @@ def served_name_of(base_model: str) -> str:
     return name.split(":", 1)[-1] or "base"
 
 
-def bearer_refusal(policy: AuthPolicy, authorization: str | None) -> OpenAIError | None:
-    """The 401/403 for an HTTP generation call, with the same tokens and rules as gRPC's Generation."""
+def origin_json(origin: Any) -> dict[str, Any] | None:
+    """A fetched adapter's origin in /v1/models (None for an uploaded one)."""
+    if origin is None:
+        return None
+    return {
+        "source": origin.source,
+        "etag": origin.tag,
+        "revision": origin.revision,
+        "fetched_at": int(origin.fetched_at.timestamp()),
+    }
+
+
+def bearer_refusal(
+    policy: AuthPolicy, authorization: str | None, method: str = GENERATION_PREFIX + "Generate"
+) -> OpenAIError | None:
+    """The 401/403 for an HTTP call, with the same tokens and rules as gRPC's `method` (Generation's
+    by default; an Admin method for the admin routes)."""
     metadata = () if authorization is None else (("authorization", authorization),)
-    refusal = decide(policy, GENERATION_PREFIX + "Generate", metadata)
+    refusal = decide(policy, method, metadata)
     if refusal is None:
         return None
     code, message = refusal
@@ -204,9 +219,25 @@ class OpenAIService:
                     "parent": base,
                     "adapter_kind": str(record.info.kind),
                     "peft_type": record.info.peft_type,
+                    "origin": origin_json(record.origin),
                 }
             )
         return {"object": "list", "data": data}
+
+    async def refresh(self, name: str) -> dict[str, Any]:
+        """POST /v1/adapters/{name}/refresh (admin): ask a fetched adapter's source again."""
+        if (reason := self._lifecycle.refusal()) is not None:
+            raise to_openai_error(UnavailableError(reason), "refresh")
+        try:
+            record, changed = await self._runtime.get().catalog.refresh(name)
+        except Exception as exc:
+            raise to_openai_error(exc, "refresh") from None
+        return {
+            "id": record.name,
+            "version": record.version,
+            "changed": changed,
+            "origin": origin_json(record.origin),
+        }
 
     # ------------------------------------------------------------------ requests
     def _parse(self, body: Any, schema: type[CompletionRequest] | type[ChatCompletionRequest]) -> Any:
@@ -221,8 +252,8 @@ class OpenAIService:
     def _adapter_of(self, model: str) -> str:
         if model == self.served_name():
             return ""
-        if not is_valid_name(model):
-            raise NotFoundError(f"model {model!r} is not an adapter name")  # the service answers 404
+        if not is_valid_name(model):  # never reaches the store or a source
+            raise InvalidArgumentError(f"model {model[:80]!r} is not a valid adapter name: {NAME_RULE}")
         return model
 
     def engine_request(
@@ -330,7 +361,7 @@ class OpenAIService:
     @staticmethod
     def _openai_error(exc: BaseException, run: _Run) -> OpenAIError:
         if isinstance(exc, NotFoundError):
-            return OpenAIError.model_not_found(run.model)
+            return OpenAIError.model_not_found(run.model, detail=str(exc))
         return to_openai_error(exc, run.session.method)
 
     def _new_run(self, prefix: str, req: Any, method: str) -> _Run:
