@@ -27,8 +27,8 @@ import sys
 import time
 from pathlib import Path
 
-from adapterserve.bench.served import _free_port, request_inputs, serve_command, start_server, stop_server
-from adapterserve.bench.throughput import BenchSettings, _log, make_adapters, make_prompts
+from adapterserve.bench.served import free_port, request_inputs, serve_command, start_server, stop_server
+from adapterserve.bench.throughput import BenchSettings, make_adapters, make_prompts, progress
 from adapterserve.server.model.loading import load_base_model, resolve_source
 
 ZIPF_S = 1.1
@@ -89,7 +89,7 @@ def run_sources(settings: BenchSettings, source_adapters: int, waves: int = 12) 
     )
     embed_std = float(base.model.get_input_embeddings().weight.float().std())
     lora = dataclasses.replace(settings, adapters=source_adapters, kinds="lora")
-    _log(f"preparing {source_adapters} LoRA adapters (r={settings.rank}) in the bucket folder")
+    progress(f"preparing {source_adapters} LoRA adapters (r={settings.rank}) in the bucket folder")
     dirs = make_adapters(model_dir, lora, embed_std)
     bucket_root = settings.workdir / "s3"
     shutil.rmtree(bucket_root, ignore_errors=True)
@@ -104,13 +104,13 @@ def run_sources(settings: BenchSettings, source_adapters: int, waves: int = 12) 
     max_seq_len = settings.max_seq_len or max(len(p) for p in prompts) + settings.max_new_tokens + 16
     dtype = str(base.dtype).removeprefix("torch.")
     del base
-    s3_port, port = _free_port(), _free_port()
+    s3_port, port = free_port(), free_port()
     s3 = _start_s3(bucket_root, s3_port, settings.workdir / "rclone.log")
     store = settings.workdir / "sources-store"
     shutil.rmtree(store, ignore_errors=True)
     served = dataclasses.replace(settings, adapters=HOT, adapter_slots=settings.adapter_slots or HOT)
     cmd = serve_command(served, model_dir, store, port, max_seq_len, dtype)
-    metrics_port = _free_port()
+    metrics_port = free_port()
     cmd[cmd.index("--metrics-port") + 1] = str(metrics_port)
     cmd += ["--adapter-source", f"s3://{BUCKET}/{PREFIX}", "--adapter-fetch-timeout", "120"]
     env = dict(os.environ) | {
@@ -121,12 +121,12 @@ def run_sources(settings: BenchSettings, source_adapters: int, waves: int = 12) 
     }
     log_path = settings.workdir / "sources-served.log"
     server = start_server(cmd, port, log_path, env)
-    _log(f"server: {' '.join(cmd[2:])}")
+    progress(f"server: {' '.join(cmd[2:])}")
     try:
         metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         result = asyncio.run(_rounds(AsyncClient, server, metrics_url, names, inputs, settings, waves))
     except BaseException:
-        _log(f"server log tail:\n{server.log_tail()}")
+        progress(f"server log tail:\n{server.log_tail()}")
         raise
     finally:
         rc = stop_server(server)
@@ -179,7 +179,7 @@ async def _rounds(
                     raise
         hot = names[:HOT]
         hot_waves = [[hot[(i + w * n) % HOT] for i in range(n)] for w in range(waves + 1)]
-        _log(f"warm-up: the {HOT} hot adapters fetched and served")
+        progress(f"warm-up: the {HOT} hot adapters fetched and served")
         for start in range(0, HOT, n):  # every hot adapter, however few requests a wave has
             await _wave(client, inputs, [hot[(start + i) % HOT] for i in range(n)], settings.max_new_tokens)
         before = _metrics((await http.get(metrics_url)).text)
@@ -192,7 +192,7 @@ async def _rounds(
                     hot_tps.append(await _wave(client, inputs, hot_waves[w + 1], settings.max_new_tokens))
                 else:
                     zipf_tps.append(await _wave(client, inputs, picks, settings.max_new_tokens))
-            _log(f"wave {w + 1}/{waves}: hot {hot_tps[-1]:.1f} tok/s, zipf {zipf_tps[-1]:.1f} tok/s")
+            progress(f"wave {w + 1}/{waves}: hot {hot_tps[-1]:.1f} tok/s, zipf {zipf_tps[-1]:.1f} tok/s")
         after = _metrics((await http.get(metrics_url)).text)
         first_use = await _first_use(client, inputs[0], names, hot[0], rng, settings.max_new_tokens)
         final = _metrics((await http.get(metrics_url)).text)
