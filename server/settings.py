@@ -138,7 +138,7 @@ class SourceSettings(BaseModel):
         30.0, gt=0, description="seconds a fetch may take; past it the request gets UNAVAILABLE (503)"
     )
     ttl_s: float | None = Field(
-        None, gt=0, description="re-check a fetched adapter's source after this many seconds (None: never)"
+        None, gt=0, description="re-check a fetched adapter's source after this many seconds (default: never)"
     )
     negative_ttl_s: float = Field(
         10.0,
@@ -146,7 +146,7 @@ class SourceSettings(BaseModel):
         description="seconds a name found missing or invalid in the sources is refused without a fetch",
     )
     store_max_bytes: int | None = Field(
-        None, ge=1, description="bytes of fetched adapters kept on disk, least recently used evicted first"
+        None, ge=1, description="bytes of fetched adapters kept on disk, least recently used evicted first (default: no bound)"
     )
 
     @field_validator("uris", mode="before")

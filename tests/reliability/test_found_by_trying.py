@@ -171,9 +171,9 @@ def test_serve_help_shows_text_and_default_for_every_engine_and_limit_flag():
     for dest, (section, field) in _SECTION_FLAGS.items():
         flag = "--" + dest.replace("_", "-")
         value = getattr(getattr(defaults, section), field)
-        # a number (N) or one of a setting's choices ({paged,dense})
+        # a number (N, MS), one of a setting's choices ({paged,dense}), or a switch (no value)
         match = re.search(
-            re.escape(flag) + r" (?:N|\{[a-z0-9,_]+\}) (.*?)(?: --|$)", flat.split("options:")[-1]
+            re.escape(flag) + r"(?: (?:[A-Z]+|\{[a-z0-9,_]+\}))? (.*?)(?: --|$)", flat.split("options:")[-1]
         )
         assert match is not None, f"{flag} is not in serve --help"
         described = match.group(1)

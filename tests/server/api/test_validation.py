@@ -16,7 +16,7 @@ from adapterserve.server.api.http.service import OpenAIService
 from adapterserve.server.api.lifecycle import Lifecycle
 from adapterserve.server.api.metrics import ServerMetrics
 from adapterserve.server.api.runtime import RuntimeRef
-from adapterserve.server.errors import InvalidArgumentError, NotFoundError
+from adapterserve.server.errors import InvalidArgumentError
 from adapterserve.server.settings import LimitSettings
 from adapterserve.v1 import generation_pb2
 
@@ -114,8 +114,9 @@ def test_http_only_shapes_are_checked_by_the_same_check(service, tiny_tokenizer,
         http_request(service, tiny_tokenizer, body, chat=chat)
 
 
-def test_an_unknown_model_name_is_not_found_and_a_one_token_echo_scores_nothing(service, tiny_tokenizer):
-    with pytest.raises(NotFoundError):
+def test_an_invalid_model_name_is_refused_and_a_one_token_echo_scores_nothing(service, tiny_tokenizer):
+    # no valid adapter name (a path, as OpenAI's own model names never are): 400, never a source lookup
+    with pytest.raises(InvalidArgumentError, match="not a valid adapter name"):
         service.engine_request(CompletionRequest(model="../x", prompt="hi"), "id", tiny_tokenizer)
     echo = CompletionRequest(model="base", prompt=[5], max_tokens=0, echo=True)
     assert service.engine_request(echo, "id", tiny_tokenizer).score_tokens == 0
