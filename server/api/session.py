@@ -80,6 +80,7 @@ class GenerationSession:
         self.first_token_at: float | None = None
         self.prompt_tokens = 0
         self.generated_tokens = 0  # tokens of every choice
+        self.adapter_version = 0  # the adapter version serving the call (0: the base), once submitted
         self.finish_reason: FinishReason | None = None  # set once every choice has ended
         self.status: str | None = None  # the final status code name, once the call is over
         self._open_choices = 1
@@ -141,6 +142,7 @@ class GenerationSession:
                     yield answer
                     return
                 handle = await runtime.engine.submit(request)
+                self.adapter_version = getattr(handle, "adapter_version", 0)
                 uncut = shared.lifecycle.on_cut(lambda: self._end_for_drain(handle))
                 label = labels.grant(request.adapter)
                 async for event in handle:

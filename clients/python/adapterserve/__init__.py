@@ -50,6 +50,7 @@ from adapterserve.models import (
     StreamChunk,
     Timings,
     TokenLogprob,
+    UpdateResult,
     UploadResult,
 )
 from adapterserve.retry import RetryPolicy
@@ -95,6 +96,7 @@ __all__ = [
     "Unimplemented",
     "UnknownError",
     "UploadProgress",
+    "UpdateResult",
     "UploadResult",
     "__version__",
 ]

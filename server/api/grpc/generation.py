@@ -103,6 +103,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
             logprobs=first.logprobs,
             prompt_logprobs=logprobs_to_proto(prompt_logprobs),
             choices=[choices[i] for i in sorted(choices)] if len(choices) > 1 else [],
+            adapter_version=session.adapter_version,
         )
 
     @map_errors
@@ -120,6 +121,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                     logprobs=logprobs_to_proto(event.token_logprobs),
                     prompt_logprobs=logprobs_to_proto(event.prompt_logprobs),
                     index=event.index,
+                    adapter_version=session.adapter_version,
                 )
                 if event.finish_reason is not None:
                     message.finish_reason = finish_reason_to_proto(event.finish_reason)
