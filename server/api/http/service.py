@@ -354,6 +354,7 @@ class OpenAIService:
             "model": req.model,
             "choices": choices,
             "usage": run.usage(),
+            "adapter_version": run.session.adapter_version,
         }
 
     def _chat_logprobs(self, req: ChatCompletionRequest, entries: list) -> dict[str, Any] | None:
@@ -381,6 +382,7 @@ class OpenAIService:
                 for state in states
             ],
             "usage": run.usage(),
+            "adapter_version": run.session.adapter_version,
         }
 
     def is_streaming(self, body: Any) -> bool:
@@ -404,6 +406,7 @@ class OpenAIService:
                 "created": run.created,
                 "model": req.model,
                 "choices": [] if choice is None else [choice],
+                "adapter_version": run.session.adapter_version,
             }
             if usage is not None:
                 frame["usage"] = usage

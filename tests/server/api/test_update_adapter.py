@@ -200,3 +200,54 @@ async def test_update_needs_the_admin_token(tiny_model_dir, tmp_path):
     finally:
         app.request_stop()
         assert await asyncio.wait_for(task, 60) == 0
+
+
+async def test_http_update_and_completions_say_which_version_answered(tiny_model_dir, tmp_path):
+    import httpx
+    from safetensors.torch import save
+
+    settings = ServerSettings(
+        base_model=str(tiny_model_dir),
+        quantize="none",
+        device="cpu",
+        store=tmp_path / "store",
+        port=0,
+        metrics_port=0,
+        http_port=0,
+        admin_token="s3cret",
+    )
+    app = ServeApp(settings)
+    task = asyncio.create_task(app.run(handle_signals=False))
+    await wait_until(lambda: app.lifecycle.phase is Phase.SERVING or task.done(), timeout=120)
+    weights = Weights(tmp_path / "weights", app.runtime.get().engine.base.spec)
+    admin = {"authorization": "Bearer s3cret"}
+    try:
+        async with AsyncClient(f"127.0.0.1:{app.ports.grpc}", admin_token="s3cret") as client:
+            await client.upload_adapter(weights.folder(1), "ref-1")
+            ref = (await _greedy(client, "ref-1")).token_ids
+            await client.upload_adapter(weights.folder(0), "live")
+        url = f"http://127.0.0.1:{app.ports.http}"
+        body = save(weights.tensors(1))
+        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+            refused = await http.post("/v1/adapters/live/weights", content=body)
+            assert refused.status_code == 401
+            reply = await http.post("/v1/adapters/live/weights?persist=true", content=body, headers=admin)
+            assert reply.status_code == 200, reply.text
+            update = reply.json()
+            assert update["version"] > update["previous_version"] and update["persisted"]
+            bad = await http.post("/v1/adapters/live/weights", content=b"not safetensors", headers=admin)
+            assert bad.status_code == 400
+            missing = await http.post("/v1/adapters/nope/weights", content=body, headers=admin)
+            assert missing.status_code == 404
+            done = await http.post(
+                "/v1/completions",
+                json={"model": "live", "prompt": PROMPT, "max_tokens": NEW_TOKENS, "ignore_eos": True},
+            )
+            assert done.status_code == 200, done.text
+            assert done.json()["adapter_version"] == update["version"]
+        async with AsyncClient(f"127.0.0.1:{app.ports.grpc}") as client:
+            after = await _greedy(client, "live")
+        assert after.adapter_version == update["version"] and after.token_ids == ref
+    finally:
+        app.request_stop()
+        assert await asyncio.wait_for(task, 60) == 0
