@@ -61,8 +61,10 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[dict[str, A
 def prompt_ids(tokenizer: Any, prompt: Any) -> list[int]:
     """The token ids the server samples from: a chat rendered with the chat template, text as is."""
     if isinstance(prompt, list):
-        ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+        rendered = tokenizer.apply_chat_template(
+            prompt, add_generation_prompt=True, tokenize=True, return_dict=True
+        )
+        return [int(i) for i in rendered["input_ids"]]
     return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
 
 

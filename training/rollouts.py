@@ -33,6 +33,7 @@ class RolloutSampling:
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None  # set: request k's choice i samples with seed + (choices before it) + i
+    ignore_eos: bool = False  # every completion max_new_tokens long (benchmarks)
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,7 @@ class RolloutClient:
                 top_k=how.top_k,
                 logprobs=0,
                 seed=seed,
+                ignore_eos=how.ignore_eos,
             ),
         )
         try:
