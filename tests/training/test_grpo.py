@@ -137,3 +137,63 @@ def test_prompt_records_and_groups(tmp_path):
     with pytest.raises(SettingsError, match="prompt"):
         read_prompts(write_jsonl(tmp_path / "bad.jsonl", [{"text": "a"}]))
     assert _groups(["a", "a", "b", "b", "a"]) == [("a", 2), ("b", 2), ("a", 1)]
+
+
+def test_two_jobs_share_one_server_and_each_samples_its_own_latest_version(
+    rollout_server, peaked_model_dir, tmp_path
+):
+    import threading
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from adapterserve.training.grpo import adapter_state, prompt_ids
+    from adapterserve.training.output import save_adapter
+    from adapterserve.training.rollouts import RolloutClient, RolloutSampling
+
+    tokenizer = AutoTokenizer.from_pretrained(peaked_model_dir)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(peaked_model_dir),
+        LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+    )
+    state = adapter_state(model)
+    ids = [prompt_ids(tokenizer, p) for p in PROMPTS[:2]]
+    sampling = RolloutSampling(max_new_tokens=4, temperature=1.0, seed=7)
+    clients = [RolloutClient(rollout_server.target, f"job-{k}", sampling) for k in range(2)]
+    seen: dict[str, list[tuple[int, set[int]]]] = {c.adapter: [] for c in clients}
+    errors: list[BaseException] = []
+
+    def job(client: RolloutClient, scale: float) -> None:
+        try:
+            for step in range(3):
+                version = client.push({k: v * (scale + step) for k, v in state.items()})
+                groups = client.sample([(i, 4) for i in ids])
+                seen[client.adapter].append((version, {c.adapter_version for g in groups for c in g}))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    for client in clients:
+        client.upload(save_adapter(model, tmp_path / client.adapter))
+    threads = [threading.Thread(target=job, args=(c, 1.0 + k)) for k, c in enumerate(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    for client in clients:
+        steps = seen[client.adapter]
+        assert [versions for _, versions in steps] == [{v} for v, _ in steps]  # its own newest version
+        assert [v for v, _ in steps] == sorted({v for v, _ in steps})  # each push a new version
+        assert client.admin.get_adapter(client.adapter).version == steps[-1][0]
+        client.close()
+
+
+def test_prompt_ids_render_chats_with_the_chat_template():
+    from adapterserve.training.grpo import prompt_ids
+    from tests.helpers.tiny_model import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    chat = [{"role": "user", "content": "the cat sat on"}]
+    text = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+    assert prompt_ids(tokenizer, chat) == tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert prompt_ids(tokenizer, "the cat") == tokenizer("the cat")["input_ids"]
