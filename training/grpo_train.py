@@ -83,7 +83,12 @@ def train_grpo(
         target = settings.rollout_server
         if target is None:
             target = stack.enter_context(
-                LocalServer(settings.base_model, settings.device, max_new_tokens=settings.max_new_tokens)
+                LocalServer(
+                    settings.base_model,
+                    settings.device,
+                    max_new_tokens=settings.max_new_tokens,
+                    max_n=max(16, settings.num_generations),
+                )
             )
         client = stack.enter_context(RolloutClient(target, name, sampling))
         with tempfile.TemporaryDirectory(prefix="adapterserve-grpo-init-") as scratch:

@@ -16,7 +16,6 @@ from adapterserve.server.api.auth import ADMIN_PREFIX, AuthPolicy, decide
 from adapterserve.server.api.http.errors import OpenAIError, to_openai_error
 from adapterserve.server.api.lifecycle import Lifecycle
 from adapterserve.server.api.runtime import RuntimeRef
-from adapterserve.server.errors import ResourceExhaustedError
 from adapterserve.server.settings import LimitSettings
 
 UPDATE_METHOD = ADMIN_PREFIX + "UpdateAdapter"
@@ -41,14 +40,22 @@ class AdminHttp:
     def __init__(self, runtime: RuntimeRef, limits: LimitSettings, lifecycle: Lifecycle) -> None:
         self._runtime, self._limits, self._lifecycle = runtime, limits, lifecycle
 
+    def _too_large(self) -> OpenAIError:
+        message = f"update: more than the limit max_upload_bytes={self._limits.max_upload_bytes} bytes"
+        return OpenAIError(413, message, "invalid_request_error", grpc_code="RESOURCE_EXHAUSTED")
+
+    def check_length(self, content_length: str | None) -> None:
+        """Refuse a body announced as larger than max_upload_bytes before it is read (413)."""
+        if content_length is not None and content_length.isdigit():
+            if int(content_length) > self._limits.max_upload_bytes:
+                raise self._too_large()
+
     async def update_weights(self, name: str, body: bytes, *, persist: bool) -> dict[str, Any]:
         """Replace `name`'s weights with the tensors of the safetensors `body`; the JSON reply."""
+        if len(body) > self._limits.max_upload_bytes:
+            raise self._too_large()
         try:
             async with self._lifecycle.call():
-                if len(body) > self._limits.max_upload_bytes:
-                    raise ResourceExhaustedError(
-                        f"update: more than the limit max_upload_bytes={self._limits.max_upload_bytes} bytes"
-                    )
                 tensors = load_safetensors_checked(body, where="the request body")
                 outcome = await self._runtime.get().catalog.update(name, tensors, persist=persist)
         except Exception as exc:

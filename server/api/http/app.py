@@ -113,6 +113,7 @@ def build_http_app(
             refusal = admin_refusal(policy, request.headers.get("authorization"))
             if refusal is not None:
                 raise refusal
+            admin.check_length(request.headers.get("content-length"))  # before reading the body
             return JSONResponse(await admin.update_weights(name, await request.body(), persist=persist))
 
     return app

@@ -16,7 +16,7 @@ import torch
 from adapterserve import AsyncClient, InvalidArgument, NotFound, Unauthenticated
 from adapterserve.server.api.lifecycle import Phase
 from adapterserve.server.api.serve import ServeApp
-from adapterserve.server.settings import CacheSettings, EngineSettings, ServerSettings
+from adapterserve.server.settings import CacheSettings, EngineSettings, LimitSettings, ServerSettings
 from tests.helpers.peft_adapters import write_lora_dir
 from tests.server.api.conftest import wait_until
 
@@ -215,6 +215,7 @@ async def test_http_update_and_completions_say_which_version_answered(tiny_model
         metrics_port=0,
         http_port=0,
         admin_token="s3cret",
+        limits=LimitSettings(max_upload_bytes=1 << 20),
     )
     app = ServeApp(settings)
     task = asyncio.create_task(app.run(handle_signals=False))
@@ -239,6 +240,8 @@ async def test_http_update_and_completions_say_which_version_answered(tiny_model
             assert bad.status_code == 400
             missing = await http.post("/v1/adapters/nope/weights", content=body, headers=admin)
             assert missing.status_code == 404
+            huge = await http.post("/v1/adapters/live/weights", content=b"\0" * (2 << 20), headers=admin)
+            assert huge.status_code == 413, huge.text
             done = await http.post(
                 "/v1/completions",
                 json={"model": "live", "prompt": PROMPT, "max_tokens": NEW_TOKENS, "ignore_eos": True},
