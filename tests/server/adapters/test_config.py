@@ -146,10 +146,7 @@ def test_task_type_null_with_transformers_auto_mapping_is_accepted():
 @pytest.mark.parametrize(
     "changes, field",
     [
-        (
-            {"use_dora": True, "lora_bias": True},
-            "lora_bias",
-        ),  # DoRA is served; its unsupported fields are not
+        ({"use_dora": True, "lora_bias": True}, "lora_bias"),  # DoRA is served; its unsupported fields are not
         ({"lora_bias": True}, "lora_bias"),
         ({"bias": "all"}, "bias"),
         ({"bias": "lora_only"}, "bias"),
