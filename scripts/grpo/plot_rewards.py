@@ -47,7 +47,7 @@ def main() -> None:
     ax.set_ylabel(f"reward ({rewards_spec})")
     ax.set_title(args.title or f"GRPO, {manifest['method']} on {Path(manifest['base_model']).name}")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     fig.savefig(args.out)
     print(f"wrote {args.out}")
