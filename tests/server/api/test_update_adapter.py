@@ -254,3 +254,36 @@ async def test_http_update_and_completions_say_which_version_answered(tiny_model
     finally:
         app.request_stop()
         assert await asyncio.wait_for(task, 60) == 0
+
+
+@pytest.mark.parametrize(
+    "peft_type, overrides", [("IA3", {}), ("LORA", {"use_dora": True})], ids=["ia3", "dora"]
+)
+async def test_ia3_and_dora_updates_serve_what_an_upload_of_those_weights_serves(
+    served_app, tiny_model_dir, tmp_path, peft_type, overrides
+):
+    from safetensors.torch import load_file, save_file
+
+    from tests.helpers.peft_adapters import save_peft_adapter
+
+    app, client, _ = served_app
+    folder = save_peft_adapter(tiny_model_dir, tmp_path / "a", peft_type, seed=3, **overrides)
+    (folder / "README.md").unlink(missing_ok=True)
+    await client.upload_adapter(folder, "live")
+    state = load_file(str(folder / "adapter_model.safetensors"))
+    changed = {k: (v * 1.7 + 0.05) for k, v in state.items()}
+    reference = tmp_path / "b"
+    reference.mkdir()
+    (reference / "adapter_config.json").write_bytes((folder / "adapter_config.json").read_bytes())
+    save_file(changed, reference / "adapter_model.safetensors", metadata={"format": "pt"})
+    await client.upload_adapter(reference, "reference")
+
+    before = await _greedy(client, "live")
+    update = await client.update_adapter("live", changed)
+    after = await _greedy(client, "live")
+    expected = await _greedy(client, "reference")
+    assert after.adapter_version == update.version > before.adapter_version
+    assert after.token_ids == expected.token_ids
+    assert before.token_ids != expected.token_ids, (
+        "the change must show in the tokens for the test to mean anything"
+    )
