@@ -1,7 +1,8 @@
 """The server under real load clients: NVIDIA AIPerf and a light client, on the base, N LoRAs and a kind mix.
 
     python -m adapterserve.bench.aiperf --aiperf /path/to/venv/bin/aiperf [--scenarios base,lora,mixed]
-        [--rounds N] [--placement shared|own-session|quota] [--server-arg=--cpu-prefill-threads=0 ...] [--out DIR]
+        [--workload random|shared-prefix] [--variant NAME=FLAGS ...] [--rounds N]
+        [--placement shared|own-session|quota] [--server-arg=--cpu-prefill-threads=0 ...] [--out DIR]
 
 AIPerf (`pip install aiperf==0.13.0`, in a virtual environment of its own: its pins clash with the
 server's) is NVIDIA's load client for OpenAI-compatible servers. For each scenario this starts
@@ -11,21 +12,28 @@ scenario's adapters (random weights, bench/throughput.py), runs
     aiperf profile --endpoint-type completions --streaming, 128-token synthetic prompts, 32 output tokens
     (ignore_eos), concurrency 16, 128 requests after 16 warm-up, seed 7, round-robin over the adapters
 
-and then, unless --no-light-client, the same 128 streamed requests from a light client (the `openai`
+(`--workload shared-prefix`: 4 shared 512-token prefixes plus 64 tokens per prompt, 16 output tokens,
+concurrency 8, 96 requests after 8 warm-up: AIPerf's --num-prefix-prompts/--prefix-prompt-length, the
+traffic of system prompts and RAG documents; `--workload multi-turn`: chat conversations whose every turn
+resends the history, on the chat endpoint), and then, unless --no-light-client, the same 128 streamed requests from a light client (the `openai`
 package, 16 threads), and writes one table (docs/performance.md shows one); each row says how many CPU
 seconds the server and the client used over the run, the server's page faults and how much the
 hypervisor stole (bench/cpu_usage.py). With --rounds N the scenarios run N times, interleaved (base, lora,
 mixed, base, ...: slow drifts of a shared machine hit every scenario alike), and a summary follows the table: per workload and client the median over the
-rounds and each workload's throughput against the base of the same round (the issue's "x base"
-figures are same-run ratios; one run of a scenario on a 2-core VM moves by 10-25%). Placement: `shared` runs
-the server in the client's session; `own-session` in a session of its own (the kernel's autogroup
+rounds and each workload's throughput against the base of the same round ("x base" figures are
+same-run ratios, because one run of a scenario on a 2-core VM moves by 10-25%). Placement: `shared` runs
+the server in the client's Unix session; `own-session` in a session of its own (setsid) (the kernel's autogroup
 scheduler then splits the CPUs between the sessions, as a container CPU limit below the host's core
 count would); `quota` in a cgroup (v1 or v2, needs root) with a CPU quota of --quota CPUs.
+`--variant NAME=FLAGS` (repeatable) compares server configurations in one run: every scenario of every
+round runs once per variant, interleaved, and a second summary gives each variant against the first in
+the same round (throughput, TTFT p50 and max).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -35,14 +43,38 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from adapterserve.bench.cpu_usage import CpuUsage, sample, usage
-from adapterserve.bench.served import _free_port
+from adapterserve.bench.served import free_port
 
 SCENARIOS = ("base", "lora", "mixed")
+# AIPerf's load shape per workload: prompt/output tokens, concurrency, requests, warm-up, shared prefixes
+WORKLOADS: dict[str, dict[str, int]] = {
+    "random": dict(input_tokens=128, output_tokens=32, concurrency=16, requests=128, warmup=16),
+    "shared-prefix": dict(
+        input_tokens=64,
+        output_tokens=16,
+        concurrency=8,
+        requests=96,
+        warmup=8,
+        prefix_prompts=4,
+        prefix_length=512,
+    ),
+    # chat conversations of 4 turns: every turn resends the history (the prefix cache's other common case)
+    "multi-turn": dict(
+        input_tokens=128,
+        output_tokens=32,
+        concurrency=8,
+        requests=96,
+        warmup=8,
+        conversations=24,
+        turns=4,
+    ),
+}
 _CGROUP_V1 = Path("/sys/fs/cgroup/cpu")
 _CGROUP_V2 = Path("/sys/fs/cgroup")
 
@@ -57,6 +89,11 @@ class AiperfSettings:
     warmup: int = 16
     input_tokens: int = 128
     output_tokens: int = 32
+    prefix_prompts: int = 0  # AIPerf --num-prefix-prompts: prompts start with one of this many prefixes
+    prefix_length: int = 0  # tokens of each shared prefix (AIPerf --prefix-prompt-length)
+    conversations: int = 0  # AIPerf --conversation-num: multi-turn chats (the chat endpoint)
+    turns: int = 1  # AIPerf --conversation-turn-mean: requests per conversation, each with the history
+    variants: list[tuple[str, list[str]]] = field(default_factory=list)  # (name, serve flags) to compare
     placement: str = "shared"  # shared | own-session | quota
     quota: float = 1.0  # CPUs, with placement quota
     server_args: list[str] = field(default_factory=list)
@@ -78,6 +115,8 @@ class Row:
     itl_p99_ms: float | None
     errors: int
     governor: str = ""
+    ttft_max_ms: float | None = None  # the longest wait for a first token (starvation shows here)
+    variant: str = ""  # the server configuration (--variant), "" with none
     note: str = ""  # e.g. AIPerf exited non-zero with its records whole
     round: int = 1
     cpu: CpuUsage | None = None  # the server's and the client's CPU seconds over the run, and steal
@@ -126,7 +165,7 @@ class Server:
 
     def __init__(self, settings: AiperfSettings, log_path: Path):
         self.settings = settings
-        self.port, self.http_port = _free_port(), _free_port()
+        self.port, self.http_port = free_port(), free_port()
         self.store = Path(tempfile.mkdtemp(prefix="adapterserve-aiperf-"))
         cmd = [sys.executable, "-m", "adapterserve", "serve", "--store", str(self.store), "--port"]
         cmd += [str(self.port), "--metrics-port", "0", "--http-port", str(self.http_port), "--insecure-admin"]
@@ -216,11 +255,18 @@ def _adapters(scenario: str, settings: AiperfSettings, model_dir: str, server: S
 
 def run_aiperf(settings: AiperfSettings, models: list[str], tokenizer: str, url: str, out: Path) -> dict:
     cmd = [settings.aiperf, "profile", "-m", ",".join(models), "--url", url.removeprefix("http://")]
-    cmd += ["--endpoint-type", "completions", "--streaming", "--tokenizer", tokenizer]
+    endpoint = "chat" if settings.conversations else "completions"
+    cmd += ["--endpoint-type", endpoint, "--streaming", "--tokenizer", tokenizer]
     cmd += ["--prompt-input-tokens-mean", str(settings.input_tokens), "--prompt-input-tokens-stddev", "0"]
     cmd += ["--prompt-output-tokens-mean", str(settings.output_tokens), "--prompt-output-tokens-stddev", "0"]
     cmd += ["--extra-inputs", "ignore_eos:true", "--concurrency", str(settings.concurrency)]
     cmd += ["--request-count", str(settings.requests), "--warmup-request-count", str(settings.warmup)]
+    if settings.conversations:
+        cmd += ["--conversation-num", str(settings.conversations)]
+        cmd += ["--conversation-turn-mean", str(settings.turns), "--conversation-turn-stddev", "0"]
+    if settings.prefix_prompts:
+        cmd += ["--num-prefix-prompts", str(settings.prefix_prompts)]
+        cmd += ["--prefix-prompt-length", str(settings.prefix_length)]
     cmd += [
         "--random-seed",
         "7",
@@ -258,6 +304,7 @@ def aiperf_row(scenario: str, report: dict) -> Row:
         client="AIPerf",
         tokens_per_s=report["output_token_throughput"]["avg"],
         ttft_p50_ms=report["time_to_first_token"]["p50"],
+        ttft_max_ms=report["time_to_first_token"].get("max"),
         itl_p50_ms=itl.get("p50"),
         itl_p99_ms=itl.get("p99"),
         errors=errors,
@@ -323,15 +370,22 @@ def run(settings: AiperfSettings) -> list[Row]:
     model_dir = str(default_model_dir())
     settings.out.mkdir(parents=True, exist_ok=True)
     rows: list[Row] = []
+    variants = settings.variants or [("", [])]
     for round_ in range(1, settings.rounds + 1):
         for scenario in settings.scenarios:
-            rows += run_scenario(settings, scenario, round_, model_dir)
+            for name, flags in variants:
+                variant = dataclasses.replace(settings, server_args=[*settings.server_args, *flags])
+                for row in run_scenario(variant, scenario, round_, model_dir, name):
+                    row.variant = name
+                    rows.append(row)
     return rows
 
 
-def run_scenario(settings: AiperfSettings, scenario: str, round_: int, model_dir: str) -> list[Row]:
+def run_scenario(
+    settings: AiperfSettings, scenario: str, round_: int, model_dir: str, variant: str = ""
+) -> list[Row]:
     """One scenario on a fresh server: AIPerf, then the light client (as the settings ask)."""
-    stem = f"{settings.label or settings.placement}-{scenario}"
+    stem = f"{variant or settings.label or settings.placement}-{scenario}"
     if settings.rounds > 1:
         stem += f"-r{round_}"
     rows: list[Row] = []
@@ -355,7 +409,7 @@ def run_scenario(settings: AiperfSettings, scenario: str, round_: int, model_dir
     finally:
         server.stop()
     for row in rows:
-        row.round = round_
+        row.round, row.variant = round_, variant
         print(format_row(row, settings), flush=True)
     return rows
 
@@ -368,43 +422,88 @@ def _median_ms(values: list[float | None]) -> str:
 def summary(rows: list[Row]) -> str:
     """Per workload and client: the median over the rounds (and the range), and its throughput against
     the base's of the same round and client (the median of those ratios, then each round's)."""
-    base = {(r.client, r.round): r.tokens_per_s for r in rows if r.scenario == "base"}
+    base = {(r.variant, r.client, r.round): r.tokens_per_s for r in rows if r.scenario == "base"}
     lines = [SUMMARY_HEADER]
-    groups: dict[tuple[str, str], list[Row]] = {}
+    groups: dict[tuple[str, str, str], list[Row]] = {}
     for row in rows:
-        groups.setdefault((row.scenario, row.client), []).append(row)
-    for (scenario, client), group in groups.items():
+        groups.setdefault((row.variant, row.scenario, row.client), []).append(row)
+    for (variant, scenario, client), group in groups.items():
         tps = [r.tokens_per_s for r in group]
-        ratios = [r.tokens_per_s / base[(client, r.round)] for r in group if (client, r.round) in base]
+        ratios = [
+            r.tokens_per_s / base[(variant, client, r.round)]
+            for r in group
+            if (variant, client, r.round) in base
+        ]
         vs_base = "—"
         if ratios and scenario != "base":
             vs_base = f"x{statistics.median(ratios):.2f} ({', '.join(f'{x:.2f}' for x in ratios)})"
         itl50 = _median_ms([r.itl_p50_ms for r in group])
         itl99 = _median_ms([r.itl_p99_ms for r in group])
+        workload = f"{scenario} ({variant})" if variant else scenario
         lines.append(
-            f"| {scenario} | {client} | {len(group)} | {statistics.median(tps):.1f} "
+            f"| {workload} | {client} | {len(group)} | {statistics.median(tps):.1f} "
             f"({min(tps):.1f}-{max(tps):.1f}) | {vs_base} | {itl50} | {itl99} | {sum(r.errors for r in group)} |"
         )
     return "\n".join(lines)
+
+
+def variant_summary(rows: list[Row]) -> str:
+    """Each variant against the first one (--variant order), per workload and client, in the same round:
+    the medians over the rounds of the throughput ratio and of the TTFT p50 and max ratios."""
+    order = list(dict.fromkeys(r.variant for r in rows))
+    first = {(r.scenario, r.client, r.round): r for r in rows if r.variant == order[0]}
+    lines = [VARIANT_HEADER]
+    groups: dict[tuple[str, str, str], list[Row]] = {}
+    for row in rows:
+        if row.variant != order[0]:
+            groups.setdefault((row.variant, row.scenario, row.client), []).append(row)
+    for (variant, scenario, client), group in groups.items():
+        pairs = [
+            (r, first[(scenario, client, r.round)]) for r in group if (scenario, client, r.round) in first
+        ]
+
+        lines.append(
+            f"| {variant} vs {order[0]} | {scenario} | {client} | {len(pairs)} "
+            f"| {_median_ratio(pairs, lambda r: r.tokens_per_s)} | {_median_ratio(pairs, lambda r: r.ttft_p50_ms)} "
+            f"| {_median_ratio(pairs, lambda r: r.ttft_max_ms)} |"
+        )
+    return "\n".join(lines)
+
+
+def _median_ratio(pairs: list[tuple[Row, Row]], get: Callable[[Row], float | None]) -> str:
+    """x(median of get(row) / get(its reference)) over the pairs where both are known."""
+    values = []
+    for row, reference in pairs:
+        a, b = get(row), get(reference)
+        if a is not None and b:
+            values.append(a / b)
+    return f"x{statistics.median(values):.2f}" if values else "—"
 
 
 def format_row(row: Row, settings: AiperfSettings) -> str:
     def ms(v: float | None) -> str:
         return "—" if v is None else f"{v:.0f}"
 
-    server = settings.label or settings.placement
+    def s(v: float | None) -> str:
+        return "—" if v is None else f"{v / 1e3:.2f} s"
+
+    server = row.variant or settings.label or settings.placement
     if settings.rounds > 1:
         server += f" (round {row.round})"
     return (
         f"| {server} | {row.scenario} | {row.client} | {row.tokens_per_s:.1f} | "
-        f"{row.ttft_p50_ms / 1e3:.2f} s | {ms(row.itl_p50_ms)} | {ms(row.itl_p99_ms)} | {row.errors} | "
+        f"{s(row.ttft_p50_ms)} | {s(row.ttft_max_ms)} | {ms(row.itl_p50_ms)} | {ms(row.itl_p99_ms)} | {row.errors} | "
         f"{row.governor or '—'}{f' ({row.note})' if row.note else ''} | {row.cpu.describe() if row.cpu else '—'} |"
     )
 
 
 HEADER = (
-    "| server | workload | client | output tok/s | TTFT p50 | inter-token p50 (ms) | p99 (ms) | errors "
-    "| governor (threads), decode pacing | CPU over the run |\n|---|---|---|---|---|---|---|---|---|---|"
+    "| server | workload | client | output tok/s | TTFT p50 | TTFT max | inter-token p50 (ms) | p99 (ms) "
+    "| errors | governor (threads), decode pacing | CPU over the run |\n|---|---|---|---|---|---|---|---|---|---|---|"
+)
+VARIANT_HEADER = (
+    "| variants | workload | client | rounds | output tok/s, same round | TTFT p50 | TTFT max |"
+    "\n|---|---|---|---|---|---|---|"
 )
 SUMMARY_HEADER = (
     "| workload | client | rounds | output tok/s, median (range) | vs base, same round: median (each) "
@@ -423,9 +522,24 @@ def parse_settings(argv: list[str] | None = None) -> AiperfSettings:
         help="base, lora (N LoRAs), mixed (N of 5 kinds: LoRA, DoRA, IA3, prompt, prefix)",
     )
     p.add_argument("--adapters", type=int, default=16)
-    p.add_argument("--concurrency", type=int, default=16)
-    p.add_argument("--requests", type=int, default=128)
-    p.add_argument("--warmup", type=int, default=16)
+    p.add_argument(
+        "--workload",
+        choices=sorted(WORKLOADS),
+        default="random",
+        help="random: 128-token prompts, 32 out, concurrency 16, 128 requests; shared-prefix: 4 shared "
+        "512-token prefixes + 64 tokens, 16 out, concurrency 8, 96 requests; multi-turn: 24 chats of 4 "
+        "turns (128 new tokens each, the history resent), 32 out, concurrency 8 (the flags below override)",
+    )
+    for flag in ("concurrency", "requests", "warmup", "input-tokens", "output-tokens", "prefix-prompts"):
+        p.add_argument(f"--{flag}", type=int, default=None)
+    p.add_argument("--prefix-length", type=int, default=None)
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="NAME=FLAGS: a server configuration to compare, e.g. 'inline=--cpu-prefill-threads 0' "
+        "(repeatable; each scenario runs on each, interleaved)",
+    )
     p.add_argument("--placement", choices=["shared", "own-session", "quota"], default="shared")
     p.add_argument("--quota", type=float, default=1.0, help="CPUs of the quota (--placement quota)")
     p.add_argument("--server-arg", action="append", default=[], help="a flag for `serve` (repeatable)")
@@ -445,13 +559,24 @@ def parse_settings(argv: list[str] | None = None) -> AiperfSettings:
     )
     p.add_argument("--out", type=Path, default=Path("aiperf-results"))
     a = p.parse_args(argv)
+    shape = dict(WORKLOADS[a.workload])
+    for key in ("concurrency", "requests", "warmup", "input_tokens", "output_tokens", "prefix_prompts"):
+        if getattr(a, key) is not None:
+            shape[key] = getattr(a, key)
+    if a.prefix_length is not None:
+        shape["prefix_length"] = a.prefix_length
+    variants = []
+    for spec in a.variant:
+        name, sep, flags = spec.partition("=")
+        if not sep or not name:
+            p.error(f"--variant takes NAME=FLAGS (got {spec!r})")
+        variants.append((name, flags.split()))
     settings = AiperfSettings(
         aiperf=a.aiperf or "",
         scenarios=tuple(s for s in a.scenarios.split(",") if s),
         adapters=a.adapters,
-        concurrency=a.concurrency,
-        requests=a.requests,
-        warmup=a.warmup,
+        variants=variants,
+        **shape,
         placement=a.placement,
         quota=a.quota,
         server_args=a.server_arg,
@@ -479,10 +604,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {machine()}; {time.strftime('%Y-%m-%d %H:%M')}\n{HEADER}", flush=True)
     rows = run(settings)
     table = "\n".join([HEADER, *(format_row(r, settings) for r in rows)])
-    if settings.rounds > 1 or len(settings.scenarios) > 1:
+    if settings.rounds > 1 or len(settings.scenarios) > 1 or settings.variants:
         medians = summary(rows)
         table += "\n\n" + medians
         print("\n" + medians, flush=True)
+    if len(settings.variants) > 1:
+        compared = variant_summary(rows)
+        table += "\n\n" + compared
+        print("\n" + compared, flush=True)
     (settings.out / f"{settings.label or settings.placement}.md").write_text(f"{machine()}\n\n{table}\n")
     return 0
 

@@ -91,6 +91,16 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="measure through the server: `adapterserve serve` in a child process, adapters uploaded and "
         "requests sent through the SDK, beside the in-process engine in the same rounds",
     )
+    parser.add_argument(
+        "--source-adapters",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --served: the adapter-source workload instead: N LoRA adapters (e.g. 1000) in a local "
+        "S3-compatible store (rclone serve s3), requests with Zipf popularity from cold to steady state "
+        "against waves over the 32 most popular (bench/sources.py)",
+    )
+    parser.add_argument("--source-waves", type=int, default=12, help="waves of the source workload")
     parser.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
 
 
@@ -135,6 +145,14 @@ def run_bench(args: argparse.Namespace) -> int:
         max_seq_len=args.max_seq_len,
         kv_cache_bytes=None if args.kv_cache_mib is None else args.kv_cache_mib << 20,
     )
+    if args.served and args.source_adapters > 0:
+        from adapterserve.bench.sources import print_sources_report, run_sources
+
+        report = run_sources(settings, args.source_adapters, waves=max(args.source_waves, 2))
+        print_sources_report(report)
+        if args.json is not None:
+            args.json.write_text(json.dumps(report, indent=1) + "\n")
+        return 0
     if args.served:
         from adapterserve.bench.served import run_served
 

@@ -34,19 +34,19 @@ from adapterserve.bench.throughput import (
     QUESTIONS,
     BenchSettings,
     EngineRun,
-    _baseline_row,
-    _baselines,
-    _device_name,
-    _log,
+    baseline_row,
+    device_name,
     engine_rows,
     make_adapters,
     make_prompts,
     plain_prompt,
+    progress,
+    run_baselines,
     run_engine_workload,
 )
+from adapterserve.server.cpu.omp_pools import release_openmp_pool, run_releasing_pool
 from adapterserve.server.engine.offline import OfflineEngine
 from adapterserve.server.model.loading import load_base_model, resolve_source
-from adapterserve.server.omp_pools import release_openmp_pool, run_releasing_pool
 from adapterserve.server.settings import EngineSettings
 
 SERVED_BASE = "served, base only"
@@ -68,7 +68,7 @@ class ServerProcess:
             return ""
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -237,7 +237,7 @@ def run_served(settings: BenchSettings) -> dict:
         model_dir, quantize=settings.quantize, dtype=settings.dtype, device=settings.device
     )
     embed_std = float(base.model.get_input_embeddings().weight.float().std())
-    _log(f"preparing {settings.adapters} {settings.kinds} adapters in {settings.workdir}")
+    progress(f"preparing {settings.adapters} {settings.kinds} adapters in {settings.workdir}")
     adapter_dirs = make_adapters(model_dir, settings, embed_std)
     names = list(adapter_dirs)
     prompts = make_prompts(base.tokenizer, settings.requests)
@@ -258,18 +258,18 @@ def run_served(settings: BenchSettings) -> dict:
     )
     store = settings.workdir / "served-store"
     shutil.rmtree(store, ignore_errors=True)
-    port = _free_port()
-    http_port = _free_port() if http_available() else None
+    port = free_port()
+    http_port = free_port() if http_available() else None
     dtype = str(base.dtype).removeprefix("torch.")
     cmd = serve_command(settings, model_dir, store, port, max_seq_len, dtype, http_port)
     if settings.compile_decode:
-        _log("--compile-decode is not a serve flag: the served engine runs uncompiled")
+        progress("--compile-decode is not a serve flag: the served engine runs uncompiled")
     if http_port is None:
-        _log(
+        progress(
             "no HTTP row: it needs httpx and the server's [http] extra (pip install 'adapterserve[http]' httpx)"
         )
     server = start_server(cmd, port, settings.workdir / "served.log", dict(os.environ), http_port)
-    _log(f"server: {' '.join(cmd[2:])}")
+    progress(f"server: {' '.join(cmd[2:])}")
     workloads: dict[str, list[str | None]] = {
         SERVED_BASE: [None] * settings.requests,
         f"served, {settings.requests} requests over {settings.adapters} {settings.kinds} adapters": [
@@ -287,7 +287,7 @@ def run_served(settings: BenchSettings) -> dict:
             )
         )
     except BaseException:
-        _log(f"server log tail:\n{server.log_tail()}")
+        progress(f"server log tail:\n{server.log_tail()}")
         raise
     finally:
         rc = stop_server(server)
@@ -300,13 +300,13 @@ def run_served(settings: BenchSettings) -> dict:
     base_tps = rows[0]["tokens_per_s"]
     if settings.baseline_seconds > 0:
         rows.extend(
-            _baseline_row(b, base_tps) for b in _baselines(settings, model_dir, adapter_dirs, prompts)
+            baseline_row(b, base_tps) for b in run_baselines(settings, model_dir, adapter_dirs, prompts)
         )
     return {
         "base_model": label,
         "quantize": settings.quantize,
         "dtype": dtype,
-        "device": _device_name(base.device),
+        "device": device_name(base.device),
         "settings": {k: str(v) for k, v in vars(settings).items()},
         "served": {"command": " ".join(cmd[2:]), "sigterm_exit_code": rc},
         "weight_bytes_per_step_mib": round(ctx["weight_bytes"] / 2**20, 1),
@@ -330,7 +330,7 @@ async def _served_rounds(
             except Exception:
                 if time.monotonic() > deadline:
                     raise
-        _log(f"uploading {len(adapter_dirs)} adapters through the admin API")
+        progress(f"uploading {len(adapter_dirs)} adapters through the admin API")
         for name, path in adapter_dirs.items():
             await client.upload_adapter(path, name)
         async with contextlib.AsyncExitStack() as stack:
@@ -347,7 +347,7 @@ async def _served_rounds(
 
             async def timed(name: str) -> EngineRun:
                 if name == IN_PROCESS_BASE:
-                    # on a worker thread, as in the server (its OpenMP pool released after, omp_pools.py)
+                    # on a worker thread, as in the server (its OpenMP pool released after, cpu/omp_pools.py)
                     return await run_releasing_pool(
                         run_engine_workload, engine, prompts, workloads[name], settings.max_new_tokens
                     )
@@ -363,7 +363,7 @@ async def _served_rounds(
 async def _timed_rounds(timed, workloads, runs, settings: BenchSettings) -> None:
     """Every workload warmed once at full size, then `repeats` rounds, the order flipped each round."""
     for name in workloads:
-        _log(f"warm-up at full size: {name}")
+        progress(f"warm-up at full size: {name}")
         run = await timed(name)
         if name != IN_PROCESS_BASE and run.tokens != settings.requests * settings.max_new_tokens:
             raise RuntimeError(
@@ -372,5 +372,5 @@ async def _timed_rounds(timed, workloads, runs, settings: BenchSettings) -> None
     order = list(workloads)
     for round_ in range(settings.repeats):
         for name in order if round_ % 2 == 0 else reversed(order):
-            _log(f"round {round_ + 1}/{settings.repeats}: {name}")
+            progress(f"round {round_ + 1}/{settings.repeats}: {name}")
             runs[name].append(await timed(name))

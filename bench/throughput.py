@@ -81,6 +81,8 @@ class EngineRun:
     kv_bytes_per_decode_step: list[float] = field(default_factory=list)
     peak_device_bytes: int | None = None
     kv_peak_in_use_bytes: int = 0  # KV blocks held at the fullest step (paged: reserved; dense: all)
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache during the run
+    prefix_cache_hits: int = 0  # of those, found computed (not prefilled again)
 
     @property
     def tokens_per_s(self) -> float:
@@ -205,6 +207,10 @@ def run_engine_workload(
         for p, a, sink in zip(prompts, adapters, sinks, strict=True)
     ]
     run = EngineRun(tokens=0, seconds=0.0)
+    # every run starts with no cached prefix: earlier runs of the same prompts must not speed it up (what
+    # is shared within the run, say a chat template's system prompt, is reused and shows as the hit rate)
+    core.cache.forget()
+    queries, hits = core.prefix_cache_queries, core.prefix_cache_hits
     while core.has_work():
         run.kv_peak_in_use_bytes = max(run.kv_peak_in_use_bytes, core.cache.bytes_in_use())
         decode_only = not core.waiting and core.num_decoding == len(core.running) and core.num_decoding > 0
@@ -216,6 +222,8 @@ def run_engine_workload(
             run.decode_step_s.append(time.perf_counter() - t0)
             run.kv_bytes_per_decode_step.append(kv_tokens * per_token_kv)
     run.seconds = time.perf_counter() - start
+    run.prefix_cache_queries = core.prefix_cache_queries - queries
+    run.prefix_cache_hits = core.prefix_cache_hits - hits
     for seq, sink in zip(seqs, sinks, strict=True):
         errors = [ev.error for ev in sink if ev.error is not None]
         if errors:
@@ -228,7 +236,7 @@ def run_engine_workload(
     return run
 
 
-def _log(message: str) -> None:
+def progress(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
@@ -252,6 +260,9 @@ def _engine_row(name: str, requests: int, runs: list[EngineRun], ratios: list[fl
         "decode_step_ms": round(1000 * statistics.median(steps), 2) if steps else None,
         "ttft_ms": round(1000 * statistics.median(ttfts), 1) if ttfts else None,
     }
+    queries = sum(r.prefix_cache_queries for r in runs)
+    if queries:  # prompt tokens found computed: the prefix cache's hit rate over the timed runs
+        row["prefix_cache_hit_rate"] = round(sum(r.prefix_cache_hits for r in runs) / queries, 3)
     peaks = [r.peak_device_bytes for r in runs if r.peak_device_bytes is not None]
     if peaks:
         row["peak_device_mib"] = round(max(peaks) / 2**20, 1)
@@ -280,7 +291,7 @@ def engine_rows(runs: dict[str, list[EngineRun]], base_name: str, requests: int,
     ]
 
 
-def _baseline_row(result: baselines.BaselineResult, base_tps: float) -> dict:
+def baseline_row(result: baselines.BaselineResult, base_tps: float) -> dict:
     tps = result.tokens / result.seconds if result.seconds else 0.0
     return {
         "name": result.name,
@@ -306,7 +317,7 @@ def run(settings: BenchSettings) -> dict:
     base = load_base_model(
         model_dir, quantize=settings.quantize, dtype=settings.dtype, device=settings.device
     )
-    _log(f"preparing {settings.adapters} {settings.kinds} adapters in {settings.workdir}")
+    progress(f"preparing {settings.adapters} {settings.kinds} adapters in {settings.workdir}")
     embed_std = float(base.model.get_input_embeddings().weight.float().std())
     adapter_dirs = make_adapters(model_dir, settings, embed_std)
     names = list(adapter_dirs)
@@ -348,13 +359,13 @@ def run(settings: BenchSettings) -> dict:
         return run_engine_workload(engine, prompts, workloads[name], settings.max_new_tokens)
 
     for name in workloads:
-        _log(f"warm-up at full size: {name}")
+        progress(f"warm-up at full size: {name}")
         timed(name)
     runs: dict[str, list[EngineRun]] = {name: [] for name in workloads}
     order = list(workloads)
     for round_ in range(settings.repeats):
         for name in order if round_ % 2 == 0 else reversed(order):
-            _log(f"round {round_ + 1}/{settings.repeats}: {name}")
+            progress(f"round {round_ + 1}/{settings.repeats}: {name}")
             runs[name].append(timed(name))
     rows = engine_rows(runs, "engine, base only", settings.requests, ctx)
     engine_stats = engine.core.stats()
@@ -368,14 +379,14 @@ def run(settings: BenchSettings) -> dict:
     base_tps = rows[0]["tokens_per_s"]
     if settings.baseline_seconds > 0:
         rows.extend(
-            _baseline_row(b, base_tps) for b in _baselines(settings, model_dir, adapter_dirs, prompts)
+            baseline_row(b, base_tps) for b in run_baselines(settings, model_dir, adapter_dirs, prompts)
         )
     peak = ctx["peak"]
     return {
         "base_model": label,
         "quantize": settings.quantize,
         "dtype": str(base.dtype).removeprefix("torch."),
-        "device": _device_name(base.device),
+        "device": device_name(base.device),
         "settings": {k: str(v) for k, v in asdict(settings).items()},
         "torch_threads": torch.get_num_threads(),
         "weight_bytes_per_step_mib": round(ctx["weight_bytes"] / 2**20, 1),
@@ -410,7 +421,7 @@ def _decode_step_label(settings: BenchSettings, graphs) -> str:
     return "static, uncaptured (graph capture failed)" if failed else "CUDA graphs"
 
 
-def _baselines(settings: BenchSettings, model_dir: str, adapter_dirs: dict[str, Path], prompts) -> list:
+def run_baselines(settings: BenchSettings, model_dir: str, adapter_dirs: dict[str, Path], prompts) -> list:
     cfg = baselines.BaselineSettings(
         model_dir=model_dir,
         quantize=settings.quantize,
@@ -421,17 +432,17 @@ def _baselines(settings: BenchSettings, model_dir: str, adapter_dirs: dict[str, 
     )
     loras = [n for n in adapter_dirs if n.startswith("lora")]
     out = []
-    _log(f"baseline: transformers batched generate (cap {cfg.seconds:g} s)")
+    progress(f"baseline: transformers batched generate (cap {cfg.seconds:g} s)")
     out.append(baselines.transformers_batched(prompts, cfg))
     if settings.kinds == "lora":
-        _log(f"baseline: PEFT static mixed-LoRA batch (cap {cfg.seconds:g} s)")
+        progress(f"baseline: PEFT static mixed-LoRA batch (cap {cfg.seconds:g} s)")
         out.append(baselines.peft_static_batch(prompts, adapter_dirs, loras, cfg))
-    _log(f"baseline: naive PEFT, one request at a time (cap {cfg.seconds:g} s)")
+    progress(f"baseline: naive PEFT, one request at a time (cap {cfg.seconds:g} s)")
     out.append(baselines.naive_peft(prompts, adapter_dirs, loras, cfg, settings.naive_requests))
     return out
 
 
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"cpu ({torch.get_num_threads()} threads)"
@@ -470,7 +481,7 @@ def print_report(report: dict) -> None:
     print()
     print(
         f"{'run':<58} {'reqs':>4} {'tok/s (min-max)':>22} {'vs base (min-max)':>20} "
-        f"{'step ms':>8} {'ttft ms':>8} {'%bw':>6}"
+        f"{'step ms':>8} {'ttft ms':>8} {'%bw':>6} {'%cached':>8}"
     )
     for r in report["results"]:
         if r["kind"] == "engine":
@@ -483,5 +494,6 @@ def print_report(report: dict) -> None:
         print(
             f"{r['name']:<58} {r['requests']:>4} {tps:>22} {ratio:>20} "
             f"{_fmt(r.get('decode_step_ms'), '.1f'):>8} {_fmt(r.get('ttft_ms'), '.0f'):>8} "
-            f"{_fmt(None if bw is None else 100 * bw, '.1f'):>6}"
+            f"{_fmt(None if bw is None else 100 * bw, '.1f'):>6} "
+            f"{_fmt(None if (hit := r.get('prefix_cache_hit_rate')) is None else 100 * hit, '.0f'):>8}"
         )

@@ -51,7 +51,7 @@ if [ -f scripts/gpu/lora_kernels.py ] && [ "$(left)" -gt 60 ]; then
   fi
 fi
 
-# #11's store-scale goal: 1,000 adapters in the store, 64 in flight (64 slots), vs the 32-adapter run above.
+# Store scale: 1,000 adapters in the store, 64 in flight (64 slots), vs the 32-adapter run above.
 bench 1b-bf16-lora-1000 90 "$M" --quantize none --kinds lora --adapters 1000 --adapter-slots 64 --repeats 2 --baseline-seconds 0
 
 # Through the server: `serve` in a child process, adapters uploaded and 64 requests sent through the SDK,

@@ -10,13 +10,16 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Quantize = Literal["nf4", "int8", "none"]
 LoraBackendName = Literal["torch", "triton"]  # server/adapters/kernels
-CpuPagedAttention = Literal["auto", "kernel", "torch"]  # server/engine/cpu_paged_attention.py
+CpuPagedAttention = Literal["auto", "kernel", "torch"]  # server/cpu/paged_attention.py
 
 ENV_PREFIX = "ADAPTERSERVE_"
+# Alternatives per position (logprobs, prompt_logprobs) any caller may ask for: the engine's bound for every
+# request (server/engine/request_limits.py) and the most LimitSettings.max_logprobs may allow a client.
+MAX_LOGPROBS = 1024
 
 
 class EngineSettings(BaseModel):
@@ -37,6 +40,12 @@ class EngineSettings(BaseModel):
         "paged", description="paged: blocks reserved per request; dense: rows x max_seq_len preallocated"
     )
     kv_block_size: int = Field(16, ge=1, le=1024, description="tokens per KV cache block (paged)")
+    prefix_cache: bool = Field(
+        True,
+        description="reuse the KV blocks of prompt prefixes already computed under the same adapter version "
+        "(content-addressed blocks of the paged cache; server/engine/prefix_cache.py); off: every prompt is "
+        "computed from scratch",
+    )
     kv_cache_bytes: int | None = Field(
         None, ge=1, description="paged KV pool size in bytes (default: room for every row's max_seq_len)"
     )
@@ -52,14 +61,14 @@ class EngineSettings(BaseModel):
         description="a CPU engine's base linears: onednn (weights packed once for oneDNN, up to ~2x faster "
         "in float32 on some CPUs, twice the linear weights' memory), torch (F.linear); auto: per weight "
         "shape, for few rows (decode) and many (prefill), whichever of the two is measured faster at "
-        "start (server/model/cpu_linear.py)",
+        "start (server/cpu/linear.py)",
     )
     decode_pace_ms: int = Field(
         100,
         ge=0,
         description="with prefill workers on a CPU: while the engine thread waits for CPUs (another process "
         "competes for them), a decode step beside prefill jobs starts at most every this many ms, leaving "
-        "the CPU to the prefills (decode_pacing.py); 0: decode steps always run back to back",
+        "the CPU to the prefills (cpu/decode_pacing.py); 0: decode steps always run back to back",
     )
     cpu_paged_attention: CpuPagedAttention = Field(
         "auto",
@@ -104,13 +113,6 @@ class EngineSettings(BaseModel):
         description="kernels of the LoRA/DoRA/bottleneck math in mixed batches: torch (gather + bmm, any "
         "device) or triton (gathered BGMV kernels reading slot tensors in place; CUDA only)",
     )
-    keep_freed_memory: bool = Field(
-        False,
-        description="fix glibc's mmap/trim thresholds at engine start, so that what a forward frees is "
-        "reused by the next instead of unmapped and faulted in again (freed memory still goes back to the "
-        "system once the engine is idle; server/engine/idle_memory.py). Off by default: it removed the "
-        "faults but was slower beside a co-located load client (docs/performance.md)",
-    )
 
 
 class CacheSettings(BaseModel):
@@ -128,6 +130,40 @@ class CacheSettings(BaseModel):
     )
 
 
+class SourceSettings(BaseModel):
+    """Where adapters not in the store are fetched from on first use (server/store/sources/)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    uris: tuple[str, ...] = Field(
+        (),
+        description="adapter sources tried in order: s3://bucket/prefix, hf://org[@revision], "
+        "https://host/path, file:///dir; a name N resolves to <source>/N/ (a PEFT folder)",
+    )
+    fetch_timeout_s: float = Field(
+        30.0, gt=0, description="seconds a fetch may take; past it the request gets UNAVAILABLE (503)"
+    )
+    ttl_s: float | None = Field(
+        None, gt=0, description="re-check a fetched adapter's source after this many seconds (None: never)"
+    )
+    negative_ttl_s: float = Field(
+        10.0,
+        ge=0,
+        description="seconds a name found missing or invalid in the sources is refused without a fetch",
+    )
+    store_max_bytes: int | None = Field(
+        None, ge=1, description="bytes of fetched adapters kept on disk, least recently used evicted first"
+    )
+
+    @field_validator("uris", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        """One string (an environment variable) holds several URIs separated by commas or spaces."""
+        if isinstance(value, str):
+            return tuple(u for u in value.replace(",", " ").split() if u)
+        return value
+
+
 class LimitSettings(BaseModel):
     """Per-request and per-connection limits enforced by the API layer."""
 
@@ -137,8 +173,16 @@ class LimitSettings(BaseModel):
     max_new_tokens: int = Field(256, ge=1, description="tokens one request may ask to generate at most")
     max_stop_sequences: int = Field(8, ge=0, description="stop sequences per request at most")
     max_n: int = Field(8, ge=1, le=128, description="choices (n) one request may ask for at most")
+    max_batch_rows: int = Field(
+        256,
+        ge=1,
+        description="rows (prompts x n choices) one request with a list of prompts may ask for at most",
+    )
+    max_batch_tokens: int = Field(
+        65536, ge=1, description="prompt tokens of all the prompts of one request together at most"
+    )
     max_logprobs: int = Field(
-        20, ge=0, le=1024, description="logprobs alternatives (top_logprobs) per token at most"
+        20, ge=0, le=MAX_LOGPROBS, description="logprobs alternatives (top_logprobs) per token at most"
     )
     max_concurrent_streams: int = Field(
         256, ge=1, description="generation calls running at once; past it RESOURCE_EXHAUSTED"
@@ -175,7 +219,7 @@ class TlsSettings(BaseModel):
 
 
 class CpuSettings(BaseModel):
-    """A CPU engine's threading (server/cpu_threads.py, server/engine/cpu_governor.py)."""
+    """A CPU engine's threading (server/cpu/threads.py, server/cpu/governor.py)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -235,6 +279,7 @@ class ServerSettings(BaseModel):
     limits: LimitSettings = Field(default_factory=LimitSettings)
     tls: TlsSettings = Field(default_factory=TlsSettings)
     cpu: CpuSettings = Field(default_factory=CpuSettings)
+    sources: SourceSettings = Field(default_factory=SourceSettings)
 
     @model_validator(mode="after")
     def _prompt_fits(self) -> ServerSettings:
@@ -259,7 +304,7 @@ class ServerSettings(BaseModel):
             if not key.startswith(ENV_PREFIX):
                 continue
             path = key[len(ENV_PREFIX) :].lower().split("__")
-            if path[0] not in cls.model_fields or path[0] in {"target"}:
+            if path[0] not in cls.model_fields:  # the client's variables (ADAPTERSERVE_TARGET, tokens)
                 continue
             node = data
             for part in path[:-1]:

@@ -1,4 +1,4 @@
-"""What bucketing oneDNN's row counts costs in time (server/model/cpu_linear.py: prefill row counts above 16
+"""What bucketing oneDNN's row counts costs in time (server/cpu/linear.py: prefill row counts above 16
 round up to one of 8 sizes per doubling, so that prompts of many lengths do not grow oneDNN's primitive
 caches for good): the same requests with the bucketed row counts and with exact ones, in one process on
 the embedded SmolLM2, interleaved rounds. A warm-up round first makes every shape of both, so the rounds
@@ -19,8 +19,8 @@ import time
 
 import torch
 
+from adapterserve.server.cpu import linear as cpu_linear
 from adapterserve.server.engine.offline import OfflineEngine
-from adapterserve.server.model import cpu_linear
 from adapterserve.server.model.loading import load_base_model, resolve_source
 from adapterserve.server.settings import EngineSettings
 

@@ -179,6 +179,9 @@ class AdapterKind(ABC):
     hook: ClassVar[HookSite]
     priority: ClassVar[int] = 0
     stores_weights: ClassVar[bool] = True  # False: the adapter is its config alone (templates)
+    # True: its virtual positions' keys/values are its own weights, written into the cache with no forward
+    # (prefix tuning); every row of one adapter version shares their whole blocks (prefix_cache.py)
+    kv_prefix: ClassVar[bool] = False
     summary: ClassVar[str] = ""  # one line for docs and `--help`: what it stores, how it is applied
     # The PEFT method that makes adapters of this kind (a key of peft_configs.PEFT_METHODS); None: no
     # PEFT method does (bottleneck adapters, templates).

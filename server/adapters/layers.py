@@ -15,7 +15,7 @@ from torch import nn
 
 from adapterserve.server.adapters.kind import ModuleKey, ModuleSlots, RowSelection
 from adapterserve.server.adapters.slots import NO_ADAPTER, AdapterBank
-from adapterserve.server.model.cpu_linear import PackedLinear, pack
+from adapterserve.server.cpu.linear import PackedLinear, pack
 from adapterserve.server.model.family import decoder_parts
 
 AdapterBatch = RowSelection  # one forward's rows: slots [B], kinds present, single shared slot
@@ -34,7 +34,7 @@ def build_batch(slot_list: list[int], slot_kinds: dict[int, str], device: torch.
 class AdapterContext(threading.local):
     """Holder of the current forward's AdapterBatch, shared by all wrapped layers of one model. Per
     thread: a prefill worker's forward and the engine thread's decode forward run at the same time
-    (server/engine/prefill_workers.py), each with its own batch."""
+    (server/cpu/prefill_workers.py), each with its own batch."""
 
     def __init__(self) -> None:
         self.batch: AdapterBatch | None = None
@@ -70,7 +70,7 @@ class MultiAdapterLinear(nn.Module):
 
 def pack_base_linears(model: nn.Module, setting: str = "onednn") -> list[PackedLinear]:
     """Run the wrapped base linears and the lm_head through oneDNN-packed weights (a CPU engine; see
-    server/model/cpu_linear.py; `setting` "auto": only the shapes measured faster there, and at those
+    server/cpu/linear.py; `setting` "auto": only the shapes measured faster there, and at those
     row counts). Returns the decoder layers' packed linears."""
     packed: list[PackedLinear] = []
     for module in model.modules():

@@ -25,6 +25,7 @@ from adapterserve.server.settings import (
     LimitSettings,
     LoraBackendName,
     ServerSettings,
+    SourceSettings,
 )
 
 # `serve` listens for HTTP here unless --no-http (ServerSettings itself defaults to no HTTP).
@@ -35,6 +36,7 @@ _SECTIONS: dict[str, type[BaseModel]] = {
     "cache": CacheSettings,
     "limits": LimitSettings,
     "cpu": CpuSettings,
+    "sources": SourceSettings,
 }
 # flag dest -> (settings section, field) for the nested settings.
 _SECTION_FLAGS: dict[str, tuple[str, str]] = {
@@ -47,6 +49,11 @@ _SECTION_FLAGS: dict[str, tuple[str, str]] = {
     "max_lora_rank": ("engine", "max_lora_rank"),
     "max_virtual_tokens": ("engine", "max_virtual_tokens"),
     "kv_cache": ("engine", "kv_cache"),
+    "kv_cache_bytes": ("engine", "kv_cache_bytes"),
+    "kv_block_size": ("engine", "kv_block_size"),
+    "compile_decode": ("engine", "compile_decode"),
+    "cpu_paged_attention": ("engine", "cpu_paged_attention"),
+    "decode_pace_ms": ("engine", "decode_pace_ms"),
     "decode_step": ("engine", "decode_step"),
     "max_decode_graphs": ("engine", "max_decode_graphs"),
     "cpu_linear": ("engine", "cpu_linear"),
@@ -58,6 +65,8 @@ _SECTION_FLAGS: dict[str, tuple[str, str]] = {
     "max_new_tokens": ("limits", "max_new_tokens"),
     "max_stop_sequences": ("limits", "max_stop_sequences"),
     "max_n": ("limits", "max_n"),
+    "max_batch_rows": ("limits", "max_batch_rows"),
+    "max_batch_tokens": ("limits", "max_batch_tokens"),
     "max_logprobs": ("limits", "max_logprobs"),
     "max_concurrent_streams": ("limits", "max_concurrent_streams"),
     "max_upload_bytes": ("limits", "max_upload_bytes"),
@@ -66,6 +75,11 @@ _SECTION_FLAGS: dict[str, tuple[str, str]] = {
     "cpu_prefill_threads": ("cpu", "prefill_threads"),
     "max_message_bytes": ("limits", "max_message_bytes"),
     "upload_chunk_bytes": ("limits", "upload_chunk_bytes"),
+    "adapter_source": ("sources", "uris"),
+    "adapter_source_ttl": ("sources", "ttl_s"),
+    "adapter_fetch_timeout": ("sources", "fetch_timeout_s"),
+    "adapter_negative_ttl": ("sources", "negative_ttl_s"),
+    "store_max_bytes": ("sources", "store_max_bytes"),
 }
 # TLS flag dest -> TlsSettings field.
 _TLS_FLAGS: dict[str, str] = {
@@ -129,7 +143,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--demo-adapters",
         action="store_true",
         default=None,
-        help="add demo adapters of every kind (lora, ia3, prompt, prefix) to the store at startup",
+        help="add the trained demo adapters and one random adapter of each of four kinds (lora, ia3, prompt, "
+        "prefix) to the store at startup",
     )
     tls = parser.add_argument_group("TLS (gRPC and the HTTP API)")
     tls.add_argument(
@@ -153,18 +168,36 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "max_lora_rank",
         "max_virtual_tokens",
         "max_decode_graphs",
+        "kv_cache_bytes",
+        "kv_block_size",
         "host_cache_bytes",
         "max_adapter_bytes",
         "persist_every",
     ):
         eng.add_argument(flag_of(dest), dest=dest, type=int, metavar="N", help=section_flag_help(dest))
-    for dest in ("kv_cache", "decode_step", "cpu_linear"):
+    for dest in ("kv_cache", "decode_step"):
         choices = EngineSettings.model_fields[dest].annotation.__args__  # the Literal's values
         eng.add_argument(flag_of(dest), dest=dest, choices=choices, help=section_flag_help(dest))
     eng.add_argument(
+        "--compile-decode", action="store_true", default=None, help=section_flag_help("compile_decode")
+    )
+    eng.add_argument(
         "--lora-backend", choices=list(get_args(LoraBackendName)), help=section_flag_help("lora_backend")
     )
-    cpu = parser.add_argument_group("CPU threading (CPU device)")
+    eng.add_argument(
+        "--no-prefix-cache",
+        dest="prefix_cache",
+        action="store_false",
+        default=None,
+        help="turn off prefix caching, which means: "
+        + (EngineSettings.model_fields["prefix_cache"].description or "")
+        + f" (env {ENV_PREFIX}ENGINE__PREFIX_CACHE=false)",
+    )
+    cpu = parser.add_argument_group("CPU control (CPU device; docs/cpu.md)")
+    for dest in ("cpu_linear", "cpu_paged_attention"):
+        choices = EngineSettings.model_fields[dest].annotation.__args__  # the Literal's values
+        cpu.add_argument(flag_of(dest), dest=dest, choices=choices, help=section_flag_help(dest))
+    cpu.add_argument("--decode-pace-ms", type=int, metavar="MS", help=section_flag_help("decode_pace_ms"))
     cpu.add_argument("--cpu-threads", type=int, metavar="N", help=section_flag_help("cpu_threads"))
     cpu.add_argument(
         "--cpu-prefill-threads", type=int, metavar="N", help=section_flag_help("cpu_prefill_threads")
@@ -181,12 +214,27 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         + (CpuSettings.model_fields["governor"].description or "")
         + f" (env {ENV_PREFIX}CPU__GOVERNOR=false)",
     )
+    src = parser.add_argument_group("adapter sources (fetched on first use)")
+    src.add_argument(
+        "--adapter-source",
+        dest="adapter_source",
+        action="append",
+        metavar="URI",
+        help="repeatable: " + section_flag_help("adapter_source"),
+    )
+    for dest in ("adapter_source_ttl", "adapter_fetch_timeout", "adapter_negative_ttl"):
+        src.add_argument(
+            flag_of(dest), dest=dest, type=float, metavar="SECONDS", help=section_flag_help(dest)
+        )
+    src.add_argument("--store-max-bytes", type=int, metavar="N", help=section_flag_help("store_max_bytes"))
     lim = parser.add_argument_group("request limits")
     for dest in (
         "max_prompt_tokens",
         "max_new_tokens",
         "max_stop_sequences",
         "max_n",
+        "max_batch_rows",
+        "max_batch_tokens",
         "max_logprobs",
         "max_concurrent_streams",
         "max_upload_bytes",
@@ -222,6 +270,8 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None 
         value = getattr(args, dest, None)
         if value is not None:
             overrides.setdefault(section, {})[field] = value
+    if getattr(args, "prefix_cache", None) is False:  # --no-prefix-cache
+        overrides.setdefault("engine", {})["prefix_cache"] = False
     if getattr(args, "cpu_governor", None) is False:  # --no-cpu-governor (a switch, not a section value)
         overrides.setdefault("cpu", {})["governor"] = False
     for dest, field in _TLS_FLAGS.items():
@@ -253,7 +303,7 @@ def run_serve(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"adapterserve serve: invalid settings:\n{exc}", file=sys.stderr)
         return 2
-    from adapterserve.server.cpu_threads import apply_wait_policy
+    from adapterserve.server.cpu.threads import apply_wait_policy
 
     apply_wait_policy(settings.cpu.wait_policy)  # before anything imports torch (libgomp reads it once)
     from adapterserve.server.api.serve import ServeApp

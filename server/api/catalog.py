@@ -70,6 +70,7 @@ class StoreCatalog:
             pinned=self.registry.is_pinned(manifest.name),
             version=self._served_version(manifest),
             cache_tier=tier,
+            origin=manifest.origin,
         )
 
     async def upload(self, request: UploadRequest, files: AsyncIterator[tuple[str, bytes]]) -> UploadResult:
@@ -168,6 +169,16 @@ class StoreCatalog:
             persisted=result.persisted,
             resident=resident,
         )
+
+    async def refresh(self, name: str) -> tuple[AdapterRecord, bool]:
+        """Ask a fetched adapter's source again; a new version replaces it everywhere (the pin follows)."""
+        before = self.store.current(name)
+        result = await self.registry.refresh(name)
+        if result.changed and before is not None and before.uid != result.manifest.uid:
+            await self._forget(before)
+            if self.registry.is_pinned(name):
+                await self.pin(name)
+        return self.record(self.store.manifest(name)), result.changed
 
     async def unpin(self, name: str) -> AdapterRecord:
         self.registry.unpin(name)

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from adapterserve.server.adapters.types import AdapterInfo
 from adapterserve.server.engine.types import GenerationRequest, TokenEvent
+from adapterserve.server.store.manifest import Origin
 from adapterserve.server.store.upload import UploadRequest
 
 
@@ -29,6 +30,11 @@ class GenerationEngine(Protocol):
 
     async def submit(self, request: GenerationRequest) -> GenerationHandle:
         """Queue a request; raises NotFoundError, InvalidArgumentError or QueueFullError."""
+        ...
+
+    async def submit_batch(self, requests: list[GenerationRequest]) -> list[GenerationHandle]:
+        """Queue several requests (a list of prompts) all or none: each is checked before any is queued;
+        raises as submit does (QueueFullError when the queue has no room for all of them)."""
         ...
 
 
@@ -55,6 +61,7 @@ class AdapterRecord:
     pinned: bool
     version: int
     cache_tier: str  # "disk", "host" or "device"
+    origin: Origin | None = None  # where a fetched adapter came from (None: uploaded)
 
 
 @dataclass(frozen=True)
@@ -101,4 +108,7 @@ class AdapterCatalog(Protocol):
 
     async def update(self, name: str, tensors: dict[str, Any], *, persist: bool = False) -> UpdateOutcome:
         """Replace a stored adapter's weights in place (same names and shapes) as a new version."""
+
+    async def refresh(self, name: str) -> tuple[AdapterRecord, bool]:
+        """Ask a fetched adapter's source again; (the adapter now, whether a new version was stored)."""
         ...

@@ -1,4 +1,4 @@
-"""`--demo-adapters`: trained task adapters plus one adapter of every kind, so a fresh server shows the mix.
+"""`--demo-adapters`: trained task adapters plus one adapter of four kinds, so a fresh server shows the mix.
 
 Trained demo adapters are the ones `demo/train_demo_adapters.sh` trained with `adapterserve train` on
 the embedded default model (json-extract: LoRA, sentiment: prompt tuning, pirate: prefix tuning); they
@@ -6,7 +6,10 @@ are committed under `demo/adapters/` with a manifest naming the base fingerprint
 when the served base has that fingerprint. The kind adapters (`demo-*`) work on any base.
 
 The kind adapters are randomly initialised PEFT adapters (not trained): they exist to show that LoRA, IA3,
-prompt tuning and prefix tuning serve side by side, and each one visibly changes the output. They are
+prompt tuning and prefix tuning serve side by side, and each one visibly changes the output. The other
+three kinds have no demo adapter: DoRA's magnitudes are the base weights' norms, which the weightless copy
+below does not have; bottleneck adapters and templates are not PEFT formats (the training module writes
+bottleneck adapters; a template is a config alone). Tests serve all seven side by side. They are
 built by PEFT itself on a weightless ("meta") copy of the base architecture, so only the adapter
 tensors are ever materialised (milliseconds, no second copy of the base), and saved in PEFT's own
 format (adapter_config.json + adapter_model.safetensors). Trained adapters from `adapterserve train`

@@ -15,14 +15,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
 
 BASE_LABEL = "base"
 OTHER_LABEL = "other"
-TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -79,6 +79,15 @@ class RuntimeSnapshot:
     decode_graph_replays: int = 0
     decode_static_steps: int = 0
     decode_fallback: bool = False  # graphs or compilation were turned off (see the server log for why)
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of those, found computed
+    prefix_cache_evictions: int = 0  # cached blocks given to other content
+    prefix_cache_blocks: int = 0  # blocks holding a key now
+    # Adapter sources (store/sources/fetcher.py FetchStats; None without sources): outcomes by
+    # (source, outcome), `seconds` and `nbytes` histograms (buckets, cumulative counts, total, count),
+    # negative_hits; and the fetched adapters on disk (bytes) under --store-max-bytes.
+    fetch: Any = None
+    fetched_disk_bytes: int = 0
 
 
 class _RuntimeCollector(Collector):
@@ -139,6 +148,72 @@ class _RuntimeCollector(Collector):
         yield size
         yield entries
         yield from self._decode_families(snap)
+        yield from self._prefix_cache_families(snap)
+        if snap.fetch is not None:
+            yield from self._fetch_families(snap)
+
+    @staticmethod
+    def _prefix_cache_families(snap: RuntimeSnapshot) -> Iterator[Any]:
+        for name, help_text, value in (
+            (
+                "prefix_cache_queries_tokens",
+                "Prompt tokens looked up in the prefix cache",
+                snap.prefix_cache_queries,
+            ),
+            (
+                "prefix_cache_hits_tokens",
+                "Prompt tokens found computed in the prefix cache (not prefilled again)",
+                snap.prefix_cache_hits,
+            ),
+            (
+                "prefix_cache_evicted_blocks",
+                "Cached KV blocks evicted for other content",
+                snap.prefix_cache_evictions,
+            ),
+        ):
+            yield CounterMetricFamily(f"adapterserve_{name}", help_text, value=value)
+        yield GaugeMetricFamily(
+            "adapterserve_prefix_cache_blocks",
+            "KV blocks holding a cached prefix",
+            value=snap.prefix_cache_blocks,
+        )
+
+    @staticmethod
+    def _fetch_families(snap: RuntimeSnapshot) -> Iterator[Any]:
+        stats = snap.fetch
+        fetches = CounterMetricFamily(
+            "adapterserve_adapter_fetches",
+            "Adapter fetches from the adapter sources by outcome (fetched, unchanged, not_found, invalid, "
+            "unavailable); source '*' for a name in none of them",
+            labels=["source", "outcome"],
+        )
+        for (source, outcome), count in sorted(stats.outcomes.items()):
+            fetches.add_metric([source, outcome], count)
+        yield fetches
+        for name, help_text, hist in (
+            (
+                "adapter_fetch_seconds",
+                "Seconds of a successful fetch, first byte asked to commit",
+                stats.seconds,
+            ),
+            ("adapter_fetch_bytes", "Bytes of a successful fetch", stats.nbytes),
+        ):
+            buckets = [(repr(float(le)), c) for le, c in zip(hist.buckets, hist.counts, strict=True)]
+            buckets.append(("+Inf", hist.count))
+            yield HistogramMetricFamily(
+                f"adapterserve_{name}", help_text, buckets=buckets, sum_value=hist.total
+            )
+        yield CounterMetricFamily(
+            "adapterserve_adapter_fetch_negative_cache_hits",
+            "Requests refused from the negative cache (a name just found missing or invalid in the sources)",
+            value=stats.negative_hits,
+        )
+        yield GaugeMetricFamily(
+            "adapterserve_adapter_fetched_disk_bytes",
+            "Bytes of fetched adapters kept on disk (bounded by --store-max-bytes; evictions are "
+            'adapterserve_adapter_cache_evictions{tier="disk"})',
+            value=snap.fetched_disk_bytes,
+        )
 
     @staticmethod
     def _decode_families(snap: RuntimeSnapshot) -> Iterator[Any]:
@@ -195,6 +270,14 @@ class ServerMetrics:
             buckets=TTFT_BUCKETS,
             registry=self.registry,
         )
+        self.queue_wait = Histogram(
+            "adapterserve_queue_wait_seconds",
+            "Seconds from request arrival at the engine to its first prefill chunk (waiting for a row, then "
+            "behind the requests admitted before it)",
+            ["adapter"],
+            buckets=TTFT_BUCKETS,
+            registry=self.registry,
+        )
         self.tpot = Histogram(
             "adapterserve_time_per_output_token_seconds",
             "Seconds per generated token after the first",
@@ -230,9 +313,12 @@ class ServerMetrics:
         generated_tokens: int,
         ttft_s: float | None,
         total_s: float,
+        queue_wait_s: float | None = None,
     ) -> None:
-        """One finished generation: token counts, time to first token and time per later token."""
+        """One finished generation: token counts, queue wait, time to first token and per later token."""
         self.prompt_tokens.labels(adapter=adapter_label).inc(prompt_tokens)
+        if queue_wait_s is not None:
+            self.queue_wait.labels(adapter=adapter_label).observe(queue_wait_s)
         self.generated_tokens.labels(adapter=adapter_label).inc(generated_tokens)
         if ttft_s is not None and generated_tokens > 0:
             self.ttft.labels(adapter=adapter_label).observe(ttft_s)

@@ -14,12 +14,19 @@ hand it to a `GenerationSession`, which owns what a call goes through on its way
   output token;
 - timing: time to first token and total time, as the transports report them.
 
+A call with a list of prompts (HTTP completions, gRPC GenerateBatch) is one session over several
+engine requests (`batch_events`): all built and checked before any is queued, queued together, their
+events merged under call-wide choice indices, and all cancelled when the call ends early.
+
 The transports only read events and build their replies.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
+import itertools
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -30,10 +37,12 @@ from adapterserve.server.api.lifecycle import DRAINING_MESSAGE, Lifecycle
 from adapterserve.server.api.metrics import ServerMetrics
 from adapterserve.server.api.runtime import RuntimeRef
 from adapterserve.server.engine.types import FinishReason, GenerationRequest, TokenEvent
-from adapterserve.server.errors import UnavailableError
+from adapterserve.server.errors import InvalidArgumentError, UnavailableError
 
 # Builds the validated engine request from the tokenizer (raises InvalidArgumentError for a bad one).
 BuildRequest = Callable[[Any], GenerationRequest]
+# The same for a call with a list of prompts: one request per prompt, every one checked.
+BuildRequests = Callable[[Any], list[GenerationRequest]]
 # A final event a transport answers without the engine (e.g. HTTP's echo of a one-token prompt), or None.
 LocalAnswer = Callable[[GenerationRequest], TokenEvent | None]
 
@@ -60,7 +69,8 @@ class Sessions:
 
 
 class GenerationSession:
-    """One call: iterate `events(build)` once; the attributes hold its progress and timings."""
+    """One call: iterate `events(build)` (one prompt) or `batch_events(build_all)` (a list of prompts)
+    once; the attributes hold its progress and timings."""
 
     def __init__(
         self,
@@ -76,15 +86,39 @@ class GenerationSession:
         self._adapter = adapter
         self._deadline_passed = deadline_passed
         self.started = time.monotonic()
-        self.request: GenerationRequest | None = None
+        self.requests: list[GenerationRequest] = []  # one per prompt, once built
         self.first_token_at: float | None = None
-        self.prompt_tokens = 0
-        self.generated_tokens = 0  # tokens of every choice
+        self.queue_wait_s: float | None = None  # the engine's figure (TokenEvent.queue_wait_s), first prompt
+        self.generated_tokens = 0  # tokens of every choice of every prompt
         self.adapter_version = 0  # the adapter version serving the call (0: the base), once submitted
         self.finish_reason: FinishReason | None = None  # set once every choice has ended
         self.status: str | None = None  # the final status code name, once the call is over
+        self._prompt_tokens: list[int] = []  # per request
+        self._offsets: list[int] = []  # per request: the call-wide index of its choice 0
         self._open_choices = 1
         self._cut = False  # the drain ended this call (the grace period is over)
+
+    @property
+    def request(self) -> GenerationRequest | None:
+        """The call's (first) request, once built."""
+        return self.requests[0] if self.requests else None
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Prompt tokens of every request of the call (each prompt counted once, whatever its n)."""
+        return sum(self._prompt_tokens)
+
+    def prompt_tokens_of(self, position: int) -> int:
+        """Prompt tokens of the request at `position` (as its final event counted them)."""
+        return self._prompt_tokens[position]
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(position of its request, its choice in that request) of a call-wide choice index."""
+        for position, request in enumerate(self.requests):
+            if index < request.n:
+                return position, index
+            index -= request.n
+        return 0, index
 
     def timing(self, now: float | None = None) -> tuple[float, float]:
         """(time to first token, total) in seconds; before the first token, both are the time so far."""
@@ -92,12 +126,14 @@ class GenerationSession:
         first = self.first_token_at if self.first_token_at is not None else now
         return first - self.started, now - self.started
 
-    def _end_for_drain(self, handle: GenerationHandle) -> None:
+    def _end_for_drain(self, handles: list[GenerationHandle]) -> None:
         self._cut = True
-        handle.cancel()
+        for handle in handles:
+            handle.cancel()
 
-    def _take(self, event: TokenEvent) -> None:
-        """Count one event into the progress; raises for a final event that fails the call."""
+    def _take(self, position: int, event: TokenEvent) -> TokenEvent:
+        """Count one event of request `position` into the progress; returns it with its call-wide choice
+        index (request position's offset + its choice). Raises for a final event that fails the call."""
         if self._cut:  # events may still be queued; the call ends now all the same
             raise UnavailableError(DRAINING_MESSAGE)
         if event.finish_reason is FinishReason.ERROR:
@@ -106,6 +142,8 @@ class GenerationSession:
             # Only the server cancels a handle whose events are still read: the drain (its cut at the
             # end of the grace period, or the engine stopping). The client hears what a new call hears.
             raise UnavailableError(DRAINING_MESSAGE)
+        if self.queue_wait_s is None:
+            self.queue_wait_s = event.queue_wait_s
         if event.token_ids and self.first_token_at is None:
             self.first_token_at = time.monotonic()
         self.generated_tokens += len(event.token_ids)
@@ -113,44 +151,63 @@ class GenerationSession:
             self._open_choices -= 1
             if self._open_choices <= 0:  # every choice's final event came
                 self.finish_reason = event.finish_reason
-            self.prompt_tokens = event.prompt_tokens or self.prompt_tokens
+            self._prompt_tokens[position] = event.prompt_tokens or self._prompt_tokens[position]
+        offset = self._offsets[position]
+        return event if offset == 0 else dataclasses.replace(event, index=offset + event.index)
 
-    async def events(
-        self, build: BuildRequest, local: LocalAnswer | None = None
-    ) -> AsyncIterator[TokenEvent]:
-        """Admit the call, build and submit its request, and yield its events until the final one.
+    def events(self, build: BuildRequest, local: LocalAnswer | None = None) -> AsyncIterator[TokenEvent]:
+        """Admit the call, build and submit its one request, and yield its events until the final one.
 
         Raises (and records) what refuses or fails the call; whatever ends the iteration early cancels
         the engine handle.
+        """
+        return self.batch_events(lambda tokenizer: [build(tokenizer)], local)
+
+    async def batch_events(
+        self, build_all: BuildRequests, local: LocalAnswer | None = None
+    ) -> AsyncIterator[TokenEvent]:
+        """`events` for a call of several requests (one per prompt, each with its n choices): built and
+        checked all before any is queued, queued together (all or none), their events merged, each
+        with its call-wide index (request i's choice j: i * n + j when every request has n choices).
+        Whatever ends the iteration early cancels every request of the call.
         """
         shared = self._shared
         labels = shared.metrics.labels
         label = labels.known(self._adapter)
         status = "OK"
-        handle: GenerationHandle | None = None
+        handles: list[GenerationHandle] = []
         uncut: Callable[[], None] | None = None
         try:
             async with shared.lifecycle.call(generation=True):
                 runtime = shared.runtime.get()
-                request = self.request = build(runtime.tokenizer)
-                label = labels.known(request.adapter)
-                self.prompt_tokens = len(request.prompt_ids)
-                self._open_choices = request.n
-                answer = None if local is None else local(request)
-                if answer is not None:
-                    self._take(answer)
-                    yield answer
+                requests = self.requests = list(build_all(runtime.tokenizer))
+                if not requests:
+                    raise InvalidArgumentError("prompt: at least one prompt is required")
+                label = labels.known(requests[0].adapter)
+                self._prompt_tokens = [len(r.prompt_ids) for r in requests]
+                self._offsets = list(itertools.accumulate((r.n for r in requests[:-1]), initial=0))
+                self._open_choices = sum(r.n for r in requests)
+                answers = [None if local is None else local(r) for r in requests]
+                queued = [i for i, answer in enumerate(answers) if answer is None]
+                if queued:
+                    if len(requests) == 1:
+                        handles = [await runtime.engine.submit(requests[0])]
+                    else:
+                        handles = list(await runtime.engine.submit_batch([requests[i] for i in queued]))
+                    self.adapter_version = handles[0].adapter_version  # one adapter per call
+                    uncut = shared.lifecycle.on_cut(lambda: self._end_for_drain(handles))
+                    label = labels.grant(requests[0].adapter)
+                for position, answer in enumerate(answers):
+                    if answer is not None:
+                        yield self._take(position, answer)
+                if self.finish_reason is not None:
                     return
-                handle = await runtime.engine.submit(request)
-                self.adapter_version = getattr(handle, "adapter_version", 0)
-                uncut = shared.lifecycle.on_cut(lambda: self._end_for_drain(handle))
-                label = labels.grant(request.adapter)
-                async for event in handle:
-                    self._take(event)
-                    yield event
-                    if self.finish_reason is not None:
-                        return
-                if self._cut:  # the cut handle ended without a final event
+                async with contextlib.aclosing(_merged(queued, handles)) as merged:
+                    async for position, event in merged:
+                        yield self._take(position, event)
+                        if self.finish_reason is not None:
+                            return
+                if self._cut:  # the cut handles ended without a final event
                     raise UnavailableError(DRAINING_MESSAGE)
                 raise RuntimeError("engine stream ended without a finish reason")
         except (asyncio.CancelledError, GeneratorExit):
@@ -164,12 +221,54 @@ class GenerationSession:
         finally:
             if uncut is not None:
                 uncut()
-            if handle is not None and self.finish_reason is None:
-                handle.cancel()
+            if self.finish_reason is None:
+                for handle in handles:
+                    handle.cancel()
             self.status = status
             shared.metrics.record_request(self.method, label, status, protocol=self.protocol)
             if status == "OK" and self.finish_reason is not None:
                 ttft = None if self.first_token_at is None else self.first_token_at - self.started
                 shared.metrics.record_generation(
-                    label, self.prompt_tokens, self.generated_tokens, ttft, time.monotonic() - self.started
+                    label,
+                    self.prompt_tokens,
+                    self.generated_tokens,
+                    ttft,
+                    time.monotonic() - self.started,
+                    queue_wait_s=self.queue_wait_s,
                 )
+
+
+async def _merged(
+    positions: list[int], handles: list[GenerationHandle]
+) -> AsyncIterator[tuple[int, TokenEvent]]:
+    """The events of several handles as they come, each with its request's position; ends when every
+    handle's iteration has ended."""
+    if len(handles) == 1:
+        async for event in handles[0]:
+            yield positions[0], event
+        return
+    queue: asyncio.Queue[tuple[int, TokenEvent | BaseException | None]] = asyncio.Queue()
+
+    async def pump(position: int, handle: GenerationHandle) -> None:
+        try:
+            async for event in handle:
+                queue.put_nowait((position, event))
+        except Exception as exc:  # handed to the reader, which raises it
+            queue.put_nowait((position, exc))
+        finally:
+            queue.put_nowait((position, None))
+
+    tasks = [asyncio.ensure_future(pump(p, h)) for p, h in zip(positions, handles, strict=True)]
+    try:
+        live = len(tasks)
+        while live:
+            position, item = await queue.get()
+            if item is None:
+                live -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield position, item
+    finally:
+        for task in tasks:
+            task.cancel()

@@ -178,3 +178,24 @@ def check_request(
         )
     _check_logprobs(names.of_request("prompt_logprobs"), request.prompt_logprobs, limits)
     return request
+
+
+def check_batch_rows(prompts: int, rows: int, limits: LimitSettings, prompt_field: str = "prompt") -> None:
+    """Refuse a call without a prompt, or whose prompts with their n choices make more rows than
+    max_batch_rows (checked before anything is tokenized)."""
+    if prompts < 1:
+        raise InvalidArgumentError(f"{prompt_field}: at least one prompt is required")
+    if rows > limits.max_batch_rows:
+        raise InvalidArgumentError(
+            f"{prompt_field}: {prompts} prompts with their choices (n) make {rows} rows, more than allowed "
+            f"({limit('max_batch_rows', limits.max_batch_rows)})"
+        )
+
+
+def check_batch_tokens(tokens: int, limits: LimitSettings, prompt_field: str = "prompt") -> None:
+    """Refuse a request whose prompts hold more than max_batch_tokens tokens together."""
+    if tokens > limits.max_batch_tokens:
+        raise InvalidArgumentError(
+            f"{prompt_field}: the prompts hold {tokens} tokens together, more than allowed "
+            f"({limit('max_batch_tokens', limits.max_batch_tokens)})"
+        )

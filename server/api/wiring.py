@@ -16,7 +16,7 @@ from adapterserve.server.api.catalog import StoreCatalog
 from adapterserve.server.api.grpc.convert import adapter_kind_to_proto
 from adapterserve.server.api.metrics import RuntimeSnapshot, TierStats
 from adapterserve.server.api.runtime import Runtime, StartedRuntime
-from adapterserve.server.cpu_threads import ThreadPlan, apply_threads, plan_threads
+from adapterserve.server.cpu.threads import ThreadPlan, apply_threads, plan_threads
 from adapterserve.server.engine.types import GenerationRequest, SamplingParams
 from adapterserve.server.settings import LimitSettings, ServerSettings
 from adapterserve.v1 import generation_pb2
@@ -48,6 +48,8 @@ def server_info(base: Any, limits: LimitSettings) -> generation_pb2.ServerInfo:
             max_stop_sequences=limits.max_stop_sequences,
             max_n=limits.max_n,
             max_logprobs=limits.max_logprobs,
+            max_batch_rows=limits.max_batch_rows,
+            max_batch_tokens=limits.max_batch_tokens,
             max_upload_bytes=limits.max_upload_bytes,
             max_message_bytes=limits.max_message_bytes,
             upload_chunk_bytes=limits.upload_chunk_bytes,
@@ -74,6 +76,7 @@ def snapshot_of(engine: Any, registry: Any) -> RuntimeSnapshot:
     """Engine gauges and the host/device cache tiers, for the metrics endpoint."""
     stats = engine.stats()
     cache = registry.stats()
+    sources = getattr(registry, "sources", None)  # the SourceFetcher, None without adapter sources
     return RuntimeSnapshot(
         queue_depth=stats.waiting,
         running_requests=stats.running,
@@ -84,6 +87,10 @@ def snapshot_of(engine: Any, registry: Any) -> RuntimeSnapshot:
         decode_graph_replays=stats.decode_graph_replays,
         decode_static_steps=stats.decode_static_steps,
         decode_fallback=stats.decode_fallback is not None,
+        prefix_cache_queries=stats.prefix_cache_queries,
+        prefix_cache_hits=stats.prefix_cache_hits,
+        prefix_cache_evictions=stats.prefix_cache_evictions,
+        prefix_cache_blocks=stats.prefix_cache_blocks,
         tiers={
             "device": TierStats(
                 hits=stats.slot_hits,
@@ -100,8 +107,14 @@ def snapshot_of(engine: Any, registry: Any) -> RuntimeSnapshot:
                 entries=cache.host_entries,
                 capacity_bytes=cache.host_capacity_bytes,
             ),
-            "disk": TierStats(bytes=cache.disk_bytes, entries=cache.disk_adapters),
+            "disk": TierStats(
+                bytes=cache.disk_bytes,
+                entries=cache.disk_adapters,
+                evictions=sources.disk.evictions if sources else 0,
+            ),
         },
+        fetch=sources.stats if sources else None,
+        fetched_disk_bytes=sources.disk.bytes() if sources else 0,
     )
 
 
@@ -116,12 +129,27 @@ def cpu_plan(settings: ServerSettings, device_type: str) -> ThreadPlan | None:
     return plan
 
 
+def source_fetcher(store: Any, settings: ServerSettings) -> Any:
+    """The SourceFetcher of the configured adapter sources (store/sources/), or None without any."""
+    if not settings.sources.uris:
+        return None
+    from adapterserve.server.store.sources import parse_source
+    from adapterserve.server.store.sources.fetcher import SourceFetcher
+
+    timeout = settings.sources.fetch_timeout_s
+    fetcher = SourceFetcher(
+        store, [parse_source(u, timeout_s=timeout) for u in settings.sources.uris], settings.sources
+    )
+    log.info("adapter sources, tried in order: %s", fetcher.describe())
+    return fetcher
+
+
 async def start_runtime(settings: ServerSettings) -> StartedRuntime:
     """Load the base, open the store, add demo adapters if asked, start and warm the engine."""
     from adapterserve.server.adapters.loader import build_adapter, load_adapter_dir
+    from adapterserve.server.cpu.omp_pools import run_releasing_pool
     from adapterserve.server.engine.engine import Engine
     from adapterserve.server.model.loading import load_base_model
-    from adapterserve.server.omp_pools import run_releasing_pool
     from adapterserve.server.store.live import LiveAdapters
     from adapterserve.server.store.registry import AdapterRegistry
     from adapterserve.server.store.store import AdapterStore
@@ -156,7 +184,7 @@ async def start_runtime(settings: ServerSettings) -> StartedRuntime:
             )
 
         await run_releasing_pool(ensure_demo_adapters, base, put, set(store.names()))
-    registry = AdapterRegistry(store, settings.cache)
+    registry = AdapterRegistry(store, settings.cache, sources=source_fetcher(store, settings))
     build = functools.partial(build_adapter, spec=base.spec, settings=settings.engine)
     live = LiveAdapters(registry, build, persist_every=settings.cache.persist_every)
     engine = Engine(base, live, settings.engine, cpu=cpu_plan(settings, base.device.type))
@@ -186,4 +214,10 @@ async def start_runtime(settings: ServerSettings) -> StartedRuntime:
         server_info=server_info(base, settings.limits),
     )
     log.info("store %s: %d adapter(s) served", store.root, len(store))
-    return StartedRuntime(runtime=runtime, snapshot=lambda: snapshot_of(engine, registry), stop=engine.stop)
+
+    async def stop() -> None:
+        await engine.stop()
+        if registry.sources is not None:
+            await registry.sources.close()
+
+    return StartedRuntime(runtime=runtime, snapshot=lambda: snapshot_of(engine, registry), stop=stop)

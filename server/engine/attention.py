@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapterserve.server.engine import cpu_paged_attention
+from adapterserve.server.cpu import paged_attention as cpu_paged_attention
 from adapterserve.server.engine.kv_cache import KVCache
 from adapterserve.server.engine.paged_kv_cache import PagedKVCache
 
@@ -81,11 +81,11 @@ class PackedStep:
 class AttentionState:
     """The KV cache and the current forward's step, shared by every attention module of one model. The
     step is per thread: a prefill worker's forward and the decode forward may run at the same time
-    (server/engine/prefill_workers.py), each over its own rows."""
+    (server/cpu/prefill_workers.py), each over its own rows."""
 
     def __init__(self, cache: KVCache | PagedKVCache, paged_kernel: bool = False):
         self.cache = cache
-        # decode rows (one query position) read the paged cache in place (cpu_paged_attention.py)
+        # decode rows (one query position) read the paged cache in place (cpu/paged_attention.py)
         self.paged_kernel = paged_kernel and isinstance(cache, PagedKVCache)
         self._local = threading.local()
 
@@ -235,7 +235,7 @@ def install(
 ) -> AttentionState:
     """Make `model` call `cache_attention` with a state of its own; returns that state. The attention
     modules are the ones transformers gives a `layer_idx`; each is told its layer's cache index.
-    paged_kernel: decode rows read the paged cache in place (cpu_paged_attention.py)."""
+    paged_kernel: decode rows read the paged cache in place (cpu/paged_attention.py)."""
     from transformers import AttentionInterface
 
     AttentionInterface.register(ATTENTION_NAME, cache_attention)

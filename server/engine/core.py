@@ -9,8 +9,14 @@ Rows: decoding rows first (0..num_decoding-1), then rows still prefilling. One `
   4. decode one token for every decoding row; with the paged cache and `EngineSettings.packed_steps`
      (off by default), 3 and 4 are one forward (runner.packed: every token a row of its own, so the weights are
      read once per step; rows just promoted by this step's prefill decode from the next step);
-  5. retire finished rows (holes are filled from the end of each region: a row or two copied, never
-     the whole cache).
+  5. retire finished rows (a decoding hole is filled by the last decoding row; the rows still
+     prefilling close up behind it in their order: block-table rows on the paged cache).
+Prefill is served in admission order: the rows still prefilling stay in the order they were admitted
+(promotion and retirement shift them, never swap a newer one ahead), and every step hands out prompt
+tokens in row order. Once admitted, a request waits only for the prefill of the requests admitted before
+it, and those admitted in the same step with shorter prompts (prefill_groups.py). In the waiting queue
+a request for an adapter that finds every device slot busy lets requests for resident adapters pass, at
+most max_batch_size of them; then admission is first come, first served until a slot frees for it.
 Every step does both prefill and decode work, so neither starves the other. The async `Engine` runs
 steps on a worker thread; `OfflineEngine` runs them in the caller's thread.
 
@@ -36,16 +42,17 @@ import torch
 from adapterserve.server.adapters.kind import HookSite
 from adapterserve.server.adapters.layers import AdapterBatch, AdapterContext, build_batch, wrap_model
 from adapterserve.server.adapters.slots import NO_ADAPTER, AdapterBank
-from adapterserve.server.engine import cpu_paged_attention, faults, prefill_phase, worker_step
-from adapterserve.server.engine.cpu_governor import MeteredWork
+from adapterserve.server.cpu import paged_attention as cpu_paged_attention
+from adapterserve.server.cpu.decode_pacing import DecodePacer
+from adapterserve.server.cpu.governor import MeteredWork
+from adapterserve.server.cpu.linear import describe_routes, prefill_positions, use_packed_linears
+from adapterserve.server.cpu.prefill_workers import PrefillWorkers
+from adapterserve.server.engine import faults, prefill_phase, worker_step
 from adapterserve.server.engine.decode_graphs import decode_step_mode, make_decode_graphs
-from adapterserve.server.engine.decode_pacing import DecodePacer
 from adapterserve.server.engine.fork import make_choices
-from adapterserve.server.engine.idle_memory import keep_freed_memory
 from adapterserve.server.engine.kv_cache import make_kv_cache
 from adapterserve.server.engine.paged_kv_cache import PagedKVCache
 from adapterserve.server.engine.prefill_groups import forward_cost_tokens
-from adapterserve.server.engine.prefill_workers import PrefillWorkers
 from adapterserve.server.engine.provider import ResolvedAdapter
 from adapterserve.server.engine.request_limits import check_fits, check_request
 from adapterserve.server.engine.runner import ModelRunner
@@ -61,7 +68,6 @@ from adapterserve.server.errors import (
     ResourceExhaustedError,
     ServeError,
 )
-from adapterserve.server.model.cpu_linear import describe_routes, prefill_positions, use_packed_linears
 from adapterserve.server.model.family import TESTED_FAMILIES
 from adapterserve.server.model.loading import LoadedBase, eos_token_ids
 from adapterserve.server.settings import EngineSettings
@@ -73,8 +79,6 @@ class EngineCore:
     def __init__(self, base: LoadedBase, settings: EngineSettings, *, capture_logits: bool = False):
         self.base, self.settings = base, settings
         self.capture_logits = capture_logits
-        if settings.keep_freed_memory:
-            keep_freed_memory()  # a forward's activations are reused by the next, not re-faulted (idle_memory.py)
         spec = base.spec
         self.device, self.dtype = base.device, base.dtype
         decode_mode = decode_step_mode(
@@ -119,7 +123,7 @@ class EngineCore:
         self._final_events: list[tuple[Sequence, TokenEvent]] = []  # sent once their rows are retired
         self.workers: PrefillWorkers | None = None  # prefill beside decode (start_prefill_workers)
         self.prefill_jobs: list[prefill_phase.PrefillJob] = []  # in flight on the workers, oldest first
-        self._activity = threading.Event()  # set by new work and finished jobs: wakes a waiting step
+        self.activity = threading.Event()  # set by new work and finished jobs: wakes a waiting step
         # with prefill workers: the engine thread's intra-op threads for a decode step with no job in
         # flight, and beside jobs (the workers hold the other CPUs); None: left as they are
         self.decode_threads: int | None = None
@@ -129,6 +133,9 @@ class EngineCore:
         self.steps = 0
         self.prefilled_prompts = 0  # prompts whose prefill completed (n choices of a request: one)
         self.forked_choices = 0  # choices that took a copy of another's prefill (fork.py)
+        # prefix caching (prefix_cache.py): prompt positions looked up, and those found computed
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
 
     # ----- called from any thread -------------------------------------------------------------------
     def new_sequence(
@@ -169,12 +176,28 @@ class EngineCore:
                     f"the waiting queue is full ({self.settings.max_queue} requests); retry later"
                 )
             self.waiting.append(seq)
-        self._activity.set()
+        self.activity.set()
+
+    def add_all(self, seqs: list[Sequence]) -> None:
+        """Queue several sequences at once, all or none (a request with a list of prompts)."""
+        if len(seqs) > self.settings.max_queue:
+            raise InvalidArgumentError(
+                f"prompt: {len(seqs)} prompts, more than the engine's waiting queue holds "
+                f"({self.settings.max_queue}; the server's --max-queue flag raises it)"
+            )
+        with self._lock:
+            if len(self.waiting) + len(seqs) > self.settings.max_queue:
+                raise QueueFullError(
+                    f"the waiting queue has no room for {len(seqs)} prompts ({len(self.waiting)} of "
+                    f"{self.settings.max_queue} requests waiting); retry later"
+                )
+            self.waiting.extend(seqs)
+        self.activity.set()
 
     def cancel(self, request_id: str) -> None:
         with self._lock:
             self._cancel.add(request_id)
-        self._activity.set()
+        self.activity.set()
 
     def call_on_engine_thread(self, fn: Callable[[], object]) -> Future:
         """Run `fn` between two steps (device-slot changes must not race a forward); its result or
@@ -182,8 +205,17 @@ class EngineCore:
         future: Future = Future()
         with self._lock:
             self._controls.append((fn, future))
-        self._activity.set()
+        self.activity.set()
         return future
+
+    def slot_writes_pending(self) -> bool:
+        """Whether the next step may write a device slot: a control call (pin, adapter update) is queued,
+        or admitting a waiting request may load an adapter (prefill jobs must not run meanwhile)."""
+        with self._lock:
+            return bool(self._controls) or any(
+                seq.slot_key is not None and self.bank.table.lookup(seq.slot_key) is None
+                for seq in self.waiting
+            )
 
     def has_work(self) -> bool:
         with self._lock:
@@ -199,7 +231,7 @@ class EngineCore:
         if not isinstance(self.cache, PagedKVCache):
             raise InvalidArgumentError("prefill workers need the paged KV cache (kv_cache='paged')")
         if self.workers is None:
-            self.workers = PrefillWorkers(count, on_done=self._activity.set)
+            self.workers = PrefillWorkers(count, on_done=self.activity.set)
         if self.settings.decode_pace_ms and self.decode_pacer is None:
             self.decode_pacer = DecodePacer(self.settings.decode_pace_ms / 1000)
 
@@ -216,29 +248,29 @@ class EngineCore:
         if self.workers is not None:
             worker_step.step(self)
             return
-        self._run_controls()
-        self._reap_cancelled()
+        self.run_controls()
+        self.reap_cancelled()
         self.admit_and_start()
         chunk = prefill_phase.next_chunk(self)
         if chunk and self.num_decoding and prefill_phase.can_pack(self, chunk):
             rows = self.running[: self.num_decoding] + [seq for seq, _ in chunk]
-            self._run_guarded(rows, lambda: prefill_phase.run_packed(self, chunk))
-            self._retire_finished()
+            self.run_guarded(rows, lambda: prefill_phase.run_packed(self, chunk))
+            self.retire_finished()
             return
         if chunk:
-            self._run_guarded([seq for seq, _ in chunk], lambda: prefill_phase.run(self, chunk))
-            self._retire_finished()
+            self.run_guarded([seq for seq, _ in chunk], lambda: prefill_phase.run(self, chunk))
+            self.retire_finished()
         if self.num_decoding:
             rows = self.running[: self.num_decoding]
-            self._run_guarded(rows, self._decode)
-            self._retire_finished()
+            self.run_guarded(rows, self.decode)
+            self.retire_finished()
 
     def admit_and_start(self) -> None:
         """Admit waiting requests into free rows and give them their prefill inputs."""
         admitted = self._admit()
         if admitted:
-            self._run_guarded(admitted, lambda: prefill_phase.start(self, admitted))
-            self._retire_finished()
+            self.run_guarded(admitted, lambda: prefill_phase.start(self, admitted))
+            self.retire_finished()
 
     def fail_all(self, error: ServeError) -> None:
         """Finish every waiting and running request with an error (engine shutdown)."""
@@ -249,9 +281,9 @@ class EngineCore:
         for seq in waiting + self.running:
             if not seq.finished:
                 self.finish(seq, FinishReason.ERROR, error=error)
-        self._retire_finished()
+        self.retire_finished()
 
-    def _run_guarded(self, seqs: list[Sequence], work: Callable[[], None]) -> None:
+    def run_guarded(self, seqs: list[Sequence], work: Callable[[], None]) -> None:
         """Run a forward; if it fails, fail only the requests it was for and keep serving."""
         try:
             faults.inject(seqs)  # a no-op unless the test hook is on (see faults.py)
@@ -281,7 +313,7 @@ class EngineCore:
                     # retiring will not see it, so its slot is released here
                     self.bank.release(seq.slot_key)
 
-    def _run_controls(self) -> None:
+    def run_controls(self) -> None:
         with self._lock:
             controls, self._controls = list(self._controls), deque()
         for fn, future in controls:
@@ -302,7 +334,7 @@ class EngineCore:
             )
         return slot
 
-    def _reap_cancelled(self) -> None:
+    def reap_cancelled(self) -> None:
         with self._lock:
             cancel, self._cancel = self._cancel, set()
             if not cancel:
@@ -317,7 +349,7 @@ class EngineCore:
         for seq in self.running:
             if seq.request.request_id in cancel and not seq.finished:
                 self.finish(seq, FinishReason.CANCELLED)
-        self._retire_finished()
+        self.retire_finished()
 
     def _admit(self) -> list[Sequence]:
         # rows and KV tokens promised to the choices of running requests not forked yet (fork.py)
@@ -342,17 +374,23 @@ class EngineCore:
                     if slot is None:  # every slot busy: wait, but let requests behind it use resident ones
                         slots_full = True
                         skipped.append(seq)
+                        if seq.overtaken >= self.settings.max_batch_size:
+                            break  # it has let enough pass: FIFO until a slot frees for it
                         continue
                     seq.slot = slot
+                for waiting in skipped:
+                    waiting.overtaken += 1
                 admitted.append(seq)
                 reserving += [seq.kv_tokens] * seq.request.n
             self.waiting.extendleft(reversed(skipped))
+        for seq in admitted:
+            seq.admitted_at = time.monotonic()
         return admitted
 
     def adapter_batch(self, seqs: list[Sequence]) -> AdapterBatch:
         return build_batch([s.slot for s in seqs], self.bank.slot_kinds, self.device)
 
-    def _decode(self, seqs: list[Sequence] | None = None) -> None:
+    def decode(self, seqs: list[Sequence] | None = None) -> None:
         """One token for `seqs` (default: every decoding row); other rows than the decoding rows' prefix
         (some ride in a prefill job, prefill_phase.launch) are addressed through their block tables."""
         table = None
@@ -418,6 +456,7 @@ class EngineCore:
             prompt_tokens=len(seq.request.prompt_ids),
             generated_tokens=len(seq.output),
             index=seq.index,
+            queue_wait_s=seq.queue_wait,
             **kw,
         )
 
@@ -457,25 +496,38 @@ class EngineCore:
         self.cache.move_row(src, dst, moved.length)
         self.running[dst] = moved
 
-    def _retire_finished(self) -> None:
+    def shift_row(self, src: int, dst: int) -> None:
+        """Row src becomes row dst; the rows from dst up to src (src > dst) each move one row on, in the
+        same order (a paged cache swaps block-table rows; a dense one copies each row's filled positions).
+        A row whose prefill completed joins the decoding rows this way, so the rows still prefilling keep
+        their admission order (prefill_phase.next_chunk and launch serve them in row order)."""
+        for row in range(src, dst, -1):
+            above, below = self.running[row - 1], self.running[row]
+            self.cache.swap_rows(row - 1, row, max(above.length, below.length))
+            self.running[row - 1], self.running[row] = below, above
+
+    def retire_finished(self) -> None:
+        """Free the rows of finished requests. A decoding row's hole is filled by the last decoding row
+        (their order does not matter); the rows still prefilling then close up behind it, keeping their
+        admission order (moving the newest row into the hole would serve it first)."""
         i = 0
         while i < len(self.running):
             seq = self.running[i]
             if not seq.finished or seq.in_flight:  # a row in flight retires once its job is booked
                 i += 1
                 continue
-            last = len(self.running) - 1
+            # its computed blocks stay cached for later requests (prefix_cache.py)
+            prefill_phase.register_blocks(self, seq, i, with_output=True)
             self.cache.release(i)
+            hole = i
             if i < self.num_decoding:
-                # fill the hole from the end of the decoding rows, then that hole from the very end
                 last_decoding = self.num_decoding - 1
                 if i != last_decoding:
                     self._move(last_decoding, i)
-                if last != last_decoding:
-                    self._move(last, last_decoding)
+                hole = last_decoding
                 self.num_decoding -= 1
-            elif i != last:
-                self._move(last, i)
+            for row in range(hole + 1, len(self.running)):  # close up: each later row one row down
+                self._move(row, row - 1)
             self.running.pop()
             if seq.slot_key is not None:
                 self.bank.release(seq.slot_key)

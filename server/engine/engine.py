@@ -10,26 +10,27 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import threading
 import uuid
 from collections.abc import AsyncIterator
 
 from adapterserve.server.adapters.kind import HookSite
-from adapterserve.server.cpu_threads import ThreadPlan, apply_threads
+from adapterserve.server.cpu.canary import CpuCanary
+from adapterserve.server.cpu.governor import CpuGovernor, MeteredWork, ProcCounters
+from adapterserve.server.cpu.idle_memory import IdleTrim
+from adapterserve.server.cpu.omp_pools import release_openmp_pool, set_thread_threads
+from adapterserve.server.cpu.thread_names import name_this_thread
+from adapterserve.server.cpu.threads import ThreadPlan, apply_threads
 from adapterserve.server.engine.core import EngineCore
-from adapterserve.server.engine.cpu_canary import CpuCanary
-from adapterserve.server.engine.cpu_governor import CpuGovernor, MeteredWork, ProcCounters
-from adapterserve.server.engine.idle_memory import IdleTrim
 from adapterserve.server.engine.paged_kv_cache import PagedKVCache
 from adapterserve.server.engine.provider import AdapterProvider, ResolvedAdapter
 from adapterserve.server.engine.stats import EngineStats
 from adapterserve.server.engine.types import GenerationRequest, TokenEvent
 from adapterserve.server.errors import UnavailableError
 from adapterserve.server.model.loading import LoadedBase
-from adapterserve.server.omp_pools import release_openmp_pool, set_thread_threads
 from adapterserve.server.settings import EngineSettings
-from adapterserve.server.thread_names import name_this_thread
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class EventRelay:
 
 def _deliver(batch: list[tuple[RequestHandle, TokenEvent]]) -> None:
     for handle, event in batch:
-        handle._put(event)
+        handle.put(event)
 
 
 class RequestHandle:
@@ -74,7 +75,8 @@ class RequestHandle:
         self._done = False
         self._open = choices  # choices (GenerationRequest.n) without their final event yet
 
-    def _put(self, event: TokenEvent) -> None:
+    def put(self, event: TokenEvent) -> None:
+        """(The event loop) one event for the reader."""
         self._queue.put_nowait(event)
 
     def __aiter__(self) -> AsyncIterator[TokenEvent]:
@@ -92,7 +94,7 @@ class RequestHandle:
     def cancel(self) -> None:
         """Stop generating: the row and the adapter slot are freed at the next step boundary."""
         if not self._done:
-            self._engine._cancel(self.request_id)
+            self._engine.cancel_request(self.request_id)
 
 
 class Engine:
@@ -103,7 +105,7 @@ class Engine:
         settings: EngineSettings,
         cpu: ThreadPlan | None = None,
     ):
-        """cpu: the CPU thread plan (server/cpu_threads.py), applied on the engine thread; None keeps
+        """cpu: the CPU thread plan (server/cpu/threads.py), applied on the engine thread; None keeps
         torch's thread count as it is (GPU engines, tests)."""
         self.base, self.adapters, self.settings = base, adapters, settings
         self.cpu = cpu
@@ -113,11 +115,11 @@ class Engine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._relay: EventRelay | None = None
-        self._idle_trim = IdleTrim()  # freed memory back to the system once idle (idle_memory.py)
+        self._idle_trim = IdleTrim()  # freed memory back to the system once idle (cpu/idle_memory.py)
 
     async def start(self) -> None:
         self._relay = EventRelay(asyncio.get_running_loop())
-        release_openmp_pool()  # the engine thread's pool should be the process's only one (omp_pools.py)
+        release_openmp_pool()  # the engine thread's pool should be the process's only one (cpu/omp_pools.py)
         self._thread = threading.Thread(target=self._run, name="adapterserve-engine", daemon=True)
         self._thread.start()
 
@@ -148,6 +150,32 @@ class Engine:
         self.core.add(seq)
         self._wake.set()
         return handle
+
+    async def submit_batch(self, requests: list[GenerationRequest]) -> list[RequestHandle]:
+        """Queue several requests together (a list of prompts), all or none: every one is checked as
+        `submit` checks it before any is queued, then all join the waiting queue at once. Raises as
+        `submit` does; QueueFullError when the queue has no room for all of them."""
+        if self._stopping or self._relay is None:
+            raise UnavailableError("the engine is not running")
+        relay = self._relay
+        requests = [
+            r if r.request_id else dataclasses.replace(r, request_id=uuid.uuid4().hex) for r in requests
+        ]
+        resolved = {
+            name: await self.adapters.get(name) for name in dict.fromkeys(r.adapter for r in requests) if name
+        }
+        for structured in dict.fromkeys(r.structured for r in requests if r.structured is not None):
+            await asyncio.to_thread(self.core.grammars.cache.template, structured)
+        handles: list[RequestHandle] = []
+        seqs = []
+        for request in requests:
+            handle = RequestHandle(self, request.request_id, choices=request.n)
+            emit = functools.partial(relay.emit, handle)
+            seqs.append(self.core.new_sequence(request, resolved.get(request.adapter or ""), emit))
+            handles.append(handle)
+        self.core.add_all(seqs)
+        self._wake.set()
+        return handles
 
     def stats(self) -> EngineStats:
         return self.core.stats()
@@ -197,7 +225,7 @@ class Engine:
         self._wake.set()
         await asyncio.wrap_future(future)
 
-    def _cancel(self, request_id: str) -> None:
+    def cancel_request(self, request_id: str) -> None:
         self.core.cancel(request_id)
         self._wake.set()
 

@@ -42,16 +42,11 @@ class KVCache:
         end = row_start + rows
         return self.k[layer, row_start:end, :, :length], self.v[layer, row_start:end, :, :length]
 
-    def write_prefix(self, row: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Prefix tuning: keys/values [L, kvH, n, D] at positions 0..n-1 of `row` in every layer."""
+    def write_prefix(self, row: int, keys: torch.Tensor, values: torch.Tensor, start: int = 0) -> None:
+        """Prefix tuning: keys/values [L, kvH, n, D] at positions start..n-1 of `row` in every layer."""
         n = keys.shape[2]
-        self.k[:, row, :, :n] = keys
-        self.v[:, row, :, :n] = values
-
-    def share_prefix(self, row: int, key, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """The paged cache shares a prefix's blocks between rows; a dense row holds its own copy."""
-        del key
-        self.write_prefix(row, keys, values)
+        self.k[:, row, :, start:n] = keys[:, :, start:]
+        self.v[:, row, :, start:n] = values[:, :, start:]
 
     def move_row(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` positions of row src into row dst (compaction when a row leaves)."""
@@ -80,8 +75,27 @@ class KVCache:
     def can_ever_reserve(self, requests: list[int]) -> bool:
         return len(requests) <= self.max_rows and self.can_reserve(requests)
 
-    def reserve(self, row: int, tokens: int) -> None:
-        del row, tokens
+    def reserve(self, row: int, tokens: int, cached: list[int] | None = None) -> None:
+        del row, tokens, cached
+
+    # No prefix caching: no block is shared (prefix_cache.py needs the paged cache).
+    block_size = 0
+    evictions = 0
+    cached_blocks = 0
+
+    def match(self, keys: list[bytes]) -> list[int]:
+        del keys
+        return []
+
+    def cached_tokens(self, row: int) -> int:
+        del row
+        return 0
+
+    def register(self, row: int, keys: list[bytes]) -> None:
+        del row, keys
+
+    def forget(self) -> None:
+        pass
 
     def release(self, row: int) -> None:
         del row

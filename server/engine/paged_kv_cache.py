@@ -1,4 +1,5 @@
-"""A paged key/value cache: fixed-size blocks in one pool, a block table per row, a free list.
+"""A paged key/value cache: fixed-size blocks in one pool, a block table per row, reference counts, and
+content-addressed blocks (prefix caching).
 
 Memory is the pool, sized by `EngineSettings.kv_cache_bytes` (or, unset, the dense worst case rows x
 max_seq_len): a request reserves the blocks its whole length needs (virtual + prompt + max_new_tokens)
@@ -14,18 +15,22 @@ moving or swapping rows moves block-table entries, never key/value data.
 Block 0 is a scratch block owned by no row: table entries of blocks a row does not own point at it, so
 the padded positions of a right-padded prefill chunk are written there and never read unmasked.
 
-Prefix tuning's key/values are shared (`share_prefix`): the whole blocks of an adapter's prefix are
-written once, and every running row of that adapter points its first table entries at them (reference
-counted; freed with the last row that uses them). A row only writes the prefix's last, partial block
-itself, since its prompt continues in that block. No row ever writes a position below its prefix length,
-so shared blocks are read-only once written. A reservation still counts the blocks of its whole length;
-the blocks a row then shares go straight back to the free list.
+Prefix caching. A full block whose positions are all computed gets a key (`register`): a hash chained
+over its parent block's key and its tokens, rooted in the identity of whatever computed it (the adapter's
+name and version; prefix_cache.py). A later row whose chain of keys starts the same takes those blocks
+(`reserve(..., cached=)`), reference counted, and computes only the rest. Rows only ever append, so a
+keyed block is never written again; n choices of one prompt share its full blocks the same way (`fork`)
+and copy only the partial last block. A block nobody references goes to the free list, or, when it has a
+key, to an LRU of cached blocks that a later row may still take; allocation takes free blocks first and
+evicts the least recently used cached block only when none is left (`evictions`). A prefix-tuning
+adapter's key/value prefix is such a chain too (placeholder tokens), so every row of one adapter version
+shares its whole blocks, with or without prefix caching of prompts.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable
+from collections import OrderedDict
 
 import torch
 
@@ -57,14 +62,14 @@ class PagedKVCache:
         self.table = torch.zeros(
             max_rows, self.blocks_per_row, dtype=torch.long, device=device
         )  # [rows, bpr]
-        # Host mirror of each row's table: its shared prefix blocks, then the blocks it owns.
-        self._owned: list[list[int]] = [[] for _ in range(max_rows)]
-        self._shared: list[list[int]] = [[] for _ in range(max_rows)]
-        self._free: list[int] = list(range(usable, 0, -1))  # pop() hands out low ids first
-        self._prefixes: dict[Hashable, list[int]] = {}  # prefix key -> its shared blocks
-        self._prefix_of: dict[int, Hashable] = {}  # first shared block -> its key
-        self._refs: dict[int, int] = {}  # shared block -> rows using it
-        self.prefix_reuses = 0  # rows that found their prefix already written (stats, tests)
+        self._rows: list[list[int]] = [[] for _ in range(max_rows)]  # host mirror of each row's table
+        self._cached_tokens = [0] * max_rows  # positions each row took from cached blocks (reserve)
+        self._refs = [0] * (usable + 1)  # rows whose table holds each block
+        self._free: list[int] = list(range(usable, 0, -1))  # unreferenced, no key; pop() gives low ids first
+        self._lru: OrderedDict[int, None] = OrderedDict()  # unreferenced blocks with a key, oldest first
+        self._key_of: dict[int, bytes] = {}  # block -> its content key
+        self._block_of: dict[bytes, int] = {}  # content key -> the block holding it
+        self.evictions = 0  # cached blocks given to other content (stats)
 
     # ----- blocks ---------------------------------------------------------------------------------
     def blocks_for(self, tokens: int) -> int:
@@ -72,7 +77,13 @@ class PagedKVCache:
 
     @property
     def free_blocks(self) -> int:
-        return len(self._free)
+        """Blocks a reservation can take: free ones and cached ones nobody references."""
+        return len(self._free) + len(self._lru)
+
+    @property
+    def cached_blocks(self) -> int:
+        """Blocks holding a key (referenced or not)."""
+        return len(self._key_of)
 
     @property
     def total_blocks(self) -> int:
@@ -85,7 +96,7 @@ class PagedKVCache:
 
     def can_reserve(self, requests: list[int]) -> bool:
         """Whether rows of these token counts (each rounded up to whole blocks) fit in the free blocks."""
-        return sum(self.blocks_for(tokens) for tokens in requests) <= len(self._free)
+        return sum(self.blocks_for(tokens) for tokens in requests) <= self.free_blocks
 
     def can_ever_reserve(self, requests: list[int]) -> bool:
         """Whether rows of these token counts fit the whole pool at once (when nothing else runs)."""
@@ -93,41 +104,93 @@ class PagedKVCache:
             len(requests) <= self.max_rows and sum(self.blocks_for(t) for t in requests) <= self.total_blocks
         )
 
-    def reserve(self, row: int, tokens: int) -> None:
-        """Give `row` (which owns nothing) the blocks for `tokens` positions."""
+    def match(self, keys: list[bytes]) -> list[int]:
+        """The blocks holding the longest run of `keys` from the first (a prefix of the row's chain)."""
+        blocks = []
+        for key in keys:
+            block = self._block_of.get(key)
+            if block is None:
+                break
+            blocks.append(block)
+        return blocks
+
+    def reserve(self, row: int, tokens: int, cached: list[int] | None = None) -> None:
+        """Give `row` (which holds nothing) the blocks for `tokens` positions: `cached` (from `match`,
+        their positions already computed) first, then blocks of its own."""
+        cached = cached or []
         need = self.blocks_for(tokens)
-        if self._owned[row] or self._shared[row]:
+        if self._rows[row]:
             raise RuntimeError(f"row {row} already holds blocks")
-        if need > self.blocks_per_row or need > len(self._free):
-            raise RuntimeError(f"cannot reserve {need} blocks for row {row} ({len(self._free)} free)")
-        blocks = [self._free.pop() for _ in range(need)]
-        self._owned[row] = blocks
+        if need > self.blocks_per_row or need - len(cached) > self.free_blocks - self._idle(cached):
+            raise RuntimeError(f"cannot reserve {need} blocks for row {row} ({self.free_blocks} free)")
+        for block in cached:
+            self._take(block)
+        blocks = cached + [self._allocate() for _ in range(need - len(cached))]
+        self._rows[row] = blocks
+        self._cached_tokens[row] = len(cached) * self.block_size
         self.table[row, :need] = torch.tensor(blocks, dtype=torch.long, device=self.table.device)
 
+    def cached_tokens(self, row: int) -> int:
+        """Positions `row` took already computed from cached blocks when it was reserved."""
+        return self._cached_tokens[row]
+
+    def register(self, row: int, keys: list[bytes]) -> None:
+        """`row`'s first len(keys) blocks are full and computed: key them (a block whose content another
+        block already holds stays unkeyed, a private copy)."""
+        for block, key in zip(self._rows[row], keys, strict=False):
+            if block in self._key_of or key in self._block_of:
+                continue
+            self._key_of[block] = key
+            self._block_of[key] = block
+
     def release(self, row: int) -> None:
-        """Return `row`'s blocks to the free list (the row leaves the batch); its shared prefix blocks
-        go back with the last row that uses them."""
-        self._free.extend(reversed(self._owned[row]))
-        self._owned[row] = []
-        self._unshare(self._shared[row])
-        self._shared[row] = []
+        """The row leaves the batch: each of its blocks loses a reference; an unreferenced block goes to
+        the free list, or (keyed) to the cached blocks' LRU as the most recently used."""
+        for block in self._rows[row]:
+            self._drop(block)
+        self._rows[row] = []
+        self._cached_tokens[row] = 0
         self.table[row] = 0
 
-    def _unshare(self, blocks: list[int]) -> None:
-        if not blocks:
-            return
-        for block in blocks:
-            self._refs[block] -= 1
-        if self._refs[blocks[0]] == 0:  # a prefix's blocks are always used together
-            for block in blocks:
-                del self._refs[block]
-            del self._prefixes[self._prefix_of.pop(blocks[0])]
-            self._free.extend(reversed(blocks))
+    def forget(self) -> None:
+        """Drop every key (the cached blocks nobody references become free)."""
+        self._key_of.clear()
+        self._block_of.clear()
+        self._free.extend(self._lru)
+        self._lru.clear()
+
+    def _idle(self, blocks: list[int]) -> int:
+        """How many of `blocks` sit in the LRU (taking them leaves that many fewer to evict)."""
+        return sum(1 for block in blocks if self._refs[block] == 0)
+
+    def _take(self, block: int) -> None:
+        if self._refs[block] == 0:
+            del self._lru[block]
+        self._refs[block] += 1
+
+    def _drop(self, block: int) -> None:
+        """One reference fewer; unreferenced, the block is free (or, keyed, the newest in the LRU)."""
+        self._refs[block] -= 1
+        if self._refs[block] == 0:
+            if block in self._key_of:
+                self._lru[block] = None
+            else:
+                self._free.append(block)
+
+    def _allocate(self) -> int:
+        if self._free:
+            block = self._free.pop()
+        else:  # evict the least recently used cached block
+            block, _ = self._lru.popitem(last=False)
+            del self._block_of[self._key_of.pop(block)]
+            self.evictions += 1
+        self._refs[block] = 1
+        return block
 
     @property
     def shared_blocks(self) -> int:
-        """Blocks held by shared prefixes (each counted once)."""
-        return len(self._refs)
+        """Blocks referenced by more than one row."""
+        return sum(1 for refs in self._refs if refs > 1)
 
     # ----- the KVCache interface -----------------------------------------------------------------
     def write(
@@ -180,58 +243,42 @@ class PagedKVCache:
         )  # [L, n', kvH, D]
         self.v[:, blocks, offsets] = values[:, :, start:].permute(0, 2, 1, 3).to(self.v.dtype)
 
-    def share_prefix(self, row: int, key: Hashable, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """write_prefix, with the prefix's whole blocks shared by every row that passes the same `key`
-        (which must name these exact keys/values). `row` has just been reserved and holds no prefix."""
-        full = keys.shape[2] // self.block_size  # whole blocks of the prefix
-        if full == 0 or self._shared[row]:
-            self.write_prefix(row, keys, values)
-            return
-        blocks = self._prefixes.get(key)
-        own = self._owned[row]
-        if blocks is None:  # the first row of this prefix: its own first blocks become the shared ones
-            blocks = own[:full]
-            self.write_prefix(row, keys, values)
-            self._prefixes[key] = blocks
-            self._prefix_of[blocks[0]] = key
-            self._refs.update(dict.fromkeys(blocks, 0))
-        else:  # later rows point at them, and give back the blocks they reserved for those positions
-            self.prefix_reuses += 1
-            self._free.extend(reversed(own[:full]))
-            self.table[row, :full] = torch.tensor(blocks, dtype=torch.long, device=self.table.device)
-            self.write_prefix(row, keys, values, start=full * self.block_size)
-        for block in blocks:
-            self._refs[block] += 1
-        self._owned[row] = own[full:]
-        self._shared[row] = list(blocks)
-
     def move_row(self, src: int, dst: int, length: int) -> None:
         """Row src becomes row dst (dst was released): its block-table entries move, no data is copied."""
         del length  # the whole reservation moves
-        if self._owned[dst] or self._shared[dst]:
+        if self._rows[dst]:
             raise RuntimeError(f"row {dst} still holds blocks")
-        self._owned[dst], self._owned[src] = self._owned[src], []
-        self._shared[dst], self._shared[src] = self._shared[src], []
+        self._rows[dst], self._rows[src] = self._rows[src], []
+        self._cached_tokens[dst], self._cached_tokens[src] = self._cached_tokens[src], 0
         self.table[dst] = self.table[src]
         self.table[src] = 0
 
     def copy_row(self, src: int, dst: int, length: int) -> None:
-        """Row dst (reserved, at least as long) gets a copy of row src's first `length` positions: the
-        blocks that hold them, whole (n choices of one prefill; shared prefix blocks are copied too)."""
-        nb = self.blocks_for(length)
-        src_blocks, dst_blocks = self.table[src, :nb], self.table[dst, :nb]  # [nb]
-        self.k[:, dst_blocks] = self.k[:, src_blocks]  # [L, nb, bs, kvH, D]
-        self.v[:, dst_blocks] = self.v[:, src_blocks]
+        """Row dst (reserved, at least as long) gets row src's first `length` positions: src's full blocks
+        are shared (dst gives back the blocks it reserved for them), the partial last one is copied."""
+        full = length // self.block_size
+        src_blocks, dst_blocks = self._rows[src], self._rows[dst]
+        for i in range(full):
+            self._drop(dst_blocks[i])
+            dst_blocks[i] = src_blocks[i]
+            self._refs[src_blocks[i]] += 1
+        if full:
+            self.table[dst, :full] = self.table[src, :full]
+        if length % self.block_size:
+            partial_src, partial_dst = src_blocks[full], dst_blocks[full]
+            self.k[:, partial_dst] = self.k[:, partial_src]  # [L, bs, kvH, D]
+            self.v[:, partial_dst] = self.v[:, partial_src]
 
     def swap_rows(self, a: int, b: int, length: int) -> None:
         del length
-        self._owned[a], self._owned[b] = self._owned[b], self._owned[a]
-        self._shared[a], self._shared[b] = self._shared[b], self._shared[a]
+        self._rows[a], self._rows[b] = self._rows[b], self._rows[a]
+        self._cached_tokens[a], self._cached_tokens[b] = self._cached_tokens[b], self._cached_tokens[a]
         self.table[[a, b]] = self.table[[b, a]]
 
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
 
     def bytes_in_use(self) -> int:
+        """Bytes of the blocks rows reference (cached blocks nobody references are reclaimable)."""
         per_block = 2 * self.k[0, 0].numel() * self.k.element_size() * self.k.shape[0]
-        return (self.total_blocks - len(self._free)) * per_block
+        return (self.total_blocks - self.free_blocks) * per_block

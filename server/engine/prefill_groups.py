@@ -9,8 +9,10 @@ both, exactly (dynamic programming over the contiguous splits; n <= max_batch_si
 On a CPU with oneDNN-packed linears a forward of n padded positions computes `padded_rows(n)` of them
 (up to 1/8 more: 4 rows of 136 = 544 -> 576), so the split is costed in those.
 
-The engine gives new requests their rows sorted by prefill length, shortest first, so rows of similar
-lengths sit next to each other and contiguous groups can separate them (`prefill_length`).
+The engine gives the requests admitted in one step their rows sorted by prefill length, shortest first,
+so rows of similar lengths sit next to each other and contiguous groups can separate them
+(`prefill_length`). That order holds within one admission only: rows admitted later come after them, so
+a long prompt is passed by at most the shorter ones admitted with it.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 - `start`: admitted requests get rows at the end of the batch, shortest prefill first, and their prefill
   inputs (a prefix adapter's K/V written now, a prompt adapter's virtual tokens in front);
-- `next_chunk`: this step's prompt tokens, over the prefilling rows in order within the token budget;
+- `next_chunk`: this step's prompt tokens, over the prefilling rows in order (their admission order,
+  core.EngineCore keeps it) within the token budget;
 - `run`: the chunk's forwards (rows grouped by length; scoring rows keep every position's state);
   `run_packed`: the chunk and the decoding rows in one forward (EngineSettings.packed_steps);
   `launch` / `done_jobs` / `book`: the same forwards as jobs on prefill worker threads (a CPU engine,
@@ -15,6 +16,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from concurrent import futures
 from concurrent.futures import Future
@@ -25,6 +27,7 @@ import torch
 
 from adapterserve.server.adapters.kind import HookSite
 from adapterserve.server.adapters.layers import AdapterBatch, build_batch
+from adapterserve.server.engine import prefix_cache
 from adapterserve.server.engine.fork import fork
 from adapterserve.server.engine.logits_processing import prompt_token_logprobs
 from adapterserve.server.engine.paged_kv_cache import PagedKVCache
@@ -39,12 +42,22 @@ if TYPE_CHECKING:
 
 
 def start(core: EngineCore, seqs: list[Sequence]) -> None:
-    """Give admitted requests rows at the end, shortest prefill first (see prefill_groups.py), and
-    their prefill inputs (prefix K/V written now)."""
+    """Give admitted requests rows at the end, shortest prefill first (see prefill_groups.py), the blocks
+    of their prompt's longest cached prefix (prefix_cache.py) and their prefill inputs (prefix K/V
+    written now, past what the cached blocks hold)."""
+    block_size = core.cache.block_size  # 0: a dense cache, no blocks to share
     for seq in sorted(seqs, key=prefill_length):
         row = len(core.running)
-        core.cache.reserve(row, seq.kv_tokens)
-        core.running.append(seq)  # on failure, _run_guarded finishes it and retire frees the row
+        cached: list[int] = []
+        if block_size:
+            lookup = prefix_cache.lookup_blocks(seq, block_size, core.settings.prefix_cache)
+            tokens = prefix_cache.chain_tokens(seq)
+            cached = core.cache.match(prefix_cache.extend_keys(seq, tokens, lookup, block_size))
+            if core.settings.prefix_cache and not seq.scores_prompt:
+                core.prefix_cache_queries += len(tokens)
+                core.prefix_cache_hits += len(cached) * block_size
+        core.cache.reserve(row, seq.kv_tokens, cached)
+        core.running.append(seq)  # on failure, run_guarded finishes it and retire frees the row
         ids = torch.tensor(seq.request.prompt_ids, dtype=torch.long, device=core.device)
         embeds = core.runner.embed(ids)  # [n, H]
         if seq.hook == HookSite.PREFILL:
@@ -52,7 +65,27 @@ def start(core: EngineCore, seqs: list[Sequence]) -> None:
             storage = core.bank.prefill[seq.resolved.adapter.kind]
             embeds, seq.prefill_start = storage.prefill(seq.slot, row, embeds, core.cache)  # [m, H]
         seq.prefill_inputs = embeds
-        seq.length = seq.prefill_start
+        # positions taken computed: the prefill starts after them (the last prompt position never is)
+        seq.prefill_done = max(0, core.cache.cached_tokens(row) - seq.prefill_start)
+        seq.length = seq.prefill_start + seq.prefill_done
+        register_blocks(core, seq, row)
+
+
+def register_blocks(core: EngineCore, seq: Sequence, row: int, with_output: bool = False) -> None:
+    """Key `seq`'s full blocks whose positions are computed (its length), so later requests take them
+    (prefix_cache.py); with prefix caching off only a prefix-tuning prefix's whole blocks."""
+    block_size = core.cache.block_size
+    if not block_size:
+        return
+    if core.settings.prefix_cache:
+        tokens = prefix_cache.chain_tokens(seq, with_output)
+        blocks = min(seq.length, len(tokens)) // block_size
+    else:
+        tokens = prefix_cache.chain_tokens(seq)
+        blocks = prefix_cache.lookup_blocks(seq, block_size, prompts=False)
+        blocks = min(blocks, seq.length // block_size)
+    if blocks:
+        core.cache.register(row, prefix_cache.extend_keys(seq, tokens, blocks, block_size))
 
 
 def chunk_budget(core: EngineCore) -> int:
@@ -79,7 +112,16 @@ def next_chunk(core: EngineCore) -> list[tuple[Sequence, int]]:
             break
         chunk.append((seq, take))
         budget -= take
+    _started(chunk)
     return chunk
+
+
+def _started(chunk: list[tuple[Sequence, int]]) -> None:
+    """Its rows' prefill has started (their queue wait ends: Sequence.queue_wait)."""
+    now = time.monotonic()
+    for seq, _ in chunk:
+        if seq.prefill_started_at is None:
+            seq.prefill_started_at = now
 
 
 def _take(seq: Sequence, budget: int, tail: int) -> int:
@@ -254,6 +296,7 @@ def launch(core: EngineCore) -> None:
             run = plan_forward(core, chunk, table).logits
         for seq in seqs:
             seq.in_flight = True
+        _started(chunk)
         core.prefill_jobs.append(PrefillJob(chunk, core.workers.submit(run), carry))
 
 
@@ -273,7 +316,7 @@ def done_jobs(core: EngineCore, wait: bool = False) -> list[PrefillJob]:
 def book(core: EngineCore, job: PrefillJob) -> None:
     """Book a finished job on the engine thread: its riders take their next tokens, its rows their first
     (rows cancelled while it ran are skipped: they retire). A job that raised re-raises here
-    (core._run_guarded fails its rows)."""
+    (core.run_guarded fails its rows)."""
     if job.riders:
         decode_logits, logits = job.future.result()  # [Bd, V], [B, V]
         _book_riders(core, job.riders, decode_logits)
@@ -292,6 +335,7 @@ def _prefilled(core: EngineCore, chunk: list[tuple[Sequence, int]], logits: torc
     for i, (seq, take) in enumerate(chunk):
         seq.prefill_done += take
         seq.length = seq.prefill_start + seq.prefill_done
+        register_blocks(core, seq, core.running.index(seq))
         if seq.prefill_remaining == 0:
             seq.prefill_inputs = None
             core.prefilled_prompts += 1
@@ -366,10 +410,7 @@ def _prompt_logprobs(core: EngineCore, seq: Sequence, states: torch.Tensor) -> N
 
 
 def _promote(core: EngineCore, seq: Sequence) -> None:
-    """A row whose prefill is complete joins the decoding rows (swapped to their end if needed)."""
-    row, target = core.running.index(seq), core.num_decoding
-    if row != target:
-        other = core.running[target]
-        core.cache.swap_rows(row, target, max(seq.length, other.length))
-        core.running[row], core.running[target] = other, seq
+    """A row whose prefill is complete joins the decoding rows: it moves to the first prefilling row's
+    place and the rows still prefilling move one row on, in their order (core.shift_row)."""
+    core.shift_row(core.running.index(seq), core.num_decoding)
     core.num_decoding += 1

@@ -1,6 +1,10 @@
 """A request checked against the engine's limits before it is queued (EngineCore.new_sequence).
 
-Every refusal is an InvalidArgumentError (HTTP 400, gRPC INVALID_ARGUMENT) that names the field and the
+These are the engine's own bounds, which hold for every caller (the server, OfflineEngine, training's
+evaluation): what it can run at all (the vocabulary, MAX_LOGPROBS alternatives, its rows, its KV cache
+and max_seq_len). A server's narrower per-request policy (LimitSettings: max_logprobs, max_n,
+max_new_tokens, ...) is checked once, before this, by server/api/validation.py; every such limit's
+ceiling is one of these bounds (LimitSettings.max_logprobs <= MAX_LOGPROBS). Every refusal is an InvalidArgumentError (HTTP 400, gRPC INVALID_ARGUMENT) that names the field and the
 limit it broke, so a client can fix the request without reading the server's settings.
 `check_request` looks at the request alone; `check_fits` at the wrapped sequence (its prompt after a
 prompt-kind adapter's rewrite, its virtual tokens) against the KV cache and `max_seq_len`.
@@ -13,9 +17,7 @@ from adapterserve.server.engine.paged_kv_cache import PagedKVCache
 from adapterserve.server.engine.sequence import Sequence
 from adapterserve.server.engine.types import GenerationRequest
 from adapterserve.server.errors import InvalidArgumentError
-from adapterserve.server.settings import EngineSettings
-
-MAX_LOGPROBS = 1024  # alternatives per position (logprobs, prompt_logprobs), at most the vocabulary
+from adapterserve.server.settings import MAX_LOGPROBS, EngineSettings
 
 
 def check_request(request: GenerationRequest, vocab: int, settings: EngineSettings) -> None:
@@ -73,10 +75,10 @@ def check_fits(seq: Sequence, settings: EngineSettings, cache: KVCache | PagedKV
     if need > cache.capacity_tokens:
         raise InvalidArgumentError(
             f"max_new_tokens: prompt + max_new_tokens ({need} tokens) exceeds the engine's whole KV cache "
-            f"({cache.capacity_tokens} tokens; raise kv_cache_bytes)"
+            f"({cache.capacity_tokens} tokens; raise kv_cache_bytes: serve --kv-cache-bytes)"
         )
     if request.n > 1 and not cache.can_ever_reserve([need] * request.n):
         raise InvalidArgumentError(
             f"n: {request.n} choices of {need} KV tokens each do not fit the engine's KV cache "
-            "(raise kv_cache_bytes, or ask for fewer choices or tokens)"
+            "(raise kv_cache_bytes: serve --kv-cache-bytes; or ask for fewer choices or tokens)"
         )

@@ -35,7 +35,7 @@ class ModelRunner:
     def __init__(
         self, model, cache: KVCache | PagedKVCache, context: AdapterContext, *, paged_kernel: bool = False
     ):
-        """paged_kernel: decode attention reads the paged cache in place (cpu_paged_attention.py)."""
+        """paged_kernel: decode attention reads the paged cache in place (cpu/paged_attention.py)."""
         parts = decoder_parts(model)
         self.model = model
         self.model_type = parts.model_type

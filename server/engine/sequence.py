@@ -31,6 +31,11 @@ class Sequence:
     sampler: RowSampler
     text: TextTracker
     arrival: float = field(default_factory=time.monotonic)
+    admitted_at: float | None = None  # when it got a row (core._admit)
+    prefill_started_at: float | None = None  # when its first prefill chunk started (queue wait ends)
+    # waiting for an adapter slot: requests admitted past it (those using resident adapters); at
+    # max_batch_size admission turns FIFO until a slot frees for it (core._admit)
+    overtaken: int = 0
     slot: int = NO_ADAPTER
     length: int = 0  # cache positions filled (virtual prefix + prompt + generated so far)
     output: list[int] = field(default_factory=list)
@@ -49,9 +54,19 @@ class Sequence:
     index: int = 0
     pending_choices: list[Sequence] = field(default_factory=list)
     parent: Sequence | None = None  # a forked choice: the sequence whose prefill it shares
-    # a prefill job of this row runs on a worker (prefill_workers.py): its row keeps its KV blocks, its
+    # a prefill job of this row runs on a worker (cpu/prefill_workers.py): its row keeps its KV blocks, its
     # adapter slot and its final event until the engine thread books the job
     in_flight: bool = False
+    # prefix caching (prefix_cache.py): the keys of its full KV blocks so far, and how many it registered
+    block_keys: list[bytes] = field(default_factory=list)
+
+    @property
+    def queue_wait(self) -> float | None:
+        """Seconds from its arrival to its first prefill chunk (a forked choice: its first choice's)."""
+        first = self if self.parent is None else self.parent
+        if first.prefill_started_at is None:
+            return None
+        return first.prefill_started_at - first.arrival
 
     @property
     def scores_prompt(self) -> bool:

@@ -34,6 +34,12 @@ class EngineStats:
     # shared another's prefill (engine/fork.py)
     prefilled_prompts: int = 0
     forked_choices: int = 0
+    # prefix caching (prefix_cache.py): prompt tokens looked up and found computed, cached blocks given
+    # to other content, blocks holding a key now
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
+    prefix_cache_evictions: int = 0
+    prefix_cache_blocks: int = 0
 
 
 def engine_stats(core: EngineCore) -> EngineStats:
@@ -62,5 +68,9 @@ def engine_stats(core: EngineCore) -> EngineStats:
         decode_step=core.decode_step,
         prefilled_prompts=core.prefilled_prompts,
         forked_choices=core.forked_choices,
+        prefix_cache_queries=core.prefix_cache_queries,
+        prefix_cache_hits=core.prefix_cache_hits,
+        prefix_cache_evictions=core.cache.evictions,
+        prefix_cache_blocks=core.cache.cached_blocks,
         **decode,
     )

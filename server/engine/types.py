@@ -106,3 +106,6 @@ class TokenEvent:
     index: int = 0  # the choice (0..n-1) this event belongs to
     token_logprobs: tuple[TokenLogprob, ...] = ()  # SamplingParams.logprobs set: one per token_ids entry
     prompt_logprobs: tuple[TokenLogprob, ...] = ()  # GenerationRequest.prompt_logprobs set: first event only
+    # seconds from the request's arrival at the engine to its first prefill chunk (waiting for a row, then
+    # behind the rows admitted before it); None before its prefill started
+    queue_wait_s: float | None = None

@@ -3,7 +3,7 @@
 The step books the prefill jobs that finished (their rows sample their first token and join the
 decoding rows), admits waiting requests, starts jobs for idle workers (prefill_phase.launch) and decodes
 the decoding rows on the engine thread while the jobs run; with no row to decode it waits for a job or
-new work (`EngineCore._activity`), and while the CPUs are fought over a decode step beside jobs waits
+new work (`EngineCore.activity`), and while the CPUs are fought over a decode step beside jobs waits
 its turn the same way (decode_pacing.py). With packed steps (EngineSettings.packed_steps) the decoding
 rows ride in the next job launched instead (one forward on the worker computes their next tokens and the
 chunk, see prefill_phase.launch); rows not in a job decode here as before. Adapter-slot writes (a new
@@ -14,19 +14,19 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from adapterserve.server.cpu.omp_pools import set_thread_threads
 from adapterserve.server.engine import prefill_phase
-from adapterserve.server.omp_pools import set_thread_threads
 
 if TYPE_CHECKING:
     from adapterserve.server.engine.core import EngineCore
 
 
 def step(core: EngineCore) -> None:
-    core._activity.clear()  # before anything is looked at: a job ending from here on wakes the wait
-    if core.prefill_jobs and (core._controls or admission_loads_adapter(core)):
+    core.activity.clear()  # before anything is looked at: a job ending from here on wakes the wait
+    if core.prefill_jobs and core.slot_writes_pending():
         book_jobs(core, wait=True)  # slot writes must not race a job reading the adapter bank
-    core._run_controls()
-    core._reap_cancelled()
+    core.run_controls()
+    core.reap_cancelled()
     book_jobs(core)
     core.admit_and_start()
     prefill_phase.launch(core)
@@ -36,7 +36,7 @@ def step(core: EngineCore) -> None:
         alone = not core.prefill_jobs  # no prefill job beside this decode step
         pacer = core.decode_pacer
         if pacer is not None and (hold := pacer.hold(beside_jobs=not alone)) > 0:
-            core._activity.wait(timeout=hold)  # the CPU to the prefills; a job ending or new work wakes it
+            core.activity.wait(timeout=hold)  # the CPU to the prefills; a job ending or new work wakes it
             return
         if core.decode_threads is not None:
             beside = min(core.decode_threads, core.decode_threads_beside_jobs)
@@ -46,28 +46,20 @@ def step(core: EngineCore) -> None:
             meter.begin()
         if pacer is not None:
             pacer.begin()
-        core._run_guarded(seqs, lambda: core._decode(seqs))
+        core.run_guarded(seqs, lambda: core.decode(seqs))
         if pacer is not None:
             pacer.end()
         if meter is not None:
             meter.end()
-        core._retire_finished()
+        core.retire_finished()
     elif core.prefill_jobs and not any(job.future.done() for job in core.prefill_jobs):
-        core._activity.wait(timeout=0.5)
+        core.activity.wait(timeout=0.5)
 
 
 def book_jobs(core: EngineCore, wait: bool = False) -> None:
     """Book the jobs that finished (all of them, waiting, when `wait`); a job that failed fails its rows."""
     done = prefill_phase.done_jobs(core, wait=wait)
     for job in done:
-        core._run_guarded(job.seqs, lambda job=job: prefill_phase.book(core, job))
+        core.run_guarded(job.seqs, lambda job=job: prefill_phase.book(core, job))
     if done:
-        core._retire_finished()
-
-
-def admission_loads_adapter(core: EngineCore) -> bool:
-    """Whether admitting the waiting requests may write an adapter into a device slot."""
-    with core._lock:
-        return any(
-            seq.slot_key is not None and core.bank.table.lookup(seq.slot_key) is None for seq in core.waiting
-        )
+        core.retire_finished()

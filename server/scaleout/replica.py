@@ -67,9 +67,12 @@ class ReplicaBase:
         """Load an adapter into this replica's host cache (the device slot fills on first use)."""
         store = self._catalog.store
         if model_id not in store:
-            await asyncio.to_thread(
-                store.refresh, model_id
-            )  # written by another process: NotFoundError if not
+            try:  # written by another process sharing the store folder?
+                await asyncio.to_thread(store.refresh, model_id)
+            except NotFoundError:
+                if not self._catalog.registry.sources:
+                    raise
+                # else: the registry fetches it from the adapter sources on first use
         resolved = await self._catalog.registry.get(model_id)
         return LoadedAdapter(name=resolved.name, version=resolved.version)
 
@@ -82,8 +85,8 @@ class ReplicaBase:
         if model_id:
             try:
                 await self.adapter(model_id)
-            except NotFoundError:
-                raise OpenAIError.model_not_found(model_id) from None
+            except NotFoundError as exc:
+                raise OpenAIError.model_not_found(model_id, detail=str(exc)) from None
 
     def served_name(self) -> str:
         return self._service.served_name()

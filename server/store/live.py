@@ -30,9 +30,9 @@ import torch
 
 from adapterserve.server.adapters.loader import CONFIG_FILE, WEIGHTS_FILE, LoadedAdapter
 from adapterserve.server.adapters.safetensors_check import check_safetensors_file
+from adapterserve.server.cpu.omp_pools import run_releasing_pool
 from adapterserve.server.engine.provider import ResolvedAdapter
 from adapterserve.server.errors import AdapterValidationError, FailedPreconditionError, ServeError
-from adapterserve.server.omp_pools import run_releasing_pool
 from adapterserve.server.store.names import validate_name
 from adapterserve.server.store.registry import AdapterRegistry
 from adapterserve.server.store.upload import UploadRequest

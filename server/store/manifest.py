@@ -35,6 +35,17 @@ class FileEntry(BaseModel):
     sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 
+class Origin(BaseModel):
+    """Where a fetched adapter came from (store/sources/); uploads have none."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: Annotated[str, Field(max_length=1024)]  # the source's URI, without credentials
+    tag: Annotated[str, Field(max_length=1024)] = ""  # the version there: ETags, or the Hub's commit
+    revision: str | None = None  # the Hub's commit sha (hf://)
+    fetched_at: dt.datetime
+
+
 class Manifest(BaseModel):
     """What the store knows about one adapter. `version` strictly increases each time a name is replaced."""
 
@@ -55,6 +66,7 @@ class Manifest(BaseModel):
     files: dict[str, FileEntry]
     created_at: dt.datetime
     description: Annotated[str, Field(max_length=1024)] = ""
+    origin: Origin | None = None  # set for adapters fetched from a source
 
     @property
     def size(self) -> int:
@@ -94,6 +106,7 @@ class Manifest(BaseModel):
         base_fingerprint: str | None,
         description: str,
         created_at: dt.datetime | None = None,
+        origin: Origin | None = None,
     ) -> Manifest:
         return cls(
             name=name,
@@ -110,6 +123,7 @@ class Manifest(BaseModel):
             files=files,
             created_at=created_at or dt.datetime.now(dt.timezone.utc),  # noqa: UP017 (py3.10)
             description=description,
+            origin=origin,
         )
 
     def to_bytes(self) -> bytes:

@@ -15,15 +15,19 @@ import asyncio
 from collections import OrderedDict
 from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
+from adapterserve.server.cpu.omp_pools import run_releasing_pool
 from adapterserve.server.engine.provider import ResolvedAdapter
-from adapterserve.server.omp_pools import run_releasing_pool
+from adapterserve.server.errors import FailedPreconditionError, NotFoundError
 from adapterserve.server.settings import CacheSettings
 from adapterserve.server.store.manifest import Manifest
 from adapterserve.server.store.names import validate_name
 from adapterserve.server.store.store import AdapterStore
 from adapterserve.server.store.upload import CommitResult, UploadRequest
+
+if TYPE_CHECKING:
+    from adapterserve.server.store.sources.fetcher import RefreshResult, SourceFetcher
 
 EventKind = Literal["hit", "miss", "load", "load_failed", "evict", "invalidate"]
 
@@ -69,8 +73,12 @@ class AdapterRegistry:
         *,
         listener: Callable[[CacheEvent], None] | None = None,
         verify_on_load: bool = True,
+        sources: SourceFetcher | None = None,
     ) -> None:
+        """sources: fetches an adapter not in the store on first use (store/sources/), and keeps the
+        fetched ones on disk within its budget (evicting through `delete`)."""
         self.store = store
+        self.sources = sources
         self.capacity = (settings or CacheSettings()).host_cache_bytes
         self.listener = listener
         self.verify_on_load = verify_on_load
@@ -79,15 +87,28 @@ class AdapterRegistry:
         self._pinned: set[str] = set(store.pinned_names())  # pins survive restarts (store's pins file)
         self._inflight: dict[tuple[str, str], asyncio.Task[ResolvedAdapter]] = {}
         self._stats = CacheStats()
+        if sources is not None:
+            sources.on_refreshed = self._refreshed
 
     # ------------------------------------------------------------------ AdapterProvider
     async def get(self, name: str) -> ResolvedAdapter:
         """The adapter `name` in host memory, loading it from disk if needed.
 
         Raises InvalidArgumentError (malformed name), NotFoundError (not in the store or not served),
-        or the validator's AdapterValidationError if the stored adapter no longer loads.
+        or the validator's AdapterValidationError if the stored adapter no longer loads. With sources, an
+        adapter not in the store is fetched first (see SourceFetcher.ensure for its errors).
         """
         validate_name(name)
+        if not self.sources:
+            return await self._get(name)
+        await self._ensure(name)
+        try:
+            return await self._get(name)
+        except NotFoundError:  # evicted from disk between the check and the load: fetch it again
+            await self._ensure(name)
+            return await self._get(name)
+
+    async def _get(self, name: str) -> ResolvedAdapter:
         manifest = self.store.manifest(name)  # NotFoundError
         entry = self._entries.get(name)
         if entry is not None and entry.uid == manifest.uid:
@@ -165,6 +186,8 @@ class AdapterRegistry:
     async def pin(self, name: str) -> ResolvedAdapter:
         """Pin `name` in host memory (never evicted while pinned) and load it now if needed."""
         validate_name(name)
+        if self.sources:
+            await self._ensure(name)  # a pin may name an adapter not fetched yet
         self.store.manifest(name)  # NotFoundError before the pin is recorded
         was_pinned = name in self._pinned
         self._pinned.add(name)
@@ -209,7 +232,12 @@ class AdapterRegistry:
         """Store an upload (see AdapterStore.upload_async), drop any cached older version and put the
         adapter the upload validated into host memory: its first request does not read it again."""
         result = await self.store.upload_async(request, files)
-        name = request.name
+        self._stored(result)
+        return result
+
+    def _stored(self, result: CommitResult) -> None:
+        """A new version was stored (upload or fetch): drop any older one, cache the validated one."""
+        name = result.manifest.name
         self._drop(name, "invalidate")
         validated, manifest = result.validated, result.manifest
         current = self.store.current(name)
@@ -224,7 +252,44 @@ class AdapterRegistry:
                     nbytes=int(validated.nbytes),
                 )
             )
+
+    # ------------------------------------------------------------------ sources
+    async def _ensure(self, name: str) -> None:
+        """Fetch `name` from the sources if the store lacks it; then keep the disk tier in budget."""
+        assert self.sources is not None
+        result = await self.sources.ensure(name)
+        if result is not None:
+            entry = self._entries.get(name)
+            if entry is None or entry.uid != result.manifest.uid:
+                self._stored(result)
+            await self._evict_disk(keep=name)
+
+    async def _evict_disk(self, keep: str) -> None:
+        """Delete fetched adapters, least recently used first, until they fit the disk budget; never a
+        pinned one, one being fetched or loaded, or `keep`."""
+        assert self.sources is not None
+        protected = self._pinned | {n for n, _ in self._inflight} | self.sources.inflight() | {keep}
+        for victim in self.sources.disk.victims(protected):
+            try:
+                await self.delete(victim)
+            except NotFoundError:
+                pass
+            self.sources.disk.evicted(victim)
+
+    async def refresh(self, name: str) -> RefreshResult:
+        """Ask a fetched adapter's source again; a changed version replaces it (store, then caches).
+        FailedPreconditionError without sources or for an uploaded adapter."""
+        validate_name(name)
+        if not self.sources:
+            self.store.manifest(name)  # NotFoundError first
+            raise FailedPreconditionError("the server has no adapter sources (--adapter-source)")
+        result = await self.sources.refresh(name)
+        await self._refreshed(result)
         return result
+
+    async def _refreshed(self, result: RefreshResult) -> None:
+        if result.commit is not None:
+            self._stored(result.commit)
 
     async def delete(self, name: str) -> Manifest | None:
         """Delete from the store and from host memory; running requests keep the object they hold."""

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from adapterserve.server.adapters.safetensors_check import sniff_pickle
 from adapterserve.server.adapters.types import AdapterInfo
+from adapterserve.server.cpu.omp_pools import run_releasing_pool
 from adapterserve.server.errors import (
     AdapterValidationError,
     AlreadyExistsError,
@@ -35,7 +36,6 @@ from adapterserve.server.errors import (
     InvalidArgumentError,
     ResourceExhaustedError,
 )
-from adapterserve.server.omp_pools import run_releasing_pool
 from adapterserve.server.store.layout import (
     ACCEPTED_FILES,
     CONFIG_FILE,
@@ -44,7 +44,7 @@ from adapterserve.server.store.layout import (
     move_into_place,
     new_upload_dir,
 )
-from adapterserve.server.store.manifest import FileEntry, Manifest, check_base, write_manifest
+from adapterserve.server.store.manifest import FileEntry, Manifest, Origin, check_base, write_manifest
 from adapterserve.server.store.names import validate_name
 from adapterserve.server.store.versions import raise_record
 
@@ -99,6 +99,7 @@ class UploadRequest:
     # None: the next version of the name. Set: publish under this version, which must be above the served
     # one (an in-place updated adapter written to disk keeps the version its responses reported; live.py)
     version: int | None = None
+    origin: Origin | None = None
 
     def __post_init__(self) -> None:
         validate_name(self.name)
@@ -319,6 +320,7 @@ def publish_upload(
             files=files,
             base_fingerprint=base_fingerprint or session.request.base_fingerprint,
             description=session.request.description,
+            origin=session.request.origin,
         )
         write_manifest(tmp, manifest)
         fsync_dir(tmp)

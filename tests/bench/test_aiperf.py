@@ -10,6 +10,7 @@ import pytest
 from adapterserve.bench.aiperf import (
     HEADER,
     SUMMARY_HEADER,
+    VARIANT_HEADER,
     AiperfSettings,
     Row,
     Server,
@@ -19,13 +20,14 @@ from adapterserve.bench.aiperf import (
     run,
     run_aiperf,
     summary,
+    variant_summary,
 )
 
 
 def test_a_report_becomes_a_table_row() -> None:
     report = {
         "output_token_throughput": {"unit": "tokens/sec", "avg": 82.46},
-        "time_to_first_token": {"p50": 1731.0},
+        "time_to_first_token": {"p50": 1731.0, "max": 5120.0},
         "inter_token_latency": {"p50": 142.2, "p99": 191.7},
         "error_summary": [{"error_details": {"code": 500}, "count": 2}],
     }
@@ -38,7 +40,7 @@ def test_a_report_becomes_a_table_row() -> None:
         2,
     )
     line = format_row(row, AiperfSettings(aiperf="aiperf", label="default"))
-    assert line == "| default | lora | AIPerf | 82.5 | 1.73 s | 142 | 192 | 2 | — | — |"
+    assert line == "| default | lora | AIPerf | 82.5 | 1.73 s | 5.12 s | 142 | 192 | 2 | — | — |"
     assert line.count("|") == HEADER.splitlines()[0].count("|")
 
 
@@ -115,7 +117,7 @@ def test_rounds_run_interleaved_and_a_summary_gives_medians_and_same_round_ratio
     tps = {("base", 1): 80.0, ("mixed", 1): 76.0, ("base", 2): 100.0, ("mixed", 2): 80.0}
     tps |= {("base", 3): 90.0, ("mixed", 3): 90.0}
 
-    def fake(settings, scenario, round_, model_dir):
+    def fake(settings, scenario, round_, model_dir, variant=""):
         calls.append((scenario, round_))
         return [_row(scenario, "AIPerf", tps[(scenario, round_)], round_, itl=100.0 + round_)]
 
@@ -149,3 +151,55 @@ def test_rounds_must_be_at_least_one(capsys) -> None:
     with pytest.raises(SystemExit):
         parse_settings(["--aiperf", "/bin/aiperf", "--rounds", "0"])
     assert "--rounds must be at least 1" in capsys.readouterr().err
+
+
+def test_the_shared_prefix_workload_sends_aiperf_shared_prefixes(tmp_path: Path) -> None:
+    settings = parse_settings(["--aiperf", "x", "--workload", "shared-prefix", "--requests", "40"])
+    assert (settings.input_tokens, settings.output_tokens, settings.concurrency) == (64, 16, 8)
+    assert (settings.prefix_prompts, settings.prefix_length, settings.requests) == (4, 512, 40)
+    args = tmp_path / "args"
+    script = tmp_path / "aiperf"
+    script.write_text(f'#!/bin/sh\necho "$@" > {args}\nexit 3\n')
+    script.chmod(0o755)
+    settings.aiperf = str(script)
+    with pytest.raises(RuntimeError):
+        run_aiperf(settings, ["base"], "tok", "http://127.0.0.1:1", tmp_path / "run")
+    sent = args.read_text()
+    assert "--num-prefix-prompts 4 --prefix-prompt-length 512" in sent
+    assert "--prompt-input-tokens-mean 64" in sent and "--request-count 40" in sent
+    chats = parse_settings(["--aiperf", str(script), "--workload", "multi-turn"])
+    with pytest.raises(RuntimeError):
+        run_aiperf(chats, ["base"], "tok", "http://127.0.0.1:1", tmp_path / "chats")
+    sent = args.read_text()
+    assert "--endpoint-type chat" in sent and "--conversation-num 24 --conversation-turn-mean 4" in sent
+    assert "--num-prefix-prompts" not in sent
+
+
+def test_variants_run_interleaved_on_one_machine_and_compare_with_the_first(monkeypatch) -> None:
+    argv = ["--aiperf", "x", "--scenarios", "base", "--rounds", "2", "--no-light-client"]
+    settings = parse_settings([*argv, "--variant", "workers=", "--variant", "inline=--cpu-prefill-threads 0"])
+    assert settings.variants == [("workers", []), ("inline", ["--cpu-prefill-threads", "0"])]
+    calls: list[tuple[str, int, list[str]]] = []
+    figures = {("workers", 1): (7.0, 7000.0, 200000.0), ("inline", 1): (8.4, 3500.0, 14000.0)}
+    figures |= {("workers", 2): (7.5, 7200.0, 210000.0), ("inline", 2): (9.0, 3600.0, 12600.0)}
+
+    def fake(settings, scenario, round_, model_dir, variant=""):
+        calls.append((variant, round_, settings.server_args))
+        tps, p50, worst = figures[(variant, round_)]
+        return [Row(scenario, "AIPerf", tps, p50, None, None, 0, ttft_max_ms=worst, round=round_)]
+
+    monkeypatch.setattr("adapterserve.bench.aiperf.run_scenario", fake)
+    rows = run(settings)
+    assert calls == [
+        ("workers", 1, []),
+        ("inline", 1, ["--cpu-prefill-threads", "0"]),
+        ("workers", 2, []),
+        ("inline", 2, ["--cpu-prefill-threads", "0"]),
+    ]
+    assert format_row(rows[1], settings).startswith("| inline (round 1) | base | AIPerf | 8.4 | 3.50 s | 14.00 s |")
+    lines = variant_summary(rows).splitlines()
+    assert lines[:2] == VARIANT_HEADER.splitlines()
+    # same-round ratios: 1.20 and 1.20; 0.50 and 0.50; 0.07 and 0.06 (median 0.065)
+    assert lines[2] == "| inline vs workers | base | AIPerf | 2 | x1.20 | x0.50 | x0.07 |"
+    with pytest.raises(SystemExit):
+        parse_settings([*argv, "--variant", "no-equals-sign"])

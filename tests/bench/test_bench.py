@@ -62,6 +62,8 @@ def test_bench_reports_engine_and_baselines(tiny_model_dir, tmp_path, capsys):
         assert row["decode_step_ms"] > 0 and row["ttft_ms"] > 0
         assert row["bytes_per_decode_step_mib"] > 0  # weights + KV, even where no peak bandwidth is known
         assert "fraction_of_bandwidth_limit" not in row  # a CPU has no datasheet peak unless given
+        # each run starts with no cached prefix: a prompt's last position is always computed
+        assert 0 <= row["prefix_cache_hit_rate"] < 1
     assert base["vs_base_only"] == 1.0
     assert mixed["vs_base_only_min"] <= mixed["vs_base_only"] <= mixed["vs_base_only_max"]
     names = list(rows)

@@ -21,7 +21,7 @@ _names = itertools.count()
 
 
 def pytest_configure(config):
-    # Also to be declared in pyproject.toml's markers (the lead owns that file).
+    # Declared here as well as in pyproject.toml's markers, so that this folder's tests run on their own.
     config.addinivalue_line(
         "markers", "client_install: builds a client-only venv (no torch) from the package registry (~1 min)"
     )

@@ -1,4 +1,4 @@
-"""What a new user tripped on (issue #15), each pinned by a test against the real server or CLI."""
+"""What a new user tripped on when first trying the project, each pinned by a test against the real server or CLI."""
 
 from __future__ import annotations
 

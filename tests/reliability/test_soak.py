@@ -22,7 +22,7 @@ import pytest
 
 from adapterserve import Client
 from adapterserve.retry import RetryPolicy
-from adapterserve.server.engine.idle_memory import IDLE_TRIM_S
+from adapterserve.server.cpu.idle_memory import IDLE_TRIM_S
 from adapterserve.v1 import generation_pb2, generation_pb2_grpc
 from tests.helpers.server_process import start_server
 from tests.reliability.conftest import (
@@ -71,7 +71,7 @@ ALLOWED_CHURN = {"OK", "RESOURCE_EXHAUSTED", "NOT_FOUND"}
 QUEUE_FULL = "the waiting queue is full"
 # Memory after the soak (idle) may exceed the post-warm-up level (idle) by at most this factor. Before
 # the fixes it grew by 28% with prompts of many lengths (oneDNN kept a primitive per shape, see
-# model/cpu_linear.py) and by ~6% more in freed pages the allocator kept (engine/idle_memory.py).
+# cpu/linear.py) and by ~6% more in freed pages the allocator kept (cpu/idle_memory.py).
 # Keeping the churned versions alive would cost ~2 MiB per upload; the soak makes at least
 # MIN_BIG_UPLOADS of them (80 MiB, above 10% of the ~650 MiB the server holds).
 RSS_RATIO = 1.10
@@ -264,7 +264,7 @@ def big_lora(tiny_base, tmp_path_factory):
 
 def idle_rss(server) -> int:
     """The server's resident memory once no request runs and the engine has been idle long enough to
-    hand freed memory back (engine/idle_memory.py)."""
+    hand freed memory back (cpu/idle_memory.py)."""
     wait_until(lambda: metric_sum(scrape(server), "adapterserve_running_requests") == 0, timeout=30)
     time.sleep(IDLE_TRIM_S + 1.0)  # the engine looks every 0.5 s
     return rss_bytes(server.proc.pid)

@@ -29,6 +29,7 @@ from adapterserve.models import (
     AdapterInfo,
     GenerateResult,
     HealthStatus,
+    RefreshResult,
     ScoreResult,
     ServerInfo,
     StreamChunk,
@@ -89,6 +90,11 @@ class AsyncClient(ClientBase):
         """See `Client.generate`."""
         return await self._unary(convert.generate_call(*args, **kwargs))
 
+    @takes_arguments_of(convert.generate_batch_call)
+    async def generate_batch(self, *args: Any, **kwargs: Any) -> list[GenerateResult]:
+        """See `Client.generate_batch`."""
+        return await self._unary(convert.generate_batch_call(*args, **kwargs))
+
     @takes_arguments_of(convert.score_call)
     async def score(self, *args: Any, **kwargs: Any) -> ScoreResult:
         """See `Client.score`."""
@@ -100,7 +106,15 @@ class AsyncClient(ClientBase):
         the call once the iterator is closed (`await it.aclose()` closes it at once)."""
         return self._stream(replace(convert.generate_call(*args, **kwargs), method="GenerateStream"))
 
-    async def _stream(self, call: convert.Call[Any]) -> AsyncIterator[StreamChunk]:
+    @takes_arguments_of(convert.generate_batch_call)
+    def stream_batch(self, *args: Any, **kwargs: Any) -> AsyncIterator[convert.BatchChunk]:
+        """See `Client.stream_batch`: `async for position, chunk in client.stream_batch(...)`."""
+        call = replace(convert.generate_batch_call(*args, **kwargs), method="GenerateBatchStream")
+        return self._stream(call, convert.batch_chunk_from_proto)
+
+    async def _stream(
+        self, call: convert.Call[Any], chunk: Callable[[Any, int], T] = convert.chunk_from_proto
+    ) -> AsyncIterator[T]:
         method, meta, deadline = self._route(call)
         attempts = Attempts(self.connection.retry)
         index = 0
@@ -108,7 +122,7 @@ class AsyncClient(ClientBase):
             rpc = method(call.request, timeout=deadline, metadata=meta)
             try:
                 async for message in rpc:
-                    yield convert.chunk_from_proto(message, index)
+                    yield chunk(message, index)
                     index += 1
                 return
             except grpc.RpcError as rpc_err:
@@ -247,6 +261,10 @@ class AsyncClient(ClientBase):
     async def unpin(self, name: str, *, timeout: float | None = None) -> AdapterInfo:
         """See `Client.unpin`."""
         return await self._unary(convert.adapter_call("UnpinAdapter", name, timeout))
+
+    async def refresh_adapter(self, name: str, *, timeout: float | None = None) -> RefreshResult:
+        """See `Client.refresh_adapter`."""
+        return await self._unary(convert.refresh_call(name, timeout))
 
     # -- health ----------------------------------------------------------------------------------
 

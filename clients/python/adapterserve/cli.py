@@ -3,7 +3,7 @@
     adapterserve serve --base-model DIR            run the server (needs the [server] extra)
     adapterserve generate "Hello" --adapter X      generate (--stream, --chat, sampling flags, --json)
     adapterserve upload DIR --name X               upload a PEFT adapter directory
-    adapterserve adapters list|show|delete|pin|unpin
+    adapterserve adapters list|show|delete|pin|unpin|refresh
     adapterserve health | info                     server status and limits
     adapterserve train ... | bench ...             training and benchmark (need the [server] extra)
 
@@ -133,7 +133,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     up = sub.add_parser("upload", parents=[parent], help="upload a PEFT adapter directory")
     cli_commands.add_upload_arguments(up)
     up.set_defaults(handler=cli_commands.cmd_upload)
-    ad = sub.add_parser("adapters", help="list, show, delete, pin, unpin adapters")
+    ad = sub.add_parser("adapters", help="list, show, delete, pin, unpin, refresh adapters")
     cli_commands.add_adapters_arguments(ad, parent)
     ad.set_defaults(handler=cli_commands.cmd_adapters)
     he = sub.add_parser("health", parents=[parent], help="the server's health (exit 0 when SERVING)")

@@ -193,7 +193,9 @@ def cmd_upload(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def add_adapters_arguments(p: argparse.ArgumentParser, parent: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="adapters_command", metavar="{list,show,delete,pin,unpin}", required=True)
+    sub = p.add_subparsers(
+        dest="adapters_command", metavar="{list,show,delete,pin,unpin,refresh}", required=True
+    )
     ls = sub.add_parser("list", parents=[parent], help="list adapters (a table; --json for scripts)")
     ls.add_argument("--prefix", default="", help="only names starting with this")
     ls.add_argument("--json", action="store_true", help="print a JSON list")
@@ -202,6 +204,7 @@ def add_adapters_arguments(p: argparse.ArgumentParser, parent: argparse.Argument
         ("delete", "delete an adapter"),
         ("pin", "pin an adapter (loaded now, never evicted)"),
         ("unpin", "unpin an adapter (evictable again)"),
+        ("refresh", "ask a fetched adapter's source again; a new version replaces it"),
     ):
         cp = sub.add_parser(name, parents=[parent], help=help_text)
         cp.add_argument("name", help="adapter name")
@@ -217,6 +220,16 @@ def cmd_adapters(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 cli_output.print_json(adapters, out)
             else:
                 out.write(cli_output.adapters_table(adapters))
+            return 0
+        if action == "refresh":
+            result = client.refresh_adapter(args.name)
+            if args.json:
+                cli_output.print_json(result, out)
+            else:
+                what = "new version" if result.changed else "unchanged"
+                out.write(
+                    f"refreshed adapter {result.adapter.name!r}: {what} (version {result.adapter.version})\n"
+                )
             return 0
         call = {
             "show": client.get_adapter,

@@ -32,14 +32,14 @@ DELEGATES: dict[str, Delegate] = {
             "adapterserve.server.api.app",
             "add_serve_arguments",
             "run_serve",
-            "run the gRPC server (base model + adapters)",
+            "run the server: gRPC and the OpenAI-compatible HTTP API (base model + adapters)",
         ),
         Delegate(
             "train",
             "adapterserve.training.cli",
             "add_train_arguments",
             "run_train",
-            "train a PEFT adapter (LoRA, IA3, prompt, prefix)",
+            "train an adapter (LoRA, QLoRA, DoRA, AdaLoRA, IA3, bottleneck, prompt/P-/prefix tuning) or full SFT",
         ),
         Delegate(
             "bench",

@@ -44,7 +44,18 @@ def _shape(a: AdapterInfo) -> str:
     return "-"
 
 
-ADAPTER_HEADERS = ("NAME", "KIND", "PEFT_TYPE", "SHAPE", "TARGETS", "SIZE", "VERSION", "PINNED", "TIER")
+ADAPTER_HEADERS = (
+    "NAME",
+    "KIND",
+    "PEFT_TYPE",
+    "SHAPE",
+    "TARGETS",
+    "SIZE",
+    "VERSION",
+    "PINNED",
+    "TIER",
+    "ORIGIN",
+)
 
 
 def adapter_row(a: AdapterInfo) -> list[str]:
@@ -58,6 +69,7 @@ def adapter_row(a: AdapterInfo) -> list[str]:
         str(a.version),
         "yes" if a.pinned else "no",
         a.cache_tier.value,
+        a.origin.source if a.origin is not None else "upload",
     ]
 
 
@@ -86,7 +98,13 @@ def adapter_details(a: AdapterInfo) -> str:
         ("digest", a.digest or "-"),
         ("base_fingerprint", a.base_fingerprint or "-"),
         ("description", a.description or "-"),
+        ("origin", a.origin.source if a.origin is not None else "upload"),
     ]
+    if a.origin is not None:
+        fields.append(("origin_etag", a.origin.etag or "-"))
+        if a.origin.revision:
+            fields.append(("origin_revision", a.origin.revision))
+        fields.append(("fetched_at", a.origin.fetched_at.isoformat() if a.origin.fetched_at else "-"))
     width = max(len(k) for k, _ in fields)
     lines = [f"{k.ljust(width)}  {v}" for k, v in fields]
     lines.append("files:")

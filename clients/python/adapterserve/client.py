@@ -29,6 +29,7 @@ from adapterserve.models import (
     AdapterInfo,
     GenerateResult,
     HealthStatus,
+    RefreshResult,
     ScoreResult,
     ServerInfo,
     StreamChunk,
@@ -99,6 +100,15 @@ class Client(ClientBase):
         """
         return self._unary(convert.generate_call(*args, **kwargs))
 
+    @takes_arguments_of(convert.generate_batch_call)
+    def generate_batch(self, *args: Any, **kwargs: Any) -> list[GenerateResult]:
+        """Generate for every prompt of `prompts` (texts, token-id lists or chats) in one call: one
+        result per prompt, in order, each what `generate` gives for that prompt alone (with its n
+        choices). The server checks every prompt before queueing any (one bad prompt: InvalidArgument
+        naming `requests[i]`) and runs them side by side in its batch. Retried on UNAVAILABLE and
+        RESOURCE_EXHAUSTED."""
+        return self._unary(convert.generate_batch_call(*args, **kwargs))
+
     @takes_arguments_of(convert.score_call)
     def score(self, *args: Any, **kwargs: Any) -> ScoreResult:
         """Log-likelihood of `continuation` right after `prompt` (text) or `messages` (a chat, rendered
@@ -120,7 +130,18 @@ class Client(ClientBase):
         """
         return self._stream(replace(convert.generate_call(*args, **kwargs), method="GenerateStream"))
 
-    def _stream(self, call: convert.Call[Any]) -> Iterator[StreamChunk]:
+    @takes_arguments_of(convert.generate_batch_call)
+    def stream_batch(self, *args: Any, **kwargs: Any) -> Iterator[convert.BatchChunk]:
+        """Like `generate_batch`, yielding `(position, chunk)` pairs as they are produced: `position` is
+        the prompt's in `prompts`, and each prompt's chunks are what `stream` yields for it alone (the
+        prompts' chunks interleave; each choice of each prompt has its own last chunk). Retried and
+        cancelled as `stream`."""
+        call = replace(convert.generate_batch_call(*args, **kwargs), method="GenerateBatchStream")
+        return self._stream(call, convert.batch_chunk_from_proto)
+
+    def _stream(
+        self, call: convert.Call[Any], chunk: Callable[[Any, int], T] = convert.chunk_from_proto
+    ) -> Iterator[T]:
         method, meta, deadline = self._route(call)
         attempts = Attempts(self.connection.retry)
         index = 0
@@ -128,7 +149,7 @@ class Client(ClientBase):
             rpc = method(call.request, timeout=deadline, metadata=meta)
             try:
                 for message in rpc:
-                    yield convert.chunk_from_proto(message, index)
+                    yield chunk(message, index)
                     index += 1
                 return
             except grpc.RpcError as rpc_err:
@@ -260,6 +281,11 @@ class Client(ClientBase):
     def unpin(self, name: str, *, timeout: float | None = None) -> AdapterInfo:
         """Unpin an adapter (evictable again). Idempotent."""
         return self._unary(convert.adapter_call("UnpinAdapter", name, timeout))
+
+    def refresh_adapter(self, name: str, *, timeout: float | None = None) -> RefreshResult:
+        """Ask a fetched adapter's source again (servers with --adapter-source): a new ETag or revision
+        replaces the stored version atomically. FailedPrecondition for an uploaded adapter."""
+        return self._unary(convert.refresh_call(name, timeout))
 
     # -- health ----------------------------------------------------------------------------------
 

@@ -22,12 +22,14 @@ from adapterserve.models import (
     AdapterFile,
     AdapterInfo,
     AdapterKind,
+    AdapterOrigin,
     CacheTier,
     ChatMessage,
     Choice,
     FinishReason,
     GenerateResult,
     Limits,
+    RefreshResult,
     ScoreResult,
     ServerInfo,
     StreamChunk,
@@ -164,6 +166,95 @@ def generate_call(
     if fmt is not None:
         request.response_format.CopyFrom(fmt)
     return Call("Generate", request, result_from_proto, GENERATION_CODES, timeout)
+
+
+# One prompt of `generate_batch`: a text, token ids (as the server's tokenizer numbers them), or a chat.
+BatchPrompt = str | Sequence[int] | Sequence[MessageLike]
+# One chunk of `stream_batch`: the position of its prompt in the batch, and the chunk.
+BatchChunk = tuple[int, StreamChunk]
+
+
+def generate_batch_call(
+    prompts: Sequence[BatchPrompt],
+    *,
+    adapter: str | None = None,
+    max_new_tokens: int | None = None,
+    temperature: float = 0.0,
+    top_p: float | None = None,
+    top_k: int = 0,
+    repetition_penalty: float | None = None,
+    seed: int | None = None,
+    stop: Sequence[str] | None = None,
+    ignore_eos: bool = False,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    logit_bias: Mapping[int, float] | None = None,
+    min_tokens: int = 0,
+    logprobs: int | None = None,
+    n: int = 1,
+    prompt_logprobs: int | None = None,
+    response_format: str | Mapping[str, Any] | None = None,
+    json_schema: Mapping[str, Any] | str | None = None,
+    timeout: float | None = None,
+) -> Call[list[GenerateResult]]:
+    """The GenerateBatch call: one request per prompt, every one with `adapter` and the same
+    parameters as `generate_call` (each prompt with its n choices; with a seed, every prompt's choice
+    i samples with seed + i, as that prompt alone would). The parameters of `Client.generate_batch`
+    and `AsyncClient.generate_batch`. A prompt is a text, a list of token ids, or a chat (a list of
+    messages). Retried on UNAVAILABLE and RESOURCE_EXHAUSTED (the server queues all or none)."""
+    if isinstance(prompts, str | bytes) or not isinstance(prompts, Sequence):
+        raise InvalidArgument("prompts: expected a list of prompts (texts, token-id lists or chats)")
+    if not prompts:
+        raise InvalidArgument("prompts: at least one prompt is required")
+    params: dict[str, Any] = dict(
+        adapter=adapter,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        stop=stop,
+        ignore_eos=ignore_eos,
+        presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
+        logit_bias=logit_bias,
+        min_tokens=min_tokens,
+        logprobs=logprobs,
+        n=n,
+        prompt_logprobs=prompt_logprobs,
+        response_format=response_format,
+        json_schema=json_schema,
+    )
+    batch = generation_pb2.GenerateBatchRequest()
+    for i, prompt in enumerate(prompts):
+        ids = _token_ids(prompt)
+        try:
+            request = generate_call("" if ids is not None else prompt, **params).request
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"prompts[{i}]: {exc}") from None
+        if ids is not None:
+            request.prompt_ids.CopyFrom(generation_pb2.TokenIds(ids=ids))
+        batch.requests.append(request)
+    return Call("GenerateBatch", batch, batch_results_from_proto, GENERATION_CODES, timeout)
+
+
+def _token_ids(prompt: Any) -> list[int] | None:
+    """The token ids of a prompt given as ids (a non-empty list of ints), else None."""
+    if isinstance(prompt, str | Mapping) or not isinstance(prompt, Sequence) or not prompt:
+        return None
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return None
+    return [check_uint("prompt_ids", t) for t in prompt]
+
+
+def batch_results_from_proto(message: generation_pb2.GenerateBatchResponse) -> list[GenerateResult]:
+    return [result_from_proto(response) for response in message.responses]
+
+
+def batch_chunk_from_proto(message: generation_pb2.GenerateBatchStreamResponse, index: int) -> BatchChunk:
+    """(the prompt's position in the batch, its chunk); `index` counts the call's chunks."""
+    return message.position, chunk_from_proto(message.response, index)
 
 
 def build_generate_request(
@@ -369,7 +460,27 @@ def adapter_from_proto(message: types_pb2.AdapterInfo) -> AdapterInfo:
         pinned=message.pinned,
         version=message.version,
         cache_tier=_TIERS.get(message.cache_tier, CacheTier.UNSPECIFIED),
+        origin=_origin_from_proto(message.origin) if message.HasField("origin") else None,
     )
+
+
+def _origin_from_proto(message: types_pb2.AdapterOrigin) -> AdapterOrigin:
+    return AdapterOrigin(
+        source=message.source,
+        etag=message.etag,
+        revision=message.revision,
+        fetched_at=message.fetched_at.ToDatetime(tzinfo=UTC) if message.HasField("fetched_at") else None,
+    )
+
+
+def refresh_call(name: str, timeout: float | None) -> Call[RefreshResult]:
+    """RefreshAdapter on `name` (retried on UNAVAILABLE: asking the source again is idempotent)."""
+    request = admin_pb2.RefreshAdapterRequest(name=name)
+    return Call("RefreshAdapter", request, _reply_refresh, READ_CODES, timeout, admin=True)
+
+
+def _reply_refresh(message: admin_pb2.RefreshAdapterResponse) -> RefreshResult:
+    return RefreshResult(adapter=adapter_from_proto(message.adapter), changed=message.changed)
 
 
 def upload_result_from_proto(message: admin_pb2.UploadAdapterResponse) -> UploadResult:
@@ -395,6 +506,8 @@ def server_info_from_proto(message: generation_pb2.ServerInfo) -> ServerInfo:
             max_stop_sequences=lim.max_stop_sequences,
             max_n=lim.max_n,
             max_logprobs=lim.max_logprobs,
+            max_batch_rows=lim.max_batch_rows,
+            max_batch_tokens=lim.max_batch_tokens,
             max_upload_bytes=lim.max_upload_bytes,
             max_message_bytes=lim.max_message_bytes,
             upload_chunk_bytes=lim.upload_chunk_bytes,

@@ -174,6 +174,15 @@ class AdapterFile(_Frozen):
     sha256: str
 
 
+class AdapterOrigin(_Frozen):
+    """Where a fetched adapter came from (the server's --adapter-source) and which version of it."""
+
+    source: str  # e.g. "s3://bucket/prefix", "hf://org", without credentials
+    etag: str = ""  # the version there (ETags; the Hub's etag)
+    revision: str = ""  # the Hub's commit sha (hf:// only)
+    fetched_at: datetime | None = None
+
+
 class AdapterInfo(_Frozen):
     """A stored adapter as the server describes it."""
 
@@ -194,6 +203,14 @@ class AdapterInfo(_Frozen):
     pinned: bool = False
     version: int = 0
     cache_tier: CacheTier = CacheTier.UNSPECIFIED
+    origin: AdapterOrigin | None = None  # None: uploaded, not fetched from a source
+
+
+class RefreshResult(_Frozen):
+    """The reply of `refresh_adapter`: the adapter as served now, and whether a new version came in."""
+
+    adapter: AdapterInfo
+    changed: bool
 
 
 class UploadResult(_Frozen):
@@ -235,6 +252,8 @@ class Limits(_Frozen):
     max_stop_sequences: int
     max_n: int = 1  # GenerateRequest n at most (0 from a server without it: read as 1)
     max_logprobs: int = 0  # logprobs / prompt_logprobs alternatives at most
+    max_batch_rows: int = 0  # generate_batch: prompts x n at most (0 from a server without batches)
+    max_batch_tokens: int = 0  # generate_batch: prompt tokens of all prompts together at most
     max_upload_bytes: int
     max_message_bytes: int
     upload_chunk_bytes: int

@@ -1,8 +1,8 @@
 """The reference backend: gather each row's slot tensor and bmm (a plain matmul for one slot).
 
 The gather is `index_select`, not advanced indexing (`w[slots]`): the same copy, ~6x less time on a CPU
-(SmolLM2 q_proj shapes, 64 rows over 33 slots, r = 8, 2 threads: 7 vs 44 us per A; docs/performance.md,
-"LoRA math on a CPU"). The bmm runs in the slot tensors' dtype, which the bank makes float32 on a CPU
+(SmolLM2 q_proj shapes, 64 rows over 33 slots, r = 8, 2 threads: 7 vs 44 us per A, measured in
+isolation on a 2-core VM). The bmm runs in the slot tensors' dtype, which the bank makes float32 on a CPU
 (`linear_slot_dtype`: torch's half-precision bmm of these thin shapes is the slow one there).
 
 Decode rows on a CPU (one token per row) skip the gathered copy: y[b] = x[b] @ w[slot_b] is a weighted

@@ -5,13 +5,13 @@ PEFT saves `prompt_embeddings` [num_virtual_tokens, num_layers * 2 * kv_dim] (wi
 MLP has already been applied when PEFT saved it). Stored as keys, values [layers, kv_heads, n, head_dim];
 at prefill they are written into the request's cache row at positions 0..n-1 and the prompt follows at
 positions n.. (as PEFT's forward does: the cache length sets the next position). Keys are stored as
-given (no rotary applied to them). In the paged cache the prefix's whole blocks are shared by every
-running row of the same slot contents (`PagedKVCache.share_prefix`, keyed by slot and write).
+given (no rotary applied to them). In the paged cache the prefix's whole blocks are shared by every row
+of the same adapter version (content-addressed blocks, engine/prefix_cache.py): a row writes only the
+positions it did not take from them.
 """
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from typing import Annotated, Literal
 
@@ -56,30 +56,25 @@ class PrefixWeights(KindWeights):
 class PrefixSlots(PrefillSlots):
     """slot -> (keys, values) [L, kvH, n, D] on the device."""
 
-    _writes = itertools.count(1)  # every write gets a new number: the key of what the slot holds now
-
     def __init__(self, site: BankSite) -> None:
         super().__init__(site)
         self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.written: dict[int, int] = {}  # slot -> the number of its current write
 
     def write(self, slot: int, weights: KindWeights) -> None:
         assert isinstance(weights, PrefixWeights)
         dev, dt = self.site.device, self.site.dtype
         self.kv[slot] = (weights.keys.to(dev, dt), weights.values.to(dev, dt))
-        self.written[slot] = next(self._writes)
 
     def clear(self, slot: int) -> None:
         self.kv.pop(slot, None)
-        self.written.pop(slot, None)
 
     def nbytes(self) -> int:
         return sum(k.numel() * k.element_size() * 2 for k, _ in self.kv.values())
 
     def prefill(self, slot, row, embeds, cache):
         keys, values = self.kv[slot]
-        # rows of another slot, or of this slot before it was rewritten, never share these blocks
-        cache.share_prefix(row, ("prefix", slot, self.written[slot]), keys, values)
+        # positions the row took from cached blocks hold this prefix already (prefix_cache.py)
+        cache.write_prefix(row, keys, values, start=cache.cached_tokens(row))
         return embeds, keys.shape[2]
 
 
@@ -88,6 +83,7 @@ class PrefixKind(AdapterKind):
     peft_method = "prefix-tuning"
     configs = {"PREFIX_TUNING": PrefixTuningAdapterConfig}
     hook = HookSite.PREFILL
+    kv_prefix = True
     summary = (
         "per-layer key/value prefix [layers, kv_heads, n, head_dim]; written into the row's cache at prefill"
     )

@@ -1,7 +1,7 @@
 """The gRPC API (adapterserve.v1 Generation and Admin) over the serving root (../): servicers, the
 conversion between wire messages and the engine's types, the gate interceptor, and the grpc.aio server.
 
-generation.py  Generation servicer: Generate, GenerateStream, Score, GetServerInfo (through session.py)
+generation.py  Generation servicer: Generate, GenerateStream, GenerateBatch(Stream), Score, GetServerInfo
 requests.py    GenerateRequest -> the engine's GenerationRequest (checked by validation.py)
 scoring.py     ScoreRequest -> a scoring request; ScoreResponse
 admin.py       Admin servicer: upload, list, get, delete, pin

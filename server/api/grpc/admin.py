@@ -170,7 +170,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                 adapters=[adapter_to_proto(r) for r in page], next_page_token=next_token, total_count=total
             )
 
-    @map_errors
+    @map_errors(answers=frozenset({"NOT_FOUND"}))  # a name probed before an upload: free is an answer
     async def GetAdapter(
         self, request: admin_pb2.GetAdapterRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.GetAdapterResponse:
@@ -222,3 +222,10 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                 resident=outcome.resident,
                 received_bytes=received.received_bytes,
             )
+
+    async def RefreshAdapter(
+        self, request: admin_pb2.RefreshAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.RefreshAdapterResponse:
+        async with self._lifecycle.call():
+            record, changed = await self._runtime.get().catalog.refresh(request.name)
+            return admin_pb2.RefreshAdapterResponse(adapter=adapter_to_proto(record), changed=changed)

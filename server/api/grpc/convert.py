@@ -60,6 +60,17 @@ def adapter_to_proto(record: AdapterRecord) -> types_pb2.AdapterInfo:
         version=record.version,
         cache_tier=CACHE_TIERS.get(record.cache_tier, types_pb2.CACHE_TIER_UNSPECIFIED),
     )
+    if record.origin is not None:
+        fetched = Timestamp()
+        fetched.FromDatetime(record.origin.fetched_at)
+        message.origin.CopyFrom(
+            types_pb2.AdapterOrigin(
+                source=record.origin.source,
+                etag=record.origin.tag,
+                revision=record.origin.revision or "",
+                fetched_at=fetched,
+            )
+        )
     if info.rank is not None:
         message.rank = info.rank
     if info.num_virtual_tokens is not None:

@@ -34,8 +34,12 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, "internal server error"
 
 
-def to_status(exc: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
-    """Like `status_of`, and logs: bugs with their traceback and a reference the client also gets."""
+def to_status(
+    exc: BaseException, method: str, answers: frozenset[str] = frozenset()
+) -> tuple[grpc.StatusCode, str]:
+    """Like `status_of`, and logs: bugs with their traceback and a reference the client also gets; a
+    code in `answers` (an expected answer of `method`, not a failure) at DEBUG, other client errors at
+    INFO."""
     code, message = status_of(exc)
     if code is grpc.StatusCode.INTERNAL and not isinstance(exc, ServeError):
         ref = uuid.uuid4().hex[:12]
@@ -43,22 +47,31 @@ def to_status(exc: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
         return code, f"{message} (ref {ref})"
     if is_out_of_memory(exc):
         log.warning("out of memory in %s; the request failed, the server keeps serving", method)
+    elif code.name in answers:
+        log.debug("%s answered %s: %s", method, code.name, message)
     else:
         log.info("%s failed: %s %s", method, code.name, message)
     return code, message
 
 
-async def abort_for(context: grpc.aio.ServicerContext, exc: BaseException, method: str) -> None:
+async def abort_for(
+    context: grpc.aio.ServicerContext, exc: BaseException, method: str, answers: frozenset[str] = frozenset()
+) -> None:
     """Abort the call with the status that `exc` maps to (raises grpc's AbortError)."""
-    code, message = to_status(exc, method)
+    code, message = to_status(exc, method, answers)
     await context.abort(code, message)
 
 
-def map_errors(fn: F) -> F:
+def map_errors(fn: F | None = None, *, answers: frozenset[str] = frozenset()) -> Any:
     """Decorate a grpc.aio servicer method (coroutine or async generator) so that exceptions map to statuses.
 
-    Aborts raised by `context.abort` and cancellation pass through untouched.
+    Aborts raised by `context.abort` and cancellation pass through untouched. `answers`: status code
+    names that are an expected answer of the method rather than a failure, logged at DEBUG (GetAdapter's
+    NOT_FOUND: the SDK asks it whether a name is free before every upload). Use as `@map_errors` or
+    `@map_errors(answers=frozenset({"NOT_FOUND"}))`.
     """
+    if fn is None:
+        return functools.partial(map_errors, answers=answers)
     method = fn.__qualname__
 
     if inspect.isasyncgenfunction(fn):
@@ -73,7 +86,7 @@ def map_errors(fn: F) -> F:
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
-                await abort_for(context, exc, method)
+                await abort_for(context, exc, method, answers)
 
         return stream_wrapper  # type: ignore[return-value]
 
@@ -84,6 +97,6 @@ def map_errors(fn: F) -> F:
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
-            await abort_for(context, exc, method)
+            await abort_for(context, exc, method, answers)
 
     return unary_wrapper  # type: ignore[return-value]

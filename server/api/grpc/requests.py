@@ -7,6 +7,7 @@ the field, as the proto documents it.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from adapterserve.server.api.prompts import checked_ids, ids_of_chat, ids_of_text, vocab_size
@@ -14,6 +15,8 @@ from adapterserve.server.api.response_format import SCHEMA_FIELD, structured_out
 from adapterserve.server.api.validation import (
     DEFAULT_MAX_NEW_TOKENS,
     GRPC_NAMES,
+    check_batch_rows,
+    check_batch_tokens,
     check_request,
     check_sampling,
     request_id_or_new,
@@ -111,3 +114,36 @@ def to_engine_request(
         prompt_field=request.WhichOneof("input") or "prompt",
         vocab=vocab_size(tokenizer),
     )
+
+
+def to_engine_requests(
+    batch: generation_pb2.GenerateBatchRequest, tokenizer: Any, limits: LimitSettings
+) -> list[GenerationRequest]:
+    """The engine requests of a GenerateBatch call, every one checked as Generate checks it (a refusal
+    names `requests[i]`), and the whole against max_batch_rows and max_batch_tokens. A request without
+    an id gets `<the first request's id>-<i>`; ids repeated within the batch are refused."""
+    wire = batch.requests
+    check_batch_rows(len(wire), sum(r.n or 1 for r in wire), limits, "requests")
+    adapters = {r.adapter for r in wire}
+    if len(adapters) > 1:
+        raise InvalidArgumentError(
+            f"requests: every request of a batch names the same adapter (got {len(adapters)} adapters)"
+        )
+    base_id = request_id_or_new(wire[0].request_id)
+    requests: list[GenerationRequest] = []
+    seen: dict[str, int] = {}
+    for i, message in enumerate(wire):
+        try:
+            request = to_engine_request(message, tokenizer, limits)
+        except InvalidArgumentError as exc:
+            raise InvalidArgumentError(f"requests[{i}].{exc}") from None
+        if not message.request_id:
+            request = dataclasses.replace(request, request_id=f"{base_id}-{i}")
+        if request.request_id in seen:
+            raise InvalidArgumentError(
+                f"requests[{i}].request_id: {request.request_id!r} repeats requests[{seen[request.request_id]}]'s"
+            )
+        seen[request.request_id] = i
+        requests.append(request)
+    check_batch_tokens(sum(len(r.prompt_ids) for r in requests), limits, "requests")
+    return requests

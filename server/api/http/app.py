@@ -11,21 +11,25 @@ The routes only move bytes; OpenAIService (service.py) does the protocol.
 
 from __future__ import annotations
 
+import asyncio
 import json
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from adapterserve.server.api.auth import AuthPolicy
+from adapterserve.server.api.auth import ADMIN_PREFIX, AuthPolicy
 from adapterserve.server.api.http.admin import AdminHttp, admin_refusal
 from adapterserve.server.api.http.errors import OpenAIError
 from adapterserve.server.api.http.service import CHAT, COMPLETIONS, PROTOCOL, OpenAIService, bearer_refusal
 from adapterserve.server.api.lifecycle import Lifecycle
 from adapterserve.server.api.metrics import OTHER_LABEL, ServerMetrics
 
+T = TypeVar("T")
+CLIENT_CLOSED_REQUEST = 499  # the status logged for a call whose client disconnected (nginx's)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
@@ -41,6 +45,28 @@ async def read_json(request: Request) -> Any:
         return json.loads(raw.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise OpenAIError(400, f"the request body is not valid JSON: {exc}") from None
+
+
+async def until_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T | None:
+    """Run a unary call's work; None if the client disconnects first: the work is cancelled then (its
+    engine rows are freed at once, as a stream's are when its client goes away)."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():  # the client went away (or this handler itself was cancelled)
+            task.cancel()
+            await asyncio.wait({task})
+    if task.cancelled():
+        return None
+    return task.result()
 
 
 def build_http_app(
@@ -94,9 +120,21 @@ def build_http_app(
         if service.is_streaming(body):
             frames = await service.stream(endpoint, body)
             return StreamingResponse(frames, media_type="text/event-stream", headers=SSE_HEADERS)
-        if endpoint == CHAT:
-            return JSONResponse(await service.chat(body))
-        return JSONResponse(await service.complete(body))
+        work = service.chat(body) if endpoint == CHAT else service.complete(body)
+        reply = await until_disconnected(request, work)
+        if reply is None:  # nobody reads this: the client is gone
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        return JSONResponse(reply)
+
+    @app.post("/v1/adapters/{name}/refresh")
+    async def refresh_adapter(request: Request, name: str) -> JSONResponse:
+        refusal = bearer_refusal(
+            policy, request.headers.get("authorization"), ADMIN_PREFIX + "RefreshAdapter"
+        )
+        if refusal is not None:
+            metrics.record_request("refresh", OTHER_LABEL, refusal.grpc_code, protocol=PROTOCOL)
+            raise refusal
+        return JSONResponse(await service.refresh(name))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:

@@ -27,13 +27,13 @@ class TokenTexts:
     """Each token id's text decoded on its own (cached per server)."""
 
     def __init__(self, tokenizer: Any) -> None:
-        self._tokenizer = tokenizer
+        self.tokenizer = tokenizer
         self._cache: dict[int, str] = {}
 
     def __call__(self, token_id: int) -> str:
         text = self._cache.get(token_id)
         if text is None:
-            text = self._tokenizer.decode([token_id], skip_special_tokens=True)
+            text = self.tokenizer.decode([token_id], skip_special_tokens=True)
             if len(self._cache) < 200_000:
                 self._cache[token_id] = text
         return text

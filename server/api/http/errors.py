@@ -58,11 +58,12 @@ class OpenAIError(Exception):
         return cls(status, message, kind, code=code, param=param, grpc_code=grpc_code)
 
     @classmethod
-    def model_not_found(cls, model: str) -> OpenAIError:
+    def model_not_found(cls, model: str, detail: str = "") -> OpenAIError:
+        """404 for an unknown model; `detail` (e.g. the adapter sources tried) is appended when given."""
         return cls.of_code(
             "NOT_FOUND",
             f"The model {model!r} does not exist: it is neither the base model's served name nor a "
-            "stored adapter (GET /v1/models lists them)",
+            "stored adapter (GET /v1/models lists them)" + (f"; {detail}" if detail else ""),
             code="model_not_found",
             param="model",
         )

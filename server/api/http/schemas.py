@@ -8,7 +8,8 @@ one prefill for all choices), `presence_penalty` / `frequency_penalty` (-2..2, o
 tokens), `logit_bias` (token id -> -100..100), `logprobs` (completions: top-k count; chat: true with
 `top_logprobs`), `echo` (completions; with logprobs, the prompt tokens' logprobs too; `max_tokens: 0`
 then returns the prompt only). `suffix` is refused; `best_of` only at 1. Extras beyond OpenAI's
-fields, as vLLM accepts them: `ignore_eos`, `top_k`, `repetition_penalty`, `min_tokens`.
+fields, as vLLM accepts them: `ignore_eos`, `top_k`, `repetition_penalty`, `min_tokens`. A completions
+`prompt` may be a list (of strings or of token-id lists): one engine request per prompt.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ class _Sampling(_Body):
 class CompletionRequest(_Sampling):
     """POST /v1/completions"""
 
-    # a string, token ids, or a list of one of either
+    # a string, a list of strings, token ids, or a list of token-id lists (one request per prompt)
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = None  # 0: only with echo (the prompt and its logprobs)
     echo: bool = False
@@ -119,15 +120,23 @@ class CompletionRequest(_Sampling):
             raise ValueError("is not supported (leave it unset)")
         return value
 
-    @field_validator("prompt")
+    @field_validator("prompt", mode="before")
     @classmethod
-    def _one_prompt(cls, prompt: Any) -> Any:
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
-            return prompt  # token ids
-        if isinstance(prompt, list) and len(prompt) != 1:
-            raise ValueError(
-                "exactly one prompt per request is supported (a string, token ids, or a list of one)"
-            )
+    def _prompt_shape(cls, prompt: Any) -> Any:
+        """One shape per request: a clear message for an empty list or a mix (pydantic's union error
+        would list every branch)."""
+        if isinstance(prompt, list):
+            if not prompt:
+                raise ValueError("the list of prompts is empty (send at least one prompt)")
+            if not (
+                all(isinstance(p, str) for p in prompt)
+                or all(_is_id(p) for p in prompt)
+                or all(isinstance(p, list) and all(_is_id(t) for t in p) for p in prompt)
+            ):
+                raise ValueError(
+                    "must be a string, a list of strings, a list of token ids, or a list of token-id lists "
+                    "(one kind per request, not a mix)"
+                )
         return prompt
 
     @model_validator(mode="after")
@@ -145,13 +154,17 @@ class CompletionRequest(_Sampling):
             raise ValueError("only best_of=1 is supported")
         return best_of
 
-    def prompt_value(self) -> str | list[int]:
-        """The one prompt: its text or its token ids."""
+    def prompts(self) -> list[str | list[int]]:
+        """The request's prompts, each a text or token ids (one engine request each)."""
         if isinstance(self.prompt, str):
-            return self.prompt
+            return [self.prompt]
         if self.prompt and isinstance(self.prompt[0], int):
-            return list(self.prompt)  # type: ignore[arg-type]
-        return self.prompt[0]  # type: ignore[return-value]
+            return [list(self.prompt)]  # type: ignore[arg-type]  # one prompt of token ids
+        return list(self.prompt)  # type: ignore[arg-type]
+
+
+def _is_id(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class TextPart(_Body):

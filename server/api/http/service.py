@@ -38,7 +38,12 @@ from adapterserve.server.api.prompts import checked_ids, ids_of_chat, ids_of_tex
 from adapterserve.server.api.response_format import structured_output
 from adapterserve.server.api.runtime import RuntimeRef
 from adapterserve.server.api.session import GenerationSession, Sessions
-from adapterserve.server.api.validation import FieldNames, check_request
+from adapterserve.server.api.validation import (
+    FieldNames,
+    check_batch_rows,
+    check_batch_tokens,
+    check_request,
+)
 from adapterserve.server.engine.types import (
     FinishReason,
     GenerationRequest,
@@ -47,9 +52,9 @@ from adapterserve.server.engine.types import (
     StructuredOutput,
     TokenEvent,
 )
-from adapterserve.server.errors import NotFoundError, UnavailableError
+from adapterserve.server.errors import InvalidArgumentError, NotFoundError, UnavailableError
 from adapterserve.server.settings import LimitSettings
-from adapterserve.server.store.names import is_valid_name
+from adapterserve.server.store.names import NAME_RULE, is_valid_name
 
 PROTOCOL = "http"
 COMPLETIONS = "completions"
@@ -78,10 +83,25 @@ def served_name_of(base_model: str) -> str:
     return name.split(":", 1)[-1] or "base"
 
 
-def bearer_refusal(policy: AuthPolicy, authorization: str | None) -> OpenAIError | None:
-    """The 401/403 for an HTTP generation call, with the same tokens and rules as gRPC's Generation."""
+def origin_json(origin: Any) -> dict[str, Any] | None:
+    """A fetched adapter's origin in /v1/models (None for an uploaded one)."""
+    if origin is None:
+        return None
+    return {
+        "source": origin.source,
+        "etag": origin.tag,
+        "revision": origin.revision,
+        "fetched_at": int(origin.fetched_at.timestamp()),
+    }
+
+
+def bearer_refusal(
+    policy: AuthPolicy, authorization: str | None, method: str = GENERATION_PREFIX + "Generate"
+) -> OpenAIError | None:
+    """The 401/403 for an HTTP call, with the same tokens and rules as gRPC's `method` (Generation's
+    by default; an Admin method for the admin routes)."""
     metadata = () if authorization is None else (("authorization", authorization),)
-    refusal = decide(policy, GENERATION_PREFIX + "Generate", metadata)
+    refusal = decide(policy, method, metadata)
     if refusal is None:
         return None
     code, message = refusal
@@ -105,12 +125,19 @@ class _Run:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     @property
-    def prompt_ids(self) -> tuple[int, ...]:
-        return () if self.session.request is None else self.session.request.prompt_ids
+    def choices(self) -> int:
+        """Choices of the whole request: every prompt's n (index = prompt position * n + choice)."""
+        return sum(r.n for r in self.session.requests) or 1
 
-    @property
-    def n(self) -> int:
-        return 1 if self.session.request is None else self.session.request.n
+    def request_of(self, index: int) -> GenerationRequest | None:
+        """The engine request (the prompt) that choice `index` belongs to."""
+        position = self.position_of(index)
+        requests = self.session.requests
+        return requests[position] if position < len(requests) else None
+
+    def position_of(self, index: int) -> int:
+        """The position, in the request's list of prompts, of the prompt of choice `index`."""
+        return self.session.locate(index)[0]
 
 
 def _echo_only(req: CompletionRequest | ChatCompletionRequest) -> bool:
@@ -153,7 +180,7 @@ class OpenAIService:
 
     def _token_texts(self) -> TokenTexts:
         tokenizer = self._runtime.get().tokenizer
-        if self._texts is None or self._texts._tokenizer is not tokenizer:
+        if self._texts is None or self._texts.tokenizer is not tokenizer:
             self._texts = TokenTexts(tokenizer)
         return self._texts
 
@@ -192,9 +219,25 @@ class OpenAIService:
                     "parent": base,
                     "adapter_kind": str(record.info.kind),
                     "peft_type": record.info.peft_type,
+                    "origin": origin_json(record.origin),
                 }
             )
         return {"object": "list", "data": data}
+
+    async def refresh(self, name: str) -> dict[str, Any]:
+        """POST /v1/adapters/{name}/refresh (admin): ask a fetched adapter's source again."""
+        if (reason := self._lifecycle.refusal()) is not None:
+            raise to_openai_error(UnavailableError(reason), "refresh")
+        try:
+            record, changed = await self._runtime.get().catalog.refresh(name)
+        except Exception as exc:
+            raise to_openai_error(exc, "refresh") from None
+        return {
+            "id": record.name,
+            "version": record.version,
+            "changed": changed,
+            "origin": origin_json(record.origin),
+        }
 
     # ------------------------------------------------------------------ requests
     def _parse(self, body: Any, schema: type[CompletionRequest] | type[ChatCompletionRequest]) -> Any:
@@ -209,14 +252,26 @@ class OpenAIService:
     def _adapter_of(self, model: str) -> str:
         if model == self.served_name():
             return ""
-        if not is_valid_name(model):
-            raise NotFoundError(f"model {model!r} is not an adapter name")  # the service answers 404
+        if not is_valid_name(model):  # never reaches the store or a source
+            raise InvalidArgumentError(f"model {model[:80]!r} is not a valid adapter name: {NAME_RULE}")
         return model
 
     def engine_request(
         self, req: CompletionRequest | ChatCompletionRequest, request_id: str, tokenizer: Any
     ) -> GenerationRequest:
-        """The engine request of a parsed body, tokenized and checked (validation.check_request)."""
+        """The engine request of a parsed body with one prompt (a chat, or one completions prompt)."""
+        requests = self.engine_requests(req, request_id, tokenizer)
+        if len(requests) != 1:
+            raise InvalidArgumentError(f"prompt: {len(requests)} prompts where one was expected")
+        return requests[0]
+
+    def engine_requests(
+        self, req: CompletionRequest | ChatCompletionRequest, request_id: str, tokenizer: Any
+    ) -> list[GenerationRequest]:
+        """The engine requests of a parsed body, one per prompt, tokenized and checked: each as a
+        request of its own (validation.check_request), and the whole request against the batch limits
+        (max_batch_rows, max_batch_tokens). With several prompts, request i is `{request_id}-{i}` and a
+        refusal names `prompt[i]`."""
         chat = isinstance(req, ChatCompletionRequest)
         max_name = "max_tokens"
         if isinstance(req, ChatCompletionRequest):
@@ -247,65 +302,78 @@ class OpenAIService:
             logprobs=logprobs,
         )
         prompt_logprobs = None
+        prompts: list[tuple[str, tuple[int, ...]]] = []  # (field, token ids) per prompt
         if isinstance(req, ChatCompletionRequest):
-            prompt_field = "messages"
-            prompt_ids = ids_of_chat(tokenizer, [(m.role, m.text()) for m in req.messages], prompt_field)
+            messages = [(m.role, m.text()) for m in req.messages]
+            prompts.append(("messages", ids_of_chat(tokenizer, messages, "messages")))
         else:
-            prompt_field = "prompt"
-            prompt = req.prompt_value()
-            if isinstance(prompt, str):
-                prompt_ids = ids_of_text(tokenizer, prompt, prompt_field)
-            else:
-                prompt_ids = checked_ids(tokenizer, prompt, prompt_field)
+            texts = req.prompts()
+            check_batch_rows(len(texts), len(texts) * req.n, self._limits)
+            for i, prompt in enumerate(texts):
+                name = "prompt" if len(texts) == 1 else f"prompt[{i}]"
+                if isinstance(prompt, str):
+                    prompts.append((name, ids_of_text(tokenizer, prompt, name)))
+                else:
+                    prompts.append((name, checked_ids(tokenizer, prompt, name)))
             if req.echo and req.logprobs is not None:
                 prompt_logprobs = req.logprobs
-        request = GenerationRequest(
-            request_id=request_id,
-            prompt_ids=prompt_ids,
-            adapter=self._adapter_of(req.model) or None,
-            sampling=sampling,
-            structured=_structured(req),
-            n=req.n,
-            prompt_logprobs=prompt_logprobs,
-        )
+        adapter = self._adapter_of(req.model) or None
+        structured = _structured(req)
         names = FieldNames(
             sampling={"max_new_tokens": max_name, "logprobs": "top_logprobs" if chat else "logprobs"},
             request={"prompt_logprobs": "logprobs"},
         )
-        check_request(request, self._limits, names, prompt_field=prompt_field, vocab=vocab_size(tokenizer))
-        if _echo_only(req) and len(prompt_ids) >= 2:
-            # a scoring request over the prompt (its tokens after the first)
-            request = replace(request, score_tokens=len(prompt_ids) - 1, prompt_logprobs=prompt_logprobs or 0)
-        return request
+        requests = []
+        for i, (prompt_field, prompt_ids) in enumerate(prompts):
+            request = GenerationRequest(
+                request_id=request_id if len(prompts) == 1 else f"{request_id}-{i}",
+                prompt_ids=prompt_ids,
+                adapter=adapter,
+                sampling=sampling,
+                structured=structured,
+                n=req.n,
+                prompt_logprobs=prompt_logprobs,
+            )
+            check_request(
+                request, self._limits, names, prompt_field=prompt_field, vocab=vocab_size(tokenizer)
+            )
+            if _echo_only(req) and len(prompt_ids) >= 2:
+                # a scoring request over the prompt (its tokens after the first)
+                request = replace(
+                    request, score_tokens=len(prompt_ids) - 1, prompt_logprobs=prompt_logprobs or 0
+                )
+            requests.append(request)
+        check_batch_tokens(sum(len(ids) for _, ids in prompts), self._limits)
+        return requests
 
     def _events(self, req: CompletionRequest | ChatCompletionRequest, run: _Run) -> AsyncIterator[TokenEvent]:
         """The session's events (admission, limits and drain shared with gRPC; metrics; cancel on an early
         end). Its errors are mapped to OpenAI's by `_openai_error`."""
-        build = functools.partial(self.engine_request, req, run.id)
+        build = functools.partial(self.engine_requests, req, run.id)
 
         def local(request: GenerationRequest) -> TokenEvent | None:
             if _echo_only(req) and not request.score_tokens:  # a one-token prompt: nothing to score
                 return TokenEvent((), "", FinishReason.SCORED, prompt_tokens=len(request.prompt_ids))
             return None
 
-        return run.session.events(build, local)
+        return run.session.batch_events(build, local)
 
     @staticmethod
     def _openai_error(exc: BaseException, run: _Run) -> OpenAIError:
         if isinstance(exc, NotFoundError):
-            return OpenAIError.model_not_found(run.model)
+            return OpenAIError.model_not_found(run.model, detail=str(exc))
         return to_openai_error(exc, run.session.method)
 
     def _new_run(self, prefix: str, req: Any, method: str) -> _Run:
         session = self._sessions.open(method, req.model, protocol=PROTOCOL)
         return _Run(id=f"{prefix}-{uuid.uuid4().hex}", model=req.model, session=session)
 
-    def _echo_text(self, req: CompletionRequest, run: _Run) -> str:
-        """The prompt as `echo` repeats it: the prompt text, or its token ids decoded."""
-        prompt = req.prompt_value()
+    def _echo_text(self, req: CompletionRequest, run: _Run, index: int) -> str:
+        """The prompt of choice `index` as `echo` repeats it: the prompt text, or its token ids decoded."""
+        prompt = req.prompts()[run.position_of(index)]
         if isinstance(prompt, str):
             return prompt
-        return self._runtime.get().tokenizer.decode(list(run.prompt_ids))
+        return self._runtime.get().tokenizer.decode(list(prompt))
 
     def _completion_choice(
         self, req: CompletionRequest, run: _Run, state: ChoiceState, entries: list, text: str, offset: int
@@ -314,15 +382,16 @@ class OpenAIService:
         the text offset of the first one (with echo: the prompt's, given on the choice's first piece)."""
         echo = req.echo and not state.started
         if echo:
-            text = self._echo_text(req, run) + text
+            text = self._echo_text(req, run, state.index) + text
         logprobs = None
         if req.logprobs is not None:
+            request = run.request_of(state.index)
             logprobs = completion_logprobs(
                 self._token_texts(),
                 entries,
                 offset,
                 prompt=state.prompt_logprobs if echo else None,
-                first_prompt_token=run.prompt_ids[0] if echo and run.prompt_ids else None,
+                first_prompt_token=request.prompt_ids[0] if echo and request is not None else None,
             )
         return {"index": state.index, "text": text, "finish_reason": None, "logprobs": logprobs}
 
@@ -335,7 +404,7 @@ class OpenAIService:
                 state.add(event)
         except Exception as exc:
             raise self._openai_error(exc, run) from exc
-        return [states.get(i) or ChoiceState(i) for i in range(run.n)]
+        return [states.get(i) or ChoiceState(i) for i in range(run.choices)]
 
     async def complete(self, body: Any) -> dict[str, Any]:
         """POST /v1/completions without streaming."""

@@ -105,6 +105,15 @@ class FakeEngine:
         self.running.add(request.request_id)
         return FakeHandle(request, self)
 
+    async def submit_batch(self, requests: list[GenerationRequest]) -> list[FakeHandle]:
+        """All or none, as the engine's: every request checked, then all queued."""
+        for request in requests:
+            if request.adapter and request.adapter not in self.catalog.records:
+                raise NotFoundError(f"adapter {request.adapter!r} not found")
+        if len(self.running) + len(requests) > self.max_queue:
+            raise QueueFullError(f"the engine queue has no room for {len(requests)} requests")
+        return [await self.submit(request) for request in requests]
+
     def snapshot(self) -> RuntimeSnapshot:
         return RuntimeSnapshot(
             queue_depth=0,

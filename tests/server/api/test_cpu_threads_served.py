@@ -1,6 +1,6 @@
 """The real server sizes its CPU threads from what it may use, runs prefill on worker threads beside its
-decode steps, and sheds threads beside busy processes (server/cpu_threads.py,
-server/engine/prefill_workers.py, server/engine/cpu_governor.py)."""
+decode steps, and sheds threads beside busy processes (server/cpu/threads.py,
+server/cpu/prefill_workers.py, server/cpu/governor.py)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from adapterserve import Client
-from adapterserve.server.cpu_budget import affinity_cpus
+from adapterserve.server.cpu.budget import affinity_cpus
 from tests.helpers.server_process import start_server
 
 PLAN = re.compile(r"CPU threads: (?P<threads>\d+) \((?P<source>[^)]*)\)")

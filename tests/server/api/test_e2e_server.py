@@ -317,6 +317,10 @@ def test_metrics_endpoint(server, channel, uploaded):
     assert metric(families, "adapterserve_generated_tokens_total", adapter="e2e-lora") >= 3
     assert metric(families, "adapterserve_time_to_first_token_seconds_count", adapter="e2e-lora") >= 1
     assert metric(families, "adapterserve_time_per_output_token_seconds_count", adapter="e2e-lora") >= 1
+    # how long requests waited for their prefill to start: a long wait shows here, not only in the TTFT
+    waits = metric(families, "adapterserve_queue_wait_seconds_count", adapter="e2e-lora")
+    assert waits >= 1
+    assert 0 <= metric(families, "adapterserve_queue_wait_seconds_sum", adapter="e2e-lora") < 60 * waits
     assert metric(families, "adapterserve_uploads_total", status="OK") == len(KINDS)
     assert metric(families, "adapterserve_uploads_total", status="ALREADY_EXISTS") >= 1
     # An upload puts the adapter it validated into host memory: its first request is a host hit.

@@ -1,5 +1,6 @@
-"""The wire fields of issue 22's sampling features: validated once, into the engine's request, with
-errors that name the field (INVALID_ARGUMENT / HTTP 400)."""
+"""The wire fields of the OpenAI sampling features (n, seed, penalties, logit_bias, min_tokens,
+logprobs): validated once, into the engine's request, with errors that name the field
+(INVALID_ARGUMENT / HTTP 400)."""
 
 from __future__ import annotations
 

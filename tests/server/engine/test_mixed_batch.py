@@ -72,7 +72,7 @@ def _references(tiny_model_dir, adapter_dirs, quantize, rows):
 # padded to a bucket, keys to a length bucket, inputs in preallocated buffers); compiled = that step
 # through torch.compile. group_cost: EngineSettings.prefill_group_cost (None: the device default; 0: the
 # prefill chunk runs as one forward per run of equal lengths). workers: prefill forwards on that many
-# worker threads while the engine thread decodes (prefill_workers.py; 0: inline).
+# worker threads while the engine thread decodes (cpu/prefill_workers.py; 0: inline).
 @pytest.mark.parametrize(
     "quantize,prefill_budget,decode,group_cost,workers",
     [
@@ -264,7 +264,7 @@ def test_prefill_chunks_and_decodes_in_one_forward_match_peft(tiny_model_dir, ad
         assert not packed_forwards
     if mode == "workers":  # decode forwards ran while prefill jobs were in flight
         assert any(overlapped), overlapped
-    if mode == "riding":  # the packed forwards ran on the workers (test_prefill_workers.py holds one)
+    if mode == "riding":  # the packed forwards ran on the workers (test_cpu/prefill_workers.py holds one)
         assert packed_threads and all(name.startswith("adapterserve-prefill") for name in packed_threads)
     else:  # every decode forward took the decoding rows' prefix
         assert not any(partial_decodes)

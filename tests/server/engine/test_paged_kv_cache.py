@@ -85,51 +85,69 @@ def _engine(tiny_model_dir, adapters, **settings):
     return engine
 
 
-def test_rows_of_one_prefix_share_its_whole_blocks_until_the_last_one_leaves():
+def test_keyed_blocks_are_shared_counted_and_evicted_least_recently_used_first():
     cache = PagedKVCache(**DIMS, device=torch.device("cpu"), block_size=4)  # 4 rows x 10 blocks
-    keys, values = torch.randn(2, 2, 10, 8), torch.randn(2, 2, 10, 8)  # 2 whole blocks + 2 positions
-    other = torch.randn(2, 2, 10, 8)
-    for row in range(3):
-        cache.reserve(row, 20)  # 5 blocks each
-    cache.share_prefix(0, "a", keys, values)
-    cache.share_prefix(1, "a", keys, values)
-    cache.share_prefix(2, "b", other, other)
-    assert cache.table[0, :2].tolist() == cache.table[1, :2].tolist() != cache.table[2, :2].tolist()
-    assert cache.table[0, 2] != cache.table[1, 2]  # the partial block is each row's own
-    assert cache.shared_blocks == 4 and cache.free_blocks == 40 - 15 + 2  # row 1 gave its 2 back
-    assert cache.prefix_reuses == 1
-    # each row's prompt continues at position 10, in its own block; the prefix reads back in full
-    cache.write(0, 0, torch.tensor([[10, 11]]), *_kv(1, 2, 1))
-    cache.write(0, 1, torch.tensor([[10, 11]]), *_kv(1, 2, 2))
-    for row in (0, 1):
-        k, v = cache.read(0, row, 1, 12)
-        assert torch.equal(k[0, :, :10], keys[0]) and torch.equal(v[0, :, :10], values[0])
-        assert torch.equal(k[0, :, 10:], _kv(1, 2, row + 1)[0][0])
-    cache.release(0)  # the prefix stays for row 1
-    assert cache.shared_blocks == 4
-    k, _ = cache.read(1, 1, 1, 10)
-    assert torch.equal(k[0], keys[1])
-    cache.move_row(1, 0, 12)  # a row moves with its shared blocks
+    cache.reserve(0, 12)  # 3 blocks
+    k, v = _kv(1, 12, 0)
+    for layer in range(2):
+        cache.write(layer, 0, torch.arange(12)[None], k, v)
+    cache.register(0, [b"a", b"b"])  # its two full blocks are computed
+    a, b = cache.table[0, :2].tolist()
+    assert cache.match([b"a", b"b", b"c"]) == [a, b] and cache.match([b"b"]) == [b]
+    assert cache.match([b"x", b"a"]) == []  # a chain matches from its first block only
+    cache.reserve(1, 12, cached=cache.match([b"a", b"b"]))
+    assert cache.cached_tokens(1) == 8 and cache.table[1, :2].tolist() == [a, b]
+    assert cache.table[1, 2] != cache.table[0, 2]  # the rest is the row's own
+    assert torch.equal(cache.read(1, 1, 1, 8)[0], k[:, :, :8])
+    assert cache.shared_blocks == 2 and cache.free_blocks == 40 - 3 - 1
     cache.release(0)
-    assert cache.shared_blocks == 2  # only "b" is left
-    cache.release(2)
-    assert cache.shared_blocks == 0 and cache.free_blocks == 40
-    cache.reserve(3, 12)  # the key again, after its blocks were freed: written afresh
-    cache.share_prefix(3, "a", values, keys)
-    k, v = cache.read(0, 3, 1, 10)
-    assert torch.equal(k[0], values[0]) and torch.equal(v[0], keys[0])
-    cache.release(3)
-    assert cache.free_blocks == 40
+    cache.release(1)
+    # nobody references them: they count as free, yet a later row can still take them
+    assert cache.free_blocks == 40 and cache.cached_blocks == 2 and cache.match([b"a", b"b"]) == [a, b]
+    for row in range(3):
+        cache.reserve(row, 40)  # 30 of the 38 unkeyed free blocks
+    cache.reserve(3, 36)  # 9 blocks: the last 8 free ones, then the least recently used cached block
+    assert cache.evictions == 1 and cache.match([b"a"]) == [] and cache.match([b"b"]) == [b]
+    for row in range(4):
+        cache.release(row)
+    cache.forget()
+    assert cache.cached_blocks == 0 and cache.free_blocks == 40 and cache.match([b"b"]) == []
 
 
-def test_a_prefix_shorter_than_a_block_is_written_per_row():
-    cache = PagedKVCache(**DIMS, device=torch.device("cpu"), block_size=8)
-    keys = torch.randn(2, 2, 5, 8)
-    for row in (0, 1):
-        cache.reserve(row, 10)
-        cache.share_prefix(row, "a", keys, keys)
-    assert cache.shared_blocks == 0 and cache.table[0, 0] != cache.table[1, 0]
-    assert torch.equal(cache.read(1, 1, 1, 5)[0][0], keys[1])
+def test_a_copied_row_shares_the_full_blocks_and_copies_the_partial_one():
+    """n choices of one prompt: the prompt's full blocks are shared, not copied; the block it ends in is
+    copied (each choice writes its own tokens there)."""
+    cache = PagedKVCache(**DIMS, device=torch.device("cpu"), block_size=4)
+    cache.reserve(0, 20)
+    k, v = _kv(1, 10, 3)
+    cache.write(0, 0, torch.arange(10)[None], k, v)
+    cache.reserve(1, 20)
+    used = 40 - cache.free_blocks  # 10: both reservations whole
+    cache.copy_row(0, 1, 10)  # 2 full blocks + 2 positions
+    assert cache.table[1, :2].tolist() == cache.table[0, :2].tolist()
+    assert cache.table[1, 2] != cache.table[0, 2]
+    assert 40 - cache.free_blocks == used - 2 and cache.shared_blocks == 2
+    assert torch.equal(cache.read(0, 1, 1, 10)[0], k)
+    cache.write(0, 1, torch.tensor([[10]]), *_kv(1, 1, 4))  # choice 1's next token: its own block
+    assert torch.equal(cache.read(0, 0, 1, 10)[0], k)  # choice 0's positions are untouched
+    cache.release(0)
+    cache.release(1)
+    assert cache.free_blocks == 40 and cache.shared_blocks == 0
+
+
+def test_a_prefix_is_written_from_the_first_position_not_taken_cached():
+    cache = PagedKVCache(**DIMS, device=torch.device("cpu"), block_size=4)
+    keys = torch.randn(2, 2, 6, 8)
+    cache.reserve(0, 10)
+    cache.write_prefix(0, keys, keys)
+    cache.register(0, [b"p"])  # the prefix's one whole block
+    cache.reserve(1, 10, cached=cache.match([b"p"]))
+    before = cache.k.clone()
+    cache.write_prefix(1, keys, keys, start=cache.cached_tokens(1))  # positions 4 and 5 only
+    block = cache.table[1, 1]
+    assert torch.equal(cache.k[:, cache.table[0, 0]], before[:, cache.table[0, 0]])
+    assert torch.equal(cache.read(1, 1, 1, 6)[0][0], keys[1])
+    assert not torch.equal(cache.k[:, block], before[:, block])
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +205,8 @@ def test_engine_rows_of_one_prefix_adapter_share_its_blocks_and_equal_the_dense_
         outputs[name] = [(r.token_ids, torch.stack(r.logits)) for r in results]
     cache = engine.core.cache
     # 5 virtual tokens over blocks of 4: one whole block, written by the first row, used by all three
-    assert cache.prefix_reuses == 2 and cache.shared_blocks == 0 and cache.free_blocks == cache.total_blocks
+    assert cache.shared_blocks == 0 and cache.free_blocks == cache.total_blocks
+    assert engine.core.prefix_cache_hits >= 2 * 4
     for (want_t, want_l), (got_t, got_l) in zip(outputs["dense"], outputs["paged"], strict=True):
         assert got_t == want_t
         assert torch.allclose(got_l, want_l, atol=1e-5, rtol=0)

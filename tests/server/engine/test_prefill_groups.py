@@ -9,8 +9,8 @@ import random
 import pytest
 import torch
 
+from adapterserve.server.cpu.linear import prefill_positions
 from adapterserve.server.engine.prefill_groups import forward_cost_tokens, plan_groups
-from adapterserve.server.model.cpu_linear import prefill_positions
 
 
 def _cost(lengths: list[int], groups: list[tuple[int, int]], forward_cost: int) -> int:

@@ -55,3 +55,16 @@ def test_requests_at_the_limits_pass():
 def test_logprob_alternatives_are_capped_below_a_large_vocabulary():
     with pytest.raises(InvalidArgumentError, match=r"logprobs: 1025 alternatives, must be in 0..1024"):
         check_request(_req(logprobs=1025), 50_000, SETTINGS)
+
+
+def test_the_apis_logprobs_limit_cannot_exceed_the_engines_bound():
+    """One definition: the engine's MAX_LOGPROBS is the ceiling of the server's max_logprobs setting, so a
+    request the API lets through is never refused by the engine for its alternatives."""
+    from pydantic import ValidationError
+
+    from adapterserve.server.settings import MAX_LOGPROBS, LimitSettings
+
+    widest = LimitSettings(max_logprobs=MAX_LOGPROBS)
+    check_request(_req(logprobs=widest.max_logprobs), 50_000, SETTINGS)
+    with pytest.raises(ValidationError):
+        LimitSettings(max_logprobs=MAX_LOGPROBS + 1)

@@ -23,7 +23,7 @@ STEPS = 6
 # The engine's linears: "torch" runs F.linear as PEFT does and must stay within 3e-3 of its logits
 # (fp32, magnitude ~20 after 30 layers: 1.5e-4 relative; measured up to 2.25e-3, IA3, on an AVX2-only CPU,
 # below 2e-3 on an AVX-512 one: the kernels' summation order differs by CPU);
-# "auto" (the CPU default) runs them on oneDNN-packed weights (server/model/cpu_linear.py), which sum in
+# "auto" (the CPU default) runs them on oneDNN-packed weights (server/cpu/linear.py), which sum in
 # another order: tokens must be identical, logits within 5e-3 (measured 2.2e-3).
 LOGIT_ATOL = {"torch": 3e-3, "auto": 5e-3}
 

@@ -31,7 +31,7 @@ def test_http_page_examples_run(tiny_model_dir, tmp_path, capsys):
             for line in block.splitlines()
             if line[:2] == "$ "
         ]
-        assert len(commands) == 5
+        assert len(commands) == 6
         outputs = []
         for command in commands:
             argv = shlex.split(command.replace(DOC_URL, url))
@@ -43,6 +43,9 @@ def test_http_page_examples_run(tiny_model_dir, tmp_path, capsys):
         assert json.loads(outputs[2])["usage"]["completion_tokens"] >= 1
         assert outputs[3].rstrip().endswith("data: [DONE]")
         assert json.loads(outputs[4])["error"]["code"] == "model_not_found"
+        listed = json.loads(outputs[5])  # a list of two prompts, n 2
+        assert [c["index"] for c in listed["choices"]] == [0, 1, 2, 3]
+        assert listed["choices"][0]["text"] == listed["choices"][1]["text"]  # greedy: one text per prompt
 
         (python,) = fenced_blocks(markdown, "python")
         exec(compile(python.replace(DOC_URL, url), "docs/http.md", "exec"), {"__name__": "docs_http"})

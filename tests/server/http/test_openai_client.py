@@ -133,7 +133,8 @@ def test_unknown_model_is_a_404_never_the_base(oai):
         oai.completions.create(model="no-such-adapter", prompt=PROMPT, max_tokens=3)
     assert caught.value.code == "model_not_found"
     assert "no-such-adapter" in caught.value.message
-    with pytest.raises(openai.NotFoundError):
+    # a `model` that cannot be an adapter name (a path) is refused before any lookup, as over gRPC
+    with pytest.raises(openai.BadRequestError):
         oai.chat.completions.create(model="no/such", messages=CHAT, max_tokens=3, stream=True)
 
 

@@ -1,5 +1,5 @@
-"""Issue 22's acceptance checks on the embedded model (SmolLM2-135M-Instruct) through the real `openai`
-package: logprobs equal the Score RPC's, echo returns the prompt's, n=4 from one request, and a strong
+"""The OpenAI API's sampling features on the embedded model (SmolLM2-135M-Instruct) through the real
+`openai` package: logprobs equal the Score RPC's, echo returns the prompt's, n=4 from one request, and a strong
 frequency penalty stops a repetition."""
 
 from __future__ import annotations

@@ -64,7 +64,9 @@ def test_unknown_model_is_404_in_openai_shape(http):
         ({"max_tokens": 10_000}, "max_tokens"),
         ({"temperature": -1}, "temperature"),
         ({"top_p": 0}, "top_p"),
-        ({"prompt": ["a", "b"]}, "one prompt"),
+        ({"prompt": []}, "empty"),
+        ({"prompt": ["a", 5]}, "not a mix"),
+        ({"prompt": ["a", ""]}, "prompt[1]"),
     ],
 )
 def test_unsupported_or_invalid_fields_are_a_clear_400(http, extra, named):

@@ -156,3 +156,17 @@ class UpdateAdapterResponse(_message.Message):
     resident: bool
     received_bytes: int
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., previous_version: _Optional[int] = ..., persisted_version: _Optional[int] = ..., persisted: _Optional[bool] = ..., resident: _Optional[bool] = ..., received_bytes: _Optional[int] = ...) -> None: ...
+
+class RefreshAdapterRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class RefreshAdapterResponse(_message.Message):
+    __slots__ = ("adapter", "changed")
+    ADAPTER_FIELD_NUMBER: _ClassVar[int]
+    CHANGED_FIELD_NUMBER: _ClassVar[int]
+    adapter: _types_pb2.AdapterInfo
+    changed: bool
+    def __init__(self, adapter: _Optional[_Union[_types_pb2.AdapterInfo, _Mapping]] = ..., changed: _Optional[bool] = ...) -> None: ...

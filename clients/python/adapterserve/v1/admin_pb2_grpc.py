@@ -70,6 +70,11 @@ class AdminStub:
                 request_serializer=adapterserve_dot_v1_dot_admin__pb2.UpdateAdapterRequest.SerializeToString,
                 response_deserializer=adapterserve_dot_v1_dot_admin__pb2.UpdateAdapterResponse.FromString,
                 _registered_method=True)
+        self.RefreshAdapter = channel.unary_unary(
+                '/adapterserve.v1.Admin/RefreshAdapter',
+                request_serializer=adapterserve_dot_v1_dot_admin__pb2.RefreshAdapterRequest.SerializeToString,
+                response_deserializer=adapterserve_dot_v1_dot_admin__pb2.RefreshAdapterResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -131,6 +136,15 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RefreshAdapter(self, request, context):
+        """Ask a fetched adapter's source again (--adapter-source): a new ETag or revision is fetched,
+        validated and swapped in atomically; requests running with the old version finish on it.
+        An uploaded adapter, or a server without sources: FAILED_PRECONDITION. Source down: UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -168,6 +182,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.UpdateAdapter,
                     request_deserializer=adapterserve_dot_v1_dot_admin__pb2.UpdateAdapterRequest.FromString,
                     response_serializer=adapterserve_dot_v1_dot_admin__pb2.UpdateAdapterResponse.SerializeToString,
+            ),
+            'RefreshAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.RefreshAdapter,
+                    request_deserializer=adapterserve_dot_v1_dot_admin__pb2.RefreshAdapterRequest.FromString,
+                    response_serializer=adapterserve_dot_v1_dot_admin__pb2.RefreshAdapterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -360,6 +379,33 @@ class Admin:
             '/adapterserve.v1.Admin/UpdateAdapter',
             adapterserve_dot_v1_dot_admin__pb2.UpdateAdapterRequest.SerializeToString,
             adapterserve_dot_v1_dot_admin__pb2.UpdateAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RefreshAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/adapterserve.v1.Admin/RefreshAdapter',
+            adapterserve_dot_v1_dot_admin__pb2.RefreshAdapterRequest.SerializeToString,
+            adapterserve_dot_v1_dot_admin__pb2.RefreshAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,

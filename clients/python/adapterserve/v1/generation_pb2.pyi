@@ -213,7 +213,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_prompt_tokens", "max_new_tokens", "max_stop_sequences", "max_upload_bytes", "max_message_bytes", "upload_chunk_bytes", "max_concurrent_streams", "max_n", "max_logprobs")
+    __slots__ = ("max_prompt_tokens", "max_new_tokens", "max_stop_sequences", "max_upload_bytes", "max_message_bytes", "upload_chunk_bytes", "max_concurrent_streams", "max_n", "max_logprobs", "max_batch_rows", "max_batch_tokens")
     MAX_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_STOP_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
@@ -223,6 +223,8 @@ class Limits(_message.Message):
     MAX_CONCURRENT_STREAMS_FIELD_NUMBER: _ClassVar[int]
     MAX_N_FIELD_NUMBER: _ClassVar[int]
     MAX_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_ROWS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
     max_prompt_tokens: int
     max_new_tokens: int
     max_stop_sequences: int
@@ -232,7 +234,9 @@ class Limits(_message.Message):
     max_concurrent_streams: int
     max_n: int
     max_logprobs: int
-    def __init__(self, max_prompt_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_stop_sequences: _Optional[int] = ..., max_upload_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., upload_chunk_bytes: _Optional[int] = ..., max_concurrent_streams: _Optional[int] = ..., max_n: _Optional[int] = ..., max_logprobs: _Optional[int] = ...) -> None: ...
+    max_batch_rows: int
+    max_batch_tokens: int
+    def __init__(self, max_prompt_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_stop_sequences: _Optional[int] = ..., max_upload_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., upload_chunk_bytes: _Optional[int] = ..., max_concurrent_streams: _Optional[int] = ..., max_n: _Optional[int] = ..., max_logprobs: _Optional[int] = ..., max_batch_rows: _Optional[int] = ..., max_batch_tokens: _Optional[int] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
     __slots__ = ("server_version", "base_model", "base_fingerprint", "model_type", "quantize", "adapter_kinds", "limits", "chat_template")
@@ -287,3 +291,29 @@ class ScoreResponse(_message.Message):
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     token_logprobs: _containers.RepeatedScalarFieldContainer[float]
     def __init__(self, request_id: _Optional[str] = ..., adapter: _Optional[str] = ..., logprob_sum: _Optional[float] = ..., logprob_mean: _Optional[float] = ..., continuation_tokens: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., token_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class GenerateBatchRequest(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[GenerateRequest]
+    def __init__(self, requests: _Optional[_Iterable[_Union[GenerateRequest, _Mapping]]] = ...) -> None: ...
+
+class GenerateBatchResponse(_message.Message):
+    __slots__ = ("responses", "prompt_tokens", "generated_tokens", "timing")
+    RESPONSES_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TIMING_FIELD_NUMBER: _ClassVar[int]
+    responses: _containers.RepeatedCompositeFieldContainer[GenerateResponse]
+    prompt_tokens: int
+    generated_tokens: int
+    timing: Timing
+    def __init__(self, responses: _Optional[_Iterable[_Union[GenerateResponse, _Mapping]]] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
+
+class GenerateBatchStreamResponse(_message.Message):
+    __slots__ = ("position", "response")
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    position: int
+    response: GenerateStreamResponse
+    def __init__(self, position: _Optional[int] = ..., response: _Optional[_Union[GenerateStreamResponse, _Mapping]] = ...) -> None: ...

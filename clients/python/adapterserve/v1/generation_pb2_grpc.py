@@ -56,6 +56,16 @@ class GenerationStub:
                 request_serializer=adapterserve_dot_v1_dot_generation__pb2.ScoreRequest.SerializeToString,
                 response_deserializer=adapterserve_dot_v1_dot_generation__pb2.ScoreResponse.FromString,
                 _registered_method=True)
+        self.GenerateBatch = channel.unary_unary(
+                '/adapterserve.v1.Generation/GenerateBatch',
+                request_serializer=adapterserve_dot_v1_dot_generation__pb2.GenerateBatchRequest.SerializeToString,
+                response_deserializer=adapterserve_dot_v1_dot_generation__pb2.GenerateBatchResponse.FromString,
+                _registered_method=True)
+        self.GenerateBatchStream = channel.unary_stream(
+                '/adapterserve.v1.Generation/GenerateBatchStream',
+                request_serializer=adapterserve_dot_v1_dot_generation__pb2.GenerateBatchRequest.SerializeToString,
+                response_deserializer=adapterserve_dot_v1_dot_generation__pb2.GenerateBatchStreamResponse.FromString,
+                _registered_method=True)
 
 
 class GenerationServicer:
@@ -93,6 +103,27 @@ class GenerationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GenerateBatch(self, request, context):
+        """Generate for several prompts in one call (offline evaluation, batch jobs). Each request of the
+        batch is an ordinary request (as Generate takes it, with its n choices); all of them are checked
+        before any is queued (one refused request refuses the call: INVALID_ARGUMENT names
+        `requests[i]`), queued together (RESOURCE_EXHAUSTED when the waiting queue has no room for all),
+        and run side by side in the continuous batch. A cancel or deadline frees every one of them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GenerateBatchStream(self, request, context):
+        """GenerateBatch streamed: every message is one request's GenerateStreamResponse, as GenerateStream
+        sends it (its index is the choice within that request), with the request's position; the
+        requests' messages interleave as their tokens come. The stream ends after every request's last
+        message. Checked, queued and cancelled as GenerateBatch.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -115,6 +146,16 @@ def add_GenerationServicer_to_server(servicer, server):
                     servicer.Score,
                     request_deserializer=adapterserve_dot_v1_dot_generation__pb2.ScoreRequest.FromString,
                     response_serializer=adapterserve_dot_v1_dot_generation__pb2.ScoreResponse.SerializeToString,
+            ),
+            'GenerateBatch': grpc.unary_unary_rpc_method_handler(
+                    servicer.GenerateBatch,
+                    request_deserializer=adapterserve_dot_v1_dot_generation__pb2.GenerateBatchRequest.FromString,
+                    response_serializer=adapterserve_dot_v1_dot_generation__pb2.GenerateBatchResponse.SerializeToString,
+            ),
+            'GenerateBatchStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.GenerateBatchStream,
+                    request_deserializer=adapterserve_dot_v1_dot_generation__pb2.GenerateBatchRequest.FromString,
+                    response_serializer=adapterserve_dot_v1_dot_generation__pb2.GenerateBatchStreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -227,6 +268,60 @@ class Generation:
             '/adapterserve.v1.Generation/Score',
             adapterserve_dot_v1_dot_generation__pb2.ScoreRequest.SerializeToString,
             adapterserve_dot_v1_dot_generation__pb2.ScoreResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateBatch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/adapterserve.v1.Generation/GenerateBatch',
+            adapterserve_dot_v1_dot_generation__pb2.GenerateBatchRequest.SerializeToString,
+            adapterserve_dot_v1_dot_generation__pb2.GenerateBatchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateBatchStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/adapterserve.v1.Generation/GenerateBatchStream',
+            adapterserve_dot_v1_dot_generation__pb2.GenerateBatchRequest.SerializeToString,
+            adapterserve_dot_v1_dot_generation__pb2.GenerateBatchStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -51,7 +51,7 @@ class AdapterFile(_message.Message):
     def __init__(self, name: _Optional[str] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class AdapterInfo(_message.Message):
-    __slots__ = ("name", "kind", "peft_type", "rank", "num_virtual_tokens", "target_modules", "num_parameters", "weight_bytes", "size_bytes", "files", "digest", "base_fingerprint", "created_at", "description", "pinned", "version", "cache_tier")
+    __slots__ = ("name", "kind", "peft_type", "rank", "num_virtual_tokens", "target_modules", "num_parameters", "weight_bytes", "size_bytes", "files", "digest", "base_fingerprint", "created_at", "description", "pinned", "version", "cache_tier", "origin")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     PEFT_TYPE_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +69,7 @@ class AdapterInfo(_message.Message):
     PINNED_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CACHE_TIER_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: AdapterKind
     peft_type: str
@@ -86,4 +87,17 @@ class AdapterInfo(_message.Message):
     pinned: bool
     version: int
     cache_tier: CacheTier
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[AdapterKind, str]] = ..., peft_type: _Optional[str] = ..., rank: _Optional[int] = ..., num_virtual_tokens: _Optional[int] = ..., target_modules: _Optional[_Iterable[str]] = ..., num_parameters: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., size_bytes: _Optional[int] = ..., files: _Optional[_Iterable[_Union[AdapterFile, _Mapping]]] = ..., digest: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., description: _Optional[str] = ..., pinned: _Optional[bool] = ..., version: _Optional[int] = ..., cache_tier: _Optional[_Union[CacheTier, str]] = ...) -> None: ...
+    origin: AdapterOrigin
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[_Union[AdapterKind, str]] = ..., peft_type: _Optional[str] = ..., rank: _Optional[int] = ..., num_virtual_tokens: _Optional[int] = ..., target_modules: _Optional[_Iterable[str]] = ..., num_parameters: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., size_bytes: _Optional[int] = ..., files: _Optional[_Iterable[_Union[AdapterFile, _Mapping]]] = ..., digest: _Optional[str] = ..., base_fingerprint: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., description: _Optional[str] = ..., pinned: _Optional[bool] = ..., version: _Optional[int] = ..., cache_tier: _Optional[_Union[CacheTier, str]] = ..., origin: _Optional[_Union[AdapterOrigin, _Mapping]] = ...) -> None: ...
+
+class AdapterOrigin(_message.Message):
+    __slots__ = ("source", "etag", "revision", "fetched_at")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    ETAG_FIELD_NUMBER: _ClassVar[int]
+    REVISION_FIELD_NUMBER: _ClassVar[int]
+    FETCHED_AT_FIELD_NUMBER: _ClassVar[int]
+    source: str
+    etag: str
+    revision: str
+    fetched_at: _timestamp_pb2.Timestamp
+    def __init__(self, source: _Optional[str] = ..., etag: _Optional[str] = ..., revision: _Optional[str] = ..., fetched_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
