@@ -194,7 +194,8 @@ class GenerationSession:
                         handles = [await runtime.engine.submit(requests[0])]
                     else:
                         handles = list(await runtime.engine.submit_batch([requests[i] for i in queued]))
-                    self.adapter_version = handles[0].adapter_version  # one adapter per call
+                    # one adapter per call: its version serves every prompt (0: the base)
+                    self.adapter_version = getattr(handles[0], "adapter_version", 0)
                     uncut = shared.lifecycle.on_cut(lambda: self._end_for_drain(handles))
                     label = labels.grant(requests[0].adapter)
                 for position, answer in enumerate(answers):

@@ -169,9 +169,11 @@ class Engine:
         handles: list[RequestHandle] = []
         seqs = []
         for request in requests:
-            handle = RequestHandle(self, request.request_id, choices=request.n)
+            adapter = resolved.get(request.adapter or "")
+            version = adapter.version if adapter is not None else 0
+            handle = RequestHandle(self, request.request_id, choices=request.n, adapter_version=version)
             emit = functools.partial(relay.emit, handle)
-            seqs.append(self.core.new_sequence(request, resolved.get(request.adapter or ""), emit))
+            seqs.append(self.core.new_sequence(request, adapter, emit))
             handles.append(handle)
         self.core.add_all(seqs)
         self._wake.set()
