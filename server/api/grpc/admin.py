@@ -223,6 +223,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
                 received_bytes=received.received_bytes,
             )
 
+    @map_errors
     async def RefreshAdapter(
         self, request: admin_pb2.RefreshAdapterRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.RefreshAdapterResponse:
