@@ -122,6 +122,12 @@ class CacheSettings(BaseModel):
 
     host_cache_bytes: int = Field(1 << 30, ge=0, description="parsed adapters kept in host RAM")
     max_adapter_bytes: int = Field(512 << 20, ge=1, description="one adapter's files, in bytes, at most")
+    persist_every: int = Field(
+        16,
+        ge=0,
+        description="in-place weight updates of an adapter between writes of its newest version to the "
+        "store (a restart loses at most this many); 0: written only when an update asks for it",
+    )
 
 
 class SourceSettings(BaseModel):

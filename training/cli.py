@@ -86,7 +86,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         dest="train_data",
         type=Path,
         help="training data: sft JSONL (prompt/completion or messages); pt .txt or JSONL 'text'; "
-        "dpo JSONL (prompt, chosen, rejected)",
+        "dpo JSONL (prompt, chosen, rejected); grpo JSONL (prompt + the fields the rewards read)",
     )
     parser.add_argument(
         "--eval",
@@ -193,6 +193,16 @@ def _print_summary(result: Any) -> None:
             f"held-out preference pairs ({a.pairs}, {a.backend}): chosen preferred {b.accuracy:.3f} -> "
             f"{a.accuracy:.3f}, mean log-likelihood margin {b.mean_margin:.3f} -> {a.mean_margin:.3f}"
         )
+    if m.grpo is not None:
+        g = m.grpo
+        last = f"{g.reward_curve[-1][1]:.3f}" if g.reward_curve else "-"
+        print(
+            f"grpo: {g.pushes} in-place pushes (p50 {g.push_seconds_p50} s) of {g.adapter!r} on "
+            f"{g.rollout_server}, now version {g.final_version}; rollouts {g.rollout_tokens_per_second:.1f} tok/s; "
+            f"last logged reward {last}"
+        )
+        if g.eval_base_reward is not None and g.eval_adapter_reward is not None:
+            print(f"held-out reward (greedy): {g.eval_base_reward:.3f} -> {g.eval_adapter_reward:.3f}")
     if m.eval_base is not None and m.eval_adapter is not None:
         print(
             f"eval on {m.eval_adapter.examples} examples: exact match {m.eval_base.exact_match:.3f} -> "

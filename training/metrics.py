@@ -56,3 +56,20 @@ def score(predictions: Sequence[str], references: Sequence[str], backend: str) -
     return EvalMetrics(
         exact_match=em / n if n else 0.0, token_f1=f1 / n if n else 0.0, examples=n, backend=backend
     )
+
+
+class GrpoReport(BaseModel):
+    """What a --stage grpo run measured: rewards, rollouts through the server, in-place pushes."""
+
+    rollout_server: str  # host:port, or "in-process"
+    adapter: str  # the adapter's name on that server
+    final_version: int  # the version the server serves at the end (written to its store)
+    reward_curve: list[tuple[int, float]]  # (step, mean reward of that step's rollouts) as TRL logs it
+    eval_base_reward: float | None = None  # held-out mean reward, greedy, base model
+    eval_adapter_reward: float | None = None  # the same with the trained adapter
+    rollout_completions: int
+    rollout_tokens: int
+    rollout_seconds: float
+    rollout_tokens_per_second: float
+    pushes: int  # in-place weight updates
+    push_seconds_p50: float | None = None  # one push (serialise, send, validate, new version), median

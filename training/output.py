@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from adapterserve.training.errors import TrainingError
-from adapterserve.training.metrics import EvalMetrics
+from adapterserve.training.metrics import EvalMetrics, GrpoReport
 from adapterserve.training.perplexity import PerplexityMetrics
 from adapterserve.training.preference import PreferenceMetrics
 
@@ -63,6 +63,7 @@ class TrainManifest(BaseModel):
     eval_adapter_perplexity: PerplexityMetrics | None = None
     eval_base_preference: PreferenceMetrics | None = None  # --stage dpo: held-out preference pairs
     eval_adapter_preference: PreferenceMetrics | None = None
+    grpo: GrpoReport | None = None  # --stage grpo: rewards, rollouts and pushes
     settings: dict[str, Any]
     versions: dict[str, str]
 

@@ -13,8 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from adapterserve.training.method_table import METHODS, TRAINING_METHODS
 
-Stage = Literal["pt", "sft", "dpo"]
-STAGES: tuple[Stage, ...] = ("pt", "sft", "dpo")
+Stage = Literal["pt", "sft", "dpo", "grpo"]
+STAGES: tuple[Stage, ...] = ("pt", "sft", "dpo", "grpo")
+# What --stage grpo can push into a served adapter in place after every step (linear kinds).
+GRPO_METHODS: tuple[str, ...] = ("lora", "ia3")
 
 Method = str  # a name in training/method_table.py's TRAINING_METHODS (checked by TrainSettings)
 PROMPT_LEARNING_METHODS: frozenset[str] = frozenset(
@@ -32,7 +34,8 @@ class TrainSettings(BaseModel):
     stage: Stage = Field(
         "sft",
         description="pt: raw text, loss on every token; sft: prompt/completion or chat; "
-        "dpo: preference pairs (prompt, chosen, rejected)",
+        "dpo: preference pairs (prompt, chosen, rejected); grpo: prompts and a reward (online RL, rollouts "
+        "sampled by a server)",
     )
     method: Method = Field(
         "lora", description="training method", json_schema_extra={"choices": list(METHODS)}
@@ -100,6 +103,25 @@ class TrainSettings(BaseModel):
 
     dpo_beta: float = Field(0.1, gt=0, description="DPO: strength of the pull towards the reference model")
 
+    # --- grpo (online RL against a server) ------------------------------------------------------
+    rollout_server: str | None = Field(
+        None,
+        description="grpo: host:port of the adapterserve server that samples the rollouts and takes the "
+        "weights after every step; None = a server started inside this process",
+    )
+    adapter_name: str | None = Field(
+        None, description="grpo: the adapter's name on the rollout server; None = the --out folder's name"
+    )
+    reward: tuple[str, ...] = Field(
+        ("exact",),
+        description="grpo: rewards, summed: exact, contains, regex, json-schema (they read the prompt "
+        "records' answer / pattern / schema field) or module:function",
+    )
+    num_generations: int = Field(4, ge=2, description="grpo: completions sampled per prompt (one group)")
+    max_new_tokens: int = Field(32, ge=1, description="grpo: tokens per completion at most")
+    temperature: float = Field(1.0, gt=0, description="grpo: sampling temperature of the rollouts")
+    grpo_beta: float = Field(0.0, ge=0, description="grpo: KL penalty towards the base (0 = none)")
+
     # --- convergence (early stopping on a validation loss) ---------------------------------------
     val_size: int = Field(
         0, ge=0, description="records held out of --data (seeded draw) for a validation loss; 0 = none"
@@ -158,6 +180,18 @@ class TrainSettings(BaseModel):
             )
         if self.stage == "dpo" and (self.val_size or self.early_stop_patience):
             raise ValueError("--stage dpo trains the planned steps (no --val-size / --early-stop-patience)")
+        if self.stage == "grpo" and self.method not in GRPO_METHODS:
+            raise ValueError(
+                f"--stage grpo --method {self.method}: the adapter is pushed into the server in place after "
+                f"every step; choose one of {', '.join(GRPO_METHODS)} (lora with --use-dora for DoRA)"
+            )
+        if self.stage == "grpo" and (self.batch_size * self.grad_accum) % self.num_generations:
+            raise ValueError(
+                f"--stage grpo: --batch-size x --grad-accum ({self.batch_size * self.grad_accum}) must be a "
+                f"multiple of --num-generations ({self.num_generations}): each step takes whole groups"
+            )
+        if self.stage == "grpo" and (self.val_size or self.early_stop_patience):
+            raise ValueError("--stage grpo trains the planned steps (no --val-size / --early-stop-patience)")
         if self.use_dora and self.method not in ("lora", "qlora"):
             raise ValueError("use_dora applies to --method lora and qlora only")
         if self.early_stop_patience is not None and (self.val_size == 0 or self.max_steps is None):

@@ -97,6 +97,10 @@ def train(
     base: a LoadedBase to train on (it is modified: adapters are injected, or for sft its weights
     trained); None loads `settings.base_model` as the method needs it.
     """
+    if settings.stage == "grpo":  # online RL against a server: its own pipeline (grpo_train.py)
+        from adapterserve.training.grpo_train import train_grpo
+
+        return train_grpo(settings, train_file, out_dir, eval_file=eval_file, base=base, overwrite=overwrite)
     out = Path(out_dir)
     check_out_dir(out, overwrite)
     if base is None:

@@ -240,9 +240,6 @@ def read_safetensors_checked(
     The file is read once (at most `max_bytes`); the header checks run on those bytes, and the same
     bytes are handed to safetensors, so nothing read is ever unchecked.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load as load_safetensors_bytes
-
     fd = _open_regular(path)
     try:
         size = os.fstat(fd).st_size
@@ -253,17 +250,29 @@ def read_safetensors_checked(
         os.close(fd)
     if len(data) != size:
         raise _reject(path.name, "changed size while it was read")
+    return load_safetensors_checked(data, where=path.name, max_header_bytes=max_header_bytes)
+
+
+def load_safetensors_checked(
+    data: bytes, *, where: str = "safetensors data", max_header_bytes: int = MAX_HEADER_BYTES
+) -> dict[str, Any]:
+    """Check and deserialize the bytes of a safetensors file held in memory (the same checks as
+    `read_safetensors_checked`, which reads a file and calls this): name -> CPU torch.Tensor."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_safetensors_bytes
+
+    size = len(data)
     reason = sniff_pickle(data[:64], data[-1:], size)
     if reason is not None:
-        raise _reject(path.name, f"holds {reason}; pickle is never loaded")
-    n = _header_length(data, size, path.name, max_header_bytes)
+        raise _reject(where, f"holds {reason}; pickle is never loaded")
+    n = _header_length(data, size, where, max_header_bytes)
     header = parse_safetensors_header(
-        data[8 : 8 + n], file_bytes=size, where=path.name, max_header_bytes=max_header_bytes
+        data[8 : 8 + n], file_bytes=size, where=where, max_header_bytes=max_header_bytes
     )
     try:
         tensors = load_safetensors_bytes(data)  # the library's format checks
     except SafetensorError as err:
-        raise _library_error(path.name, err) from None
+        raise _library_error(where, err) from None
     return {t.name: tensors[t.name] for t in header.tensors}
 
 

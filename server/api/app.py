@@ -60,6 +60,7 @@ _SECTION_FLAGS: dict[str, tuple[str, str]] = {
     "lora_backend": ("engine", "lora_backend"),
     "host_cache_bytes": ("cache", "host_cache_bytes"),
     "max_adapter_bytes": ("cache", "max_adapter_bytes"),
+    "persist_every": ("cache", "persist_every"),
     "max_prompt_tokens": ("limits", "max_prompt_tokens"),
     "max_new_tokens": ("limits", "max_new_tokens"),
     "max_stop_sequences": ("limits", "max_stop_sequences"),
@@ -171,6 +172,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "kv_block_size",
         "host_cache_bytes",
         "max_adapter_bytes",
+        "persist_every",
     ):
         eng.add_argument(flag_of(dest), dest=dest, type=int, metavar="N", help=section_flag_help(dest))
     for dest in ("kv_cache", "decode_step"):

@@ -11,8 +11,9 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from adapterserve.server.api.contracts import AdapterRecord, StoredFile, UploadResult
-from adapterserve.server.errors import ServeError
+from adapterserve.server.api.contracts import AdapterRecord, StoredFile, UpdateOutcome, UploadResult
+from adapterserve.server.errors import FailedPreconditionError, ServeError
+from adapterserve.server.store.live import LiveAdapters
 from adapterserve.server.store.manifest import Manifest
 from adapterserve.server.store.registry import AdapterRegistry
 from adapterserve.server.store.upload import UploadRequest
@@ -24,6 +25,8 @@ DeviceResident = Callable[[str, int], bool]
 # Pin a resolved adapter in a device slot (the engine's pin) / unpin (name, version).
 PinDevice = Callable[[Any], Awaitable[None]]
 UnpinDevice = Callable[[str, int], Awaitable[None]]
+# Write a resolved adapter version into a device slot now (the engine's preload); False if none was free.
+PreloadDevice = Callable[[Any], Awaitable[bool]]
 
 
 class StoreCatalog:
@@ -36,6 +39,8 @@ class StoreCatalog:
         pin_device: PinDevice | None = None,
         unpin_device: UnpinDevice | None = None,
         forget_device: UnpinDevice | None = None,
+        live: LiveAdapters | None = None,
+        preload_device: PreloadDevice | None = None,
     ) -> None:
         self.registry = registry
         self.store = registry.store
@@ -43,6 +48,8 @@ class StoreCatalog:
         self._pin_device = pin_device
         self._unpin_device = unpin_device
         self._forget_device = forget_device
+        self.live = live  # in-place updates (None: UpdateAdapter is refused)
+        self._preload_device = preload_device
 
     def record(self, manifest: Manifest) -> AdapterRecord:
         """The API view of a stored adapter, with its pin and cache tier now."""
@@ -61,16 +68,18 @@ class StoreCatalog:
             created_at=manifest.created_at,
             description=manifest.description,
             pinned=self.registry.is_pinned(manifest.name),
-            version=manifest.version,
+            version=self._served_version(manifest),
             cache_tier=tier,
             origin=manifest.origin,
         )
 
     async def upload(self, request: UploadRequest, files: AsyncIterator[tuple[str, bytes]]) -> UploadResult:
+        updated = self._updated_version(request.name)
         result = await self.registry.upload(request, files)
         name = request.name
         if result.replaced is not None:
             await self._forget(result.replaced)
+            await self._forget_updated(name, updated)
             if self.registry.is_pinned(name):  # the pin follows the name to its new version
                 await self.pin(name)
         return UploadResult(
@@ -82,10 +91,20 @@ class StoreCatalog:
     async def delete(self, name: str) -> AdapterRecord | None:
         before = self.store.current(name)
         record = self.record(before) if before is not None else None
+        updated = self._updated_version(name)
         await self.registry.delete(name)
         if before is not None:
             await self._forget(before)
+        await self._forget_updated(name, updated)
         return record
+
+    def _updated_version(self, name: str) -> int | None:
+        return self.live.live_version(name) if self.live is not None else None
+
+    async def _forget_updated(self, name: str, version: int | None) -> None:
+        """An in-place updated version superseded by an upload or a delete leaves its device slot."""
+        if version is not None and self._forget_device is not None:
+            await self._forget_device(name, version)
 
     async def _forget(self, manifest: Manifest) -> None:
         if self._forget_device is not None:
@@ -111,6 +130,8 @@ class StoreCatalog:
     async def pin(self, name: str) -> AdapterRecord:
         was_pinned = self.registry.is_pinned(name)
         resolved = await self.registry.pin(name)
+        if self.live is not None:  # an in-place updated version is what requests get
+            resolved = await self.live.get(name)
         if self._pin_device is not None:
             try:
                 await self._pin_device(resolved)
@@ -119,6 +140,35 @@ class StoreCatalog:
                     self.registry.unpin(name)  # all or nothing (an earlier pin stays recorded)
                 raise
         return self.record(self.store.manifest(name))
+
+    def _served_version(self, manifest: Manifest) -> int:
+        """The version requests get: an in-place update's when one is newer than the stored folder."""
+        live = self.live.live_version(manifest.name) if self.live is not None else None
+        return manifest.version if live is None else live
+
+    async def update(self, name: str, tensors: dict[str, Any], *, persist: bool = False) -> UpdateOutcome:
+        """Replace `name`'s weights in place (live.py), then put the new version in a device slot (pinned
+        when the name is) and free the old version's slot once no running request holds it."""
+        if self.live is None:
+            raise FailedPreconditionError("in-place adapter updates are not enabled on this server")
+        result = await self.live.update(name, tensors, persist=persist)
+        resolved = result.resolved
+        resident = False
+        if self.registry.is_pinned(name) and self._pin_device is not None:
+            await self._pin_device(resolved)
+            resident = True
+        elif self._preload_device is not None:
+            resident = await self._preload_device(resolved)
+        if self._forget_device is not None and result.previous_version != resolved.version:
+            await self._forget_device(name, result.previous_version)
+        return UpdateOutcome(
+            name=name,
+            version=resolved.version,
+            previous_version=result.previous_version,
+            persisted_version=result.persisted_version,
+            persisted=result.persisted,
+            resident=resident,
+        )
 
     async def refresh(self, name: str) -> tuple[AdapterRecord, bool]:
         """Ask a fetched adapter's source again; a new version replaces it everywhere (the pin follows)."""
@@ -134,5 +184,5 @@ class StoreCatalog:
         self.registry.unpin(name)
         manifest = self.store.manifest(name)
         if self._unpin_device is not None:
-            await self._unpin_device(manifest.name, manifest.version)
+            await self._unpin_device(manifest.name, self._served_version(manifest))
         return self.record(manifest)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from adapterserve.server.adapters.types import AdapterInfo
 from adapterserve.server.engine.types import GenerationRequest, TokenEvent
@@ -73,6 +73,18 @@ class UploadResult:
     received_bytes: int
 
 
+@dataclass(frozen=True)
+class UpdateOutcome:
+    """The outcome of an in-place weight update."""
+
+    name: str
+    version: int  # the version requests resolve the name to from now on
+    previous_version: int
+    persisted_version: int  # the newest version written to the store (0: none since updates began)
+    persisted: bool  # whether this update wrote it
+    resident: bool  # whether the new version already sits in a device slot
+
+
 class AdapterCatalog(Protocol):
     """The adapter store as the Admin servicer sees it. Every method raises ServeError subclasses."""
 
@@ -93,6 +105,9 @@ class AdapterCatalog(Protocol):
     async def pin(self, name: str) -> AdapterRecord: ...
 
     async def unpin(self, name: str) -> AdapterRecord: ...
+
+    async def update(self, name: str, tensors: dict[str, Any], *, persist: bool = False) -> UpdateOutcome:
+        """Replace a stored adapter's weights in place (same names and shapes) as a new version."""
 
     async def refresh(self, name: str) -> tuple[AdapterRecord, bool]:
         """Ask a fetched adapter's source again; (the adapter now, whether a new version was stored)."""

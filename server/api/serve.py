@@ -133,6 +133,7 @@ class ServeApp:
         if s.http_port is None:
             return None
         try:
+            from adapterserve.server.api.http.admin import AdminHttp
             from adapterserve.server.api.http.app import build_http_app
             from adapterserve.server.api.http.server import HttpServer
             from adapterserve.server.api.http.service import OpenAIService
@@ -141,7 +142,8 @@ class ServeApp:
                 f"HTTP needs the [http] extra (pip install 'adapterserve[http]'), or pass --no-http: {exc}"
             ) from None
         service = OpenAIService(self.runtime, s.limits, self.metrics, self.lifecycle, s.served_model_name)
-        app = build_http_app(service, self.policy(), self.metrics, self.lifecycle)
+        admin = AdminHttp(self.runtime, s.limits, self.lifecycle)
+        app = build_http_app(service, self.policy(), self.metrics, self.lifecycle, admin)
         self._http = HttpServer(app, s.host, s.http_port, shutdown_grace_s=FINAL_STOP_GRACE_S, tls=s.tls)
         return await self._http.start()
 

@@ -90,6 +90,7 @@ class GenerationSession:
         self.first_token_at: float | None = None
         self.queue_wait_s: float | None = None  # the engine's figure (TokenEvent.queue_wait_s), first prompt
         self.generated_tokens = 0  # tokens of every choice of every prompt
+        self.adapter_version = 0  # the adapter version serving the call (0: the base), once submitted
         self.finish_reason: FinishReason | None = None  # set once every choice has ended
         self.status: str | None = None  # the final status code name, once the call is over
         self._prompt_tokens: list[int] = []  # per request
@@ -193,6 +194,8 @@ class GenerationSession:
                         handles = [await runtime.engine.submit(requests[0])]
                     else:
                         handles = list(await runtime.engine.submit_batch([requests[i] for i in queued]))
+                    # one adapter per call: its version serves every prompt (0: the base)
+                    self.adapter_version = getattr(handles[0], "adapter_version", 0)
                     uncut = shared.lifecycle.on_cut(lambda: self._end_for_drain(handles))
                     label = labels.grant(requests[0].adapter)
                 for position, answer in enumerate(answers):

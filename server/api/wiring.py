@@ -146,10 +146,11 @@ def source_fetcher(store: Any, settings: ServerSettings) -> Any:
 
 async def start_runtime(settings: ServerSettings) -> StartedRuntime:
     """Load the base, open the store, add demo adapters if asked, start and warm the engine."""
-    from adapterserve.server.adapters.loader import load_adapter_dir
+    from adapterserve.server.adapters.loader import build_adapter, load_adapter_dir
     from adapterserve.server.cpu.omp_pools import run_releasing_pool
     from adapterserve.server.engine.engine import Engine
     from adapterserve.server.model.loading import load_base_model
+    from adapterserve.server.store.live import LiveAdapters
     from adapterserve.server.store.registry import AdapterRegistry
     from adapterserve.server.store.store import AdapterStore
     from adapterserve.server.store.upload import UploadRequest
@@ -184,7 +185,9 @@ async def start_runtime(settings: ServerSettings) -> StartedRuntime:
 
         await run_releasing_pool(ensure_demo_adapters, base, put, set(store.names()))
     registry = AdapterRegistry(store, settings.cache, sources=source_fetcher(store, settings))
-    engine = Engine(base, registry, settings.engine, cpu=cpu_plan(settings, base.device.type))
+    build = functools.partial(build_adapter, spec=base.spec, settings=settings.engine)
+    live = LiveAdapters(registry, build, persist_every=settings.cache.persist_every)
+    engine = Engine(base, live, settings.engine, cpu=cpu_plan(settings, base.device.type))
     await engine.start()
     try:
         await warm_up(engine, base.tokenizer)
@@ -198,6 +201,8 @@ async def start_runtime(settings: ServerSettings) -> StartedRuntime:
         pin_device=engine.pin,
         unpin_device=engine.unpin,
         forget_device=engine.forget,
+        live=live,
+        preload_device=engine.preload,
     )
     restored = await catalog.restore_pins()
     if restored:

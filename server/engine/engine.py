@@ -16,6 +16,7 @@ import threading
 import uuid
 from collections.abc import AsyncIterator
 
+from adapterserve.server.adapters.kind import HookSite
 from adapterserve.server.cpu.canary import CpuCanary
 from adapterserve.server.cpu.governor import CpuGovernor, MeteredWork, ProcCounters
 from adapterserve.server.cpu.idle_memory import IdleTrim
@@ -63,10 +64,12 @@ def _deliver(batch: list[tuple[RequestHandle, TokenEvent]]) -> None:
 
 class RequestHandle:
     """One submitted request: `async for event in handle` until the event with a finish_reason (with
-    n choices: until each choice's final event)."""
+    n choices: until each choice's final event). `adapter_version`: the version of the adapter that
+    serves every token of it (0: the base model)."""
 
-    def __init__(self, engine: Engine, request_id: str, choices: int = 1):
+    def __init__(self, engine: Engine, request_id: str, choices: int = 1, adapter_version: int = 0):
         self.request_id = request_id
+        self.adapter_version = adapter_version
         self._engine = engine
         self._queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
         self._done = False
@@ -138,7 +141,8 @@ class Engine:
         if not request.request_id:
             request = dataclasses.replace(request, request_id=uuid.uuid4().hex)
         resolved = await self.adapters.get(request.adapter) if request.adapter else None
-        handle = RequestHandle(self, request.request_id, choices=request.n)
+        version = resolved.version if resolved is not None else 0
+        handle = RequestHandle(self, request.request_id, choices=request.n, adapter_version=version)
         relay = self._relay
         if request.structured is not None:  # compile the grammar (or find it cached) off the event loop
             await asyncio.to_thread(self.core.grammars.cache.template, request.structured)
@@ -165,9 +169,11 @@ class Engine:
         handles: list[RequestHandle] = []
         seqs = []
         for request in requests:
-            handle = RequestHandle(self, request.request_id, choices=request.n)
+            adapter = resolved.get(request.adapter or "")
+            version = adapter.version if adapter is not None else 0
+            handle = RequestHandle(self, request.request_id, choices=request.n, adapter_version=version)
             emit = functools.partial(relay.emit, handle)
-            seqs.append(self.core.new_sequence(request, resolved.get(request.adapter or ""), emit))
+            seqs.append(self.core.new_sequence(request, adapter, emit))
             handles.append(handle)
         self.core.add_all(seqs)
         self._wake.set()
@@ -186,6 +192,23 @@ class Engine:
         future = self.core.call_on_engine_thread(lambda: self.core.pin_adapter(resolved))
         self._wake.set()
         await asyncio.wrap_future(future)
+
+    async def preload(self, resolved: ResolvedAdapter) -> bool:
+        """Write an adapter version into a device slot between two steps, so that its first request finds
+        it resident (an in-place update). False when every slot is held by running requests or pins (the
+        first request loads it then); True also for prompt-tuning adapters, which need no slot."""
+
+        def load() -> bool:
+            if resolved.adapter.handler.hook == HookSite.PROMPT:
+                return True
+            if self.core.bank.acquire(resolved.key, resolved.adapter) is None:
+                return False
+            self.core.bank.release(resolved.key)
+            return True
+
+        future = self.core.call_on_engine_thread(load)
+        self._wake.set()
+        return bool(await asyncio.wrap_future(future))
 
     async def forget(self, name: str, version: int) -> None:
         """An adapter version was replaced or deleted: unpin its device slot and free it now unless a

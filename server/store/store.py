@@ -167,6 +167,18 @@ class AdapterStore:
         """Re-hash a served adapter's files against its manifest (AdapterValidationError on mismatch)."""
         return self._index.verify(name)
 
+    def next_version(self, name: str) -> int:
+        """The version the next new content of `name` gets: above any it ever had (lookup.py)."""
+        with self._index.mutating:
+            return self._index.next_version(name)
+
+    def reserve_versions(self, name: str, through: int) -> None:
+        """Record on disk that versions of `name` up to `through` are issued (versions.py), so no later
+        upload, in this process or after a restart, reuses one (in-place updates reserve blocks)."""
+        validate_name(name)
+        with self._index.mutating:
+            raise_record(self.root, name, through)
+
     # ------------------------------------------------------------------ pins (layout.py)
     def pinned_names(self) -> list[str]:
         """Names pinned by the admin API (persisted in PINS_FILE), that are still stored."""

@@ -32,6 +32,7 @@ from adapterserve.server.cpu.omp_pools import run_releasing_pool
 from adapterserve.server.errors import (
     AdapterValidationError,
     AlreadyExistsError,
+    FailedPreconditionError,
     InvalidArgumentError,
     ResourceExhaustedError,
 )
@@ -95,10 +96,15 @@ class UploadRequest:
     description: str = ""
     base_fingerprint: str | None = None
     max_bytes: int | None = None
+    # None: the next version of the name. Set: publish under this version, which must be above the served
+    # one (an in-place updated adapter written to disk keeps the version its responses reported; live.py)
+    version: int | None = None
     origin: Origin | None = None
 
     def __post_init__(self) -> None:
         validate_name(self.name)
+        if self.version is not None and (not isinstance(self.version, int) or self.version < 1):
+            raise InvalidArgumentError("version must be a positive integer")
         if not isinstance(self.description, str) or len(self.description) > MAX_DESCRIPTION_CHARS:
             raise InvalidArgumentError(
                 f"description must be a string of at most {MAX_DESCRIPTION_CHARS} characters"
@@ -301,9 +307,14 @@ def publish_upload(
         exists = os.path.lexists(root / name)
         if exists and not session.request.overwrite:
             raise AlreadyExistsError(f"adapter {name!r} already exists (upload with overwrite to replace it)")
+        version = session.request.version or index.next_version(name)
+        if version <= (old.version if old else 0):
+            raise FailedPreconditionError(
+                f"adapter {name!r} is served at version {old.version if old else 0}; cannot store version {version}"
+            )
         manifest = Manifest.build(
             name=name,
-            version=index.next_version(name),
+            version=version,
             uid=uuid.uuid4().hex,
             info=validated.info,
             files=files,

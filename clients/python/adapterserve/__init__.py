@@ -52,6 +52,7 @@ from adapterserve.models import (
     StreamChunk,
     Timings,
     TokenLogprob,
+    UpdateResult,
     UploadResult,
 )
 from adapterserve.retry import RetryPolicy
@@ -99,6 +100,7 @@ __all__ = [
     "Unimplemented",
     "UnknownError",
     "UploadProgress",
+    "UpdateResult",
     "UploadResult",
     "__version__",
 ]

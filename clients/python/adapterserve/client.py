@@ -15,7 +15,7 @@ reply reads is shared with `AsyncClient` (convert.py, base.py); this module perf
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -33,10 +33,12 @@ from adapterserve.models import (
     ScoreResult,
     ServerInfo,
     StreamChunk,
+    UpdateResult,
     UploadResult,
 )
 from adapterserve.names import check_adapter_name, name_taken
 from adapterserve.retry import Attempts, call_with_retry
+from adapterserve.updates import encode_tensors, update_messages, update_result_from_proto
 from adapterserve.upload import ProgressCallback, choose_chunk_bytes, collect_adapter_files
 
 T = TypeVar("T")
@@ -223,6 +225,31 @@ class Client(ClientBase):
                 if wait is None:
                     raise
             time.sleep(wait)
+
+    def update_adapter(
+        self,
+        name: str,
+        tensors: Mapping[str, Any],
+        *,
+        persist: bool = False,
+        chunk_bytes: int | None = None,
+        timeout: float | None = None,
+    ) -> UpdateResult:
+        """Replace the weights of stored adapter `name` in place with `tensors` (its state dict as PEFT
+        saves it: every tensor, same names and shapes; torch tensors or numpy arrays of a float dtype).
+
+        The reply's `version` is what requests get from now on (their results carry `adapter_version`);
+        requests already running finish on their version. `persist` writes it to the server's store now.
+        Never retried (each update is a new version)."""
+        check_adapter_name(name)
+        encoded = encode_tensors(tensors)
+        if chunk_bytes is None:
+            chunk_bytes = choose_chunk_bytes(None, self._server_chunk_limit())
+        messages = update_messages(name, encoded, persist=persist, chunk_bytes=chunk_bytes)
+        meta = self.connection.admin_metadata()
+        deadline = self._timeout(timeout)
+        reply = _rpc(lambda: self._admin.UpdateAdapter(messages, timeout=deadline, metadata=meta))
+        return update_result_from_proto(reply)
 
     def list_adapters(
         self, *, name_prefix: str = "", page_size: int = 0, timeout: float | None = None

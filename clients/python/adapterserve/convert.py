@@ -419,6 +419,7 @@ def result_from_proto(message: generation_pb2.GenerateResponse) -> GenerateResul
         generated_tokens=message.generated_tokens,
         timings=_timings(message.timing),
         adapter=message.adapter,
+        adapter_version=message.adapter_version,
     )
 
 
@@ -436,6 +437,7 @@ def chunk_from_proto(message: generation_pb2.GenerateStreamResponse, index: int)
         choice=message.index,
         logprobs=logprobs_from_proto(message.logprobs),
         prompt_logprobs=logprobs_from_proto(message.prompt_logprobs),
+        adapter_version=message.adapter_version,
     )
 
 

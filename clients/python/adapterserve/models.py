@@ -95,6 +95,7 @@ class GenerateResult(_Frozen):
     logprobs: list[TokenLogprob] = Field(default_factory=list)  # logprobs=k: one per token_ids entry
     prompt_logprobs: list[TokenLogprob] = Field(default_factory=list)  # prompt tokens after the first
     choices: list[Choice] = Field(default_factory=list)  # n > 1: every choice (the fields above: choice 0)
+    adapter_version: int = 0  # the adapter version that produced every token (0 = the base model)
 
     @classmethod
     def from_chunks(cls, chunks: Iterable[StreamChunk], adapter: str = "") -> GenerateResult:
@@ -115,6 +116,7 @@ class GenerateResult(_Frozen):
             generated_tokens=last.generated_tokens,
             timings=last.timings or Timings(),
             adapter=adapter,
+            adapter_version=last.adapter_version,
         )
 
 
@@ -157,6 +159,7 @@ class StreamChunk(_Frozen):
     choice: int = 0  # n > 1: the choice this chunk belongs to (each choice has its own last chunk)
     logprobs: list[TokenLogprob] = Field(default_factory=list)  # logprobs=k: one per token_ids entry
     prompt_logprobs: list[TokenLogprob] = Field(default_factory=list)  # on each choice's first chunk
+    adapter_version: int = 0  # the adapter version that produces the stream (0 = the base model)
 
     @property
     def is_last(self) -> bool:
@@ -215,6 +218,18 @@ class UploadResult(_Frozen):
 
     adapter: AdapterInfo
     replaced: bool  # an existing adapter of that name was replaced
+    received_bytes: int
+
+
+class UpdateResult(_Frozen):
+    """The outcome of an in-place weight update (`Client.update_adapter`)."""
+
+    name: str
+    version: int  # requests resolve the name to this version from now on
+    previous_version: int
+    persisted_version: int  # the newest version written to the server's store (0: none yet)
+    persisted: bool  # this update was written to the store
+    resident: bool  # the new version already sits in a device slot
     received_bytes: int
 
 

@@ -1,4 +1,4 @@
-"""The Admin service: upload (client stream), delete, list (paged), get, pin, unpin.
+"""The Admin service: upload (client stream), delete, list (paged), get, pin, unpin, in-place update.
 
 Auth is checked before these methods run (gate.GateInterceptor). The upload stream is checked here
 message by message (header first, chunk size, total size, file names) and handed to the catalog as
@@ -16,6 +16,7 @@ import grpc
 from adapterserve.server.api.contracts import AdapterRecord
 from adapterserve.server.api.grpc.convert import adapter_to_proto
 from adapterserve.server.api.grpc.errors import map_errors, status_of
+from adapterserve.server.api.grpc.updates import read_update_tensors
 from adapterserve.server.api.lifecycle import Lifecycle
 from adapterserve.server.api.metrics import ServerMetrics
 from adapterserve.server.api.runtime import RuntimeRef
@@ -194,6 +195,32 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         async with self._lifecycle.call():
             return admin_pb2.UnpinAdapterResponse(
                 adapter=adapter_to_proto(await self._runtime.get().catalog.unpin(request.name))
+            )
+
+    @map_errors
+    async def UpdateAdapter(
+        self,
+        request_iterator: AsyncIterator[admin_pb2.UpdateAdapterRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> admin_pb2.UpdateAdapterResponse:
+        async with self._lifecycle.call():
+            stream = aiter(request_iterator)
+            first = await anext(stream, None)
+            if first is None or first.WhichOneof("payload") != "header":
+                raise InvalidArgumentError("header: the first message of an update must be a header")
+            header = first.header
+            received = await read_update_tensors(stream, self._limits)
+            outcome = await self._runtime.get().catalog.update(
+                header.name, received.tensors, persist=header.persist
+            )
+            return admin_pb2.UpdateAdapterResponse(
+                name=outcome.name,
+                version=outcome.version,
+                previous_version=outcome.previous_version,
+                persisted_version=outcome.persisted_version,
+                persisted=outcome.persisted,
+                resident=outcome.resident,
+                received_bytes=received.received_bytes,
             )
 
     @map_errors

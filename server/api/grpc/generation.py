@@ -102,7 +102,11 @@ class _Result:
         return generation_pb2.Timing(time_to_first_token_s=first - started, total_s=end - started)
 
     def response(
-        self, request: GenerationRequest, prompt_tokens: int, timing: generation_pb2.Timing
+        self,
+        request: GenerationRequest,
+        prompt_tokens: int,
+        timing: generation_pb2.Timing,
+        adapter_version: int,
     ) -> generation_pb2.GenerateResponse:
         first = self.choices[0]
         return generation_pb2.GenerateResponse(
@@ -117,6 +121,7 @@ class _Result:
             logprobs=first.logprobs,
             prompt_logprobs=logprobs_to_proto(self.prompt_logprobs),
             choices=[self.choices[i] for i in sorted(self.choices)] if len(self.choices) > 1 else [],
+            adapter_version=adapter_version,
         )
 
 
@@ -149,7 +154,9 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 result.add(event, event.index)
         if session.request is None or session.finish_reason is None:  # the session raises before this
             raise ServeError("generation ended without a result")
-        return result.response(session.request, session.prompt_tokens, _timing(session))
+        return result.response(
+            session.request, session.prompt_tokens, _timing(session), session.adapter_version
+        )
 
     @map_errors
     async def GenerateBatch(
@@ -174,7 +181,10 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
         return generation_pb2.GenerateBatchResponse(
             responses=[
                 results[i].response(
-                    engine_request, session.prompt_tokens_of(i), results[i].timing(session.started)
+                    engine_request,
+                    session.prompt_tokens_of(i),
+                    results[i].timing(session.started),
+                    session.adapter_version,
                 )
                 for i, engine_request in enumerate(session.requests)
             ],
@@ -194,6 +204,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 engine_request = session.request
                 assert engine_request is not None  # built before the first event
                 message = _stream_message(engine_request.request_id, event, event.index)
+                message.adapter_version = session.adapter_version
                 if event.finish_reason is not None:
                     message.prompt_tokens = session.prompt_tokens
                     message.timing.CopyFrom(_timing(session))
@@ -216,6 +227,7 @@ class GenerationServicer(generation_pb2_grpc.GenerationServicer):
                 if event.token_ids and result.first_token_at is None:
                     result.first_token_at = time.monotonic()
                 message = _stream_message(session.requests[position].request_id, event, choice)
+                message.adapter_version = session.adapter_version
                 if event.finish_reason is not None:
                     message.prompt_tokens = session.prompt_tokens_of(position)
                     message.timing.CopyFrom(result.timing(session.started))

@@ -4,6 +4,7 @@
     POST /v1/completions         `stream: true` answers with server-sent events
     POST /v1/chat/completions    likewise
     GET  /health                 200 while serving, 503 while starting or draining
+    POST /v1/adapters/{name}/weights   in-place weight update (admin token; body: safetensors)
 
 The routes only move bytes; OpenAIService (service.py) does the protocol.
 """
@@ -21,6 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapterserve.server.api.auth import ADMIN_PREFIX, AuthPolicy
+from adapterserve.server.api.http.admin import AdminHttp, admin_refusal
 from adapterserve.server.api.http.errors import OpenAIError
 from adapterserve.server.api.http.service import CHAT, COMPLETIONS, PROTOCOL, OpenAIService, bearer_refusal
 from adapterserve.server.api.lifecycle import Lifecycle
@@ -68,7 +70,11 @@ async def until_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> 
 
 
 def build_http_app(
-    service: OpenAIService, policy: AuthPolicy, metrics: ServerMetrics, lifecycle: Lifecycle
+    service: OpenAIService,
+    policy: AuthPolicy,
+    metrics: ServerMetrics,
+    lifecycle: Lifecycle,
+    admin: AdminHttp | None = None,
 ) -> FastAPI:
     """The ASGI app for `adapterserve serve --http-port`."""
     app = FastAPI(
@@ -137,5 +143,15 @@ def build_http_app(
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
         return await generate(request, CHAT)
+
+    if admin is not None:
+
+        @app.post("/v1/adapters/{name}/weights")
+        async def update_weights(request: Request, name: str, persist: bool = False) -> JSONResponse:
+            refusal = admin_refusal(policy, request.headers.get("authorization"))
+            if refusal is not None:
+                raise refusal
+            admin.check_length(request.headers.get("content-length"))  # before reading the body
+            return JSONResponse(await admin.update_weights(name, await request.body(), persist=persist))
 
     return app

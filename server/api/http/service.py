@@ -423,6 +423,7 @@ class OpenAIService:
             "model": req.model,
             "choices": choices,
             "usage": run.usage(),
+            "adapter_version": run.session.adapter_version,
         }
 
     def _chat_logprobs(self, req: ChatCompletionRequest, entries: list) -> dict[str, Any] | None:
@@ -450,6 +451,7 @@ class OpenAIService:
                 for state in states
             ],
             "usage": run.usage(),
+            "adapter_version": run.session.adapter_version,
         }
 
     def is_streaming(self, body: Any) -> bool:
@@ -473,6 +475,7 @@ class OpenAIService:
                 "created": run.created,
                 "model": req.model,
                 "choices": [] if choice is None else [choice],
+                "adapter_version": run.session.adapter_version,
             }
             if usage is not None:
                 frame["usage"] = usage

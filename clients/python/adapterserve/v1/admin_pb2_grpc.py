@@ -65,6 +65,11 @@ class AdminStub:
                 request_serializer=adapterserve_dot_v1_dot_admin__pb2.UnpinAdapterRequest.SerializeToString,
                 response_deserializer=adapterserve_dot_v1_dot_admin__pb2.UnpinAdapterResponse.FromString,
                 _registered_method=True)
+        self.UpdateAdapter = channel.stream_unary(
+                '/adapterserve.v1.Admin/UpdateAdapter',
+                request_serializer=adapterserve_dot_v1_dot_admin__pb2.UpdateAdapterRequest.SerializeToString,
+                response_deserializer=adapterserve_dot_v1_dot_admin__pb2.UpdateAdapterResponse.FromString,
+                _registered_method=True)
         self.RefreshAdapter = channel.unary_unary(
                 '/adapterserve.v1.Admin/RefreshAdapter',
                 request_serializer=adapterserve_dot_v1_dot_admin__pb2.RefreshAdapterRequest.SerializeToString,
@@ -120,6 +125,17 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateAdapter(self, request_iterator, context):
+        """Replace a stored adapter's weights in place, from a client stream: the first message is an
+        UpdateHeader, every later one a TensorChunk. The config stays the stored one; every tensor of the
+        adapter must come, with its stored name and shape, a float dtype and finite values (else
+        INVALID_ARGUMENT, and nothing changes). The update is a new version of the name: requests submitted
+        after the reply use it, requests already running finish every token on the version they started with.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RefreshAdapter(self, request, context):
         """Ask a fetched adapter's source again (--adapter-source): a new ETag or revision is fetched,
         validated and swapped in atomically; requests running with the old version finish on it.
@@ -161,6 +177,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.UnpinAdapter,
                     request_deserializer=adapterserve_dot_v1_dot_admin__pb2.UnpinAdapterRequest.FromString,
                     response_serializer=adapterserve_dot_v1_dot_admin__pb2.UnpinAdapterResponse.SerializeToString,
+            ),
+            'UpdateAdapter': grpc.stream_unary_rpc_method_handler(
+                    servicer.UpdateAdapter,
+                    request_deserializer=adapterserve_dot_v1_dot_admin__pb2.UpdateAdapterRequest.FromString,
+                    response_serializer=adapterserve_dot_v1_dot_admin__pb2.UpdateAdapterResponse.SerializeToString,
             ),
             'RefreshAdapter': grpc.unary_unary_rpc_method_handler(
                     servicer.RefreshAdapter,
@@ -331,6 +352,33 @@ class Admin:
             '/adapterserve.v1.Admin/UnpinAdapter',
             adapterserve_dot_v1_dot_admin__pb2.UnpinAdapterRequest.SerializeToString,
             adapterserve_dot_v1_dot_admin__pb2.UnpinAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateAdapter(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/adapterserve.v1.Admin/UpdateAdapter',
+            adapterserve_dot_v1_dot_admin__pb2.UpdateAdapterRequest.SerializeToString,
+            adapterserve_dot_v1_dot_admin__pb2.UpdateAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,
