@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tests.helpers.server_process import free_port
 
-# rclone refuses short access keys; these have the lengths of real AWS keys (FINDINGS: 19+ characters).
+# rclone refuses short access keys; these have the lengths of real AWS keys (19+ characters).
 ACCESS_KEY = "AKIAADAPTERSERVETEST"
 SECRET_KEY = "adapterserve/test/secret/key/0123456789ab"
 
