@@ -94,7 +94,7 @@ def test_generation_scoring_and_choices_match_prefill_inline(tiny_model_dir):
 def test_a_request_cancelled_while_its_prefill_runs_keeps_its_blocks_until_the_job_is_booked(tiny_model_dir):
     engine = _engine(tiny_model_dir, 1)
     core = engine.core
-    free_before = len(core.cache._free)
+    free_before = core.cache.free_blocks
     entered, release = _gate_prefill(engine)
     sink: list = []
     seq = engine.submit(engine.request(PROMPTS[0], max_new_tokens=4, ignore_eos=True), sink)
@@ -103,12 +103,12 @@ def test_a_request_cancelled_while_its_prefill_runs_keeps_its_blocks_until_the_j
     core.cancel(seq.request.request_id)
     core.step()  # cancelled while in flight: finished, but its row and blocks stay, no event yet
     assert seq.finished and seq in core.running and not sink
-    assert len(core.cache._free) < free_before
+    assert core.cache.free_blocks < free_before
     release.set()
     while core.has_work():
         core.step()
     assert [e.finish_reason for e in sink] == [FinishReason.CANCELLED]
-    assert len(core.cache._free) == free_before and not core.running
+    assert core.cache.free_blocks == free_before and not core.running
     core.stop_prefill_workers()
 
 
