@@ -17,7 +17,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from adapterserve.training.data import file_sha256
 from adapterserve.training.grpo import (
     adapter_state,
     check_served,
@@ -29,13 +28,11 @@ from adapterserve.training.grpo import (
 from adapterserve.training.local_server import LocalServer
 from adapterserve.training.loop import planned_steps
 from adapterserve.training.memory import PeakMemoryMeter
-from adapterserve.training.methods import PEFT_TYPES, count_parameters, prepare_trainable_model
+from adapterserve.training.methods import count_parameters, prepare_trainable_model
 from adapterserve.training.output import (
     TrainManifest,
     check_out_dir,
-    directory_bytes,
     save_adapter,
-    stored_parameters,
     write_manifest,
 )
 from adapterserve.training.rewards import load_rewards
@@ -57,7 +54,7 @@ def train_grpo(
     """Run GRPO as the module doc says; returns a train.TrainResult."""
     from transformers import set_seed
 
-    from adapterserve.training.train import TrainResult, _versions, load_base_for
+    from adapterserve.training.train import TrainResult, load_base_for, manifest_fields
 
     out = Path(out_dir)
     check_out_dir(out, overwrite)
@@ -134,33 +131,10 @@ def train_grpo(
     save_adapter(model, out, base_label=base.source)
     manifest = TrainManifest(
         format="peft-adapter",
-        stage=settings.stage,
-        method=settings.method,
-        peft_type=PEFT_TYPES[settings.method],
-        base_model=base.source,
-        base_fingerprint=base.fingerprint,
-        base_quantize=base.quantize,
-        trainable_parameters=params.trainable,
-        total_parameters=params.total,
-        trainable_percent=round(params.percent, 6),
-        stored_parameters=stored_parameters(out),
-        bytes_on_disk=directory_bytes(out),
-        train_data=str(train_file),
-        train_data_sha256=file_sha256(train_file),
-        train_examples=len(records),
-        eval_data=str(eval_file) if eval_file is not None else None,
-        eval_data_sha256=file_sha256(eval_file) if eval_file is not None else None,
-        steps=loop.steps,
-        epochs=round(loop.epochs, 4),
-        train_seconds=round(loop.seconds, 2),
-        final_loss=loop.final_loss,
-        mean_train_loss=loop.train_loss,
-        stop_reason=loop.stop_reason,
+        **manifest_fields(settings, base, params, out, train_file, eval_file, len(records), loop),
         peak_memory_bytes=peak.bytes if peak else None,
         peak_memory_measure=peak.measure if peak else None,
         grpo=report,
-        settings=settings.model_dump(mode="json"),
-        versions=_versions(),
     )
     path = write_manifest(manifest, out)
     log.info("wrote %s and %s", out, path)

@@ -62,6 +62,39 @@ def load_base_for(settings: TrainSettings) -> Any:
     return base
 
 
+def manifest_fields(
+    settings, base, params, out: Path, train_file: Path, eval_file: Path | None, examples: int, loop
+) -> dict[str, Any]:
+    """The TrainManifest fields every stage writes the same way: what was trained on which base, the
+    output's size, the data's files and digests, the loop's figures, the settings and versions."""
+    return dict(
+        stage=settings.stage,
+        method=settings.method,
+        peft_type=PEFT_TYPES[settings.method],
+        base_model=base.source,
+        base_fingerprint=base.fingerprint,
+        base_quantize=base.quantize,
+        trainable_parameters=params.trainable,
+        total_parameters=params.total,
+        trainable_percent=round(params.percent, 6),
+        stored_parameters=stored_parameters(out),
+        bytes_on_disk=directory_bytes(out),
+        train_data=str(train_file),
+        train_data_sha256=file_sha256(train_file),
+        train_examples=examples,
+        eval_data=str(eval_file) if eval_file is not None else None,
+        eval_data_sha256=file_sha256(eval_file) if eval_file is not None else None,
+        steps=loop.steps,
+        epochs=round(loop.epochs, 4),
+        train_seconds=round(loop.seconds, 2),
+        final_loss=loop.final_loss,
+        mean_train_loss=loop.train_loss,
+        stop_reason=loop.stop_reason,
+        settings=settings.model_dump(mode="json"),
+        versions=_versions(),
+    )
+
+
 def _versions() -> dict[str, str]:
     import importlib.metadata as md
 
@@ -174,35 +207,12 @@ def train(
 
     manifest = TrainManifest(
         format="full-model" if settings.method == "sft" else "peft-adapter",
-        stage=settings.stage,
-        method=settings.method,
-        peft_type=PEFT_TYPES[settings.method],
-        base_model=base.source,
-        base_fingerprint=base.fingerprint,
-        base_quantize=base.quantize,
-        trainable_parameters=params.trainable,
-        total_parameters=params.total,
-        trainable_percent=round(params.percent, 6),
-        stored_parameters=stored_parameters(out),
-        bytes_on_disk=directory_bytes(out),
-        train_data=str(train_file),
-        train_data_sha256=file_sha256(train_file),
-        train_examples=len(data),
-        eval_data=str(eval_file) if eval_file is not None else None,
-        eval_data_sha256=file_sha256(eval_file) if eval_file is not None else None,
-        steps=loop.steps,
-        epochs=round(loop.epochs, 4),
-        train_seconds=round(loop.seconds, 2),
-        final_loss=loop.final_loss,
-        mean_train_loss=loop.train_loss,
-        stop_reason=loop.stop_reason,
+        **manifest_fields(settings, base, params, out, train_file, eval_file, len(data), loop),
         val_examples=len(data.validation) if data.validation is not None else 0,
         val_losses=loop.val_losses or None,
         peak_memory_bytes=peak.bytes if peak else None,
         peak_memory_measure=peak.measure if peak else None,
         **eval_fields,
-        settings=settings.model_dump(mode="json"),
-        versions=_versions(),
     )
     path = write_manifest(manifest, out)
     log.info("wrote %s (%d bytes) and %s", out, manifest.bytes_on_disk, path)
