@@ -10,11 +10,11 @@ priority: 4.2-4.4 s, 8.6-9.4 s and 3.4-3.7 s. Independent forwards on threads of
 their own never wait for each other, so they use whatever CPU time the scheduler gives them.
 
 How: `count` daemon threads, each with one intra-op thread, take jobs (a prefill chunk's forward,
-prepared by prefill_phase.launch) from a queue; torch releases the GIL inside its ops, so they run
-beside the engine thread's decode step. A job touches only its own rows: their KV blocks (through a copy
-of their block-table rows, so the engine thread may renumber rows meanwhile), their inputs and, for
-scoring rows, their score lists; the engine thread books the result (first tokens, promotion to the
-decoding rows) once the job is done (core.EngineCore.step).
+planned by engine/scheduler.py, submitted by engine/step_runner.py) from a queue; torch releases the GIL
+inside its ops, so they run beside the engine thread's decode step. A job touches only its own rows:
+their KV blocks (through a copy of their block-table rows, so the engine thread may renumber rows
+meanwhile), their inputs and, for scoring rows, their score lists; the engine thread books the result
+(first tokens, promotion to the decoding rows) once the job is done (engine/booking.py).
 """
 
 from __future__ import annotations

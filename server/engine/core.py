@@ -1,30 +1,22 @@
 """The engine core: continuous batching over one base model with per-row adapters (synchronous).
 
-Rows: decoding rows first (0..num_decoding-1), then rows still prefilling. One `step()`:
-  1. run control calls (pins) and reap cancelled requests (their rows and slots are freed);
-  2. admit waiting requests into free rows (bounded by the batch size and the adapter slots);
-  3. prefill (prefill_phase.py): up to `max_prefill_tokens` prompt tokens, in chunks, over the
-     prefilling rows in order (a long prompt is spread over several steps: it never stalls decoding for
-     long); a row whose prompt is complete samples its first token and joins the decoding rows;
-  4. decode one token for every decoding row; with the paged cache and `EngineSettings.packed_steps`
-     (off by default), 3 and 4 are one forward (runner.packed: every token a row of its own, so the weights are
-     read once per step; rows just promoted by this step's prefill decode from the next step);
-  5. retire finished rows (a decoding hole is filled by the last decoding row; the rows still
-     prefilling close up behind it in their order: block-table rows on the paged cache).
-Prefill is served in admission order: the rows still prefilling stay in the order they were admitted
-(promotion and retirement shift them, never swap a newer one ahead), and every step hands out prompt
-tokens in row order. Once admitted, a request waits only for the prefill of the requests admitted before
-it, and those admitted in the same step with shorter prompts (prefill_groups.py). In the waiting queue
-a request for an adapter that finds every device slot busy lets requests for resident adapters pass, at
-most max_batch_size of them; then admission is first come, first served until a slot frees for it.
-Every step does both prefill and decode work, so neither starves the other. The async `Engine` runs
-steps on a worker thread; `OfflineEngine` runs them in the caller's thread.
+One `step()`, on the engine thread:
+  1. book the prefill jobs that finished on the workers; run control calls (pins, adapter updates) and
+     reap cancelled requests (their rows and slots are freed);
+  2. the scheduler (scheduler.py) admits waiting requests into free rows; the step runner
+     (step_runner.py) gives them their prefill inputs;
+  3. the scheduler plans the step's work (plan.py): a prefill chunk inline (packed with the decode rows
+     or not) or a job per idle prefill worker, then the decode of every decoding row;
+  4. the step runner runs the plan's forwards; the booking (booking.py) turns their logits into tokens
+     and events, promotes rows whose prompt is complete and retires finished rows.
+The rows themselves (decoding rows first, then rows still prefilling, in admission order) and the KV
+cache that holds them are one `Batch` (batch.py) the three parts share; other threads hand requests,
+cancellations and control calls in through the `RequestQueue` (request_queue.py). The async `Engine`
+runs steps on a worker thread; `OfflineEngine` runs them in the caller's thread.
 
-With prefill workers (a CPU engine, `start_prefill_workers`; prefill_workers.py), step 3 hands the
-chunk's forwards to worker threads instead and step 4 runs while they work: a step books the jobs that
-finished (their rows sample their first token and join the decoding rows), starts jobs for idle workers,
-and decodes. Rows in flight keep their blocks, slot and final event until booked; adapter-slot writes
-(new adapters, pins) wait for the jobs in flight.
+With prefill workers (a CPU engine, `start_prefill_workers`; cpu/prefill_workers.py) the chunks' forwards
+run on worker threads while this thread decodes: rows in flight keep their blocks, slot and final event
+until their job is booked, and adapter-slot writes (new adapters, pins) wait for the jobs in flight.
 """
 
 from __future__ import annotations
@@ -32,42 +24,38 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-import time
-from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 
-import torch
-
 from adapterserve.server.adapters.kind import HookSite
-from adapterserve.server.adapters.layers import AdapterBatch, AdapterContext, build_batch, wrap_model
+from adapterserve.server.adapters.layers import AdapterContext, wrap_model
 from adapterserve.server.adapters.slots import NO_ADAPTER, AdapterBank
 from adapterserve.server.cpu import paged_attention as cpu_paged_attention
 from adapterserve.server.cpu.decode_pacing import DecodePacer
-from adapterserve.server.cpu.governor import MeteredWork
 from adapterserve.server.cpu.linear import describe_routes, prefill_positions, use_packed_linears
 from adapterserve.server.cpu.prefill_workers import PrefillWorkers
-from adapterserve.server.engine import faults, prefill_phase, worker_step
+from adapterserve.server.engine import faults
+from adapterserve.server.engine.batch import Batch
+from adapterserve.server.engine.booking import Booking
 from adapterserve.server.engine.decode_graphs import decode_step_mode, make_decode_graphs
 from adapterserve.server.engine.fork import make_choices
 from adapterserve.server.engine.kv_cache import make_kv_cache
 from adapterserve.server.engine.paged_kv_cache import PagedKVCache
+from adapterserve.server.engine.plan import PrefillJob, StepPlan
 from adapterserve.server.engine.prefill_groups import forward_cost_tokens
 from adapterserve.server.engine.provider import ResolvedAdapter
 from adapterserve.server.engine.request_limits import check_fits, check_request
+from adapterserve.server.engine.request_queue import RequestQueue
 from adapterserve.server.engine.runner import ModelRunner
-from adapterserve.server.engine.sampling import RowSampler, sample_step
+from adapterserve.server.engine.sampling import RowSampler
+from adapterserve.server.engine.scheduler import Scheduler
 from adapterserve.server.engine.sequence import EventSink, Sequence
-from adapterserve.server.engine.stats import EngineStats, engine_stats
+from adapterserve.server.engine.stats import EngineCounters, EngineStats
+from adapterserve.server.engine.step_runner import CpuDecode, StepRunner
 from adapterserve.server.engine.structured import GrammarMasks
 from adapterserve.server.engine.text import TextTracker
-from adapterserve.server.engine.types import FinishReason, GenerationRequest, TokenEvent, TokenLogprob
-from adapterserve.server.errors import (
-    InvalidArgumentError,
-    QueueFullError,
-    ResourceExhaustedError,
-    ServeError,
-)
+from adapterserve.server.engine.types import FinishReason, GenerationRequest
+from adapterserve.server.errors import InvalidArgumentError, ResourceExhaustedError, ServeError
 from adapterserve.server.model.family import TESTED_FAMILIES
 from adapterserve.server.model.loading import LoadedBase, eos_token_ids
 from adapterserve.server.settings import EngineSettings
@@ -112,30 +100,91 @@ class EngineCore:
         self.prefill_positions = prefill_positions if bucketed else None
         self.decode_graphs = make_decode_graphs(decode_mode, self.runner, self.cache, self.bank, settings)
         self.decode_step = decode_mode + (", compiled" if settings.compile_decode else "")
-        self.eos_ids = eos_token_ids(base.tokenizer, base.model)
-        self.grammars = GrammarMasks(base.tokenizer, self.eos_ids)  # structured output (structured.py)
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []  # index == cache row: decoding rows, then prefilling rows
-        self.num_decoding = 0
-        self._lock = threading.Lock()  # guards `waiting` and `_cancel` (touched by other threads)
-        self._cancel: set[str] = set()
-        self._controls: deque[tuple[Callable[[], object], Future]] = deque()  # run on the engine thread
-        self._final_events: list[tuple[Sequence, TokenEvent]] = []  # sent once their rows are retired
-        self.workers: PrefillWorkers | None = None  # prefill beside decode (start_prefill_workers)
-        self.prefill_jobs: list[prefill_phase.PrefillJob] = []  # in flight on the workers, oldest first
+        eos_ids = eos_token_ids(base.tokenizer, base.model)
+        self.grammars = GrammarMasks(base.tokenizer, eos_ids)  # structured output (structured.py)
         self.activity = threading.Event()  # set by new work and finished jobs: wakes a waiting step
-        # with prefill workers: the engine thread's intra-op threads for a decode step with no job in
-        # flight, and beside jobs (the workers hold the other CPUs); None: left as they are
-        self.decode_threads: int | None = None
-        self.decode_threads_beside_jobs = 1
-        self.decode_meter: MeteredWork | None = None  # meters the decode steps with no job beside them
-        self.decode_pacer: DecodePacer | None = None  # holds decode steps beside jobs under contention
-        self.steps = 0
-        self.prefilled_prompts = 0  # prompts whose prefill completed (n choices of a request: one)
-        self.forked_choices = 0  # choices that took a copy of another's prefill (fork.py)
-        # prefix caching (prefix_cache.py): prompt positions looked up, and those found computed
-        self.prefix_cache_queries = 0
-        self.prefix_cache_hits = 0
+        self.queue = RequestQueue(settings.max_queue, self.activity)
+        self.batch = Batch(self.cache)
+        self.counters = EngineCounters()
+        self.scheduler = Scheduler(self.batch, self.queue, self.bank, settings, self.counters)
+        # decoding rows ride in prefill jobs: packed steps on the workers, with the eager decode step (which
+        # addresses rows through their block tables when some are riding)
+        self.scheduler.rides = (
+            settings.packed_steps and isinstance(self.cache, PagedKVCache) and self.decode_graphs is None
+        )
+        self.step_runner = StepRunner(
+            self.runner,
+            self.batch,
+            self.bank,
+            settings,
+            self.decode_graphs,
+            self.prefill_forward_cost,
+            self.prefill_positions,
+        )
+        self.booking = Booking(
+            self.batch, self.bank, self.grammars, eos_ids, self.counters, settings.prefix_cache
+        )
+
+    # ----- what the parts hold, read by the server's stats, the bench and tests ----------------------
+    @property
+    def eos_ids(self) -> frozenset[int]:
+        """End-of-sequence token ids (the booking's: it stops rows on them)."""
+        return self.booking.eos_ids
+
+    @eos_ids.setter
+    def eos_ids(self, ids: frozenset[int]) -> None:
+        self.booking.eos_ids = ids
+
+    @property
+    def workers(self) -> PrefillWorkers | None:
+        """The prefill workers (start_prefill_workers), or None: prefill runs inline."""
+        return self.step_runner.workers
+
+    @workers.setter
+    def workers(self, workers: PrefillWorkers | None) -> None:
+        self.step_runner.workers = workers
+
+    @property
+    def running(self) -> list[Sequence]:
+        return self.batch.running
+
+    @property
+    def num_decoding(self) -> int:
+        return self.batch.num_decoding
+
+    @property
+    def waiting(self) -> list[Sequence]:
+        with self.queue.lock:
+            return list(self.queue.waiting)
+
+    @property
+    def prefill_jobs(self) -> list[PrefillJob]:
+        return self.batch.jobs
+
+    @property
+    def cpu_decode(self) -> CpuDecode:
+        """The decode step's CPU threads, meter and pacer beside prefill workers (set by the Engine)."""
+        return self.step_runner.cpu
+
+    @property
+    def decode_pacer(self) -> DecodePacer | None:
+        return self.step_runner.cpu.pacer
+
+    @decode_pacer.setter
+    def decode_pacer(self, pacer: DecodePacer | None) -> None:
+        self.step_runner.cpu.pacer = pacer
+
+    @property
+    def steps(self) -> int:
+        return self.counters.steps
+
+    @property
+    def prefix_cache_queries(self) -> int:
+        return self.counters.prefix_cache_queries
+
+    @property
+    def prefix_cache_hits(self) -> int:
+        return self.counters.prefix_cache_hits
 
     # ----- called from any thread -------------------------------------------------------------------
     def new_sequence(
@@ -148,6 +197,21 @@ class EngineCore:
             adapter = resolved.adapter
             ids = adapter.handler.rewrite_prompt(adapter.weights, request.prompt_ids, self.base.tokenizer)
             request = dataclasses.replace(request, prompt_ids=tuple(ids))
+        seq = self._sequence(request, resolved, emit)
+        check_fits(seq, self.settings, self.cache)
+        if request.n > 1:
+            make_choices(seq, lambda choice, i, first: self._sequence(choice, resolved, emit, i, first))
+        return seq
+
+    def _sequence(
+        self,
+        request: GenerationRequest,
+        resolved: ResolvedAdapter | None,
+        emit: EventSink,
+        index: int = 0,
+        parent: Sequence | None = None,
+    ) -> Sequence:
+        """A sequence for `request` (choice `index` of it; choices after the first share `parent`'s prefill)."""
         p = request.sampling
         seq = Sequence(
             request=request,
@@ -161,126 +225,170 @@ class EngineCore:
                 stop_after=p.min_tokens,
             ),
             logits=[] if self.capture_logits else None,
+            index=index,
+            parent=parent,
         )
+        # a grammar matcher keeps state: each choice has its own (structured.py)
         if request.structured is not None and not request.score_tokens:
             seq.grammar = self.grammars.row(request.structured)  # InvalidArgumentError: cannot compile
-        check_fits(seq, self.settings, self.cache)
-        if request.n > 1:
-            make_choices(self, seq)
         return seq
 
     def add(self, seq: Sequence) -> None:
-        with self._lock:
-            if len(self.waiting) >= self.settings.max_queue:
-                raise QueueFullError(
-                    f"the waiting queue is full ({self.settings.max_queue} requests); retry later"
-                )
-            self.waiting.append(seq)
-        self.activity.set()
+        self.queue.add(seq)
 
     def add_all(self, seqs: list[Sequence]) -> None:
         """Queue several sequences at once, all or none (a request with a list of prompts)."""
-        if len(seqs) > self.settings.max_queue:
-            raise InvalidArgumentError(
-                f"prompt: {len(seqs)} prompts, more than the engine's waiting queue holds "
-                f"({self.settings.max_queue}; the server's --max-queue flag raises it)"
-            )
-        with self._lock:
-            if len(self.waiting) + len(seqs) > self.settings.max_queue:
-                raise QueueFullError(
-                    f"the waiting queue has no room for {len(seqs)} prompts ({len(self.waiting)} of "
-                    f"{self.settings.max_queue} requests waiting); retry later"
-                )
-            self.waiting.extend(seqs)
-        self.activity.set()
+        self.queue.add_all(seqs)
 
     def cancel(self, request_id: str) -> None:
-        with self._lock:
-            self._cancel.add(request_id)
-        self.activity.set()
+        self.queue.cancel(request_id)
 
     def call_on_engine_thread(self, fn: Callable[[], object]) -> Future:
         """Run `fn` between two steps (device-slot changes must not race a forward); its result or
         exception arrives on the returned future."""
-        future: Future = Future()
-        with self._lock:
-            self._controls.append((fn, future))
-        self.activity.set()
-        return future
+        return self.queue.call(fn)
 
     def slot_writes_pending(self) -> bool:
         """Whether the next step may write a device slot: a control call (pin, adapter update) is queued,
         or admitting a waiting request may load an adapter (prefill jobs must not run meanwhile)."""
-        with self._lock:
-            return bool(self._controls) or any(
+        with self.queue.lock:
+            return bool(self.queue.controls) or any(
                 seq.slot_key is not None and self.bank.table.lookup(seq.slot_key) is None
-                for seq in self.waiting
+                for seq in self.queue.waiting
             )
 
     def has_work(self) -> bool:
-        with self._lock:
-            return bool(self.running or self.waiting or self._cancel or self._controls)
+        return bool(self.batch.running) or self.queue.busy()
 
     def stats(self) -> EngineStats:
-        return engine_stats(self)
+        """A snapshot (read from any thread: counters and sizes only)."""
+        table, graphs, counters = self.bank.table, self.decode_graphs, self.counters
+        decode = {}
+        if graphs is not None:
+            decode = {
+                "decode_graph_captures": graphs.stats.captures,
+                "decode_graph_replays": graphs.stats.replays,
+                "decode_static_steps": graphs.stats.static_steps,
+                "decode_fallback": graphs.stats.disabled,
+            }
+        return EngineStats(
+            waiting=len(self.queue.waiting),
+            running=len(self.batch.running),
+            slots_in_use=sum(1 for e in table.entries.values() if e.refs > 0),
+            slots_total=table.num_slots,
+            slot_loads=table.stats.loads,
+            slot_hits=table.stats.hits,
+            slot_evictions=table.stats.evictions,
+            kv_cache_bytes=self.cache.nbytes(),
+            adapter_device_bytes=self.bank.device_bytes(),
+            steps=counters.steps,
+            decode_step=self.decode_step,
+            prefilled_prompts=counters.prefilled_prompts,
+            forked_choices=counters.forked_choices,
+            prefix_cache_queries=counters.prefix_cache_queries,
+            prefix_cache_hits=counters.prefix_cache_hits,
+            prefix_cache_evictions=self.cache.evictions,
+            prefix_cache_blocks=self.cache.cached_blocks,
+            **decode,
+        )
 
     # ----- the engine thread ------------------------------------------------------------------------
     def start_prefill_workers(self, count: int) -> None:
         """Run prefill forwards on `count` worker threads (one intra-op thread each) while this thread
-        decodes (prefill_workers.py); needs the paged KV cache (a job addresses its rows' blocks)."""
+        decodes (cpu/prefill_workers.py); needs the paged KV cache (a job addresses its rows' blocks)."""
         if not isinstance(self.cache, PagedKVCache):
             raise InvalidArgumentError("prefill workers need the paged KV cache (kv_cache='paged')")
         if self.workers is None:
             self.workers = PrefillWorkers(count, on_done=self.activity.set)
-        if self.settings.decode_pace_ms and self.decode_pacer is None:
-            self.decode_pacer = DecodePacer(self.settings.decode_pace_ms / 1000)
+        cpu = self.step_runner.cpu
+        if self.settings.decode_pace_ms and cpu.pacer is None:
+            cpu.pacer = DecodePacer(self.settings.decode_pace_ms / 1000)
 
     def stop_prefill_workers(self) -> None:
         """Wait for the jobs in flight, book them, stop the workers (prefill runs inline again)."""
         if self.workers is None:
             return
-        worker_step.book_jobs(self, wait=True)
+        self.book_jobs(wait=True)
         workers, self.workers = self.workers, None
         workers.close()
 
     def step(self) -> None:
-        self.steps += 1
-        if self.workers is not None:
-            worker_step.step(self)
-            return
+        """One step: what other threads handed in, then the scheduler's plan, run and booked."""
+        self.counters.steps += 1
+        self.activity.clear()  # before anything is looked at: a job ending from here on wakes the wait
+        if self.batch.jobs and self.slot_writes_pending():
+            self.book_jobs(wait=True)  # slot writes must not race a job reading the adapter bank
         self.run_controls()
         self.reap_cancelled()
+        self.book_jobs()
         self.admit_and_start()
-        chunk = prefill_phase.next_chunk(self)
-        if chunk and self.num_decoding and prefill_phase.can_pack(self, chunk):
-            rows = self.running[: self.num_decoding] + [seq for seq, _ in chunk]
-            self.run_guarded(rows, lambda: prefill_phase.run_packed(self, chunk))
+        self.run(self.scheduler.plan(self.workers.count if self.workers is not None else 0))
+
+    def run(self, plan: StepPlan) -> None:
+        """Run a step's plan and book what it computed; a forward that fails fails only its own rows."""
+        runner, booking, chunk = self.step_runner, self.booking, plan.prefill
+        for job in plan.jobs:
+            self.batch.jobs.append(runner.submit(job))
+        if chunk and plan.packed:
+            rows = self.batch.decoding + [seq for seq, _ in chunk]
+            self.run_guarded(rows, lambda: booking.packed(chunk, runner.packed(chunk)))
             self.retire_finished()
+        elif chunk:
+            self.run_guarded(
+                [seq for seq, _ in chunk], lambda: booking.prefilled(chunk, runner.prefill(chunk))
+            )
+            self.retire_finished()
+        if plan.decode:
+            self._decode()
+
+    def _decode(self) -> None:
+        """Every decoding row not riding a job takes its next token; with prefill workers on the threads
+        the jobs leave, unless the pacer holds it (or there is nothing to decode: then wait for a job)."""
+        seqs = self.batch.free_decoding()
+        jobs = self.batch.jobs
+        if not seqs:
+            if jobs and not any(job.future.done() for job in jobs):
+                self.activity.wait(timeout=0.5)  # a job ending or new work wakes it
             return
-        if chunk:
-            self.run_guarded([seq for seq, _ in chunk], lambda: prefill_phase.run(self, chunk))
-            self.retire_finished()
-        if self.num_decoding:
-            rows = self.running[: self.num_decoding]
-            self.run_guarded(rows, self.decode)
-            self.retire_finished()
+        runner = self.step_runner
+        if self.workers is None:
+            self.run_guarded(seqs, lambda: self.booking.decoded(seqs, runner.decode(seqs)))
+        elif hold := runner.pace_hold():
+            self.activity.wait(timeout=hold)  # the CPU to the prefills; a job ending or new work wakes it
+            return
+        else:
+            self.run_guarded(seqs, lambda: self.booking.decoded(seqs, runner.decode_beside_jobs(seqs)))
+        self.retire_finished()
 
     def admit_and_start(self) -> None:
         """Admit waiting requests into free rows and give them their prefill inputs."""
-        admitted = self._admit()
+        admitted = self.scheduler.admit()
         if admitted:
-            self.run_guarded(admitted, lambda: prefill_phase.start(self, admitted))
+            self.run_guarded(admitted, lambda: self._start(admitted))
             self.retire_finished()
+
+    def _start(self, admitted: list[Sequence]) -> None:
+        for seq in admitted:  # one at a time: a request may take blocks the one before it registered
+            self.step_runner.prepare(seq, self.scheduler.place(seq))
+
+    def book_jobs(self, wait: bool = False) -> None:
+        """Book the jobs that finished (all of them, waiting, when `wait`); a job that failed fails its rows."""
+        done = self.batch.take_done_jobs(wait=wait)
+        for job in done:
+            self.run_guarded(job.seqs, lambda job=job: self.booking.job_done(job))
+        if done:
+            self.retire_finished()
+
+    def retire_finished(self) -> None:
+        self.booking.retire_finished()
 
     def fail_all(self, error: ServeError) -> None:
         """Finish every waiting and running request with an error (engine shutdown)."""
         if self.workers is not None:
-            worker_step.book_jobs(self, wait=True)
-        with self._lock:
-            waiting, self.waiting = list(self.waiting), deque()
-        for seq in waiting + self.running:
+            self.book_jobs(wait=True)
+        for seq in self.queue.take_all() + self.batch.running:
             if not seq.finished:
-                self.finish(seq, FinishReason.ERROR, error=error)
+                self.booking.finish(seq, FinishReason.ERROR, error=error)
         self.retire_finished()
 
     def run_guarded(self, seqs: list[Sequence], work: Callable[[], None]) -> None:
@@ -289,34 +397,10 @@ class EngineCore:
             faults.inject(seqs)  # a no-op unless the test hook is on (see faults.py)
             work()
         except Exception as exc:  # one bad batch must not take the server down
-            oom = isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
-            if oom:
-                error: ServeError = ResourceExhaustedError("the device ran out of memory for this request")
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-            else:
-                log.exception("engine step failed")
-                error = ServeError("internal engine error")
-            rows = {id(seq) for seq in self.running}
-            failing = {id(seq) for seq in seqs}
-            # choices forked during the failed work (fork.py) fail with the sequence they came from
-            seqs = seqs + [
-                s
-                for s in self.running
-                if s.parent is not None and id(s.parent) in failing and id(s) not in failing
-            ]
-            for seq in seqs:
-                if not seq.finished:
-                    self.finish(seq, FinishReason.ERROR, error=error)
-                if id(seq) not in rows and seq.slot_key is not None:
-                    # admitted (its slot acquired) but the failure came before it got a row:
-                    # retiring will not see it, so its slot is released here
-                    self.bank.release(seq.slot_key)
+            self.booking.fail(seqs, exc, self.device)
 
     def run_controls(self) -> None:
-        with self._lock:
-            controls, self._controls = list(self._controls), deque()
-        for fn, future in controls:
+        for fn, future in self.queue.take_controls():
             try:
                 future.set_result(fn())
             except Exception as exc:  # handed to the caller
@@ -335,203 +419,12 @@ class EngineCore:
         return slot
 
     def reap_cancelled(self) -> None:
-        with self._lock:
-            cancel, self._cancel = self._cancel, set()
-            if not cancel:
-                return
-            kept: deque[Sequence] = deque()
-            dropped = []
-            for seq in self.waiting:
-                (dropped if seq.request.request_id in cancel else kept).append(seq)
-            self.waiting = kept
+        cancel, dropped = self.queue.take_cancelled()
+        if not cancel:
+            return
         for seq in dropped:
-            self.finish(seq, FinishReason.CANCELLED)
-        for seq in self.running:
+            self.booking.finish(seq, FinishReason.CANCELLED)
+        for seq in self.batch.running:
             if seq.request.request_id in cancel and not seq.finished:
-                self.finish(seq, FinishReason.CANCELLED)
+                self.booking.finish(seq, FinishReason.CANCELLED)
         self.retire_finished()
-
-    def _admit(self) -> list[Sequence]:
-        # rows and KV tokens promised to the choices of running requests not forked yet (fork.py)
-        promised = [c.kv_tokens for s in self.running for c in s.pending_choices]
-        free_rows = self.settings.max_batch_size - len(self.running) - len(promised)
-        admitted: list[Sequence] = []
-        slots_full = False  # once a new adapter found no slot, only resident ones can be admitted
-        with self._lock:
-            skipped: deque[Sequence] = deque()
-            reserving: list[int] = list(promised)  # KV tokens of each row admitted in this call (+ promised)
-            while self.waiting and len(reserving) - len(promised) + self.waiting[0].request.n <= free_rows:
-                head = self.waiting[0]
-                if not self.cache.can_reserve([*reserving, *[head.kv_tokens] * head.request.n]):
-                    break  # FIFO: wait for running requests to free KV blocks
-                seq = self.waiting.popleft()
-                key = seq.slot_key
-                if key is not None and seq.resolved is not None:
-                    resident = self.bank.table.lookup(key) is not None
-                    slot = (
-                        None if slots_full and not resident else self.bank.acquire(key, seq.resolved.adapter)
-                    )
-                    if slot is None:  # every slot busy: wait, but let requests behind it use resident ones
-                        slots_full = True
-                        skipped.append(seq)
-                        if seq.overtaken >= self.settings.max_batch_size:
-                            break  # it has let enough pass: FIFO until a slot frees for it
-                        continue
-                    seq.slot = slot
-                for waiting in skipped:
-                    waiting.overtaken += 1
-                admitted.append(seq)
-                reserving += [seq.kv_tokens] * seq.request.n
-            self.waiting.extendleft(reversed(skipped))
-        for seq in admitted:
-            seq.admitted_at = time.monotonic()
-        return admitted
-
-    def adapter_batch(self, seqs: list[Sequence]) -> AdapterBatch:
-        return build_batch([s.slot for s in seqs], self.bank.slot_kinds, self.device)
-
-    def decode(self, seqs: list[Sequence] | None = None) -> None:
-        """One token for `seqs` (default: every decoding row); other rows than the decoding rows' prefix
-        (some ride in a prefill job, prefill_phase.launch) are addressed through their block tables."""
-        table = None
-        if seqs is None or len(seqs) == self.num_decoding:
-            seqs = self.running[: self.num_decoding]
-        else:
-            assert isinstance(self.cache, PagedKVCache) and self.decode_graphs is None
-            table = self.cache.table[[self.running.index(s) for s in seqs]]  # [B, nb]
-        if self.decode_graphs is not None:
-            logits = self.decode_graphs.decode(
-                [s.output[-1] for s in seqs], [s.length for s in seqs], [s.slot for s in seqs]
-            )
-        else:
-            tokens = torch.tensor([s.output[-1] for s in seqs], dtype=torch.long, device=self.device)
-            positions = torch.tensor([s.length for s in seqs], dtype=torch.long, device=self.device)
-            logits = self.runner.decode(tokens, positions, self.adapter_batch(seqs), table)  # [B, V]
-        for seq in seqs:
-            seq.length += 1
-        self.accept_tokens(seqs, logits)
-
-    def accept_tokens(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        grammars = [s.grammar for s in seqs]
-        if any(grammars):  # structured output: the grammar rows get their token masks (one -inf fill)
-            logits = self.grammars.apply(logits, grammars)
-        tokens, token_logprobs = sample_step(logits, [s.sampler for s in seqs])
-        now = time.monotonic()
-        for i, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
-            if seq.finished:
-                continue
-            if seq.logits is not None:
-                seq.logits.append(logits[i].detach().cpu())
-            if seq.first_token_at is None:
-                seq.first_token_at = now
-            seq.output.append(token)
-            delta = seq.text.push(token)
-            params = seq.request.sampling
-            reason = None
-            if seq.grammar is not None and (failed := seq.grammar.consume(token, self.eos_ids)):
-                self.finish(seq, FinishReason.ERROR, error=ServeError(failed))
-                continue
-            if token in self.eos_ids and not params.ignore_eos:
-                reason = FinishReason.EOS
-            elif seq.text.stopped or (seq.grammar is not None and seq.grammar.done):
-                reason = FinishReason.STOP
-            elif len(seq.output) >= params.max_new_tokens:
-                reason = FinishReason.LENGTH
-            extra: dict = {}
-            if token_logprobs[i] is not None:
-                extra["token_logprobs"] = (token_logprobs[i],)
-            if len(seq.output) == 1 and seq.request.prompt_logprobs is not None:
-                extra["prompt_logprobs"] = tuple(seq.prompt_scores)
-            if reason is None:
-                seq.emit(self._event(seq, (token,), delta, **extra))
-            else:
-                self.finish(seq, reason, token_ids=(token,), text=delta + seq.text.flush(), **extra)
-        if any(grammars):  # the next step's masks, computed while it runs its forward
-            self.grammars.prefetch([s.grammar for s in seqs if s.grammar is not None and not s.finished])
-
-    def _event(self, seq: Sequence, token_ids: tuple[int, ...], text: str, **kw) -> TokenEvent:
-        return TokenEvent(
-            token_ids=token_ids,
-            text=text,
-            prompt_tokens=len(seq.request.prompt_ids),
-            generated_tokens=len(seq.output),
-            index=seq.index,
-            queue_wait_s=seq.queue_wait,
-            **kw,
-        )
-
-    def finish(
-        self,
-        seq: Sequence,
-        reason: FinishReason,
-        *,
-        token_ids: tuple[int, ...] = (),
-        text: str = "",
-        error: BaseException | None = None,
-        logprobs: tuple[float, ...] = (),
-        token_logprobs: tuple[TokenLogprob, ...] = (),
-        prompt_logprobs: tuple[TokenLogprob, ...] = (),
-    ) -> None:
-        seq.finished = True
-        # Held back until the row and slot are released, so a caller that sees its last event also
-        # sees the engine's stats without it.
-        event = self._event(
-            seq,
-            token_ids,
-            text,
-            finish_reason=reason,
-            error=error,
-            logprobs=logprobs,
-            token_logprobs=token_logprobs,
-            prompt_logprobs=prompt_logprobs,
-        )
-        self._final_events.append((seq, event))
-        # choices not forked yet (it ends before its prefill did): they end the same way, hold nothing
-        pending, seq.pending_choices = seq.pending_choices, []
-        for choice in pending:
-            self.finish(choice, reason, error=error)
-
-    def _move(self, src: int, dst: int) -> None:
-        moved = self.running[src]
-        self.cache.move_row(src, dst, moved.length)
-        self.running[dst] = moved
-
-    def shift_row(self, src: int, dst: int) -> None:
-        """Row src becomes row dst; the rows from dst up to src (src > dst) each move one row on, in the
-        same order (a paged cache swaps block-table rows; a dense one copies each row's filled positions).
-        A row whose prefill completed joins the decoding rows this way, so the rows still prefilling keep
-        their admission order (prefill_phase.next_chunk and launch serve them in row order)."""
-        for row in range(src, dst, -1):
-            above, below = self.running[row - 1], self.running[row]
-            self.cache.swap_rows(row - 1, row, max(above.length, below.length))
-            self.running[row - 1], self.running[row] = below, above
-
-    def retire_finished(self) -> None:
-        """Free the rows of finished requests. A decoding row's hole is filled by the last decoding row
-        (their order does not matter); the rows still prefilling then close up behind it, keeping their
-        admission order (moving the newest row into the hole would serve it first)."""
-        i = 0
-        while i < len(self.running):
-            seq = self.running[i]
-            if not seq.finished or seq.in_flight:  # a row in flight retires once its job is booked
-                i += 1
-                continue
-            # its computed blocks stay cached for later requests (prefix_cache.py)
-            prefill_phase.register_blocks(self, seq, i, with_output=True)
-            self.cache.release(i)
-            hole = i
-            if i < self.num_decoding:
-                last_decoding = self.num_decoding - 1
-                if i != last_decoding:
-                    self._move(last_decoding, i)
-                hole = last_decoding
-                self.num_decoding -= 1
-            for row in range(hole + 1, len(self.running)):  # close up: each later row one row down
-                self._move(row, row - 1)
-            self.running.pop()
-            if seq.slot_key is not None:
-                self.bank.release(seq.slot_key)
-        events = [(seq, event) for seq, event in self._final_events if not seq.in_flight]
-        self._final_events = [(seq, event) for seq, event in self._final_events if seq.in_flight]
-        for seq, event in events:
-            seq.emit(event)

@@ -244,8 +244,8 @@ class Engine:
             # when no prefill job runs beside it, else on the CPUs the workers leave (at least one)
             set_thread_threads(1)
             self.core.start_prefill_workers(workers)
-            self.core.decode_threads = plan.threads
-            self.core.decode_threads_beside_jobs = max(1, plan.threads - workers)
+            self.core.cpu_decode.threads = plan.threads
+            self.core.cpu_decode.threads_beside_jobs = max(1, plan.threads - workers)
         else:
             apply_threads(plan.threads)
         if plan.governed and plan.threads > 1:
@@ -254,7 +254,7 @@ class Engine:
             if counters.read() is None:
                 log.info("CPU contention governor off: this system has no per-thread scheduler counters")
             elif workers:  # the governor sizes the decode steps that run alone, judged on those steps only
-                meter = self.core.decode_meter = MeteredWork(counters.read)
+                meter = self.core.cpu_decode.meter = MeteredWork(counters.read)
                 self.governor = CpuGovernor(
                     plan.threads,
                     plan.budget.affinity,
@@ -269,7 +269,7 @@ class Engine:
                 )
 
     def _set_decode_threads(self, threads: int) -> None:
-        self.core.decode_threads = threads
+        self.core.cpu_decode.threads = threads
 
     def _run(self) -> None:
         name_this_thread()

@@ -8,9 +8,9 @@ adapter gets a new version, its old blocks are unreachable and age out of the LR
 prefix-tuning adapter's virtual positions come first in the chain as placeholder tokens (-1, -2, ...):
 the adapter version in the root says what they hold.
 
-The engine (prefill_phase.start) looks a new request's chain up in the paged cache (`PagedKVCache.match`)
-and prefills only the rest; after a prefill chunk is booked, and when a row retires, the row's full blocks
-get their keys (`PagedKVCache.register`). A request that asks for prompt logprobs or scores its prompt
+The scheduler (scheduler.Scheduler.place) looks a new request's chain up in the paged cache
+(`PagedKVCache.match`) and it prefills only the rest; once its prefill inputs are written, after a prefill
+chunk is booked, and when a row retires, the row's full blocks get their keys (`register_blocks`). A request that asks for prompt logprobs or scores its prompt
 computes every position (cached positions would give no states to score), and still leaves its blocks
 for others. With prefix caching off only a prefix-tuning adapter's own key/value prefix is shared (whole
 blocks of it: no forward computes them).
@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 
+from adapterserve.server.engine.paged_kv_cache import PagedKVCache
 from adapterserve.server.engine.sequence import Sequence
 
 ROOT_OF_BASE = b"adapterserve-kv/base"
@@ -59,3 +60,19 @@ def lookup_blocks(seq: Sequence, block_size: int, prompts: bool) -> int:
     if not prompts or seq.scores_prompt:
         return seq.virtual_tokens // block_size if kv_prefix else 0
     return (seq.virtual_tokens + len(seq.request.prompt_ids) - 1) // block_size
+
+
+def register_blocks(
+    cache: PagedKVCache, seq: Sequence, row: int, prompts: bool, with_output: bool = False
+) -> None:
+    """Key `seq`'s full blocks whose positions are computed (its length), so later requests take them;
+    with prefix caching (`prompts`) off only a prefix-tuning prefix's whole blocks."""
+    block_size = cache.block_size
+    if prompts:
+        tokens = chain_tokens(seq, with_output)
+        blocks = min(seq.length, len(tokens)) // block_size
+    else:
+        tokens = chain_tokens(seq)
+        blocks = min(lookup_blocks(seq, block_size, prompts=False), seq.length // block_size)
+    if blocks:
+        cache.register(row, extend_keys(seq, tokens, blocks, block_size))

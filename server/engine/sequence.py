@@ -31,10 +31,10 @@ class Sequence:
     sampler: RowSampler
     text: TextTracker
     arrival: float = field(default_factory=time.monotonic)
-    admitted_at: float | None = None  # when it got a row (core._admit)
+    admitted_at: float | None = None  # when it got a row (scheduler.Scheduler.admit)
     prefill_started_at: float | None = None  # when its first prefill chunk started (queue wait ends)
     # waiting for an adapter slot: requests admitted past it (those using resident adapters); at
-    # max_batch_size admission turns FIFO until a slot frees for it (core._admit)
+    # max_batch_size admission turns FIFO until a slot frees for it (scheduler.Scheduler.admit)
     overtaken: int = 0
     slot: int = NO_ADAPTER
     length: int = 0  # cache positions filled (virtual prefix + prompt + generated so far)

@@ -4,10 +4,18 @@ which decode step runs. The metrics endpoint reads it at every scrape (api/wirin
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from adapterserve.server.engine.core import EngineCore
+
+@dataclass
+class EngineCounters:
+    """Counts the step's parts keep (read from any thread: plain integers)."""
+
+    steps: int = 0
+    prefilled_prompts: int = 0  # prompts whose prefill completed (n choices of a request: one)
+    forked_choices: int = 0  # choices that took a copy of another's prefill (fork.py)
+    # prefix caching (prefix_cache.py): prompt positions looked up, and those found computed
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
 
 
 @dataclass(frozen=True)
@@ -40,37 +48,3 @@ class EngineStats:
     prefix_cache_hits: int = 0
     prefix_cache_evictions: int = 0
     prefix_cache_blocks: int = 0
-
-
-def engine_stats(core: EngineCore) -> EngineStats:
-    """A snapshot of `core` (read from any thread: counters and sizes only)."""
-    table = core.bank.table
-    graphs = core.decode_graphs
-    decode = {}
-    if graphs is not None:
-        decode = {
-            "decode_graph_captures": graphs.stats.captures,
-            "decode_graph_replays": graphs.stats.replays,
-            "decode_static_steps": graphs.stats.static_steps,
-            "decode_fallback": graphs.stats.disabled,
-        }
-    return EngineStats(
-        waiting=len(core.waiting),
-        running=len(core.running),
-        slots_in_use=sum(1 for e in table.entries.values() if e.refs > 0),
-        slots_total=table.num_slots,
-        slot_loads=table.stats.loads,
-        slot_hits=table.stats.hits,
-        slot_evictions=table.stats.evictions,
-        kv_cache_bytes=core.cache.nbytes(),
-        adapter_device_bytes=core.bank.device_bytes(),
-        steps=core.steps,
-        decode_step=core.decode_step,
-        prefilled_prompts=core.prefilled_prompts,
-        forked_choices=core.forked_choices,
-        prefix_cache_queries=core.prefix_cache_queries,
-        prefix_cache_hits=core.prefix_cache_hits,
-        prefix_cache_evictions=core.cache.evictions,
-        prefix_cache_blocks=core.cache.cached_blocks,
-        **decode,
-    )

@@ -1,7 +1,7 @@
 """Under sustained load with long prompts the real server serves prefills in arrival order: a burst of
 long prompts, then clients that come straight back (a closed loop, as AIPerf runs), with prefill on two
 worker threads. No request is overtaken by more than the requests that can be in flight beside it, and
-the server's queue-wait histogram counts every request (server/engine/core.py, prefill_phase.py)."""
+the server's queue-wait histogram counts every request (server/engine/scheduler.py, batch.py)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Prefill on worker threads while the engine thread decodes (server/cpu/prefill_workers.py,
-prefill_phase.launch/book): the same results as prefill inline, rows in flight keep their blocks and
+engine/scheduler.py's jobs, booking.py): the same results as prefill inline, rows in flight keep their blocks and
 final events until booked, a failing job fails its rows only, adapter-slot writes wait for the jobs."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Prefill is served in admission order (server/engine/prefill_phase.py, core.py): whatever order the
+"""Prefill is served in admission order (server/engine/scheduler.py, batch.py): whatever order the
 prefill workers finish their jobs in, whichever rows retire, however n choices fork, a row still
 prefilling is never overtaken by rows admitted after it. The bound, as the engine's docstring states:
 a prefilling row's next chunk is handed out before any chunk of a row admitted after it, so once it is
