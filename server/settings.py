@@ -22,6 +22,60 @@ ENV_PREFIX = "ADAPTERSERVE_"
 MAX_LOGPROBS = 1024
 
 
+class CpuSettings(BaseModel):
+    """Every control of a CPU engine (server/cpu/, docs/cpu.md): its threads (threads.py, governor.py,
+    prefill_workers.py), its linears (linear.py), its decode attention (paged_attention.py) and the pacing
+    of its decode steps (decode_pacing.py). EngineSettings.cpu; a GPU engine ignores it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    threads: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="intra-op threads of the engine (default: the CPUs the process may use, from its "
+        "affinity mask and cgroup quota; or OMP_NUM_THREADS when set). Setting it turns the governor off",
+    )
+    wait_policy: Literal["auto", "active", "passive"] = Field(
+        "auto",
+        description="how idle OpenMP threads wait: auto (libgomp's spin-then-sleep, with the governor), "
+        "active (spin), passive (sleep at once; best when the CPUs are always shared)",
+    )
+    governor: bool = Field(
+        True,
+        description="lowers the engine's threads while other processes compete for its CPUs, restores them "
+        "when they leave (CPU device, default thread count only)",
+    )
+    prefill_threads: int | None = Field(
+        None,
+        ge=0,
+        le=1024,
+        description="threads that run prefill forwards while the engine thread decodes, one intra-op "
+        "thread each, on the paged KV cache (default: half the CPU threads, none with one CPU); 0 runs "
+        "every prefill inline on the engine thread's OpenMP threads",
+    )
+    linear: Literal["auto", "onednn", "torch"] = Field(
+        "auto",
+        description="a CPU engine's base linears: onednn (weights packed once for oneDNN, up to ~2x faster "
+        "in float32 on some CPUs, twice the linear weights' memory), torch (F.linear); auto: per weight "
+        "shape, for few rows (decode) and many (prefill), whichever of the two is measured faster at "
+        "start (server/cpu/linear.py)",
+    )
+    paged_attention: CpuPagedAttention = Field(
+        "auto",
+        description="a CPU engine's decode attention over the paged KV cache: kernel (a C++ kernel reading "
+        "the blocks in place, built once per machine with a C++ compiler; float32), torch (gather the "
+        "pages, then SDPA); auto: the kernel where it applies and builds, else torch",
+    )
+    decode_pace_ms: int = Field(
+        100,
+        ge=0,
+        description="with prefill workers on a CPU: while the engine thread waits for CPUs (another process "
+        "competes for them), a decode step beside prefill jobs starts at most every this many ms, leaving "
+        "the CPU to the prefills (cpu/decode_pacing.py); 0: decode steps always run back to back",
+    )
+
+
 class EngineSettings(BaseModel):
     """Sizes of the continuous-batching engine."""
 
@@ -55,26 +109,6 @@ class EngineSettings(BaseModel):
         description="padded token positions one more prefill forward is worth: a chunk of rows of unequal "
         "lengths runs as groups when that pads less (default: 32 on CPU, 2048 on CUDA; 0: a group per "
         "distinct length)",
-    )
-    cpu_linear: Literal["auto", "onednn", "torch"] = Field(
-        "auto",
-        description="a CPU engine's base linears: onednn (weights packed once for oneDNN, up to ~2x faster "
-        "in float32 on some CPUs, twice the linear weights' memory), torch (F.linear); auto: per weight "
-        "shape, for few rows (decode) and many (prefill), whichever of the two is measured faster at "
-        "start (server/cpu/linear.py)",
-    )
-    decode_pace_ms: int = Field(
-        100,
-        ge=0,
-        description="with prefill workers on a CPU: while the engine thread waits for CPUs (another process "
-        "competes for them), a decode step beside prefill jobs starts at most every this many ms, leaving "
-        "the CPU to the prefills (cpu/decode_pacing.py); 0: decode steps always run back to back",
-    )
-    cpu_paged_attention: CpuPagedAttention = Field(
-        "auto",
-        description="a CPU engine's decode attention over the paged KV cache: kernel (a C++ kernel reading "
-        "the blocks in place, built once per machine with a C++ compiler; float32), torch (gather the "
-        "pages, then SDPA); auto: the kernel where it applies and builds, else torch",
     )
     decode_step: Literal["auto", "eager", "static", "graphs"] = Field(
         "auto",
@@ -113,6 +147,7 @@ class EngineSettings(BaseModel):
         description="kernels of the LoRA/DoRA/bottleneck math in mixed batches: torch (gather + bmm, any "
         "device) or triton (gathered BGMV kernels reading slot tensors in place; CUDA only)",
     )
+    cpu: CpuSettings = Field(default_factory=CpuSettings, description="the CPU controls (docs/cpu.md)")
 
 
 class CacheSettings(BaseModel):
@@ -218,38 +253,6 @@ class TlsSettings(BaseModel):
         return self
 
 
-class CpuSettings(BaseModel):
-    """A CPU engine's threading (server/cpu/threads.py, server/cpu/governor.py)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    threads: int | None = Field(
-        None,
-        ge=1,
-        le=1024,
-        description="intra-op threads of the engine (default: the CPUs the process may use, from its "
-        "affinity mask and cgroup quota; or OMP_NUM_THREADS when set). Setting it turns the governor off",
-    )
-    wait_policy: Literal["auto", "active", "passive"] = Field(
-        "auto",
-        description="how idle OpenMP threads wait: auto (libgomp's spin-then-sleep, with the governor), "
-        "active (spin), passive (sleep at once; best when the CPUs are always shared)",
-    )
-    governor: bool = Field(
-        True,
-        description="lowers the engine's threads while other processes compete for its CPUs, restores them "
-        "when they leave (CPU device, default thread count only)",
-    )
-    prefill_threads: int | None = Field(
-        None,
-        ge=0,
-        le=1024,
-        description="threads that run prefill forwards while the engine thread decodes, one intra-op "
-        "thread each, on the paged KV cache (default: half the CPU threads, none with one CPU); 0 runs "
-        "every prefill inline on the engine thread's OpenMP threads",
-    )
-
-
 class ServerSettings(BaseModel):
     """Everything `adapterserve serve` needs."""
 
@@ -278,7 +281,6 @@ class ServerSettings(BaseModel):
     cache: CacheSettings = Field(default_factory=CacheSettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     tls: TlsSettings = Field(default_factory=TlsSettings)
-    cpu: CpuSettings = Field(default_factory=CpuSettings)
     sources: SourceSettings = Field(default_factory=SourceSettings)
 
     @model_validator(mode="after")
@@ -294,7 +296,8 @@ class ServerSettings(BaseModel):
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> ServerSettings:
         """Settings from ADAPTERSERVE_* environment variables, then explicit overrides (flags) on top.
 
-        Nested fields use a double underscore: ADAPTERSERVE_ENGINE__MAX_BATCH_SIZE=64.
+        Nested fields use a double underscore: ADAPTERSERVE_ENGINE__MAX_BATCH_SIZE=64,
+        ADAPTERSERVE_ENGINE__CPU__THREADS=4.
         The admin token comes from ADAPTERSERVE_ADMIN_TOKEN, the generation token from
         ADAPTERSERVE_GENERATE_TOKEN.
         """
@@ -304,17 +307,26 @@ class ServerSettings(BaseModel):
             if not key.startswith(ENV_PREFIX):
                 continue
             path = key[len(ENV_PREFIX) :].lower().split("__")
-            if path[0] not in cls.model_fields:  # the client's variables (ADAPTERSERVE_TARGET, tokens)
-                continue
+            if len(path) == 1 and path[0] not in cls.model_fields:  # the client's (ADAPTERSERVE_TARGET, ...)
+                continue  # a nested one of no section is refused below: a section renamed fails loudly
             node = data
             for part in path[:-1]:
                 node = node.setdefault(part, {})
             node[path[-1]] = value
         for key, value in overrides.items():
-            if value is None:
-                continue
-            if isinstance(value, dict):
-                data.setdefault(key, {}).update(value)
-            else:
-                data[key] = value
+            if value is not None:
+                _merge(data, key, value)
         return cls.model_validate(data)
+
+
+def _merge(node: dict[str, Any], key: str, value: Any) -> None:
+    """node[key] = value, a dict merged key by key into the one there: a flag of a nested section
+    (engine.cpu) keeps the environment's values of that section's other fields."""
+    if not isinstance(value, dict):
+        node[key] = value
+        return
+    target = node.get(key)
+    if not isinstance(target, dict):
+        target = node[key] = {}
+    for inner, inner_value in value.items():
+        _merge(target, inner, inner_value)

@@ -77,16 +77,15 @@ class RunEvaluator:
 
     def _new_engine(self, base: Any) -> Any:
         from adapterserve.server.engine.offline import OfflineEngine
-        from adapterserve.server.settings import EngineSettings
+        from adapterserve.server.settings import CpuSettings, EngineSettings
 
         longest = max(len(e.prompt_ids) for e in self.examples) + self.max_new_tokens
         # The KV cache is preallocated [layers, rows, heads, max_seq_len, dim]: size it to the eval set
         # (+ room for up to 256 virtual tokens), not to a serving default.
         rows = min(EngineSettings().max_batch_size, len(self.examples))
-        # cpu_linear="torch": packed copies would not see weights that training changes later
-        return OfflineEngine(
-            base, EngineSettings(max_seq_len=longest + 256, max_batch_size=rows, cpu_linear="torch")
-        )
+        # CPU linears left unpacked (torch): packed copies would not see weights that training changes later
+        cpu = CpuSettings(linear="torch")
+        return OfflineEngine(base, EngineSettings(max_seq_len=longest + 256, max_batch_size=rows, cpu=cpu))
 
     def release(self) -> None:
         """Drop the engine's base copy and KV cache (training then measures its own memory); the next

@@ -81,14 +81,13 @@ class ScoreEvaluator:
 
     def _new_engine(self, base: Any) -> Any:
         from adapterserve.server.engine.offline import OfflineEngine
-        from adapterserve.server.settings import EngineSettings
+        from adapterserve.server.settings import CpuSettings, EngineSettings
 
         longest = max(len(p) + len(c) for p, c in self.items)
         rows = min(EngineSettings().max_batch_size, len(self.items))
-        # cpu_linear="torch": packed copies would not see weights that training changes later
-        return OfflineEngine(
-            base, EngineSettings(max_seq_len=longest + 256, max_batch_size=rows, cpu_linear="torch")
-        )
+        # CPU linears left unpacked (torch): packed copies would not see weights that training changes later
+        cpu = CpuSettings(linear="torch")
+        return OfflineEngine(base, EngineSettings(max_seq_len=longest + 256, max_batch_size=rows, cpu=cpu))
 
     def score_base(self) -> list[list[float]]:
         from adapterserve.training.evaluate import reload_base

@@ -1,36 +1,26 @@
-"""adapter_config.json, parsed with pydantic against the allowlist of the kind that serves it.
+"""What every adapter_config.json model shares: each kind (server/adapters/kinds/) declares its config
+models, subclasses of `PeftConfigBase`, built from the pieces here:
 
-Each kind (server/adapters/kinds/) declares its config models, subclasses of `PeftConfigBase`; this
-module holds what they share. Every byte of an uploaded adapter is untrusted, so the parser is strict:
+- the list and string caps (MAX_LIST, Str, ShortStr, StrList);
+- the remote-code refusal: field names that ask a loader to import or run code (REMOTE_CODE_FIELDS,
+  REMOTE_CODE_HINT) and `remote_code()` for values that name code to import;
+- `unsupported()`: well-formed values that change the forward pass in a way the engine does not
+  implement (DoRA, LoRA bias, modules_to_save, Activated LoRA, ...), each named with its field and value;
+- PEFT's target matching (`TargetedConfig`, `pattern_value`, `check_targets_agree`).
 
-- the JSON is size-capped (MAX_CONFIG_BYTES, the one cap), must be an object and must not repeat a key;
-- some registered kind must claim it (else UnsupportedAdapterError listing the served peft_types);
-- fields that name code to import (`auto_map`, a non-default `megatron_core`, a custom `auto_mapping`,
-  `trust_remote_code`, ...) are refused with AdapterValidationError;
-- any field that PEFT 0.21.2 does not write for that type is refused (AdapterValidationError naming it);
-- a well-formed value that changes the forward pass in a way the engine does not implement (DoRA,
-  LoRA bias, modules_to_save, Activated LoRA, ...) is refused with UnsupportedAdapterError naming the
-  field and the value;
-- init-time-only fields (dropout, AdaLoRA's schedule, EVA/CorDA configs, prompt-init text, ...) are
-  accepted and ignored: they do not change what the saved weights compute.
-
-Caps (rank, virtual tokens) and shape checks against the base are the loader's job, not this module's.
+Parsing a config (the JSON checks, the kind that claims it, its model) is config_parsing.py's job; caps
+(rank, virtual tokens) and shape checks against the base are the loader's.
 """
 
 from __future__ import annotations
 
-import json
 import re
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from adapterserve.server.errors import AdapterValidationError, UnsupportedAdapterError
+from adapterserve.server.errors import BaseMismatchError
 
-if TYPE_CHECKING:
-    from adapterserve.server.adapters.kind import AdapterKind
-
-MAX_CONFIG_BYTES = 64 << 10  # a real adapter_config.json is ~1-2 KiB
 MAX_LIST = 1024  # entries in target_modules, patterns, ...
 
 # Field names that ask a loader to import or run code. Refused wherever they appear at top level.
@@ -126,109 +116,6 @@ class PromptLearningConfig(PeftConfigBase):
         return out
 
 
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise AdapterValidationError(f"adapter_config.json: key {key!r} appears twice")
-        out[key] = value
-    return out
-
-
-def _load_json(data: bytes | str) -> Any:
-    raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise AdapterValidationError(
-            f"adapter_config.json is {len(raw)} bytes; at most {MAX_CONFIG_BYTES} bytes are accepted"
-        )
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise AdapterValidationError(
-            f"adapter_config.json is not UTF-8 ({err.reason} at byte {err.start})"
-        ) from None
-    try:
-        return json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_refuse_constant)
-    except json.JSONDecodeError as err:
-        raise AdapterValidationError(
-            f"adapter_config.json is not valid JSON: {err.msg} (line {err.lineno})"
-        ) from None
-    except RecursionError:
-        raise AdapterValidationError("adapter_config.json is nested too deeply") from None
-
-
-def _refuse_constant(name: str) -> Any:
-    raise AdapterValidationError(f"adapter_config.json: {name} is not a valid JSON number")
-
-
-def _describe(error: dict[str, Any]) -> str:
-    loc = [str(p) for p in error.get("loc", ())]
-    field = ".".join(loc) or "(root)"
-    if error.get("type") == "extra_forbidden":
-        return f"unknown field {field!r} is not accepted"
-    return f"field {field!r}: {error.get('msg', 'invalid')}"
-
-
-def parse_adapter_config(data: bytes | str | dict[str, Any]) -> PeftConfigBase:
-    """Parse and check an adapter_config.json (bytes/str) or an already-decoded dict (see resolve_config)."""
-    return resolve_config(data)[1]
-
-
-def resolve_config(data: bytes | str | dict[str, Any]) -> tuple[AdapterKind, PeftConfigBase]:
-    """The kind that serves an adapter_config.json and the config parsed by that kind's model.
-
-    Raises AdapterValidationError (malformed, unknown or remote-code fields) or UnsupportedAdapterError
-    (a peft_type or field value the engine does not serve); messages name the field and value.
-    """
-    from adapterserve.server.adapters.kind import kind_for_config, served_peft_types
-
-    obj = dict(data) if isinstance(data, dict) else _load_json(data)
-    if not isinstance(obj, dict):
-        raise AdapterValidationError(f"adapter_config.json must be a JSON object, not {type(obj).__name__}")
-
-    for key in obj:
-        if not isinstance(key, str):
-            raise AdapterValidationError(f"adapter_config.json: key {key!r} is not a string")
-        if key in REMOTE_CODE_FIELDS or REMOTE_CODE_HINT.search(key):
-            raise AdapterValidationError(
-                f"adapter_config.json: field {key!r} asks to import or run code; remote code is refused"
-            )
-
-    peft_type = obj.get("peft_type")
-    if peft_type is None:
-        raise AdapterValidationError("adapter_config.json: field 'peft_type' is missing")
-    if not isinstance(peft_type, str):
-        raise AdapterValidationError(
-            f"adapter_config.json: field 'peft_type' must be a string, got {peft_type!r}"
-        )
-    kind = kind_for_config(obj)
-    if kind is None:
-        served = ", ".join(served_peft_types())
-        raise UnsupportedAdapterError(
-            f"adapter_config.json: peft_type {peft_type[:64]!r} is not served (served: {served})"
-        )
-
-    try:
-        config = kind.configs[peft_type].model_validate(obj)
-    except ValidationError as err:
-        errors = err.errors(include_url=False, include_input=False)
-        # Unknown fields first: they are the most precise reason.
-        errors.sort(key=lambda e: e.get("type") != "extra_forbidden")
-        detail = "; ".join(_describe(e) for e in errors[:3])
-        more = f" (and {len(errors) - 3} more)" if len(errors) > 3 else ""
-        raise AdapterValidationError(f"adapter_config.json ({peft_type}): {detail}{more}") from None
-
-    for field, value, why in config.remote_code():
-        raise AdapterValidationError(
-            f"adapter_config.json ({peft_type}): field {field!r} = {_short(value)} is refused: {why}"
-        )
-    for field, value, why in config.unsupported():
-        raise UnsupportedAdapterError(
-            f"adapter_config.json ({peft_type}): {field} = {_short(value)} is not supported: {why}"
-        )
-    return kind, config
-
-
 def pattern_value(patterns: dict[str, Any] | None, module_name: str) -> Any | None:
     """PEFT's rank_pattern / alpha_pattern lookup for plain keys (regex keys are refused by the configs):
     the first key equal to the module name or to a dotted suffix of it; None when no key matches."""
@@ -269,12 +156,10 @@ def check_targets_agree(config: TargetedConfig, modules: list[tuple[int, str]], 
     """Config and tensors must agree, as PEFT requires when it loads an adapter: the config's
     target_modules must name some module of the base, and every module the tensors adapt must be one the
     config targets. `modules`: the (layer, short name) of every adapted module in the tensors."""
-    from adapterserve.server.errors import BaseMismatchError
-
     base_modules = [(layer, short) for layer in range(spec.num_layers) for short in spec.linear_paths]
     if not any(config.targets(spec.module_name(*m), m[0]) for m in base_modules):
         raise BaseMismatchError(
-            f"target_modules {_short(config.target_modules)} match no module of the base model "
+            f"target_modules {shortened(config.target_modules)} match no module of the base model "
             f"(decoder linears: {', '.join(spec.linear_paths)})"
         )
     for layer, short in modules:
@@ -282,7 +167,7 @@ def check_targets_agree(config: TargetedConfig, modules: list[tuple[int, str]], 
         if not config.targets(name, layer):
             raise BaseMismatchError(
                 f"the tensors adapt {name}, which the config's target_modules "
-                f"{_short(config.target_modules)} do not name; config and tensors must agree"
+                f"{shortened(config.target_modules)} do not name; config and tensors must agree"
             )
 
 
@@ -291,13 +176,13 @@ def is_off(value: Any) -> bool:
     return value is False or (isinstance(value, (list, dict)) and len(value) == 0)
 
 
-def _short(value: Any, limit: int = 80) -> str:
+def shortened(value: Any, limit: int = 80) -> str:
+    """repr(value), cut to `limit` characters for an error message."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 __all__ = [
-    "MAX_CONFIG_BYTES",
     "PeftConfigBase",
     "PromptLearningConfig",
     "REMOTE_CODE_FIELDS",
@@ -308,7 +193,6 @@ __all__ = [
     "TargetedConfig",
     "check_targets_agree",
     "is_off",
-    "parse_adapter_config",
     "pattern_value",
-    "resolve_config",
+    "shortened",
 ]

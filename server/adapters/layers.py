@@ -88,7 +88,7 @@ def wrap_model(
     model: nn.Module, bank: AdapterBank, context: AdapterContext, *, pack_cpu_linears: str | None = None
 ) -> list[PackedLinear]:
     """Replace every decoder linear of the base model by a MultiAdapterLinear (once, in place); with
-    `pack_cpu_linears` (EngineSettings.cpu_linear: "auto" or "onednn"), their base linears and the
+    `pack_cpu_linears` (EngineSettings.cpu.linear: "auto" or "onednn"), their base linears and the
     lm_head then run on oneDNN-packed weights. Returns the decoder layers' packed linears."""
     for layer_idx, layer in enumerate(decoder_parts(model).layers):
         for short, path in bank.spec.linear_paths.items():

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from adapterserve.server.adapters.config import MAX_CONFIG_BYTES, resolve_config
+from adapterserve.server.adapters.config_parsing import MAX_CONFIG_BYTES, resolve_config
 from adapterserve.server.adapters.kind import AdapterKind, KindWeights
 from adapterserve.server.adapters.safetensors_check import check_not_pickle, read_safetensors_checked
 from adapterserve.server.adapters.types import AdapterInfo

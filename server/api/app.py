@@ -31,11 +31,12 @@ from adapterserve.server.settings import (
 # `serve` listens for HTTP here unless --no-http (ServerSettings itself defaults to no HTTP).
 DEFAULT_HTTP_PORT = 8000
 
+# A nested section by its path in ServerSettings ("engine.cpu": ServerSettings.engine.cpu).
 _SECTIONS: dict[str, type[BaseModel]] = {
     "engine": EngineSettings,
+    "engine.cpu": CpuSettings,
     "cache": CacheSettings,
     "limits": LimitSettings,
-    "cpu": CpuSettings,
     "sources": SourceSettings,
 }
 # flag dest -> (settings section, field) for the nested settings.
@@ -52,11 +53,8 @@ _SECTION_FLAGS: dict[str, tuple[str, str]] = {
     "kv_cache_bytes": ("engine", "kv_cache_bytes"),
     "kv_block_size": ("engine", "kv_block_size"),
     "compile_decode": ("engine", "compile_decode"),
-    "cpu_paged_attention": ("engine", "cpu_paged_attention"),
-    "decode_pace_ms": ("engine", "decode_pace_ms"),
     "decode_step": ("engine", "decode_step"),
     "max_decode_graphs": ("engine", "max_decode_graphs"),
-    "cpu_linear": ("engine", "cpu_linear"),
     "lora_backend": ("engine", "lora_backend"),
     "host_cache_bytes": ("cache", "host_cache_bytes"),
     "max_adapter_bytes": ("cache", "max_adapter_bytes"),
@@ -70,9 +68,12 @@ _SECTION_FLAGS: dict[str, tuple[str, str]] = {
     "max_logprobs": ("limits", "max_logprobs"),
     "max_concurrent_streams": ("limits", "max_concurrent_streams"),
     "max_upload_bytes": ("limits", "max_upload_bytes"),
-    "cpu_threads": ("cpu", "threads"),
-    "cpu_wait_policy": ("cpu", "wait_policy"),
-    "cpu_prefill_threads": ("cpu", "prefill_threads"),
+    "cpu_threads": ("engine.cpu", "threads"),
+    "cpu_wait_policy": ("engine.cpu", "wait_policy"),
+    "cpu_prefill_threads": ("engine.cpu", "prefill_threads"),
+    "cpu_linear": ("engine.cpu", "linear"),
+    "cpu_paged_attention": ("engine.cpu", "paged_attention"),
+    "decode_pace_ms": ("engine.cpu", "decode_pace_ms"),
     "max_message_bytes": ("limits", "max_message_bytes"),
     "upload_chunk_bytes": ("limits", "upload_chunk_bytes"),
     "adapter_source": ("sources", "uris"),
@@ -191,11 +192,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="turn off prefix caching, which means: "
         + (EngineSettings.model_fields["prefix_cache"].description or "")
-        + f" (env {ENV_PREFIX}ENGINE__PREFIX_CACHE=false)",
+        + f" (env {env_var('engine', 'prefix_cache')}=false)",
     )
     cpu = parser.add_argument_group("CPU control (CPU device; docs/cpu.md)")
     for dest in ("cpu_linear", "cpu_paged_attention"):
-        choices = EngineSettings.model_fields[dest].annotation.__args__  # the Literal's values
+        field = CpuSettings.model_fields[_SECTION_FLAGS[dest][1]]
+        choices = field.annotation.__args__  # the Literal's values
         cpu.add_argument(flag_of(dest), dest=dest, choices=choices, help=section_flag_help(dest))
     cpu.add_argument("--decode-pace-ms", type=int, metavar="MS", help=section_flag_help("decode_pace_ms"))
     cpu.add_argument("--cpu-threads", type=int, metavar="N", help=section_flag_help("cpu_threads"))
@@ -212,7 +214,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="turn off the contention governor, which "
         + (CpuSettings.model_fields["governor"].description or "")
-        + f" (env {ENV_PREFIX}CPU__GOVERNOR=false)",
+        + f" (env {env_var('engine.cpu', 'governor')}=false)",
     )
     src = parser.add_argument_group("adapter sources (fetched on first use)")
     src.add_argument(
@@ -254,9 +256,21 @@ def section_flag_help(dest: str) -> str:
     environment variable (all from the settings model, so they cannot drift)."""
     section, field = _SECTION_FLAGS[dest]
     info = _SECTIONS[section].model_fields[field]
-    env = f"{ENV_PREFIX}{section.upper()}__{field.upper()}"
     default = "" if info.default is None else f"default {info.default}; "  # None: the description says
-    return f"{info.description or field.replace('_', ' ')} ({default}env {env})"
+    return f"{info.description or field.replace('_', ' ')} ({default}env {env_var(section, field)})"
+
+
+def env_var(section: str, field: str) -> str:
+    """The environment variable of a section's field: engine.cpu, threads -> ADAPTERSERVE_ENGINE__CPU__THREADS."""
+    return ENV_PREFIX + "__".join([*section.split("."), field]).upper()
+
+
+def _set_in_section(overrides: dict[str, Any], section: str, field: str, value: Any) -> None:
+    """overrides[section...][field] = value, one nested dict per part of the section's path."""
+    node = overrides
+    for part in section.split("."):
+        node = node.setdefault(part, {})
+    node[field] = value
 
 
 def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -> ServerSettings:
@@ -269,11 +283,11 @@ def settings_from_args(args: argparse.Namespace, environ: dict[str, str] | None 
     for dest, (section, field) in _SECTION_FLAGS.items():
         value = getattr(args, dest, None)
         if value is not None:
-            overrides.setdefault(section, {})[field] = value
+            _set_in_section(overrides, section, field, value)
     if getattr(args, "prefix_cache", None) is False:  # --no-prefix-cache
         overrides.setdefault("engine", {})["prefix_cache"] = False
     if getattr(args, "cpu_governor", None) is False:  # --no-cpu-governor (a switch, not a section value)
-        overrides.setdefault("cpu", {})["governor"] = False
+        _set_in_section(overrides, "engine.cpu", "governor", False)
     for dest, field in _TLS_FLAGS.items():
         value = getattr(args, dest, None)
         if value is not None:
@@ -305,7 +319,8 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     from adapterserve.server.cpu.threads import apply_wait_policy
 
-    apply_wait_policy(settings.cpu.wait_policy)  # before anything imports torch (libgomp reads it once)
+    # before anything imports torch (libgomp reads it once)
+    apply_wait_policy(settings.engine.cpu.wait_policy)
     from adapterserve.server.api.serve import ServeApp
 
     return asyncio.run(ServeApp(settings).run())

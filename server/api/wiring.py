@@ -122,7 +122,7 @@ def cpu_plan(settings: ServerSettings, device_type: str) -> ThreadPlan | None:
     """The engine's CPU thread plan (None on a GPU), logged, and applied to this thread too."""
     if device_type != "cpu":
         return None
-    cpu = settings.cpu
+    cpu = settings.engine.cpu
     plan = plan_threads(cpu.threads, cpu.wait_policy, cpu.governor, prefill_threads=cpu.prefill_threads)
     log.info(plan.describe())
     apply_threads(plan.threads)

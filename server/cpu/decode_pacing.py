@@ -11,7 +11,7 @@ AIPerf, unpaced: TTFT p50 2.5-3.0 s while inter-token p50 was 83-108 ms.
 How: the engine thread's own waiting for a CPU (`/proc/thread-self/schedstat`, run delay) is read around
 each decode step; its share of the step's wall time, averaged over recent steps, says whether our
 threads are fighting for CPUs. Once it reaches `CONTENDED_SHARE`, while prefill jobs are in flight,
-a decode step starts no sooner than `interval_s` after the last one (`EngineSettings.decode_pace_ms`);
+a decode step starts no sooner than `interval_s` after the last one (`EngineSettings.cpu.decode_pace_ms`);
 the engine thread waits for that time, or less if a job ends (its rows join the next step). Decode
 steps with no prefill job beside them, and every step on a machine where our threads do not wait, run
 back to back as before. Where the counters cannot be read (not Linux, schedstat off), nothing is paced.

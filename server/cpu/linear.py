@@ -11,8 +11,8 @@ outputs of magnitude ~20).
 `PackedLinear` keeps the original `nn.Linear` (its weight stays the model's parameter: tied embeddings,
 DoRA's weight norms and anything else reading `.weight` see it unchanged) and a packed copy, so a CPU
 model's linear weights take twice their memory. The copy is made once, when the engine wraps the model:
-weights changed afterwards (training) are not seen, which is why `EngineSettings.cpu_linear` exists and
-training's evaluation engines use `torch`.
+weights changed afterwards (training) are not seen, which is why `EngineSettings.cpu.linear` exists
+and training's evaluation engines use `torch`.
 
 Under `torch.compile` (`compile_decode`) the call goes through a custom op, `adapterserve::onednn_linear`,
 that inductor runs as an opaque kernel: inductor's own lowering of `mkldnn._linear_pointwise` accepts
@@ -28,7 +28,7 @@ it (the soak, tests/reliability/test_soak.py). Eager calls therefore reach oneDN
 a decode batch would cost time on every step); several positions per row (prefill) keep it up to
 PREFILL_EXACT_ROWS; above those, rows round up to one of 8 sizes per doubling (at most 1/8 more rows).
 
-Which kernel, measured (`cpu_linear="auto"`, the default): oneDNN is not faster everywhere. On the
+Which kernel, measured (`cpu.linear="auto"`, the default): oneDNN is not faster everywhere. On the
 AVX2-only development VM (the AVX-512 one above has since gone), one thread: at 128 rows (a prefill)
 `F.linear` was 10-15% faster than the packed weights on every shape of the embedded model, at 16 rows
 (a decode step) oneDNN 6-14% faster on the MLP and square shapes but 34% slower on the narrow k/v
@@ -36,7 +36,7 @@ projections (576 -> 192). So each weight shape is timed once per process, on one
 worker's and a contended decode step's setting), with its own weight at a few rows and at many
 (`LinearRoute`): oneDNN unless `F.linear` is at least 5% faster. A shape that `F.linear` wins at both is
 not packed at all (no second copy of its weight); calls that go to `F.linear` are not padded (its BLAS
-keeps no per-shape state). `cpu_linear="onednn"` packs everything and always uses oneDNN, as before.
+keeps no per-shape state). `cpu.linear="onednn"` packs everything and always uses oneDNN, as before.
 """
 
 from __future__ import annotations
@@ -270,13 +270,13 @@ def can_pack(linear: nn.Module) -> bool:
 
 
 def use_packed_linears(setting: str, device: torch.device) -> bool:
-    """EngineSettings.cpu_linear: auto = oneDNN on a CPU where torch has it, per shape where measured
+    """EngineSettings.cpu.linear: auto = oneDNN on a CPU where torch has it, per shape where measured
     faster (`measured_route`); onednn = required, everywhere."""
     if setting == "torch" or device.type != "cpu":
         return False
     available = onednn_linear_available()
     if setting == "onednn" and not available:
-        raise ValueError("cpu_linear='onednn' needs a torch build with oneDNN (mkldnn)")
+        raise ValueError("cpu.linear='onednn' (--cpu-linear onednn) needs a torch build with oneDNN (mkldnn)")
     return available
 
 

@@ -20,7 +20,7 @@ only (the CPU engine's dtype); masks as the torch path builds them for a decode 
 and within `window` of it where the layer has one. Logit soft-capping (Gemma-2) and other dtypes stay on
 the torch path. The source is compiled with -Wall -Wextra -Werror by the tests.
 
-`EngineSettings.cpu_paged_attention` chooses: `auto` (the default) takes the kernel where it applies (a
+`EngineSettings.cpu.paged_attention` chooses: `auto` (the default) takes the kernel where it applies (a
 CPU engine, float32, the paged cache) and can be built (a C++ compiler and Python's headers; the first
 build takes ~25 s on 2 cores and is logged), else the torch path, with the reason logged; `kernel`
 refuses to start without it; `torch` always gathers.
@@ -101,10 +101,12 @@ def use_kernel(setting: CpuPagedAttention, device: torch.device, dtype: torch.dt
     elif not available():
         reason = "it could not be built here (see the warning above)"
     if reason is None:
-        log.info("decode attention reads the paged KV cache in place (cpu_paged_attention: %s)", setting)
+        log.info("decode attention reads the paged KV cache in place (cpu.paged_attention: %s)", setting)
         return True
     if setting == "kernel":
-        raise InvalidArgumentError(f"cpu_paged_attention='kernel' but {reason}")
+        raise InvalidArgumentError(
+            f"cpu.paged_attention='kernel' (--cpu-paged-attention kernel) but {reason}"
+        )
     if device.type == "cpu":
         log.info("decode attention gathers the KV pages (torch path): %s", reason)
     return False

@@ -46,8 +46,8 @@ from adapterserve.server.engine.prefill_groups import forward_cost_tokens
 from adapterserve.server.engine.provider import ResolvedAdapter
 from adapterserve.server.engine.request_limits import check_fits, check_request
 from adapterserve.server.engine.request_queue import RequestQueue
+from adapterserve.server.engine.row_sampler import RowSampler
 from adapterserve.server.engine.runner import ModelRunner
-from adapterserve.server.engine.sampling import RowSampler
 from adapterserve.server.engine.scheduler import Scheduler
 from adapterserve.server.engine.sequence import EventSink, Sequence
 from adapterserve.server.engine.stats import EngineCounters, EngineStats
@@ -74,13 +74,13 @@ class EngineCore:
         )  # refused settings fail before the model is touched
         self.bank = AdapterBank(spec, settings.adapter_slots, self.dtype, self.device, settings.lora_backend)
         self.context = AdapterContext()
-        packed = use_packed_linears(settings.cpu_linear, self.device)  # refused settings fail here
+        packed = use_packed_linears(settings.cpu.linear, self.device)  # refused settings fail here
         layer_linears = wrap_model(
-            base.model, self.bank, self.context, pack_cpu_linears=settings.cpu_linear if packed else None
+            base.model, self.bank, self.context, pack_cpu_linears=settings.cpu.linear if packed else None
         )
         self.cache = make_kv_cache(settings, spec, self.dtype, self.device)
         paged_kernel = cpu_paged_attention.use_kernel(
-            settings.cpu_paged_attention, self.device, self.dtype, isinstance(self.cache, PagedKVCache)
+            settings.cpu.paged_attention, self.device, self.dtype, isinstance(self.cache, PagedKVCache)
         )
         self.runner = ModelRunner(base.model, self.cache, self.context, paged_kernel=paged_kernel)
         self.forward_check = self.runner.verify()  # UnsupportedModelError: refused before serving
@@ -95,8 +95,8 @@ class EngineCore:
         self.prefill_forward_cost = forward_cost_tokens(self.device, settings.prefill_group_cost)
         # what a prefill forward computes: bucketed row counts where its linears run on oneDNN
         bucketed = any(linear.route.many_rows_onednn for linear in layer_linears)
-        if packed and settings.cpu_linear == "auto":
-            log.info("CPU linears (measured per weight shape, cpu_linear: auto): %s", describe_routes())
+        if packed and settings.cpu.linear == "auto":
+            log.info("CPU linears (measured per weight shape, cpu.linear: auto): %s", describe_routes())
         self.prefill_positions = prefill_positions if bucketed else None
         self.decode_graphs = make_decode_graphs(decode_mode, self.runner, self.cache, self.bank, settings)
         self.decode_step = decode_mode + (", compiled" if settings.compile_decode else "")
@@ -301,8 +301,8 @@ class EngineCore:
         if self.workers is None:
             self.workers = PrefillWorkers(count, on_done=self.activity.set)
         cpu = self.step_runner.cpu
-        if self.settings.decode_pace_ms and cpu.pacer is None:
-            cpu.pacer = DecodePacer(self.settings.decode_pace_ms / 1000)
+        if self.settings.cpu.decode_pace_ms and cpu.pacer is None:
+            cpu.pacer = DecodePacer(self.settings.cpu.decode_pace_ms / 1000)
 
     def stop_prefill_workers(self) -> None:
         """Wait for the jobs in flight, book them, stop the workers (prefill runs inline again)."""

@@ -28,29 +28,18 @@ import torch
 from adapterserve.server.engine.types import TokenLogprob
 
 if TYPE_CHECKING:
-    from adapterserve.server.engine.sampling import RowSampler
-
-
-def counts_penalized(sampler: RowSampler) -> bool:
-    p = sampler.params
-    return p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
-
-
-def is_processed(sampler: RowSampler) -> bool:
-    """Whether any OpenAI processor applies to this row (it then leaves the plain greedy path)."""
-    p = sampler.params
-    return counts_penalized(sampler) or bool(p.logit_bias) or (p.min_tokens > 0 and bool(sampler.eos_ids))
+    from adapterserve.server.engine.row_sampler import RowSampler
 
 
 def apply_processors(x: torch.Tensor, samplers: list[RowSampler]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """x: [n, V] float32 logits of these rows -> (processed logits [n, V], the stacked counts [n, V] or
     None). Call `count_chosen` with the stack once the tokens are chosen."""
-    if not any(is_processed(s) for s in samplers):
+    if not any(s.processed for s in samplers):
         return x, None
     n, vocab = x.shape
     device = x.device
     counts = None
-    if any(counts_penalized(s) for s in samplers):
+    if any(s.counts_penalized for s in samplers):
         blank = torch.zeros(vocab, dtype=torch.float32, device=device)
         counts = torch.stack([s.counts if s.counts is not None else blank for s in samplers])  # [n, V]
         presence = _upload([s.params.presence_penalty for s in samplers], torch.float32, device)[:, None]
@@ -88,7 +77,7 @@ def count_chosen(counts: torch.Tensor | None, chosen: torch.Tensor, samplers: li
         return
     counts.scatter_add_(1, chosen[:, None], torch.ones_like(chosen[:, None], dtype=counts.dtype))
     for i, s in enumerate(samplers):
-        if counts_penalized(s):
+        if s.counts_penalized:
             s.counts = counts[i]
 
 

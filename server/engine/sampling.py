@@ -30,12 +30,11 @@ One call of `sample_rows` handles a whole step with one set of tensor ops and on
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from adapterserve.server.engine import logits_processing as lp
-from adapterserve.server.engine.types import SamplingParams, TokenLogprob
+from adapterserve.server.engine.row_sampler import RowSampler
+from adapterserve.server.engine.types import TokenLogprob
 
 _SHARED_GENERATORS: dict[torch.device, torch.Generator] = {}
 
@@ -48,51 +47,6 @@ def _shared_generator(device: torch.device) -> torch.Generator:
         g.seed()
         _SHARED_GENERATORS[device] = g
     return g
-
-
-@dataclass(eq=False)
-class RowSampler:
-    """Sampling state of one request: its params, its generator (seeded requests only), seen tokens."""
-
-    params: SamplingParams
-    generator: torch.Generator | None  # a seeded request's own generator; None: the shared one
-    prompt_ids: tuple[int, ...] = ()
-    # [V] bool on the logits' device: prompt + generated ids, for the repetition penalty. Built at the
-    # row's first step (when V is known), then a view into the last step's stacked masks.
-    seen: torch.Tensor | None = None
-    # OpenAI's processors (logits_processing.py): the EOS ids min_tokens masks (empty with ignore_eos),
-    # tokens generated so far, and a [V] float32 count of them on the logits' device (penalty rows).
-    eos_ids: tuple[int, ...] = ()
-    generated: int = 0
-    counts: torch.Tensor | None = None
-
-    @classmethod
-    def create(
-        cls,
-        params: SamplingParams,
-        prompt_ids: tuple[int, ...],
-        device: torch.device,
-        eos_ids: tuple[int, ...] = (),
-    ) -> RowSampler:
-        generator = None
-        if params.temperature > 0 and params.seed is not None:
-            generator = torch.Generator(device=device)
-            generator.manual_seed(params.seed)
-        eos = () if params.ignore_eos else tuple(eos_ids)
-        return cls(params=params, generator=generator, prompt_ids=tuple(prompt_ids), eos_ids=eos)
-
-    @property
-    def greedy(self) -> bool:
-        """The plain argmax applies (no temperature, no penalty, no OpenAI processor)."""
-        return (
-            self.params.temperature <= 0
-            and self.params.repetition_penalty == 1.0
-            and not lp.is_processed(self)
-        )
-
-    @property
-    def penalized(self) -> bool:
-        return self.params.repetition_penalty != 1.0
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:

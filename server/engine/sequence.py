@@ -13,7 +13,7 @@ import torch
 from adapterserve.server.adapters.kind import HookSite
 from adapterserve.server.adapters.slots import NO_ADAPTER
 from adapterserve.server.engine.provider import ResolvedAdapter
-from adapterserve.server.engine.sampling import RowSampler
+from adapterserve.server.engine.row_sampler import RowSampler
 from adapterserve.server.engine.structured import RowGrammar
 from adapterserve.server.engine.text import TextTracker
 from adapterserve.server.engine.types import GenerationRequest, TokenEvent, TokenLogprob

@@ -19,16 +19,14 @@ import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from adapterserve.server.errors import AdapterValidationError, NotFoundError, ServeError
 from adapterserve.server.store.locks import ReadWriteLock
 from adapterserve.server.store.manifest import Manifest, verify_dir
 from adapterserve.server.store.names import is_valid_name, validate_name
+from adapterserve.server.store.validator import AdapterValidator, ValidatedAdapter
 from adapterserve.server.store.versions import folder_version, read_record
-
-if TYPE_CHECKING:
-    from adapterserve.server.store.upload import AdapterValidator, ValidatedAdapter
 
 
 class StoreIndex:

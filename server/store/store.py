@@ -42,15 +42,14 @@ from adapterserve.server.store.manifest import FileEntry, Manifest
 from adapterserve.server.store.names import validate_name
 from adapterserve.server.store.upload import (
     MAX_DESCRIPTION_CHARS,
-    AdapterValidator,
     CommitResult,
     UploadRequest,
     UploadSession,
-    ValidatedAdapter,
     adapter_dir_chunks,
     begin_upload,
     publish_upload,
 )
+from adapterserve.server.store.validator import AdapterValidator, ValidatedAdapter
 from adapterserve.server.store.versions import raise_record
 
 log = logging.getLogger(__name__)

@@ -24,10 +24,9 @@ import uuid
 from collections.abc import AsyncIterable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from adapterserve.server.adapters.safetensors_check import sniff_pickle
-from adapterserve.server.adapters.types import AdapterInfo
 from adapterserve.server.cpu.omp_pools import run_releasing_pool
 from adapterserve.server.errors import (
     AdapterValidationError,
@@ -46,6 +45,7 @@ from adapterserve.server.store.layout import (
 )
 from adapterserve.server.store.manifest import FileEntry, Manifest, Origin, check_base, write_manifest
 from adapterserve.server.store.names import validate_name
+from adapterserve.server.store.validator import AdapterValidator, ValidatedAdapter
 from adapterserve.server.store.versions import raise_record
 
 if TYPE_CHECKING:
@@ -55,22 +55,6 @@ if TYPE_CHECKING:
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".joblib", ".npy", ".npz"})
 MAX_FILE_NAME_CHARS = 255
 MAX_DESCRIPTION_CHARS = 1024
-
-
-class ValidatedAdapter(Protocol):
-    """What the injected validator returns (the loader's LoadedAdapter satisfies it)."""
-
-    @property
-    def info(self) -> AdapterInfo: ...
-
-    @property
-    def nbytes(self) -> int: ...
-
-
-# Loads and validates an adapter folder against the served base (shapes, caps, fingerprint), raising
-# AdapterValidationError / UnsupportedAdapterError / BaseMismatchError. In the server this is
-# functools.partial(load_adapter_dir, spec=base.spec, settings=settings.engine).
-AdapterValidator = Callable[[Path], ValidatedAdapter]
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adapterserve.server.adapters.config import parse_adapter_config
+from adapterserve.server.adapters.config_parsing import parse_adapter_config
 from adapterserve.server.adapters.safetensors_check import (
     DTYPE_SIZES,
     check_safetensors_file,

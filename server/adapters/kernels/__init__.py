@@ -8,12 +8,8 @@
 `lora_kernels(name, device)` picks one at engine start and refuses a backend that cannot run there.
 """
 
-from adapterserve.server.adapters.kernels.base import (
-    BACKENDS,
-    KernelBackendError,
-    LoraBackendName,
-    LoraKernels,
-    lora_kernels,
-)
+from adapterserve.server.adapters.kernels.base import KernelBackendError, LoraKernels
+from adapterserve.server.adapters.kernels.choice import BACKENDS, lora_kernels
+from adapterserve.server.settings import LoraBackendName
 
 __all__ = ["BACKENDS", "KernelBackendError", "LoraBackendName", "LoraKernels", "lora_kernels"]

@@ -1,17 +1,14 @@
-"""The interface every low-rank kernel backend implements, and the choice of one at engine start."""
+"""The interface every low-rank kernel backend implements (the choice of one at engine start: choice.py)."""
 
 from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from typing import ClassVar, get_args
+from typing import ClassVar
 
 import torch
 
 from adapterserve.server.errors import FailedPreconditionError
-from adapterserve.server.settings import LoraBackendName
-
-BACKENDS: tuple[str, ...] = get_args(LoraBackendName)
 
 
 class KernelBackendError(FailedPreconditionError):
@@ -63,20 +60,3 @@ class LoraKernels(ABC):
 def triton_interpreting() -> bool:
     """TRITON_INTERPRET=1: Triton kernels run on the CPU through its interpreter (tests)."""
     return os.environ.get("TRITON_INTERPRET", "0").lower() in {"1", "true", "on", "yes"}
-
-
-def lora_kernels(name: str, device: torch.device | str | None = None) -> LoraKernels:
-    """The backend `name` ("torch" or "triton"), checked against `device` when one is given."""
-    if name == "torch":
-        from adapterserve.server.adapters.kernels.torch_backend import TorchLoraKernels
-
-        backend: LoraKernels = TorchLoraKernels()
-    elif name == "triton":
-        from adapterserve.server.adapters.kernels.triton_backend import TritonLoraKernels
-
-        backend = TritonLoraKernels()
-    else:
-        raise KernelBackendError(f"lora_backend {name!r} is not one of {', '.join(BACKENDS)}")
-    if device is not None:
-        backend.check(torch.device(device))
-    return backend

@@ -54,7 +54,7 @@ class TritonLoraKernels(LoraKernels):
         x = x.to(w.dtype)
         if single_slot is not None:
             return x @ w[single_slot]
-        from adapterserve.server.adapters.kernels import _triton_kernels as k
+        from adapterserve.server.adapters.kernels._triton_kernels import jitted, next_power_of_2
 
         batch, seq, k_dim = x.shape
         n_dim = w.shape[2]
@@ -63,10 +63,10 @@ class TritonLoraKernels(LoraKernels):
             return out
         # Shrink (N = r, small): one program per token holds the whole rank and loops over K.
         # Expand (K = r, small): one program per (token, block of N) loops over rank tiles.
-        block_n = max(_MIN_BLOCK, min(k.next_power_of_2(n_dim), _MAX_BLOCK_N))
-        block_k = max(_MIN_BLOCK, min(_MAX_BLOCK_K, k.next_power_of_2(k_dim), _TILE // block_n))
+        block_n = max(_MIN_BLOCK, min(next_power_of_2(n_dim), _MAX_BLOCK_N))
+        block_k = max(_MIN_BLOCK, min(_MAX_BLOCK_K, next_power_of_2(k_dim), _TILE // block_n))
         with _on_device(x):
-            k.jitted(triton_interpreting())[(batch * seq, -(-n_dim // block_n))](
+            jitted(triton_interpreting())[(batch * seq, -(-n_dim // block_n))](
                 x, w, slots, out, seq, k_dim, n_dim,
                 *x.stride(), *w.stride(), *out.stride(),
                 BLOCK_K=block_k, BLOCK_N=block_n,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from adapterserve.server.adapters.config import parse_adapter_config, resolve_config
+from adapterserve.server.adapters.config_parsing import parse_adapter_config, resolve_config
 from adapterserve.server.adapters.kinds.ia3 import IA3AdapterConfig
 from adapterserve.server.adapters.kinds.lora import AdaLoraAdapterConfig, LoraAdapterConfig
 from adapterserve.server.adapters.kinds.prefix import PrefixTuningAdapterConfig
@@ -146,7 +146,10 @@ def test_task_type_null_with_transformers_auto_mapping_is_accepted():
 @pytest.mark.parametrize(
     "changes, field",
     [
-        ({"use_dora": True, "lora_bias": True}, "lora_bias"),  # DoRA is served; its unsupported fields are not
+        (
+            {"use_dora": True, "lora_bias": True},
+            "lora_bias",
+        ),  # DoRA is served; its unsupported fields are not
         ({"lora_bias": True}, "lora_bias"),
         ({"bias": "all"}, "bias"),
         ({"bias": "lora_only"}, "bias"),

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from adapterserve.server.adapters.config import resolve_config
+from adapterserve.server.adapters.config_parsing import resolve_config
 from adapterserve.server.adapters.loader import load_adapter_dir
 from adapterserve.server.errors import BaseMismatchError
 from adapterserve.server.settings import EngineSettings

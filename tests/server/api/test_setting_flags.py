@@ -9,20 +9,24 @@ import ast
 import re
 from pathlib import Path
 
+import pytest
+from pydantic import BaseModel, ValidationError
+
 from adapterserve.server.api import app
 from adapterserve.server.settings import ServerSettings
 
 SERVER = Path(__file__).resolve().parents[3] / "server"
 
 
-def setting_fields() -> dict[str, str]:
-    """snake_case field -> its section ("" for ServerSettings' own fields)."""
+def setting_fields(model: type[BaseModel] = ServerSettings, section: str = "") -> dict[str, str]:
+    """snake_case field -> its section, dotted ("" for ServerSettings' own fields; "engine.cpu")."""
     fields: dict[str, str] = {}
-    for name, info in ServerSettings.model_fields.items():
-        section = getattr(info.annotation, "model_fields", None)
-        for field in section or [name]:
-            if "_" in field:
-                fields[field] = name if section else ""
+    for name, info in model.model_fields.items():
+        inner = info.annotation
+        if isinstance(inner, type) and issubclass(inner, BaseModel):
+            fields |= setting_fields(inner, f"{section}.{name}".lstrip("."))
+        elif "_" in name:
+            fields[name] = section
     return fields
 
 
@@ -75,6 +79,38 @@ def test_the_new_flags_reach_their_settings():
     )
     engine = app.settings_from_args(args, environ={}).engine
     assert (engine.kv_cache_bytes, engine.kv_block_size, engine.compile_decode) == (4096, 32, True)
-    assert (engine.cpu_paged_attention, engine.decode_pace_ms, engine.cpu_linear) == ("torch", 0, "torch")
+    assert (engine.cpu.paged_attention, engine.cpu.decode_pace_ms, engine.cpu.linear) == ("torch", 0, "torch")
     unset = app.settings_from_args(parser.parse_args([]), environ={}).engine
     assert not unset.compile_decode and unset.kv_cache_bytes is None  # unset flags leave the defaults
+
+
+def test_every_cpu_control_is_in_one_section_set_by_flags_and_the_environment_together():
+    """engine.cpu holds the CPU controls; a flag of that section keeps the environment's other values."""
+    parser = argparse.ArgumentParser()
+    app.add_serve_arguments(parser)
+    flags = ["--decode-pace-ms", "5", "--cpu-paged-attention", "torch", "--no-cpu-governor"]
+    flags += ["--cpu-prefill-threads", "0", "--cpu-wait-policy", "passive"]
+    environ = {
+        "ADAPTERSERVE_ENGINE__CPU__THREADS": "3",
+        "ADAPTERSERVE_ENGINE__CPU__LINEAR": "torch",
+        "ADAPTERSERVE_ENGINE__MAX_QUEUE": "7",
+    }
+    engine = app.settings_from_args(parser.parse_args(flags), environ=environ).engine
+    assert engine.max_queue == 7
+    cpu = engine.cpu
+    assert (cpu.threads, cpu.linear, cpu.decode_pace_ms, cpu.paged_attention) == (3, "torch", 5, "torch")
+    assert (cpu.governor, cpu.prefill_threads, cpu.wait_policy) == (False, 0, "passive")
+    assert "cpu" not in ServerSettings.model_fields  # one section, under the engine
+    assert "ADAPTERSERVE_ENGINE__CPU__THREADS" in parser.format_help()
+
+
+def test_an_environment_variable_of_no_section_is_refused():
+    """A nested variable whose section does not exist (ADAPTERSERVE_CPU__THREADS, from before the CPU
+    controls moved under the engine) fails at start instead of being ignored; the client's plain
+    variables are not settings and are left alone."""
+    parser = argparse.ArgumentParser()
+    app.add_serve_arguments(parser)
+    with pytest.raises(ValidationError, match="cpu"):
+        app.settings_from_args(parser.parse_args([]), environ={"ADAPTERSERVE_CPU__THREADS": "2"})
+    settings = app.settings_from_args(parser.parse_args([]), environ={"ADAPTERSERVE_TARGET": "host:1"})
+    assert settings.engine.cpu.threads is None

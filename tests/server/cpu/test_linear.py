@@ -90,12 +90,14 @@ def test_only_plain_frozen_cpu_linears_are_packed():
 def test_the_engine_packs_on_cpu_and_keeps_tokens_and_tied_weights(tiny_model_dir):
     from adapterserve.server.engine.offline import OfflineEngine
     from adapterserve.server.model.loading import load_base_model
-    from adapterserve.server.settings import EngineSettings
+    from adapterserve.server.settings import CpuSettings, EngineSettings
 
     outputs, kinds = {}, {}
     for setting in ("torch", "onednn", "auto"):
         base = load_base_model(tiny_model_dir, quantize="none", device="cpu")
-        engine = OfflineEngine(base, EngineSettings(max_batch_size=4, max_seq_len=64, cpu_linear=setting))
+        engine = OfflineEngine(
+            base, EngineSettings(max_batch_size=4, max_seq_len=64, cpu=CpuSettings(linear=setting))
+        )
         model = base.model
         kinds[setting] = type(model.lm_head).__name__, type(model.model.layers[0].mlp.down_proj.base).__name__
         if setting == "auto" and model.config.tie_word_embeddings:
@@ -192,14 +194,16 @@ def test_prefill_plans_count_padding_only_where_prefill_runs_on_onednn(
 ):
     from adapterserve.server.engine.offline import OfflineEngine
     from adapterserve.server.model.loading import load_base_model
-    from adapterserve.server.settings import EngineSettings
+    from adapterserve.server.settings import CpuSettings, EngineSettings
 
     for many_onednn in (True, False):
         cpu_linear._routes.clear()
         route = LinearRoute(few_rows_onednn=True, many_rows_onednn=many_onednn)
         monkeypatch.setattr(cpu_linear, "_time_route", lambda weight, route=route: route)
         base = load_base_model(tiny_model_dir, quantize="none", device="cpu")
-        engine = OfflineEngine(base, EngineSettings(max_batch_size=4, max_seq_len=64, cpu_linear="auto"))
+        engine = OfflineEngine(
+            base, EngineSettings(max_batch_size=4, max_seq_len=64, cpu=CpuSettings(linear="auto"))
+        )
         assert (engine.core.prefill_positions is not None) == many_onednn
         got = engine.generate([engine.request([5, 6, 7, 8] * 10, max_new_tokens=4, ignore_eos=True)])
         assert len(got[0].token_ids) == 4

@@ -17,7 +17,7 @@ from adapterserve.server.engine.offline import OfflineEngine
 from adapterserve.server.engine.paged_kv_cache import PagedKVCache
 from adapterserve.server.errors import InvalidArgumentError
 from adapterserve.server.model.loading import load_base_model
-from adapterserve.server.settings import EngineSettings
+from adapterserve.server.settings import CpuSettings, EngineSettings
 
 needs_kernel = pytest.mark.skipif(
     shutil.which("c++") is None and shutil.which("g++") is None, reason="no C++ compiler to build the kernel"
@@ -90,7 +90,9 @@ def test_the_default_cpu_engine_reads_pages_in_place_and_gives_the_torch_paths_t
         base = load_base_model(tiny_model_dir, quantize="none", device="cpu")
         engine = OfflineEngine(
             base,
-            EngineSettings(max_batch_size=4, max_seq_len=64, kv_block_size=4, cpu_paged_attention=setting),
+            EngineSettings(
+                max_batch_size=4, max_seq_len=64, kv_block_size=4, cpu=CpuSettings(paged_attention=setting)
+            ),
             capture_logits=True,
         )
         assert engine.core.runner.attention.paged_kernel == (setting == "auto")

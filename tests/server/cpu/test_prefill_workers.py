@@ -16,7 +16,7 @@ from adapterserve.server.cpu.prefill_workers import PrefillWorkers
 from adapterserve.server.engine.offline import OfflineEngine
 from adapterserve.server.engine.types import FinishReason
 from adapterserve.server.model.loading import load_base_model
-from adapterserve.server.settings import EngineSettings
+from adapterserve.server.settings import CpuSettings, EngineSettings
 from tests.helpers.peft_refs import make_every_kind
 
 PROMPTS = [[5, 6, 7, 8, 9], [40, 41, 42], [100, 17, 250, 3, 77, 12, 9], [60, 61], [7, 7, 7, 7]]
@@ -181,8 +181,8 @@ def test_stopping_the_workers_books_the_jobs_in_flight(tiny_model_dir):
 
 def test_paced_decode_steps_beside_jobs_give_the_same_tokens(tiny_model_dir):
     """With the engine thread reported as always waiting for a CPU, decode steps beside prefill jobs are
-    held (cpu/decode_pacing.py) and the tokens stay those of prefill inline; decode_pace_ms=0 has no pacer."""
-    assert _engine(tiny_model_dir, 1, decode_pace_ms=0).core.decode_pacer is None
+    held (cpu/decode_pacing.py) and the tokens stay those of prefill inline; cpu.decode_pace_ms=0 has no pacer."""
+    assert _engine(tiny_model_dir, 1, cpu=CpuSettings(decode_pace_ms=0)).core.decode_pacer is None
     prompts = [[i + 3] * (4 + i % 5) for i in range(12)]
 
     def run(engine: OfflineEngine):

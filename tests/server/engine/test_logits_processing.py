@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from adapterserve.server.engine.sampling import RowSampler, sample_rows, sample_step
+from adapterserve.server.engine.row_sampler import RowSampler
+from adapterserve.server.engine.sampling import sample_rows, sample_step
 from adapterserve.server.engine.types import SamplingParams
 
 CPU = torch.device("cpu")

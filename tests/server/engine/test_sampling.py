@@ -7,12 +7,8 @@ import pytest
 import torch
 from transformers import RepetitionPenaltyLogitsProcessor
 
-from adapterserve.server.engine.sampling import (
-    RowSampler,
-    apply_repetition_penalty,
-    filter_thresholds,
-    sample_rows,
-)
+from adapterserve.server.engine.row_sampler import RowSampler
+from adapterserve.server.engine.sampling import apply_repetition_penalty, filter_thresholds, sample_rows
 from adapterserve.server.engine.types import SamplingParams
 
 CPU = torch.device("cpu")

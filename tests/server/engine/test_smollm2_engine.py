@@ -7,7 +7,7 @@ import torch
 
 from adapterserve.server.engine.offline import OfflineEngine
 from adapterserve.server.model.loading import load_base_model
-from adapterserve.server.settings import EngineSettings
+from adapterserve.server.settings import CpuSettings, EngineSettings
 from tests.helpers.peft_refs import (
     ADAPTER_KINDS,
     make_adapter,
@@ -44,7 +44,10 @@ def test_every_kind_matches_peft_on_smollm2(smollm2_dir, tmp_path):
         engine = OfflineEngine(
             load_base_model(smollm2_dir, quantize="none", device="cpu"),
             EngineSettings(
-                max_batch_size=16, max_seq_len=160, adapter_slots=len(kinds), cpu_linear=cpu_linear
+                max_batch_size=16,
+                max_seq_len=160,
+                adapter_slots=len(kinds),
+                cpu=CpuSettings(linear=cpu_linear),
             ),
             capture_logits=True,
         )

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from adapterserve.server.adapters.config import parse_adapter_config
+from adapterserve.server.adapters.config_parsing import parse_adapter_config
 from adapterserve.server.adapters.kinds.lora import LoraAdapterConfig
 from adapterserve.server.adapters.safetensors_check import read_safetensors_checked
 from adapterserve.server.adapters.types import AdapterInfo
