@@ -2,8 +2,10 @@
 
 `RolloutClient` talks gRPC to a running server (or to the in-process one of `local_server.py`):
 - `sample(groups)`: one Generate request per distinct prompt, sent by token ids with `n` choices (one
-  prefill shared by the group) and each token's log-probability, all prompts at once, so the engine serves
-  them in its continuous batch beside whatever else it runs;
+  prefill shared by the group) and each token's log-probability at the sampling temperature
+  (log_softmax(logits / temperature): the distribution the token was drawn from, what TRL's trainer
+  computes on its side), all prompts at once, so the engine serves them in its continuous batch beside
+  whatever else it runs;
 - `push(tensors)`: the adapter's state dict through UpdateAdapter (a new version; the next rollouts use
   it, requests in flight finish on theirs);
 - `upload(folder)`: the initial adapter, before the first rollout.
@@ -141,6 +143,7 @@ class RolloutClient:
                 top_p=how.top_p,
                 top_k=how.top_k,
                 logprobs=0,
+                logprobs_at_temperature=True,
                 seed=seed,
                 ignore_eos=how.ignore_eos,
             ),
@@ -152,7 +155,7 @@ class RolloutClient:
                 f"rollout on {self.target} failed: {err.code().name}: {err.details()}"
             ) from None
         choices = list(reply.choices) or [reply]
-        return [
+        out = [
             Completion(
                 token_ids=list(c.token_ids),
                 logprobs=[e.logprob for e in c.logprobs],
@@ -160,6 +163,12 @@ class RolloutClient:
             )
             for c in choices
         ]
+        for c in out:
+            if len(c.logprobs) != len(c.token_ids):
+                raise TrainingError(
+                    f"{self.target} returned {len(c.logprobs)} logprobs for {len(c.token_ids)} tokens"
+                )
+        return out
 
     # ------------------------------------------------------------------ weights
     def upload(self, folder: Path) -> int:
