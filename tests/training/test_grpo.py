@@ -177,3 +177,31 @@ def test_prompt_ids_render_chats_with_the_chat_template():
     text = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
     assert prompt_ids(tokenizer, chat) == tokenizer(text, add_special_tokens=False)["input_ids"]
     assert prompt_ids(tokenizer, "the cat") == tokenizer("the cat")["input_ids"]
+
+
+def test_rollout_batches_keep_to_the_server_limits():
+    from adapterserve.training.rollouts import batches
+
+    assert batches([(10, 4)] * 5, 8, 1000) == [[0, 1], [2, 3], [4]]  # rows: n summed
+    assert batches([(10, 4)] * 3, 256, 25) == [[0, 1], [2]]  # prompt tokens
+    assert batches([(10, 4), (10, 9), (10, 4)], 8, 1000) == [[0], [1], [2]]  # too big: alone
+    assert batches([(10, 4)] * 3, 0, 0) == [[0], [1], [2]]  # no GenerateBatch: one request each
+
+
+def test_a_batched_rollout_samples_what_each_prompt_alone_would(rollout_server, peaked_model_dir):
+    from transformers import AutoTokenizer
+
+    from adapterserve.training.grpo import prompt_ids
+    from adapterserve.training.rollouts import RolloutClient, RolloutSampling
+
+    tokenizer = AutoTokenizer.from_pretrained(peaked_model_dir)
+    ids = [prompt_ids(tokenizer, p) for p in PROMPTS[:3]]
+    sampling = RolloutSampling(max_new_tokens=6, temperature=1.0, seed=11)
+    with (
+        RolloutClient(rollout_server.target, "unused", sampling) as together,
+        RolloutClient(rollout_server.target, "unused", sampling) as alone,
+    ):
+        batched = together.sample([(i, 3) for i in ids], adapter="")
+        single = [alone.sample([(i, 3)], adapter="")[0] for i in ids]
+    assert [[c.token_ids for c in g] for g in batched] == [[c.token_ids for c in g] for g in single]
+    assert len({tuple(c.token_ids) for g in batched for c in g}) > 3  # each choice its own seed
