@@ -201,6 +201,12 @@ def _print_summary(result: Any) -> None:
             f"{g.rollout_server}, now version {g.final_version}; rollouts {g.rollout_tokens_per_second:.1f} tok/s; "
             f"last logged reward {last}"
         )
+        if g.importance_sampling_curve:
+            worst = max(s.logp_difference_max for s in g.importance_sampling_curve)
+            print(
+                f"importance sampling ({g.importance_sampling}): last logged ratio mean "
+                f"{g.importance_sampling_curve[-1].ratio_mean:.4f}; largest |trainer - server| logprob {worst:.3g}"
+            )
         if g.eval_base_reward is not None and g.eval_adapter_reward is not None:
             print(f"held-out reward (greedy): {g.eval_base_reward:.3f} -> {g.eval_adapter_reward:.3f}")
     if m.eval_base is not None and m.eval_adapter is not None:

@@ -2,12 +2,12 @@
 
 TRL does the RL: group-relative advantages, the clipped policy loss, the optimizer step. This module
 gives it a `rollout_func` that asks the server (rollouts.py) for `num_generations` completions of each
-prompt with their log-probabilities, sampled by the engine in its continuous batch under the adapter being
-trained, and a callback that pushes the adapter's weights into the server in place after every optimizer
-step, so that the next rollouts are sampled by the policy being optimised. The server's per-token
-logprobs reach TRL as its sampling logprobs; TRL 1.16 applies its importance-sampling correction
-(`vllm_importance_sampling_*`) only with `use_vllm`, not with a `rollout_func`, so it is not applied here
-(the server's and the trainer's weights are the same after each push: the rollouts are on-policy).
+prompt with their log-probabilities at the sampling temperature, sampled by the engine in its continuous
+batch under the adapter being trained, and an `AdapterPush` that TRL calls before a rollout once an
+optimizer step has passed (grpo_trainer.py), which pushes the adapter's weights into the server in
+place, so that the rollouts are sampled by the policy being optimised. The server's per-token logprobs
+are TRL's sampling logprobs: with `--importance-sampling-correction` (the default) TRL weights the loss
+by the ratio of the trainer's probability of each sampled token to the server's (grpo_trainer.py).
 
 Prompt records (JSONL): `prompt` (text, or chat messages rendered with the base's chat template) plus the
 fields the rewards read (`answer`, `pattern`, `schema`, or anything a `module:function` reward takes).
@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from adapterserve.training.errors import SettingsError, TrainingError
+from adapterserve.training.grpo_history import GrpoHistory
 from adapterserve.training.loop import LoopResult, _callbacks, trainer_arguments
 from adapterserve.training.metrics import GrpoReport
 from adapterserve.training.rewards import RewardFunc
@@ -111,11 +112,10 @@ def mean_reward(
 
 
 class ServerRollouts:
-    """TRL's `rollout_func` over a RolloutClient, and the push after each optimizer step."""
+    """TRL's `rollout_func` over a RolloutClient: each prompt's group of completions with their logprobs."""
 
     def __init__(self, client: RolloutClient, tokenizer: Any) -> None:
         self.client, self.tokenizer = client, tokenizer
-        self.batch_rewards: list[float] = []
 
     def __call__(self, prompts: list[Any], trainer: Any) -> dict[str, Any]:
         groups = _groups(prompts)
@@ -129,19 +129,16 @@ class ServerRollouts:
                 out["logprobs"].append(completion.logprobs)
         return out
 
-    def callback(self) -> Any:
-        from transformers import TrainerCallback
 
-        client = self.client
+class AdapterPush:
+    """The trainer's weight sync: the adapter's current weights into the server, in place."""
 
-        class PushWeights(TrainerCallback):
-            """After every optimizer step: the adapter's new weights into the server, in place."""
+    def __init__(self, client: RolloutClient, model: Any) -> None:
+        self.client, self.model = client, model
 
-            def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
-                version = client.push(adapter_state(kwargs["model"]))
-                log.debug("step %d: pushed version %d", state.global_step, version)
-
-        return PushWeights()
+    def sync_weights(self) -> None:
+        version = self.client.push(adapter_state(self.model))
+        log.debug("pushed version %d", version)
 
 
 def _trl() -> Any:
@@ -164,22 +161,16 @@ def run_grpo(
     device: torch.device,
     client: RolloutClient,
     steps: int,
-) -> tuple[Any, LoopResult, list[tuple[int, float]]]:
+) -> tuple[Any, LoopResult, GrpoHistory]:
     """Train `model` (a PeftModel) with GRPO for `steps` optimizer steps; the server at `client` samples
-    every rollout and gets the weights after every step. Returns (model, loop result, reward curve)."""
+    every rollout and gets the weights after every step. Returns (model, loop result, what TRL logged)."""
     trl = _trl()
     from datasets import Dataset
 
-    rollouts = ServerRollouts(client, tokenizer)
+    from adapterserve.training.grpo_trainer import ServerRolloutTrainer
+
     result = LoopResult(steps=0, epochs=0.0, seconds=0.0)
-    curve: list[tuple[int, float]] = []
-    from transformers import TrainerCallback
-
-    class RewardHistory(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
-            if logs and "reward" in logs:
-                curve.append((int(state.global_step), float(logs["reward"])))
-
+    history = GrpoHistory()
     with tempfile.TemporaryDirectory(prefix="adapterserve-grpo-") as scratch:
         args = trl.GRPOConfig(
             **{**trainer_arguments(settings, device, scratch, steps), "logging_first_step": False},
@@ -192,15 +183,24 @@ def run_grpo(
             gradient_checkpointing=False,
             remove_unused_columns=False,
             shuffle_dataset=True,
+            # the server samples without dropout: the trainer's logprobs must be that policy's, or
+            # the importance-sampling ratio measures dropout noise (|log ratio| up to 5 on the tiny
+            # model at LoRA dropout 0.05)
+            disable_dropout=True,
+            vllm_importance_sampling_correction=settings.importance_sampling_correction,
+            vllm_importance_sampling_mode=settings.importance_sampling_mode,
+            vllm_importance_sampling_clip_min=settings.importance_sampling_clip_min,
+            vllm_importance_sampling_clip_max=settings.importance_sampling_clip_max,
         )
-        trainer = with_step_losses(trl.GRPOTrainer)(
+        trainer = with_step_losses(ServerRolloutTrainer)(
             model=model,
             reward_funcs=rewards,
             args=args,
             train_dataset=Dataset.from_list(records),
             processing_class=tokenizer,
-            rollout_func=rollouts,
-            callbacks=[*_callbacks(settings, result), RewardHistory(), rollouts.callback()],
+            rollout_func=ServerRollouts(client, tokenizer),
+            callbacks=[*_callbacks(settings, result), history.callback()],
+            sync=AdapterPush(client, model),
         )
         trainer.step_losses = result.step_losses
         start = time.perf_counter()
@@ -211,12 +211,13 @@ def run_grpo(
         result.train_loss = float(output.training_loss)
         model = trainer.model
     model.eval()
-    return model, result, curve
+    return model, result, history
 
 
 def grpo_report(
     client: RolloutClient,
-    curve: list[tuple[int, float]],
+    history: GrpoHistory,
+    settings: TrainSettings,
     *,
     target: str,
     adapter: str,
@@ -230,7 +231,7 @@ def grpo_report(
         rollout_server=target,
         adapter=adapter,
         final_version=final_version,
-        reward_curve=curve,
+        reward_curve=history.rewards,
         eval_base_reward=eval_base,
         eval_adapter_reward=eval_adapter,
         rollout_completions=stats.completions,
@@ -239,6 +240,10 @@ def grpo_report(
         rollout_tokens_per_second=round(stats.tokens_per_second, 2),
         pushes=len(pushes),
         push_seconds_p50=round(statistics.median(pushes), 4) if pushes else None,
+        importance_sampling=(
+            settings.importance_sampling_mode if settings.importance_sampling_correction else None
+        ),
+        importance_sampling_curve=history.importance,
     )
 
 

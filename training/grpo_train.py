@@ -3,7 +3,8 @@
 1. Connect to `--rollout-server` (or start a server inside this process: local_server.py).
 2. Make the trainable adapter (LoRA, DoRA or IA3: an identity at start) and upload it under its name.
 3. Score the base on the held-out prompts (`--eval`): greedy, through the server, mean summed reward.
-4. Train (grpo.py): every rollout sampled by the server, the weights pushed in place after every step.
+4. Train (grpo.py): every rollout sampled by the server, the weights pushed in place before each rollout
+   that follows an optimizer step, TRL's importance-sampling correction on the server's logprobs.
 5. Push the final weights once more with `persist`, so the server stores and serves that version under
    the adapter's name; check it serves it; score it on the held-out prompts.
 6. Save the adapter to `--out` with the usual manifest (and its `grpo` report).
@@ -103,7 +104,7 @@ def train_grpo(
         if eval_base is not None:
             log.info("held-out reward of the base: %.4f", eval_base)
         with PeakMemoryMeter(base.device) as meter:
-            model, loop, curve = run_grpo(
+            model, loop, history = run_grpo(
                 model,
                 records,
                 rewards,
@@ -120,7 +121,8 @@ def train_grpo(
             log.info("held-out reward of %r version %d: %.4f", name, final, eval_adapter)
         report = grpo_report(
             client,
-            curve,
+            history,
+            settings,
             target=settings.rollout_server or "in-process",
             adapter=name,
             final_version=final,

@@ -6,7 +6,7 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 _SPACE = re.compile(r"\s+")
 _WORD = re.compile(r"\w+|[^\w\s]")
@@ -58,6 +58,17 @@ def score(predictions: Sequence[str], references: Sequence[str], backend: str) -
     )
 
 
+class ImportanceSamplingStep(BaseModel):
+    """TRL's importance-sampling log of one logged step (means over the steps since the last log)."""
+
+    step: int
+    ratio_min: float  # the ratio trainer / server probability, after the clip or mask
+    ratio_mean: float
+    ratio_max: float
+    logp_difference_mean: float  # mean |trainer - server| logprob of the sampled tokens
+    logp_difference_max: float
+
+
 class GrpoReport(BaseModel):
     """What a --stage grpo run measured: rewards, rollouts through the server, in-place pushes."""
 
@@ -73,3 +84,5 @@ class GrpoReport(BaseModel):
     rollout_tokens_per_second: float
     pushes: int  # in-place weight updates
     push_seconds_p50: float | None = None  # one push (serialise, send, validate, new version), median
+    importance_sampling: str | None = None  # TRL's mode of the correction; None: off
+    importance_sampling_curve: list[ImportanceSamplingStep] = Field(default_factory=list)

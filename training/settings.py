@@ -18,6 +18,9 @@ STAGES: tuple[Stage, ...] = ("pt", "sft", "dpo", "grpo")
 # What --stage grpo can push into a served adapter in place after every step (linear kinds).
 GRPO_METHODS: tuple[str, ...] = ("lora", "ia3")
 
+# TRL's vllm_importance_sampling_mode values (docs/training.md, GRPO).
+ImportanceSamplingMode = Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"]
+
 Method = str  # a name in training/method_table.py's TRAINING_METHODS (checked by TrainSettings)
 PROMPT_LEARNING_METHODS: frozenset[str] = frozenset(
     m.name for m in TRAINING_METHODS.values() if m.prompt_learning
@@ -121,6 +124,20 @@ class TrainSettings(BaseModel):
     max_new_tokens: int = Field(32, ge=1, description="grpo: tokens per completion at most")
     temperature: float = Field(1.0, gt=0, description="grpo: sampling temperature of the rollouts")
     grpo_beta: float = Field(0.0, ge=0, description="grpo: KL penalty towards the base (0 = none)")
+    importance_sampling_correction: bool = Field(
+        True,
+        description="grpo: weight the loss by the ratio of the trainer's to the server's probability of "
+        "each sampled token (TRL's vllm_importance_sampling_correction)",
+    )
+    importance_sampling_mode: ImportanceSamplingMode = Field(
+        "sequence_mask",
+        description="grpo: token_* one ratio per token, sequence_* one per completion; *_truncate clips "
+        "it to [clip-min, clip-max], *_mask zeroes it outside",
+    )
+    importance_sampling_clip_min: float | None = Field(
+        None, ge=0, description="grpo: the ratio's lower bound (None = no lower bound)"
+    )
+    importance_sampling_clip_max: float = Field(3.0, gt=0, description="grpo: the ratio's upper bound")
 
     # --- convergence (early stopping on a validation loss) ---------------------------------------
     val_size: int = Field(
@@ -189,6 +206,12 @@ class TrainSettings(BaseModel):
             raise ValueError(
                 f"--stage grpo: --batch-size x --grad-accum ({self.batch_size * self.grad_accum}) must be a "
                 f"multiple of --num-generations ({self.num_generations}): each step takes whole groups"
+            )
+        clip_min = self.importance_sampling_clip_min
+        if clip_min is not None and clip_min >= self.importance_sampling_clip_max:
+            raise ValueError(
+                f"--importance-sampling-clip-min ({clip_min}) must be below --importance-sampling-clip-max "
+                f"({self.importance_sampling_clip_max})"
             )
         if self.stage == "grpo" and (self.val_size or self.early_stop_patience):
             raise ValueError("--stage grpo trains the planned steps (no --val-size / --early-stop-patience)")

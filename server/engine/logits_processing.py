@@ -15,7 +15,8 @@ them). Rows that use none of these pay nothing: a step without them runs none of
 
 Logprobs (`step_logprobs`): the log-softmax of the RAW logits (the model's, adapters applied; before
 penalties, bias, temperature and top-k/top-p, as vLLM reports them by default), the chosen token's
-value and the k largest. The values travel to the host in the same transfer as the chosen tokens, so a
+value and the k largest; a row with `logprobs_at_temperature` (and a temperature) gets those of its
+logits divided by its temperature instead (an RL trainer's sampling logprobs). The values travel to the host in the same transfer as the chosen tokens, so a
 step still synchronizes with the device once.
 """
 
@@ -81,19 +82,35 @@ def count_chosen(counts: torch.Tensor | None, chosen: torch.Tensor, samplers: li
             s.counts = counts[i]
 
 
+def logprob_temperature(sampler: RowSampler) -> float:
+    """What a row's logits are divided by before its logprobs: its temperature with
+    `logprobs_at_temperature` (and a temperature above 0), else 1 (the raw distribution)."""
+    p = sampler.params
+    return p.temperature if p.logprobs_at_temperature and p.temperature > 0 else 1.0
+
+
 def step_logprobs(
-    logits: torch.Tensor, chosen: torch.Tensor, rows: list[int], ks: list[int]
+    logits: torch.Tensor,
+    chosen: torch.Tensor,
+    rows: list[int],
+    ks: list[int],
+    temperatures: list[float],
 ) -> tuple[torch.Tensor, int]:
     """logits [B, V] (raw), chosen [B] long (row order), rows: the rows that want logprobs, ks: their
-    top-k counts. Returns (a flat float64 tensor to append to the step's one host transfer, K): per row
-    [logprob of its chosen token], then [m, K] top values, then [m, K] top ids, K = max(ks)."""
+    top-k counts, temperatures: what each of those rows' logits are divided by (logprob_temperature).
+    Returns (a flat float64 tensor to append to the step's one host transfer, K): per row [logprob of
+    its chosen token], then [m, K] top values, then [m, K] top ids, K = max(ks)."""
     if len(rows) == logits.shape[0]:  # every row asks: no gather
-        lsm = torch.log_softmax(logits.float(), dim=-1)  # [B, V]
-        picked = lsm.gather(1, chosen[:, None])[:, 0]  # [B]
+        x = logits.float()  # [B, V]
+        picked_ids = chosen
     else:
         index = _upload(rows, torch.long, logits.device)
-        lsm = torch.log_softmax(logits.index_select(0, index).float(), dim=-1)  # [m, V]
-        picked = lsm.gather(1, chosen.index_select(0, index)[:, None])[:, 0]  # [m]
+        x = logits.index_select(0, index).float()  # [m, V]
+        picked_ids = chosen.index_select(0, index)
+    if any(t != 1.0 for t in temperatures):
+        x = x / _upload(temperatures, torch.float32, logits.device)[:, None]
+    lsm = torch.log_softmax(x, dim=-1)
+    picked = lsm.gather(1, picked_ids[:, None])[:, 0]  # [m]
     k = max(ks)
     parts = [picked.double()]
     if k:

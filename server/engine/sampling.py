@@ -180,7 +180,8 @@ def sample_step(
             chosen = inverse
             order = None
         ks = [samplers[i].params.logprobs or 0 for i in want]
-        packed, k = lp.step_logprobs(logits, chosen, want, ks)
+        temperatures = [lp.logprob_temperature(samplers[i]) for i in want]
+        packed, k = lp.step_logprobs(logits, chosen, want, ks, temperatures)
         host = torch.cat([chosen.double(), packed]).tolist()
         flat, extra = [int(t) for t in host[: len(samplers)]], host[len(samplers) :]
     if order is None:

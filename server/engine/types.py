@@ -40,6 +40,9 @@ class SamplingParams:
     # distribution (its logits after adapters, before penalties/bias/temperature) and the k most likely
     # alternatives
     logprobs: int | None = None
+    # with logprobs and temperature > 0: those of log_softmax(logits / temperature) instead of the raw
+    # distribution (an RL trainer's sampling logprobs)
+    logprobs_at_temperature: bool = False
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ GENERATE_CASES: list[tuple[tuple[Any, ...], dict[str, Any]]] = [
     (("hi",), {"min_tokens": 3}),
     (("hi",), {"logprobs": 0}),
     (("hi",), {"logprobs": 5, "prompt_logprobs": 2}),
+    (("hi",), {"temperature": 0.7, "logprobs": 0, "logprobs_at_temperature": True}),
     (("hi",), {"n": 3, "temperature": 1.0, "seed": 7}),
     (("hi",), {"request_id": "req-1"}),
     (("hi",), {"response_format": "json_object"}),

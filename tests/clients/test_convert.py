@@ -19,6 +19,9 @@ def test_prompt_request_with_sampling():
     assert (s.max_new_tokens, s.top_k, s.seed, list(s.stop)) == (5, 3, 7, ["\n"])
     assert s.temperature == pytest.approx(0.5) and s.top_p == pytest.approx(0.9)
     assert not s.HasField("repetition_penalty")
+    assert not s.logprobs_at_temperature
+    scaled = build_generate_request("hi", None, None, temperature=0.7, logprobs=0, logprobs_at_temperature=True)
+    assert scaled.sampling.logprobs_at_temperature and scaled.sampling.logprobs == 0
 
 
 def test_defaults_leave_optional_fields_unset():

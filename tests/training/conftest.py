@@ -54,3 +54,32 @@ def fresh_base(tiny_model_dir):
     from adapterserve.server.model.loading import load_base_model
 
     return load_base_model(tiny_model_dir, quantize="none", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def peaked_model_dir(tmp_path_factory) -> Path:
+    """A tiny model whose lm_head is scaled up so that its next-token distribution is peaked (a random
+    tiny model samples almost uniformly over its vocabulary, and no GRPO reward moves that in a few
+    steps)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tests.helpers.tiny_model import make_tiny_model_dir
+
+    path = make_tiny_model_dir(tmp_path_factory.mktemp("peaked"))
+    model = AutoModelForCausalLM.from_pretrained(path)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(6.0)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def rollout_server(peaked_model_dir):
+    """An adapterserve server on peaked_model_dir, in this process (GRPO's rollouts and pushes)."""
+    from adapterserve.training.local_server import LocalServer
+
+    server = LocalServer(str(peaked_model_dir), "cpu")
+    server.start()
+    yield server
+    server.stop()

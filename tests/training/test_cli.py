@@ -29,6 +29,13 @@ def test_flags_become_one_settings_object():
     assert (s.method, s.encoder_type, s.num_virtual_tokens, s.max_steps) == ("p-tuning", "lstm", 7, 3)
     assert s.target_modules == ("q_proj", "k_proj") and s.learning_rate == 0.01 and s.bf16 is False
     assert s.rank == 8  # not given: the settings default
+    assert s.importance_sampling_correction is True  # --stage grpo corrects by default
+    off = settings_from_args(_parse(["--no-importance-sampling-correction", "--data", "d", "--out", "o"]))
+    assert off.importance_sampling_correction is False
+    token = _parse(["--importance-sampling-mode", "token_mask", "--importance-sampling-clip-min", "0.5"])
+    assert settings_from_args(token).importance_sampling_mode == "token_mask"
+    with pytest.raises(SystemExit):
+        _parse(["--importance-sampling-mode", "token"])
 
 
 def test_compare_subcommand_parses_its_own_options():

@@ -1,14 +1,12 @@
 """`adapterserve train --stage grpo` against a real server on a tiny model: rewards, rollouts, pushes.
 
-The tiny model's lm_head is scaled up so that its next-token distribution is peaked (a random tiny model
-samples almost uniformly over its vocabulary, and no reward moves that in a few steps). The reward
+The tiny model (conftest.py's peaked_model_dir) has a peaked next-token distribution. The reward
 (tests/training/grpo_rewards.py) pays for token ids in the lower half of the vocabulary.
 """
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,34 +17,11 @@ from adapterserve.training.errors import SettingsError
 from adapterserve.training.grpo import _groups, read_prompts
 from adapterserve.training.rewards import BUILT_IN, load_reward, load_rewards
 from adapterserve.training.settings import TrainSettings
-from tests.helpers.tiny_model import make_tiny_model_dir
 from tests.training.conftest import write_jsonl
 
 pytestmark = pytest.mark.timeout(300)
 
 PROMPTS = ["the cat sat on", "a dog ran to", "we went to the", "she said that", "it was a", "the sun is"]
-
-
-@pytest.fixture(scope="module")
-def peaked_model_dir(tmp_path_factory) -> Path:
-    from transformers import AutoModelForCausalLM
-
-    path = make_tiny_model_dir(tmp_path_factory.mktemp("peaked"))
-    model = AutoModelForCausalLM.from_pretrained(path)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(6.0)
-    model.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def rollout_server(peaked_model_dir):
-    from adapterserve.training.local_server import LocalServer
-
-    server = LocalServer(str(peaked_model_dir), "cpu")
-    server.start()
-    yield server
-    server.stop()
 
 
 def test_grpo_raises_the_reward_and_the_server_serves_the_pushed_weights(
@@ -57,7 +32,7 @@ def test_grpo_raises_the_reward_and_the_server_serves_the_pushed_weights(
 
     data = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in PROMPTS])
     out = tmp_path / "rl"
-    steps = 8
+    steps = 12  # at this learning rate the reward rose on every seed tried (0..4)
     code = main(
         [
             "--stage", "grpo",
@@ -74,7 +49,7 @@ def test_grpo_raises_the_reward_and_the_server_serves_the_pushed_weights(
             "--batch-size", "8",
             "--num-generations", "4",
             "--max-new-tokens", "4",
-            "--learning-rate", "0.1",
+            "--learning-rate", "0.05",
             "--rank", "8",
             "--target-modules", "q_proj,v_proj,o_proj,down_proj",
             "--logging-steps", "1",
@@ -87,7 +62,8 @@ def test_grpo_raises_the_reward_and_the_server_serves_the_pushed_weights(
     assert len(rewards) == steps
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.15, rewards
     assert report["eval_adapter_reward"] > report["eval_base_reward"] + 0.2, report
-    assert report["pushes"] == steps + 1  # one per optimizer step, and the final one (persisted)
+    # one before each rollout that follows an optimizer step, and the final one (persisted)
+    assert report["pushes"] == steps
     assert report["rollout_completions"] == steps * 8 + 2 * len(PROMPTS)
 
     # the server serves the final pushed version, and stored it: its tensors are the trainer's
@@ -107,6 +83,10 @@ def test_grpo_settings_are_checked():
     with pytest.raises(ValidationError, match="multiple of --num-generations"):
         TrainSettings(stage="grpo", method="lora", batch_size=6, num_generations=4)
     assert TrainSettings(stage="grpo", method="ia3", batch_size=8, num_generations=4).reward == ("exact",)
+    with pytest.raises(ValidationError, match="clip-min"):
+        TrainSettings(stage="grpo", method="lora", importance_sampling_clip_min=3.0)
+    with pytest.raises(ValidationError, match="importance_sampling_mode"):
+        TrainSettings(stage="grpo", method="lora", importance_sampling_mode="token")
 
 
 def test_built_in_rewards():
@@ -197,3 +177,31 @@ def test_prompt_ids_render_chats_with_the_chat_template():
     text = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
     assert prompt_ids(tokenizer, chat) == tokenizer(text, add_special_tokens=False)["input_ids"]
     assert prompt_ids(tokenizer, "the cat") == tokenizer("the cat")["input_ids"]
+
+
+def test_rollout_batches_keep_to_the_server_limits():
+    from adapterserve.training.rollouts import batches
+
+    assert batches([(10, 4)] * 5, 8, 1000) == [[0, 1], [2, 3], [4]]  # rows: n summed
+    assert batches([(10, 4)] * 3, 256, 25) == [[0, 1], [2]]  # prompt tokens
+    assert batches([(10, 4), (10, 9), (10, 4)], 8, 1000) == [[0], [1], [2]]  # too big: alone
+    assert batches([(10, 4)] * 3, 0, 0) == [[0], [1], [2]]  # no GenerateBatch: one request each
+
+
+def test_a_batched_rollout_samples_what_each_prompt_alone_would(rollout_server, peaked_model_dir):
+    from transformers import AutoTokenizer
+
+    from adapterserve.training.grpo import prompt_ids
+    from adapterserve.training.rollouts import RolloutClient, RolloutSampling
+
+    tokenizer = AutoTokenizer.from_pretrained(peaked_model_dir)
+    ids = [prompt_ids(tokenizer, p) for p in PROMPTS[:3]]
+    sampling = RolloutSampling(max_new_tokens=6, temperature=1.0, seed=11)
+    with (
+        RolloutClient(rollout_server.target, "unused", sampling) as together,
+        RolloutClient(rollout_server.target, "unused", sampling) as alone,
+    ):
+        batched = together.sample([(i, 3) for i in ids], adapter="")
+        single = [alone.sample([(i, 3)], adapter="")[0] for i in ids]
+    assert [[c.token_ids for c in g] for g in batched] == [[c.token_ids for c in g] for g in single]
+    assert len({tuple(c.token_ids) for g in batched for c in g}) > 3  # each choice its own seed

@@ -102,6 +102,7 @@ def generate_call(
     logit_bias: Mapping[int, float] | None = None,
     min_tokens: int = 0,
     logprobs: int | None = None,
+    logprobs_at_temperature: bool = False,
     n: int = 1,
     prompt_logprobs: int | None = None,
     request_id: str | None = None,
@@ -136,6 +137,7 @@ def generate_call(
         presence_penalty=check_float("presence_penalty", presence_penalty),
         frequency_penalty=check_float("frequency_penalty", frequency_penalty),
         min_tokens=check_uint("min_tokens", min_tokens),
+        logprobs_at_temperature=bool(logprobs_at_temperature),
     )
     for token, bias in (logit_bias or {}).items():
         sampling.logit_bias[check_uint("logit_bias", token)] = check_float("logit_bias", bias)
@@ -191,6 +193,7 @@ def generate_batch_call(
     logit_bias: Mapping[int, float] | None = None,
     min_tokens: int = 0,
     logprobs: int | None = None,
+    logprobs_at_temperature: bool = False,
     n: int = 1,
     prompt_logprobs: int | None = None,
     response_format: str | Mapping[str, Any] | None = None,
@@ -221,6 +224,7 @@ def generate_batch_call(
         logit_bias=logit_bias,
         min_tokens=min_tokens,
         logprobs=logprobs,
+        logprobs_at_temperature=logprobs_at_temperature,
         n=n,
         prompt_logprobs=prompt_logprobs,
         response_format=response_format,

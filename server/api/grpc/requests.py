@@ -57,6 +57,7 @@ def sampling_of(params: generation_pb2.SamplingParams, limits: LimitSettings) ->
         logit_bias=tuple(sorted((int(t), float(b)) for t, b in params.logit_bias.items())),
         min_tokens=int(params.min_tokens),
         logprobs=int(params.logprobs) if params.HasField("logprobs") else None,
+        logprobs_at_temperature=bool(params.logprobs_at_temperature),
     )
 
 

@@ -39,6 +39,9 @@ def test_fields_reach_the_engine_request(tiny_tokenizer):
     assert (engine.n, engine.prompt_logprobs) == (3, 1)
     plain = to_engine_request(_request(), tiny_tokenizer, LIMITS)
     assert (plain.n, plain.prompt_logprobs, plain.sampling.logprobs) == (1, None, None)
+    assert not plain.sampling.logprobs_at_temperature
+    scaled = _request(temperature=0.7, logprobs=0, logprobs_at_temperature=True)
+    assert to_engine_request(scaled, tiny_tokenizer, LIMITS).sampling.logprobs_at_temperature
     ids = generation_pb2.GenerateRequest(prompt_ids=generation_pb2.TokenIds(ids=[5, 6, 7]))
     assert to_engine_request(ids, tiny_tokenizer, LIMITS).prompt_ids == (5, 6, 7)
 

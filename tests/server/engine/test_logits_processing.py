@@ -116,3 +116,23 @@ def test_an_all_greedy_step_with_logprobs_matches_argmax():
     tokens, logprobs = sample_step(logits, [_sampler(logprobs=1) for _ in range(3)])
     assert tokens == logits.argmax(dim=-1).tolist()
     assert all(lp is not None and lp.top[0][0] == t for lp, t in zip(logprobs, tokens, strict=True))
+
+
+def test_logprobs_at_temperature_are_those_of_the_scaled_logits():
+    logits = _logits(4, 40, 5)
+    logits[1] = logits[0]
+    samplers = [
+        _sampler(temperature=0.5, seed=1, logprobs=2, logprobs_at_temperature=True),
+        _sampler(temperature=0.5, seed=1, logprobs=2),  # the same row without: the raw distribution
+        _sampler(logprobs=1, logprobs_at_temperature=True),  # greedy: nothing to scale by, raw
+        _sampler(temperature=2.0, seed=3, logprobs=0, logprobs_at_temperature=True),
+    ]
+    tokens, logprobs = sample_step(logits, samplers)
+    assert tokens[0] == tokens[1]  # the flag changes what is reported, not what is drawn
+    for row, temperature in ((0, 0.5), (1, 1.0), (2, 1.0), (3, 2.0)):
+        want = torch.log_softmax(logits[row].double() / temperature, dim=-1)
+        lp = logprobs[row]
+        assert lp is not None and abs(lp.logprob - float(want[tokens[row]])) < 1e-5, row
+        for token, value in lp.top:
+            assert abs(value - float(want[token])) < 1e-5, row
+    assert abs(logprobs[0].logprob - logprobs[1].logprob) > 1e-3
