@@ -27,7 +27,8 @@ scheduler then splits the CPUs between the sessions, as a container CPU limit be
 count would); `quota` in a cgroup (v1 or v2, needs root) with a CPU quota of --quota CPUs.
 `--variant NAME=FLAGS` (repeatable) compares server configurations in one run: every scenario of every
 round runs once per variant, interleaved, and a second summary gives each variant against the first in
-the same round (throughput, TTFT p50 and max).
+the same round (throughput, TTFT p50 and max). `--variant-python NAME=PATH` runs a variant's server under
+another interpreter (another checkout's virtual environment): code before and after a change, one run.
 """
 
 from __future__ import annotations
@@ -97,6 +98,10 @@ class AiperfSettings:
     placement: str = "shared"  # shared | own-session | quota
     quota: float = 1.0  # CPUs, with placement quota
     server_args: list[str] = field(default_factory=list)
+    # the Python that runs `serve` (default: this one); per variant (--variant-python), another checkout's
+    # virtual environment: two versions of the code in one run
+    server_python: str = ""
+    variant_pythons: dict[str, str] = field(default_factory=dict)
     server_env: dict[str, str] = field(default_factory=dict)  # e.g. ADAPTERSERVE_ENGINE__PACKED_STEPS
     light_client: bool = True
     run_aiperf: bool = True  # False: the light client alone, on a fresh server (a quiet machine's figure)
@@ -167,7 +172,15 @@ class Server:
         self.settings = settings
         self.port, self.http_port = free_port(), free_port()
         self.store = Path(tempfile.mkdtemp(prefix="adapterserve-aiperf-"))
-        cmd = [sys.executable, "-m", "adapterserve", "serve", "--store", str(self.store), "--port"]
+        cmd = [
+            settings.server_python or sys.executable,
+            "-m",
+            "adapterserve",
+            "serve",
+            "--store",
+            str(self.store),
+            "--port",
+        ]
         cmd += [str(self.port), "--metrics-port", "0", "--http-port", str(self.http_port), "--insecure-admin"]
         cmd += ["--max-batch-size", str(max(32, settings.concurrency)), *settings.server_args]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "ADAPTERSERVE_", "GOMP_"))}
@@ -374,7 +387,11 @@ def run(settings: AiperfSettings) -> list[Row]:
     for round_ in range(1, settings.rounds + 1):
         for scenario in settings.scenarios:
             for name, flags in variants:
-                variant = dataclasses.replace(settings, server_args=[*settings.server_args, *flags])
+                variant = dataclasses.replace(
+                    settings,
+                    server_args=[*settings.server_args, *flags],
+                    server_python=settings.variant_pythons.get(name, settings.server_python),
+                )
                 for row in run_scenario(variant, scenario, round_, model_dir, name):
                     row.variant = name
                     rows.append(row)
@@ -540,6 +557,13 @@ def parse_settings(argv: list[str] | None = None) -> AiperfSettings:
         help="NAME=FLAGS: a server configuration to compare, e.g. 'inline=--cpu-prefill-threads 0' "
         "(repeatable; each scenario runs on each, interleaved)",
     )
+    p.add_argument(
+        "--variant-python",
+        action="append",
+        default=[],
+        help="NAME=PATH: the variant NAME's server runs under this Python, e.g. another checkout's "
+        "venv/bin/python: the code before and after a change, interleaved in one run (repeatable)",
+    )
     p.add_argument("--placement", choices=["shared", "own-session", "quota"], default="shared")
     p.add_argument("--quota", type=float, default=1.0, help="CPUs of the quota (--placement quota)")
     p.add_argument("--server-arg", action="append", default=[], help="a flag for `serve` (repeatable)")
@@ -571,11 +595,16 @@ def parse_settings(argv: list[str] | None = None) -> AiperfSettings:
         if not sep or not name:
             p.error(f"--variant takes NAME=FLAGS (got {spec!r})")
         variants.append((name, flags.split()))
+    pythons = dict(spec.split("=", 1) for spec in a.variant_python if "=" in spec)
+    unknown = set(pythons) - {name for name, _ in variants}
+    if len(pythons) != len(a.variant_python) or unknown:
+        p.error(f"--variant-python takes NAME=PATH of a --variant NAME (got {a.variant_python})")
     settings = AiperfSettings(
         aiperf=a.aiperf or "",
         scenarios=tuple(s for s in a.scenarios.split(",") if s),
         adapters=a.adapters,
         variants=variants,
+        variant_pythons=pythons,
         **shape,
         placement=a.placement,
         quota=a.quota,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -203,3 +204,26 @@ def test_variants_run_interleaved_on_one_machine_and_compare_with_the_first(monk
     assert lines[2] == "| inline vs workers | base | AIPerf | 2 | x1.20 | x0.50 | x0.07 |"
     with pytest.raises(SystemExit):
         parse_settings([*argv, "--variant", "no-equals-sign"])
+
+
+def test_a_variant_runs_its_server_under_another_python(monkeypatch, tmp_path) -> None:
+    """--variant-python: the code before and after a change, one server each, interleaved in one run."""
+    argv = ["--aiperf", "x", "--scenarios", "base", "--no-light-client", "--variant", "before=", "--variant"]
+    settings = parse_settings([*argv, "after=", "--variant-python", "before=/old/venv/bin/python"])
+    assert settings.variant_pythons == {"before": "/old/venv/bin/python"}
+    seen: list[tuple[str, str]] = []
+
+    def fake(settings, scenario, round_, model_dir, variant=""):
+        seen.append((variant, settings.server_python))
+        return []
+
+    monkeypatch.setattr("adapterserve.bench.aiperf.run_scenario", fake)
+    run(settings)
+    assert seen == [("before", "/old/venv/bin/python"), ("after", "")]
+    popen: list[list[str]] = []
+    monkeypatch.setattr("subprocess.Popen", lambda cmd, **kw: popen.append(cmd))
+    Server(dataclasses.replace(settings, server_python="/old/venv/bin/python"), tmp_path / "server.log")
+    assert popen[0][:4] == ["/old/venv/bin/python", "-m", "adapterserve", "serve"]
+    for bad in (["--variant-python", "nobody=/p"], ["--variant-python", "before"]):
+        with pytest.raises(SystemExit):
+            parse_settings([*argv, "after=", *bad])

@@ -170,7 +170,10 @@ def test_serve_help_shows_text_and_default_for_every_engine_and_limit_flag():
     assert len(_SECTION_FLAGS) >= 16
     for dest, (section, field) in _SECTION_FLAGS.items():
         flag = "--" + dest.replace("_", "-")
-        value = getattr(getattr(defaults, section), field)
+        node: object = defaults
+        for part in section.split("."):  # a section may be nested: "engine.cpu"
+            node = getattr(node, part)
+        value = getattr(node, field)
         # a number (N, MS), one of a setting's choices ({paged,dense}), or a switch (no value)
         match = re.search(
             re.escape(flag) + r"(?: (?:[A-Z]+|\{[a-z0-9,_]+\}))? (.*?)(?: --|$)", flat.split("options:")[-1]
