@@ -1,6 +1,7 @@
 """One settings object for the server: limits, engine sizes, cache sizes, network.
 
-Built from CLI flags and environment variables (prefix ADAPTERSERVE_, e.g. ADAPTERSERVE_MAX_QUEUE=64).
+Built from CLI flags and environment variables (prefix ADAPTERSERVE_, a double underscore per section,
+e.g. ADAPTERSERVE_ENGINE__MAX_QUEUE=64 or ADAPTERSERVE_ENGINE__CPU__THREADS=2).
 Every component takes the part it needs instead of long argument lists.
 """
 

@@ -8,21 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from adapterserve.bench.aiperf import (
+from adapterserve.bench.aiperf import Server, aiperf_row, run, run_aiperf
+from adapterserve.bench.aiperf_report import (
     HEADER,
     SUMMARY_HEADER,
     VARIANT_HEADER,
-    AiperfSettings,
     Row,
-    Server,
-    aiperf_row,
     format_row,
-    parse_settings,
-    run,
-    run_aiperf,
     summary,
     variant_summary,
 )
+from adapterserve.bench.aiperf_settings import AiperfSettings, parse_settings
 
 
 def test_a_report_becomes_a_table_row() -> None:

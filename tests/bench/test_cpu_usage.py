@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from adapterserve.bench.aiperf import AiperfSettings, Row, format_row
+from adapterserve.bench.aiperf_report import Row, format_row
+from adapterserve.bench.aiperf_settings import AiperfSettings
 from adapterserve.bench.cpu_usage import (
     CpuSample,
     CpuUsage,

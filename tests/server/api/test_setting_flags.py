@@ -105,9 +105,9 @@ def test_every_cpu_control_is_in_one_section_set_by_flags_and_the_environment_to
 
 
 def test_an_environment_variable_of_no_section_is_refused():
-    """A nested variable whose section does not exist (ADAPTERSERVE_CPU__THREADS, from before the CPU
-    controls moved under the engine) fails at start instead of being ignored; the client's plain
-    variables are not settings and are left alone."""
+    """A nested variable whose section does not exist (ADAPTERSERVE_CPU__THREADS: the CPU controls are
+    ADAPTERSERVE_ENGINE__CPU__*) fails at start instead of being ignored; the client's plain variables
+    are not settings and are left alone."""
     parser = argparse.ArgumentParser()
     app.add_serve_arguments(parser)
     with pytest.raises(ValidationError, match="cpu"):
