@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from adapterserve import ChatMessage, FinishReason, GenerateResult, InvalidArgument, StreamChunk
-from adapterserve.convert import build_generate_request, chunk_from_proto, result_from_proto
+from adapterserve.convert import build_generate_request
+from adapterserve.replies import chunk_from_proto, result_from_proto
 from adapterserve.v1 import generation_pb2
 
 
@@ -20,7 +21,9 @@ def test_prompt_request_with_sampling():
     assert s.temperature == pytest.approx(0.5) and s.top_p == pytest.approx(0.9)
     assert not s.HasField("repetition_penalty")
     assert not s.logprobs_at_temperature
-    scaled = build_generate_request("hi", None, None, temperature=0.7, logprobs=0, logprobs_at_temperature=True)
+    scaled = build_generate_request(
+        "hi", None, None, temperature=0.7, logprobs=0, logprobs_at_temperature=True
+    )
     assert scaled.sampling.logprobs_at_temperature and scaled.sampling.logprobs == 0
 
 

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from adapterserve import convert, health
+from adapterserve import convert, health, replies
 from adapterserve.base import ClientBase, UploadAttempts, takes_arguments_of
 from adapterserve.errors import AdapterServeError, NotFound, Unavailable, Unimplemented, from_rpc_error
 from adapterserve.models import (
@@ -107,13 +107,13 @@ class AsyncClient(ClientBase):
         return self._stream(replace(convert.generate_call(*args, **kwargs), method="GenerateStream"))
 
     @takes_arguments_of(convert.generate_batch_call)
-    def stream_batch(self, *args: Any, **kwargs: Any) -> AsyncIterator[convert.BatchChunk]:
+    def stream_batch(self, *args: Any, **kwargs: Any) -> AsyncIterator[replies.BatchChunk]:
         """See `Client.stream_batch`: `async for position, chunk in client.stream_batch(...)`."""
         call = replace(convert.generate_batch_call(*args, **kwargs), method="GenerateBatchStream")
-        return self._stream(call, convert.batch_chunk_from_proto)
+        return self._stream(call, replies.batch_chunk_from_proto)
 
     async def _stream(
-        self, call: convert.Call[Any], chunk: Callable[[Any, int], T] = convert.chunk_from_proto
+        self, call: convert.Call[Any], chunk: Callable[[Any, int], T] = replies.chunk_from_proto
     ) -> AsyncIterator[T]:
         method, meta, deadline = self._route(call)
         attempts = Attempts(self.connection.retry)
@@ -183,7 +183,7 @@ class AsyncClient(ClientBase):
             messages = upload.messages()
             try:
                 reply = await _rpc(lambda m=messages: self._stream_upload(m, deadline, meta))
-                return convert.upload_result_from_proto(reply)
+                return replies.upload_result_from_proto(reply)
             except AdapterServeError as err:
                 wait = upload.retry_wait(err)
                 if wait is None:

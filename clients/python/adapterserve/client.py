@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import grpc
 
-from adapterserve import convert, health
+from adapterserve import convert, health, replies
 from adapterserve.base import ClientBase, UploadAttempts, takes_arguments_of
 from adapterserve.errors import AdapterServeError, NotFound, Unavailable, Unimplemented, from_rpc_error
 from adapterserve.models import (
@@ -131,16 +131,16 @@ class Client(ClientBase):
         return self._stream(replace(convert.generate_call(*args, **kwargs), method="GenerateStream"))
 
     @takes_arguments_of(convert.generate_batch_call)
-    def stream_batch(self, *args: Any, **kwargs: Any) -> Iterator[convert.BatchChunk]:
+    def stream_batch(self, *args: Any, **kwargs: Any) -> Iterator[replies.BatchChunk]:
         """Like `generate_batch`, yielding `(position, chunk)` pairs as they are produced: `position` is
         the prompt's in `prompts`, and each prompt's chunks are what `stream` yields for it alone (the
         prompts' chunks interleave; each choice of each prompt has its own last chunk). Retried and
         cancelled as `stream`."""
         call = replace(convert.generate_batch_call(*args, **kwargs), method="GenerateBatchStream")
-        return self._stream(call, convert.batch_chunk_from_proto)
+        return self._stream(call, replies.batch_chunk_from_proto)
 
     def _stream(
-        self, call: convert.Call[Any], chunk: Callable[[Any, int], T] = convert.chunk_from_proto
+        self, call: convert.Call[Any], chunk: Callable[[Any, int], T] = replies.chunk_from_proto
     ) -> Iterator[T]:
         method, meta, deadline = self._route(call)
         attempts = Attempts(self.connection.retry)
@@ -219,7 +219,7 @@ class Client(ClientBase):
             messages = upload.messages()
             try:
                 reply = _rpc(lambda m=messages: self._admin.UploadAdapter(m, timeout=deadline, metadata=meta))
-                return convert.upload_result_from_proto(reply)
+                return replies.upload_result_from_proto(reply)
             except AdapterServeError as err:
                 wait = upload.retry_wait(err)
                 if wait is None:
