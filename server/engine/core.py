@@ -106,12 +106,10 @@ class EngineCore:
         self.queue = RequestQueue(settings.max_queue, self.activity)
         self.batch = Batch(self.cache)
         self.counters = EngineCounters()
-        self.scheduler = Scheduler(self.batch, self.queue, self.bank, settings, self.counters)
         # decoding rows ride in prefill jobs: packed steps on the workers, with the eager decode step (which
         # addresses rows through their block tables when some are riding)
-        self.scheduler.rides = (
-            settings.packed_steps and isinstance(self.cache, PagedKVCache) and self.decode_graphs is None
-        )
+        rides = settings.packed_steps and isinstance(self.cache, PagedKVCache) and self.decode_graphs is None
+        self.scheduler = Scheduler(self.batch, self.queue, self.bank, settings, self.counters, rides)
         self.step_runner = StepRunner(
             self.runner,
             self.batch,

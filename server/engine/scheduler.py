@@ -40,10 +40,11 @@ class Scheduler:
         bank: AdapterBank,
         settings: EngineSettings,
         counters: EngineCounters,
+        rides: bool,
     ):
         self.batch, self.queue, self.bank, self.settings = batch, queue, bank, settings
         self.counters = counters
-        self.rides = False  # decoding rows ride in prefill jobs (packed steps on the workers)
+        self.rides = rides  # decoding rows ride in prefill jobs (packed steps on the workers)
 
     # ----- admission ---------------------------------------------------------------------------------
     def admit(self) -> list[Sequence]:
